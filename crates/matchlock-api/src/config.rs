@@ -1,0 +1,382 @@
+//! The sandbox configuration schema (spec §3), defaults (§3.1) and validation (§3.4).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Default vCPUs (fractional values become a cgroup quota in the guest).
+pub const DEFAULT_CPUS: f64 = 1.0;
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MB: u64 = 512;
+/// Default size of the writable upper disk in MiB.
+pub const DEFAULT_DISK_SIZE_MB: u64 = 5120;
+/// Default command timeout in seconds.
+pub const DEFAULT_TIMEOUT_SECONDS: u64 = 300;
+/// Default guest DNS resolvers.
+pub const DEFAULT_DNS_SERVERS: [&str; 2] = ["8.8.8.8", "8.8.4.4"];
+/// Default MTU of the guest NIC.
+pub const DEFAULT_MTU: u32 = 1500;
+
+/// Errors of configuration validation; messages are the reference's, which tests grep for.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid configuration: network.no_network cannot be combined with network.{0}")]
+    NoNetworkConflict(&'static str),
+    #[error("cpus must be a finite number > 0")]
+    CpusInvalid,
+    #[error("cpus must be <= host cpus ({0})")]
+    CpusTooMany(usize),
+    #[error("memory_mb must be > 0")]
+    MemoryZero,
+    #[error("disk_size_mb must be >= {min}")]
+    DiskTooSmall { min: u64 },
+    #[error("invalid add-host mapping: {0}")]
+    AddHost(String),
+    #[error("invalid hostname {0:?}: use letters, digits, '-' and '.', at most 64 characters")]
+    Hostname(String),
+}
+
+/// `api.Config`: everything needed to create a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(default)]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub privileged: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub launch_entrypoint: bool,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfs: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<ExtraDisk>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_config: Option<ImageConfig>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    #[serde(default = "default_cpus")]
+    pub cpus: f64,
+    #[serde(default = "default_memory")]
+    pub memory_mb: u64,
+    #[serde(default = "default_disk")]
+    pub disk_size_mb: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_cpus() -> f64 {
+    DEFAULT_CPUS
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY_MB
+}
+fn default_disk() -> u64 {
+    DEFAULT_DISK_SIZE_MB
+}
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT_SECONDS
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpus: DEFAULT_CPUS,
+            memory_mb: DEFAULT_MEMORY_MB,
+            disk_size_mb: DEFAULT_DISK_SIZE_MB,
+            timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
+        }
+    }
+}
+
+impl Resources {
+    /// Whole vCPUs to give the VM: `ceil(cpus)`.
+    pub fn vcpus(&self) -> u32 {
+        let c = self.cpus.ceil();
+        if c.is_finite() && c >= 1.0 && c <= f64::from(u32::MAX) {
+            // The range check above makes the conversion exact.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let v = c as u32;
+            v
+        } else {
+            1
+        }
+    }
+
+    /// Validates cpus against the host's logical CPU count (spec §1.3.1 step 4).
+    pub fn validate(&self, host_cpus: usize) -> Result<(), ConfigError> {
+        if !self.cpus.is_finite() || self.cpus <= 0.0 {
+            return Err(ConfigError::CpusInvalid);
+        }
+        if self.vcpus() as usize > host_cpus {
+            return Err(ConfigError::CpusTooMany(host_cpus));
+        }
+        if self.memory_mb == 0 {
+            return Err(ConfigError::MemoryZero);
+        }
+        if self.disk_size_mb < 16 {
+            return Err(ConfigError::DiskTooSmall { min: 16 });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostMapping {
+    pub host: String,
+    pub ip: String,
+}
+
+/// A secret: the guest only ever sees `placeholder`; `value` is swapped in on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    #[serde(default)]
+    pub value: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub placeholder: String,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add_hosts: Vec<HostMapping>,
+    #[serde(default)]
+    pub block_private_ips: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_network: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub intercept: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interception: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Secret>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mtu: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl NetworkConfig {
+    /// The reference's `network.Validate()` (only constrains `no_network`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.no_network {
+            if !self.allowed_hosts.is_empty() {
+                return Err(ConfigError::NoNetworkConflict("allowed_hosts"));
+            }
+            if !self.secrets.is_empty() {
+                return Err(ConfigError::NoNetworkConflict("secrets"));
+            }
+            if self.intercept {
+                return Err(ConfigError::NoNetworkConflict("intercept"));
+            }
+            if self.interception.is_some() {
+                return Err(ConfigError::NoNetworkConflict("interception"));
+            }
+        }
+        for m in &self.add_hosts {
+            validate_host_mapping(&m.host, &m.ip)?;
+        }
+        if !self.hostname.is_empty() {
+            validate_hostname(&self.hostname)?;
+        }
+        Ok(())
+    }
+
+    /// DNS servers, defaulted.
+    pub fn dns(&self) -> Vec<String> {
+        if self.dns_servers.is_empty() {
+            DEFAULT_DNS_SERVERS.iter().map(|s| s.to_string()).collect()
+        } else {
+            self.dns_servers.clone()
+        }
+    }
+
+    /// True when the configuration asks for something that needs a guest NIC or the
+    /// interception proxy.
+    pub fn needs_network_stack(&self) -> bool {
+        !self.allowed_hosts.is_empty()
+            || !self.secrets.is_empty()
+            || self.intercept
+            || self.interception.is_some()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtraDisk {
+    pub host_path: String,
+    pub guest_mount: String,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// The image's OCI config as the sandbox applies it (`image_config` on the wire).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+impl ImageConfig {
+    /// Docker's composition: ENTRYPOINT ++ (args if any, else CMD).
+    pub fn compose(&self, args: &[String]) -> Vec<String> {
+        let mut argv = self.entrypoint.clone();
+        if args.is_empty() {
+            argv.extend(self.cmd.iter().cloned());
+        } else {
+            argv.extend(args.iter().cloned());
+        }
+        argv
+    }
+}
+
+/// Validates an `/etc/hosts` mapping (host non-empty, no whitespace or ':', IP parses).
+pub fn validate_host_mapping(host: &str, ip: &str) -> Result<(), ConfigError> {
+    if host.is_empty() {
+        return Err(ConfigError::AddHost("host cannot be empty".into()));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c == ':') {
+        return Err(ConfigError::AddHost(format!(
+            "host {host:?} must not contain whitespace or ':'"
+        )));
+    }
+    if ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(ConfigError::AddHost(format!("invalid IP {ip:?}")));
+    }
+    Ok(())
+}
+
+/// Parses the CLI's `host:ip` form, splitting at the first ':' so IPv6 works.
+pub fn parse_add_host(spec: &str) -> Result<HostMapping, ConfigError> {
+    let Some((host, ip)) = spec.split_once(':') else {
+        return Err(ConfigError::AddHost(format!("{spec:?} (expected host:ip)")));
+    };
+    let (host, ip) = (host.trim(), ip.trim());
+    validate_host_mapping(host, ip)?;
+    let ip = ip
+        .parse::<std::net::IpAddr>()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| ip.to_string());
+    Ok(HostMapping {
+        host: host.to_string(),
+        ip,
+    })
+}
+
+/// Hostnames end up in the guest's `/etc/hosts` and `sethostname`, so keep them plain.
+pub fn validate_hostname(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Hostname(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpus_rounds_up() {
+        let r = Resources {
+            cpus: 0.5,
+            ..Default::default()
+        };
+        assert_eq!(r.vcpus(), 1);
+        let r = Resources {
+            cpus: 1.2,
+            ..Default::default()
+        };
+        assert_eq!(r.vcpus(), 2);
+        assert_eq!(r.validate(1), Err(ConfigError::CpusTooMany(1)));
+        let r = Resources {
+            cpus: f64::NAN,
+            ..Default::default()
+        };
+        assert_eq!(r.validate(4), Err(ConfigError::CpusInvalid));
+    }
+
+    #[test]
+    fn add_host_parsing() {
+        assert_eq!(
+            parse_add_host("api.internal:10.0.0.10").expect("ok"),
+            HostMapping {
+                host: "api.internal".into(),
+                ip: "10.0.0.10".into()
+            }
+        );
+        assert_eq!(
+            parse_add_host("h:2001:db8::10").expect("v6").ip,
+            "2001:db8::10"
+        );
+        for bad in ["invalid-spec", ":1.2.3.4", "a b:1.2.3.4", "h:notanip"] {
+            let e = parse_add_host(bad).expect_err(bad).to_string();
+            assert!(e.starts_with("invalid add-host mapping"), "{e}");
+        }
+    }
+
+    #[test]
+    fn compose_follows_docker() {
+        let ic = ImageConfig {
+            entrypoint: vec!["sh".into(), "-lc".into()],
+            cmd: vec!["echo hello world".into()],
+            ..Default::default()
+        };
+        assert_eq!(ic.compose(&[]), ["sh", "-lc", "echo hello world"]);
+        assert_eq!(ic.compose(&["true".into()]), ["sh", "-lc", "true"]);
+    }
+
+    #[test]
+    fn config_wire_names() {
+        let c: Config = serde_json::from_str(
+            r#"{"image":"alpine","resources":{"cpus":0.5},"network":{"no_network":true,"allowed_hosts":["x"]}}"#,
+        )
+        .expect("parse");
+        assert_eq!(c.resources.memory_mb, DEFAULT_MEMORY_MB);
+        let err = c
+            .network
+            .as_ref()
+            .expect("net")
+            .validate()
+            .expect_err("conflict");
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: network.no_network cannot be combined with network.allowed_hosts"
+        );
+    }
+}
