@@ -152,12 +152,12 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let f = dir.join("e.env");
         std::fs::write(&f, "# c\n\nFILE_ONLY=from-file\nHOSTVAR\nSAME=file\n").expect("write");
-        let env = collect_env(&[f.clone()], &["SAME=flag".into()], &host).expect("env");
+        let env = collect_env(std::slice::from_ref(&f), &["SAME=flag".into()], &host).expect("env");
         assert_eq!(env["FILE_ONLY"], "from-file");
         assert_eq!(env["HOSTVAR"], "from-host");
         assert_eq!(env["SAME"], "flag");
         std::fs::write(&f, "OK=1\nNOPE\n").expect("write");
-        let e = collect_env(&[f.clone()], &[], &host).expect_err("missing");
+        let e = collect_env(std::slice::from_ref(&f), &[], &host).expect_err("missing");
         assert!(
             e.to_string()
                 .contains(":2: environment variable is not set $NOPE"),
