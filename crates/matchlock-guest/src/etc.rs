@@ -1,0 +1,190 @@
+//! Rendering of `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf`, and validation of the
+//! host-supplied `add_hosts` entries.
+//!
+//! # Design
+//! Pure string functions, so the exact file contents are unit tested; [`write_identity_files`]
+//! is the only part touching the filesystem. `resolv.conf` is removed before writing because
+//! images often ship it as a symlink (systemd-resolved) that must not be followed.
+//!
+//! # Limitations
+//! DNS server strings are written as given (the host validates them).
+
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use matchlock_guest_proto::HostEntry;
+
+/// Hostname used when the host sends an empty one.
+pub const DEFAULT_HOSTNAME: &str = "matchlock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcError {
+    #[error("invalid add_host entry {host:?} -> {ip:?}")]
+    BadHost { host: String, ip: String },
+    #[error("creating {path}")]
+    MkdirEtc {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("removing {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The effective hostname.
+pub fn effective_hostname(name: &str) -> &str {
+    if name.is_empty() {
+        DEFAULT_HOSTNAME
+    } else {
+        name
+    }
+}
+
+/// Checks every entry: host non-empty without whitespace or ':', ip a valid address.
+pub fn validate_hosts(entries: &[HostEntry]) -> Result<(), EtcError> {
+    for e in entries {
+        let host_ok = !e.host.is_empty() && !e.host.chars().any(|c| c.is_whitespace() || c == ':');
+        if !host_ok || e.ip.parse::<IpAddr>().is_err() {
+            return Err(EtcError::BadHost {
+                host: e.host.clone(),
+                ip: e.ip.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `/etc/hosts` contents.
+pub fn render_hosts(hostname: &str, entries: &[HostEntry]) -> String {
+    let mut s = format!("127.0.0.1 localhost localhost.localdomain {hostname}\n");
+    for e in entries {
+        s.push_str(&format!("{} {}\n", e.ip, e.host));
+    }
+    s.push_str("::1 localhost ip6-localhost ip6-loopback\n");
+    s.push_str("ff02::1 ip6-allnodes\n");
+    s.push_str("ff02::2 ip6-allrouters\n");
+    s
+}
+
+/// `/etc/resolv.conf` contents.
+pub fn render_resolv(servers: &[String]) -> String {
+    servers
+        .iter()
+        .map(|s| format!("nameserver {s}\n"))
+        .collect()
+}
+
+fn write(path: PathBuf, contents: &str) -> Result<(), EtcError> {
+    std::fs::write(&path, contents).map_err(|source| EtcError::Write { path, source })
+}
+
+/// Writes hostname, hosts and resolv.conf under `root` (the new root, normally `/`).
+pub fn write_identity_files(
+    root: &Path,
+    hostname: &str,
+    entries: &[HostEntry],
+    dns: &[String],
+) -> Result<(), EtcError> {
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc).map_err(|source| EtcError::MkdirEtc {
+        path: etc.clone(),
+        source,
+    })?;
+    write(etc.join("hostname"), &format!("{hostname}\n"))?;
+    write(etc.join("hosts"), &render_hosts(hostname, entries))?;
+    let resolv = etc.join("resolv.conf");
+    match std::fs::remove_file(&resolv) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(EtcError::Remove {
+                path: resolv,
+                source,
+            })
+        }
+    }
+    write(resolv, &render_resolv(dns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn he(host: &str, ip: &str) -> HostEntry {
+        HostEntry {
+            host: host.into(),
+            ip: ip.into(),
+        }
+    }
+
+    #[test]
+    fn hosts_exact() {
+        let got = render_hosts("box", &[he("db", "10.0.0.5"), he("v6", "fd00::1")]);
+        assert_eq!(
+            got,
+            "127.0.0.1 localhost localhost.localdomain box\n\
+             10.0.0.5 db\n\
+             fd00::1 v6\n\
+             ::1 localhost ip6-localhost ip6-loopback\n\
+             ff02::1 ip6-allnodes\n\
+             ff02::2 ip6-allrouters\n"
+        );
+        assert_eq!(effective_hostname(""), "matchlock");
+        assert_eq!(effective_hostname("x"), "x");
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate_hosts(&[he("db", "10.0.0.5"), he("x.y", "::1")]).is_ok());
+        for bad in [
+            he("", "1.2.3.4"),
+            he("a b", "1.2.3.4"),
+            he("a:b", "1.2.3.4"),
+            he("a\tb", "1.2.3.4"),
+            he("db", "999.1.1.1"),
+            he("db", ""),
+            he("db", "example.com"),
+        ] {
+            assert!(validate_hosts(&[bad.clone()]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn resolv_and_files() {
+        assert_eq!(
+            render_resolv(&["8.8.8.8".into(), "1.1.1.1".into()]),
+            "nameserver 8.8.8.8\nnameserver 1.1.1.1\n"
+        );
+        let dir = std::env::temp_dir().join(format!("mlg-etc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("etc")).expect("mkdir");
+        // A dangling symlink, as systemd-resolved images ship it: must be replaced, not followed.
+        std::os::unix::fs::symlink("/nonexistent/stub", dir.join("etc/resolv.conf"))
+            .expect("symlink");
+        write_identity_files(&dir, "h", &[], &["9.9.9.9".into()]).expect("write");
+        let meta = std::fs::symlink_metadata(dir.join("etc/resolv.conf")).expect("stat");
+        assert!(meta.is_file());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/resolv.conf")).expect("read"),
+            "nameserver 9.9.9.9\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/hostname")).expect("read"),
+            "h\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

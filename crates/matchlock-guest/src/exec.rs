@@ -1,0 +1,804 @@
+//! Exec sessions: run one command and stream it over a connection.
+//!
+//! # Design
+//! Threads and blocking I/O, one session per connection:
+//! - the session thread spawns the command (through the [`reaper`](crate::reaper), never
+//!   `Child::wait`), sends `Started`, waits for the exit, drains output and sends `Exit`;
+//! - one pump thread per output fd (stdout/stderr pipes, or the PTY master) sends `Stdout` /
+//!   `Stderr` frames through one shared [`FrameWriter`], so frames never interleave;
+//! - a reader thread keeps reading host frames until the command ends, even after
+//!   `StdinEof`; host EOF or error before `Exit` cancels: SIGTERM to the process group, then
+//!   SIGKILL after [`KILL_GRACE_MS`], in every mode;
+//! - a stdin thread owns the write side, so a child that does not read its stdin cannot
+//!   stall the reader (and with it cancellation).
+//!
+//! Every command runs in a new session (its own process group). When the main process exits,
+//! the reaper SIGKILLs what is left of its group while the leader is still a zombie; the
+//! pumps then drain to EOF, bounded by [`DRAIN_TIMEOUT`] in case a process outside the group
+//! (e.g. one that called `setsid` itself) still holds the pipes. A gate flag taken with every
+//! output frame guarantees no output frame follows `Exit`.
+//!
+//! Spawn failures are reported like a shell would: a message on `Stderr`, then `Exit` with
+//! 127 (not found, unknown user, bad working directory) or 126 (not executable). Protocol
+//! misuse (bad JSON, empty argv) gets an `Error` frame.
+//!
+//! # Limitations
+//! Signals from the host are sent with `kill(-pgid)` while the leader is alive; a tiny window
+//! remains between the reaper collecting the leader and this session noticing, in which the
+//! pgid could in theory be reused (it would need the pid space to wrap in microseconds).
+
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use matchlock_guest_proto::{
+    read_frame, ExecRequest, ExitStatus, Frame, FrameType, FrameWriter, ProtoError, Started,
+    WinSize, CHUNK, KILL_GRACE_MS,
+};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::conn::Conn;
+use crate::reaper;
+use crate::sys::{self, ChildSetup};
+use crate::user;
+
+/// How long output is drained after the command's group is gone.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Session-wide settings.
+#[derive(Debug, Clone)]
+pub struct ExecContext {
+    /// Root whose `/etc/passwd` and `/etc/group` resolve users (`/` in the VM).
+    pub root: PathBuf,
+    /// Skip the capability drop.
+    pub privileged: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("sending {what} frame")]
+    Send {
+        what: &'static str,
+        #[source]
+        source: ProtoError,
+    },
+    #[error("cloning the connection")]
+    CloneConn(#[source] io::Error),
+    #[error("creating {what} pipe")]
+    Pipe {
+        what: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("opening a pty")]
+    OpenPty(#[source] nix::Error),
+    #[error("duplicating the pty master")]
+    DupMaster(#[source] io::Error),
+    #[error("starting the {what} thread")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reaper dropped the exit status of pid {pid}")]
+    LostExit { pid: i32 },
+}
+
+/// The output side shared by the session and pump threads.
+struct Output<C: Conn> {
+    writer: FrameWriter<C>,
+    /// Set once `Exit` is sent; held while sending so nothing can follow `Exit`.
+    closed: Mutex<bool>,
+}
+
+impl<C: Conn> Output<C> {
+    fn send(&self, frame: &Frame) -> Result<(), ProtoError> {
+        let closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        if *closed {
+            return Err(ProtoError::Closed);
+        }
+        self.writer.send(frame)
+    }
+
+    fn send_last(&self, frame: &Frame) -> Result<(), ProtoError> {
+        let mut closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        *closed = true;
+        self.writer.send(frame)
+    }
+}
+
+/// Whether the main process has exited (shared with the reader for cancellation).
+#[derive(Default)]
+struct Done {
+    exited: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Done {
+    fn is_set(&self) -> bool {
+        *self.exited.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    fn set(&self) {
+        *self.exited.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.cv.notify_all();
+    }
+    /// Waits up to `d`; true if the process exited meanwhile.
+    fn wait(&self, d: Duration) -> bool {
+        let g = self.exited.lock().unwrap_or_else(PoisonError::into_inner);
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, d, |e| !*e)
+            .unwrap_or_else(PoisonError::into_inner);
+        *g
+    }
+}
+
+enum StdinMsg {
+    Data(Vec<u8>),
+    Eof,
+}
+
+/// Why a command could not be started, mapped to shell exit codes.
+fn spawn_failure(argv0: &str, e: &io::Error) -> (String, i32) {
+    match (e.kind(), e.raw_os_error()) {
+        (io::ErrorKind::NotFound, _) => (format!("matchlock: exec {argv0:?}: not found\n"), 127),
+        (io::ErrorKind::PermissionDenied, _) => (
+            format!("matchlock: exec {argv0:?}: permission denied\n"),
+            126,
+        ),
+        (_, Some(libc::ENOEXEC)) => (
+            format!("matchlock: exec {argv0:?}: exec format error\n"),
+            126,
+        ),
+        _ => (format!("matchlock: exec {argv0:?}: {e}\n"), 126),
+    }
+}
+
+/// Runs one exec session whose `Exec` frame (already read) carried `req`.
+pub fn run<C: Conn>(conn: C, req: ExecRequest, ctx: &ExecContext) -> Result<(), ExecError> {
+    let reader = conn.try_clone_conn().map_err(ExecError::CloneConn)?;
+    let closer = conn.try_clone_conn().map_err(ExecError::CloneConn)?;
+    let out = Arc::new(Output {
+        writer: FrameWriter::new(conn),
+        closed: Mutex::new(false),
+    });
+    let result = run_inner(reader, &out, req, ctx);
+    // The host sees EOF after `Exit` (or the error frame); the reader thread unblocks.
+    let _ = closer.shutdown_conn(Shutdown::Both);
+    result
+}
+
+fn fail_early<C: Conn>(out: &Output<C>, msg: String, code: i32) -> Result<(), ExecError> {
+    out.send(&Frame::new(FrameType::Stderr, msg.into_bytes()))
+        .map_err(|source| ExecError::Send {
+            what: "stderr",
+            source,
+        })?;
+    send_exit(out, ExitStatus { code, signal: None })
+}
+
+fn send_exit<C: Conn>(out: &Output<C>, status: ExitStatus) -> Result<(), ExecError> {
+    let frame = Frame::json(FrameType::Exit, &status).map_err(|source| ExecError::Send {
+        what: "exit",
+        source,
+    })?;
+    out.send_last(&frame).map_err(|source| ExecError::Send {
+        what: "exit",
+        source,
+    })
+}
+
+fn send_error<C: Conn>(out: &Output<C>, msg: &str) -> Result<(), ExecError> {
+    out.send_last(&Frame::new(FrameType::Error, msg.as_bytes().to_vec()))
+        .map_err(|source| ExecError::Send {
+            what: "error",
+            source,
+        })
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), nix::Error> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+}
+
+fn run_inner<C: Conn>(
+    reader: C,
+    out: &Arc<Output<C>>,
+    req: ExecRequest,
+    ctx: &ExecContext,
+) -> Result<(), ExecError> {
+    let Some(argv0) = req.argv.first().cloned() else {
+        return send_error(out, "exec: empty argv");
+    };
+    if argv0.is_empty() {
+        return send_error(out, "exec: empty argv[0]");
+    }
+    let ident = match user::resolve_in(&req.user, &ctx.root) {
+        Ok(i) => i,
+        Err(e) => {
+            return fail_early(
+                out,
+                format!("matchlock: resolve user {:?}: {e}\n", req.user),
+                127,
+            )
+        }
+    };
+    let cwd = if req.cwd.is_empty() { "/" } else { &req.cwd };
+    if !Path::new(cwd).is_dir() {
+        return fail_early(
+            out,
+            format!("matchlock: chdir {cwd:?}: no such directory\n"),
+            127,
+        );
+    }
+
+    let mut cmd = Command::new(&argv0);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .envs(&req.env)
+        .current_dir(cwd);
+    if !req.env.contains_key("HOME") {
+        cmd.env("HOME", ident.home.as_deref().unwrap_or("/"));
+    }
+
+    // Parent-side ends: output sources, stdin sink, pty master.
+    let mut sources: Vec<(FrameType, File)> = Vec::new();
+    let mut stdin_sink: Option<File> = None;
+    let mut master: Option<Arc<File>> = None;
+    if let Some(size) = req.tty {
+        let pty = nix::pty::openpty(Some(&to_winsize(size)), None).map_err(ExecError::OpenPty)?;
+        let slave = File::from(pty.slave);
+        let m = File::from(pty.master);
+        cmd.stdin(Stdio::from(
+            slave.try_clone().map_err(ExecError::DupMaster)?,
+        ))
+        .stdout(Stdio::from(
+            slave.try_clone().map_err(ExecError::DupMaster)?,
+        ))
+        .stderr(Stdio::from(slave));
+        sources.push((
+            FrameType::Stdout,
+            m.try_clone().map_err(ExecError::DupMaster)?,
+        ));
+        stdin_sink = Some(m.try_clone().map_err(ExecError::DupMaster)?);
+        master = Some(Arc::new(m));
+    } else {
+        let (out_r, out_w) = pipe().map_err(|source| ExecError::Pipe {
+            what: "stdout",
+            source,
+        })?;
+        let (err_r, err_w) = pipe().map_err(|source| ExecError::Pipe {
+            what: "stderr",
+            source,
+        })?;
+        cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
+        sources.push((FrameType::Stdout, File::from(out_r)));
+        sources.push((FrameType::Stderr, File::from(err_r)));
+        if req.stdin {
+            let (in_r, in_w) = pipe().map_err(|source| ExecError::Pipe {
+                what: "stdin",
+                source,
+            })?;
+            cmd.stdin(Stdio::from(in_r));
+            stdin_sink = Some(File::from(in_w));
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+    }
+    sys::install_child_setup(
+        &mut cmd,
+        ChildSetup {
+            controlling_tty: req.tty.is_some(),
+            drop_caps: !ctx.privileged,
+            uid: ident.uid,
+            gid: ident.gid,
+            groups: ident.all_groups(),
+        },
+    );
+
+    let spawned = reaper::global().spawn(&mut cmd, true);
+    // Close our copies of the child's ends (pipe write sides, pty slave) right away.
+    drop(cmd);
+    let (pid, exit_rx) = match spawned {
+        Ok(x) => x,
+        Err(e) => {
+            let (msg, code) = spawn_failure(&argv0, &e);
+            return fail_early(out, msg, code);
+        }
+    };
+    tracing::debug!(pid, argv0 = %argv0, "command started");
+    let started =
+        Frame::json(FrameType::Started, &Started { pid }).map_err(|source| ExecError::Send {
+            what: "started",
+            source,
+        })?;
+    // If the host is already gone the reader notices and cancels; keep going.
+    let _ = out.send(&started);
+
+    let done = Arc::new(Done::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (pump_tx, pump_rx) = mpsc::channel::<()>();
+    let n_pumps = sources.len();
+    for (kind, src) in sources {
+        let out = Arc::clone(out);
+        let stop = Arc::clone(&stop);
+        let tx = pump_tx.clone();
+        std::thread::Builder::new()
+            .name("exec-pump".into())
+            .spawn(move || {
+                pump(src, kind, &out, &stop);
+                let _ = tx.send(());
+            })
+            .map_err(|source| ExecError::Thread {
+                what: "output",
+                source,
+            })?;
+    }
+    drop(pump_tx);
+
+    let stdin_tx = match stdin_sink {
+        Some(sink) => Some(spawn_stdin(sink, req.tty.is_some())?),
+        None => None,
+    };
+    {
+        let done = Arc::clone(&done);
+        let master = master.clone();
+        std::thread::Builder::new()
+            .name("exec-reader".into())
+            .spawn(move || read_host(reader, pid, &done, stdin_tx, master.as_deref()))
+            .map_err(|source| ExecError::Thread {
+                what: "reader",
+                source,
+            })?;
+    }
+
+    let exit = exit_rx.recv().map_err(|_| ExecError::LostExit { pid })?;
+    done.set();
+    // The reaper already SIGKILLed the rest of the group; drain what they wrote.
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    for _ in 0..n_pumps {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if pump_rx.recv_timeout(left).is_err() {
+            tracing::debug!(pid, "output still held open after exit; not waiting");
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    drop(master);
+    tracing::debug!(pid, ?exit, "command exited");
+    if let Err(e) = send_exit(out, exit.to_status()) {
+        // Normal after a cancellation: the host closed the connection first.
+        tracing::debug!(pid, error = %e, "exit not delivered");
+    }
+    Ok(())
+}
+
+fn to_winsize(size: WinSize) -> nix::pty::Winsize {
+    nix::pty::Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// Copies `src` to `kind` frames until EOF (EIO on a pty master), or until `stop` is set
+/// while no data is pending.
+fn pump<C: Conn>(mut src: File, kind: FrameType, out: &Output<C>, stop: &AtomicBool) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut host_gone = false;
+    loop {
+        let ready = {
+            let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(n) => n > 0,
+                Err(nix::Error::EINTR) => false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "poll on output failed");
+                    return;
+                }
+            }
+        };
+        if !ready {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            continue;
+        }
+        match src.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if !host_gone {
+                    let frame = Frame::new(kind, buf[..n].to_vec());
+                    // Keep draining after a send failure so the child never blocks on a
+                    // full pipe; the reader thread handles the cancellation.
+                    host_gone = out.send(&frame).is_err();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // EIO: every slave fd of the pty is closed.
+            Err(_) => return,
+        }
+    }
+}
+
+fn spawn_stdin(mut sink: File, tty: bool) -> Result<Sender<StdinMsg>, ExecError> {
+    let (tx, rx): (Sender<StdinMsg>, Receiver<StdinMsg>) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("exec-stdin".into())
+        .spawn(move || {
+            for msg in rx {
+                match msg {
+                    StdinMsg::Data(d) => {
+                        if sink.write_all(&d).is_err() {
+                            // The child closed its stdin; drop further input.
+                            if !tty {
+                                return;
+                            }
+                        }
+                    }
+                    StdinMsg::Eof if tty => {
+                        let _ = sink.write_all(&[0x04]);
+                    }
+                    StdinMsg::Eof => return,
+                }
+            }
+        })
+        .map_err(|source| ExecError::Thread {
+            what: "stdin",
+            source,
+        })?;
+    Ok(tx)
+}
+
+fn signal_group(pid: i32, sig: Signal) {
+    if let Err(e) = kill(Pid::from_raw(-pid), sig) {
+        tracing::debug!(pid, ?sig, error = %e, "signalling process group failed");
+    }
+}
+
+/// Reads host frames until EOF; cancels the command if the host leaves before it exits.
+fn read_host<C: Conn>(
+    mut conn: C,
+    pid: i32,
+    done: &Done,
+    mut stdin: Option<Sender<StdinMsg>>,
+    master: Option<&File>,
+) {
+    loop {
+        let frame = match read_frame(&mut conn) {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(pid, error = %e, "exec connection read failed");
+                break;
+            }
+        };
+        match frame.kind {
+            FrameType::Stdin => {
+                if let Some(tx) = &stdin {
+                    let _ = tx.send(StdinMsg::Data(frame.payload));
+                }
+            }
+            FrameType::StdinEof => {
+                if let Some(tx) = &stdin {
+                    let _ = tx.send(StdinMsg::Eof);
+                }
+                if master.is_none() {
+                    stdin = None;
+                }
+            }
+            FrameType::Resize => match (WinSize::decode(&frame.payload), master) {
+                (Ok(size), Some(m)) => {
+                    if let Err(e) = sys::set_winsize(m.as_fd(), size) {
+                        tracing::debug!(pid, error = %e, "resize failed");
+                    }
+                }
+                (Err(e), _) => tracing::debug!(pid, error = %e, "bad resize frame"),
+                (Ok(_), None) => {}
+            },
+            FrameType::Signal => {
+                let sig = frame
+                    .payload
+                    .first()
+                    .and_then(|n| Signal::try_from(i32::from(*n)).ok());
+                match sig {
+                    Some(sig) if !done.is_set() => signal_group(pid, sig),
+                    Some(_) => {}
+                    None => tracing::debug!(pid, payload = ?frame.payload, "bad signal frame"),
+                }
+            }
+            other => tracing::debug!(pid, ?other, "unexpected frame in exec session"),
+        }
+    }
+    drop(stdin);
+    if done.is_set() {
+        return;
+    }
+    tracing::info!(pid, "host left before exit; killing the process group");
+    signal_group(pid, Signal::SIGTERM);
+    if !done.wait(Duration::from_millis(KILL_GRACE_MS)) {
+        signal_group(pid, Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::net::UnixStream;
+    use std::thread::JoinHandle;
+
+    use matchlock_guest_proto::{read_frame_required, write_frame};
+
+    struct Outcome {
+        pid: Option<i32>,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        exit: Option<ExitStatus>,
+        error: Option<String>,
+    }
+
+    fn req(argv: &[&str]) -> ExecRequest {
+        let mut env = BTreeMap::new();
+        env.insert(
+            "PATH".to_string(),
+            "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".to_string(),
+        );
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env,
+            ..Default::default()
+        }
+    }
+
+    fn start(r: ExecRequest) -> (UnixStream, JoinHandle<Result<(), ExecError>>) {
+        let (host, guest) = UnixStream::pair().expect("pair");
+        let ctx = ExecContext {
+            root: PathBuf::from("/"),
+            privileged: true,
+        };
+        let h = std::thread::spawn(move || run(guest, r, &ctx));
+        (host, h)
+    }
+
+    fn collect(host: &mut UnixStream) -> Outcome {
+        host.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut o = Outcome {
+            pid: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            exit: None,
+            error: None,
+        };
+        loop {
+            let f = read_frame_required(host).expect("frame");
+            match f.kind {
+                FrameType::Started => {
+                    o.pid = Some(f.parse::<Started>("started").expect("json").pid)
+                }
+                FrameType::Stdout => o.stdout.extend_from_slice(&f.payload),
+                FrameType::Stderr => o.stderr.extend_from_slice(&f.payload),
+                FrameType::Exit => {
+                    o.exit = Some(f.parse("exit").expect("json"));
+                    break;
+                }
+                FrameType::Error => {
+                    o.error = Some(String::from_utf8_lossy(&f.payload).into_owned());
+                    break;
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        // Nothing may follow the last frame.
+        assert!(read_frame(host).expect("eof").is_none());
+        o
+    }
+
+    fn run_to_end(r: ExecRequest) -> Outcome {
+        let (mut host, h) = start(r);
+        let o = collect(&mut host);
+        h.join().expect("join").expect("session");
+        o
+    }
+
+    fn code(o: &Outcome) -> i32 {
+        o.exit.expect("exit").code
+    }
+
+    #[test]
+    fn echo() {
+        let o = run_to_end(req(&["echo", "hi"]));
+        assert!(o.pid.is_some());
+        assert_eq!(o.stdout, b"hi\n");
+        assert_eq!(code(&o), 0);
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(code(&run_to_end(req(&["sh", "-c", "exit 42"]))), 42);
+        let o = run_to_end(req(&["sh", "-c", "kill -9 $$"]));
+        assert_eq!(
+            o.exit,
+            Some(ExitStatus {
+                code: 137,
+                signal: Some(9)
+            })
+        );
+    }
+
+    #[test]
+    fn not_found_and_not_executable() {
+        let o = run_to_end(req(&["definitely-not-a-command-xyz"]));
+        assert_eq!(code(&o), 127);
+        assert!(o.pid.is_none());
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            "matchlock: exec \"definitely-not-a-command-xyz\": not found\n"
+        );
+        assert_eq!(code(&run_to_end(req(&["/etc/passwd"]))), 126);
+        let mut r = req(&["pwd"]);
+        r.cwd = "/nonexistent-dir".into();
+        let o = run_to_end(r);
+        assert_eq!(code(&o), 127);
+        assert!(String::from_utf8_lossy(&o.stderr).contains("chdir"));
+        let mut r = req(&["id"]);
+        r.user = "no-such-user-xyz".into();
+        let o = run_to_end(r);
+        assert_eq!(code(&o), 127);
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not found"));
+        assert!(run_to_end(req(&[])).error.is_some());
+    }
+
+    #[test]
+    fn env_cwd_and_user() {
+        let mut r = req(&["sh", "-c", "echo $FOO:$HOME:$(pwd):$(id -u):$(id -g)"]);
+        r.env.insert("FOO".into(), "bar".into());
+        r.cwd = "/tmp".into();
+        r.user = "4242:4343".into();
+        let o = run_to_end(r);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "bar:/:/tmp:4242:4343\n");
+        // The inherited environment is cleared.
+        let o = run_to_end(req(&["sh", "-c", "echo ${CARGO:-unset}"]));
+        assert_eq!(o.stdout, b"unset\n");
+    }
+
+    #[test]
+    fn stdin_through_cat() {
+        let mut r = req(&["cat"]);
+        r.stdin = true;
+        let (mut host, h) = start(r);
+        write_frame(&mut host, &Frame::new(FrameType::Stdin, b"hello ".to_vec())).expect("w");
+        write_frame(&mut host, &Frame::new(FrameType::Stdin, b"world".to_vec())).expect("w");
+        write_frame(&mut host, &Frame::empty(FrameType::StdinEof)).expect("w");
+        let o = collect(&mut host);
+        h.join().expect("join").expect("session");
+        assert_eq!(o.stdout, b"hello world");
+        assert_eq!(code(&o), 0);
+    }
+
+    #[test]
+    fn large_output_both_streams() {
+        let o = run_to_end(req(&["sh", "-c", "seq 1 200000; seq 1 200000 >&2"]));
+        let expected: String = (1..=200000).map(|i| format!("{i}\n")).collect();
+        assert_eq!(o.stdout.len(), expected.len());
+        assert!(o.stdout == expected.as_bytes());
+        assert!(o.stderr == expected.as_bytes());
+        assert_eq!(code(&o), 0);
+    }
+
+    #[test]
+    fn background_child_does_not_hold_exit() {
+        let t = Instant::now();
+        let o = run_to_end(req(&["sh", "-c", "sleep 100 & echo bg"]));
+        assert_eq!(o.stdout, b"bg\n");
+        assert_eq!(code(&o), 0);
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    /// True while `pid` exists and is not a zombie. Orphans of the test process are reaped by
+    /// the host's init, so a dead one may linger as a zombie for a moment.
+    fn alive(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => !stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn host_close_kills_group() {
+        let mut r = req(&["sh", "-c", "sleep 1000 & echo $!; sleep 1000"]);
+        r.stdin = true;
+        let (mut host, h) = start(r);
+        host.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let started = read_frame_required(&mut host).expect("started");
+        let pid = started.parse::<Started>("started").expect("json").pid;
+        let out = read_frame_required(&mut host).expect("stdout");
+        assert_eq!(out.kind, FrameType::Stdout);
+        let bg: i32 = String::from_utf8_lossy(&out.payload)
+            .trim()
+            .parse()
+            .expect("bg pid");
+        // Even after StdinEof, closing the connection cancels.
+        write_frame(&mut host, &Frame::empty(FrameType::StdinEof)).expect("w");
+        assert!(alive(pid) && alive(bg));
+        drop(host);
+        h.join().expect("join").expect("session");
+        assert!(!alive(pid), "main process {pid} still exists");
+        assert!(!alive(bg), "background process {bg} still exists");
+    }
+
+    #[test]
+    fn signal_frame() {
+        let (mut host, h) = start(req(&["sleep", "1000"]));
+        host.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let _ = read_frame_required(&mut host).expect("started");
+        write_frame(&mut host, &Frame::new(FrameType::Signal, vec![15])).expect("w");
+        let o = collect(&mut host);
+        h.join().expect("join").expect("session");
+        assert_eq!(
+            o.exit,
+            Some(ExitStatus {
+                code: 143,
+                signal: Some(15)
+            })
+        );
+    }
+
+    #[test]
+    fn tty_mode() {
+        let mut r = req(&["sh", "-c", "tty; stty size"]);
+        r.tty = Some(WinSize {
+            rows: 33,
+            cols: 101,
+        });
+        let o = run_to_end(r);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.starts_with("/dev/pts/"), "{text:?}");
+        assert!(text.contains("33 101"), "{text:?}");
+        assert!(o.stderr.is_empty());
+        assert_eq!(code(&o), 0);
+    }
+
+    #[test]
+    fn tty_stdin_eof_and_close_kills() {
+        let mut r = req(&["cat"]);
+        r.tty = Some(WinSize { rows: 24, cols: 80 });
+        let (mut host, h) = start(r);
+        write_frame(&mut host, &Frame::new(FrameType::Stdin, b"abc\n".to_vec())).expect("w");
+        write_frame(&mut host, &Frame::empty(FrameType::StdinEof)).expect("w");
+        let o = collect(&mut host);
+        h.join().expect("join").expect("session");
+        assert!(String::from_utf8_lossy(&o.stdout).contains("abc"));
+        assert_eq!(code(&o), 0);
+
+        let mut r = req(&["sleep", "1000"]);
+        r.tty = Some(WinSize { rows: 24, cols: 80 });
+        let (mut host, h) = start(r);
+        host.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let pid = read_frame_required(&mut host)
+            .expect("started")
+            .parse::<Started>("started")
+            .expect("json")
+            .pid;
+        drop(host);
+        h.join().expect("join").expect("session");
+        assert!(!alive(pid));
+    }
+}

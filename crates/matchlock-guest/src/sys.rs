@@ -1,0 +1,118 @@
+//! The only module with `unsafe`: raw ioctls and the child-side setup run between fork and
+//! exec.
+//!
+//! # Design
+//! Everything here is a thin wrapper over one syscall or a fixed sequence of them, so the
+//! safety arguments stay local. The pre-exec hook only calls async-signal-safe syscalls on
+//! data allocated before the fork (no allocation, no locks), as `CommandExt::pre_exec`
+//! requires.
+//!
+//! # Limitations
+//! x86_64/aarch64 Linux only (ioctl numbers and `ifreq` layout come from `libc`).
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use matchlock_guest_proto::WinSize;
+
+/// Capabilities removed from the bounding set of unprivileged commands: CAP_SYS_MODULE (16),
+/// CAP_SYS_RAWIO (17), CAP_SYS_PTRACE (19), CAP_SYS_ADMIN (21), CAP_SYS_BOOT (22)
+/// (`linux/capability.h`; `libc` does not export them).
+pub const DROPPED_CAPS: [libc::c_int; 5] = [16, 17, 19, 21, 22];
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sets `IFF_UP` on the interface `name` (e.g. `lo`).
+pub fn interface_up(name: &str) -> io::Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| {
+        // No IPv4 address may be configured yet; an unbound datagram socket is enough.
+        std::net::UdpSocket::bind("[::]:0")
+    })?;
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of a valid, owned `ifreq`.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the kernel just filled the `ifru_flags` member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads a valid, owned `ifreq`.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })
+}
+
+/// Sets the window size of a terminal (normally a PTY master).
+pub fn set_winsize(fd: BorrowedFd<'_>, size: WinSize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a valid `winsize` from a live pointer; `fd` is borrowed open.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })
+}
+
+/// What the child does to itself between fork and exec.
+#[derive(Debug, Clone)]
+pub struct ChildSetup {
+    /// Make fd 0 (a PTY slave) the controlling terminal of the new session.
+    pub controlling_tty: bool,
+    /// Drop [`DROPPED_CAPS`] from the bounding set.
+    pub drop_caps: bool,
+    pub uid: u32,
+    pub gid: u32,
+    /// All groups including `gid`.
+    pub groups: Vec<u32>,
+}
+
+/// Installs the pre-exec hook: new session, optional controlling tty, capability drop, then
+/// groups, gid and uid (in that order, while still root).
+pub fn install_child_setup(cmd: &mut Command, setup: ChildSetup) {
+    let groups: Vec<libc::gid_t> = setup.groups.clone();
+    let hook = move || -> io::Result<()> {
+        // SAFETY: setsid has no memory effects; the child is not a group leader after fork.
+        check(unsafe { libc::setsid() })?;
+        if setup.controlling_tty {
+            // SAFETY: fd 0 is the PTY slave installed by Command; TIOCSCTTY takes an int arg.
+            check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })?;
+        }
+        if setup.drop_caps {
+            for cap in DROPPED_CAPS {
+                // SAFETY: prctl with integer arguments only.
+                let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+                // EINVAL: capability unknown to this kernel; nothing to drop.
+                if ret < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        if setup.uid != 0 || setup.gid != 0 || groups.len() > 1 {
+            // SAFETY: `groups` was allocated before fork and lives in this closure.
+            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+            // SAFETY: plain syscalls with integer arguments.
+            check(unsafe { libc::setgid(setup.gid) })?;
+            // SAFETY: as above.
+            check(unsafe { libc::setuid(setup.uid) })?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only makes async-signal-safe syscalls on pre-allocated data.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
