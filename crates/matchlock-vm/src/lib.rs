@@ -1,1 +1,198 @@
-//! Placeholder; filled in by its owner.
+//! Virtual machines for Matchlock: the backend trait, the QEMU `microvm` backend, the guest
+//! kernel/initramfs assets and the Firecracker-style hybrid-vsock connector.
+//!
+//! The sandbox crate calls [`backend`] with a backend name, then [`Backend::start`] with a
+//! [`VmConfig`], and gets a [`Machine`] it can share (`Arc<dyn Machine>`): connect to guest
+//! vsock ports, watch for exit, read the console tail, kill.
+//!
+//! # Design
+//! - Backends sit behind a trait with a runtime constructor (Cloud Hypervisor's `hypervisor`
+//!   crate), so a Firecracker backend can follow without touching callers.
+//! - Acceleration is decided by [`detect_accel`]: a PVM-backed `/dev/kvm` (this project's
+//!   development machines) runs standard guests about a thousand times slower and crashes, so
+//!   it counts as unusable and `auto` falls back to TCG with a one-line reason.
+//! - Every host process a VM needs (QEMU, `vhost-device-vsock`) is a child of the owner that
+//!   dies with it (`PR_SET_PDEATHSIG`), lives in its own process group, and is reaped by a
+//!   waiter thread; see [`qemu`] and the `spawn` module.
+//! - The guest vsock is reached through the hybrid (Firecracker) protocol on a unix socket in
+//!   the VM's state directory ([`hybrid`]), which `vhost-device-vsock` speaks.
+//!
+//! # Limitations
+//! - Only the QEMU backend exists; only x86_64 hosts and guests.
+//! - There is no readiness logic here beyond [`Machine::connect`] retrying until the guest
+//!   listens: the readiness handshake belongs to the sandbox and the guest agent.
+#![deny(unsafe_code)]
+
+pub mod accel;
+pub mod assets;
+pub mod cpio;
+pub mod hybrid;
+pub mod qemu;
+mod spawn;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use accel::{detect_accel, Accel, AccelChoice, ParseAccelError};
+pub use assets::AssetError;
+pub use qemu::{qemu_version, vsock_backend_path};
+
+/// A block device given to the guest as a `virtio-blk` device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// Raw image file on the host.
+    pub path: PathBuf,
+    /// Serial the guest sees (`/sys/block/vdX/serial`), used to find the disk by role.
+    pub serial: String,
+    /// Whether the guest may only read.
+    pub readonly: bool,
+}
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Sandbox id, used in logs.
+    pub id: String,
+    /// Directory for the VM's sockets (`vsock.sock`, `vhost-vsock.sock`); created if missing.
+    pub state_dir: PathBuf,
+    /// Uncompressed, PVH-bootable `vmlinux`.
+    pub kernel: PathBuf,
+    /// newc cpio initramfs whose `/init` is the guest binary.
+    pub initramfs: PathBuf,
+    /// Number of virtual CPUs (at least 1).
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mb: u32,
+    /// Block devices, in the order the guest sees them (`vda`, `vdb`, ...).
+    pub disks: Vec<Disk>,
+    /// Truncated at start; receives the guest serial console and QEMU's stderr.
+    pub console_log: PathBuf,
+    /// Requested acceleration.
+    pub accel: Accel,
+    /// Extra kernel command-line words, appended after ours.
+    pub extra_cmdline: Vec<String>,
+    /// Override for the QEMU binary (default: `qemu-system-x86_64` in `PATH`).
+    pub qemu_binary: Option<PathBuf>,
+    /// Override for `vhost-device-vsock` (default: `PATH`, then `~/.cargo/bin`).
+    pub vsock_binary: Option<PathBuf>,
+}
+
+/// A way to run VMs (QEMU today).
+pub trait Backend: Send + Sync {
+    /// Short name, as accepted by [`backend`].
+    fn name(&self) -> &'static str;
+    /// Starts a VM. Returns once the VMM process runs; the guest boots asynchronously.
+    fn start(&self, cfg: &VmConfig) -> Result<Box<dyn Machine>, VmError>;
+}
+
+/// A running (or exited) VM. Shareable: all methods take `&self`.
+///
+/// Dropping a `Machine` kills the VM and its helpers.
+pub trait Machine: Send + Sync {
+    /// Pids of the VMM and its helper processes, for state records.
+    fn pids(&self) -> Vec<u32>;
+    /// The hybrid-vsock base socket (`<state_dir>/vsock.sock`).
+    fn vsock_path(&self) -> &Path;
+    /// Opens a host-to-guest vsock connection to `port`, retrying until the guest listens or
+    /// `timeout` passes; fails early if the VM exits.
+    fn connect(&self, port: u32, timeout: Duration) -> Result<UnixStream, VmError>;
+    /// `Some(description)` once the VMM has exited.
+    fn has_exited(&self) -> Option<String>;
+    /// Waits up to `timeout` for the VMM to exit on its own; true if it did.
+    fn wait_exit(&self, timeout: Duration) -> bool;
+    /// SIGKILLs the VMM and its helpers and reaps them. Idempotent.
+    fn kill(&self) -> Result<(), VmError>;
+    /// The last `lines` lines of the console log (guest serial and VMM stderr).
+    fn console_tail(&self, lines: usize) -> String;
+}
+
+/// Returns the backend called `kind` (`"qemu"`).
+pub fn backend(kind: &str) -> Result<Box<dyn Backend>, VmError> {
+    match kind {
+        "qemu" => Ok(Box::new(qemu::QemuBackend)),
+        other => Err(VmError::UnknownBackend {
+            kind: other.to_owned(),
+        }),
+    }
+}
+
+/// Errors of VM backends.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("unknown VM backend {kind:?} (known: qemu)")]
+    UnknownBackend { kind: String },
+    #[error("qemu-system-x86_64 not found in PATH; install the qemu-system-x86 package")]
+    QemuNotFound,
+    #[error("run {binary} --version")]
+    QemuVersion {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{binary} --version failed: {stderr}")]
+    QemuVersionFailed { binary: PathBuf, stderr: String },
+    #[error("vhost-device-vsock not found in PATH or ~/.cargo/bin; install it with `cargo install vhost-device-vsock`")]
+    VsockBackendNotFound,
+    #[error("KVM requested but unusable: {reason}")]
+    KvmUnusable { reason: String },
+    #[error("invalid VM config: {reason}")]
+    InvalidConfig { reason: String },
+    #[error("missing {what} at {path}")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("create state directory {path}")]
+    CreateStateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("remove stale socket {path}")]
+    RemoveStaleSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("create console log {path}")]
+    CreateConsoleLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spawn vhost-device-vsock {binary}")]
+    SpawnVsockBackend {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vhost-device-vsock exited before creating its socket ({status})")]
+    VsockBackendExited { status: String },
+    #[error("vhost-device-vsock did not create {socket} within {timeout:?}")]
+    VsockBackendTimeout { socket: PathBuf, timeout: Duration },
+    #[error("spawn QEMU {binary}")]
+    SpawnQemu {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("start waiter thread for {what}")]
+    SpawnWaiter {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connect to guest vsock port {port}")]
+    Connect {
+        port: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM exited before guest vsock port {port} accepted: {status}")]
+    ExitedBeforeConnect { port: u32, status: String },
+    #[error("kill {what} (pid {pid})")]
+    Kill {
+        what: &'static str,
+        pid: u32,
+        #[source]
+        source: nix::Error,
+    },
+}
