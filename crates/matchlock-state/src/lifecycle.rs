@@ -1,0 +1,467 @@
+//! Append-only lifecycle records: phases, recorded host resources, cleanup steps.
+//!
+//! # Design
+//! Every change inserts a new `vm_lifecycle` row with `version = last + 1`; nothing is
+//! updated in place, so `inspect` can show the whole history and a crash mid-write loses at
+//! most the change being written. The version is allocated inside `BEGIN IMMEDIATE` by an
+//! upsert on `vm_lifecycle_head` (`RETURNING last_version`), and the previous record is read
+//! in the same transaction, so concurrent writers (threads or processes) serialise and never
+//! lose an update. SQLITE_BUSY/LOCKED are retried with a growing backoff.
+//!
+//! Resources are recorded *before* they are created (files) or right after spawn
+//! (processes, with their start time), which is what lets `reconcile` reclaim them after a
+//! crash without ever touching a stranger's process.
+//!
+//! # Limitations
+//! Resources are a flat list of files and processes; network artefacts of the reference
+//! (TAP devices, nftables tables) do not exist in our userspace network design.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::thread;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{is_busy, now_rfc3339, MAX_ATTEMPTS};
+use crate::{StateDb, StateError};
+
+/// Lifecycle phase of a VM (spec §8.3). Serialised in snake_case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Creating,
+    Created,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Cleaning,
+    Cleaned,
+    CreateFailed,
+    StartFailed,
+    StopFailed,
+    CleanupFailed,
+}
+
+impl Phase {
+    /// Every phase, in declaration order.
+    pub const ALL: [Phase; 12] = [
+        Phase::Creating,
+        Phase::Created,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Stopping,
+        Phase::Stopped,
+        Phase::Cleaning,
+        Phase::Cleaned,
+        Phase::CreateFailed,
+        Phase::StartFailed,
+        Phase::StopFailed,
+        Phase::CleanupFailed,
+    ];
+
+    /// The stored string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Creating => "creating",
+            Phase::Created => "created",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+            Phase::Cleaning => "cleaning",
+            Phase::Cleaned => "cleaned",
+            Phase::CreateFailed => "create_failed",
+            Phase::StartFailed => "start_failed",
+            Phase::StopFailed => "stop_failed",
+            Phase::CleanupFailed => "cleanup_failed",
+        }
+    }
+
+    /// Whether `self -> to` is allowed (spec §8.3 table; every phase may go to itself).
+    pub fn can_transition_to(self, to: Phase) -> bool {
+        use Phase::*;
+        if self == to {
+            return true;
+        }
+        let allowed: &[Phase] = match self {
+            Creating => &[Created, CreateFailed, Cleaning],
+            Created => &[Starting, Stopping, Cleaning],
+            Starting => &[Running, StartFailed, Stopping, Cleaning],
+            Running => &[Stopping, Cleaning],
+            Stopping => &[Stopped, StopFailed, Cleaning],
+            Stopped => &[Cleaning, Cleaned],
+            Cleaning => &[Cleaned, CleanupFailed],
+            CreateFailed => &[Cleaning, CleanupFailed],
+            StartFailed => &[Stopping, Cleaning, CleanupFailed],
+            StopFailed => &[Cleaning, CleanupFailed],
+            CleanupFailed => &[Cleaning, Cleaned],
+            Cleaned => &[],
+        };
+        allowed.contains(&to)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Phase {
+    type Err = StateError;
+
+    fn from_str(s: &str) -> Result<Self, StateError> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| StateError::UnknownPhase {
+                value: s.to_owned(),
+            })
+    }
+}
+
+/// A host resource to record, *before* creating it (files) or right after spawning it
+/// (processes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    /// A disk, socket, temp file or directory, inside or outside the VM directory.
+    File(PathBuf),
+    /// A helper process (QEMU, vhost-device-vsock). `start_time` comes from
+    /// [`crate::process_start_time`].
+    Process {
+        pid: u32,
+        start_time: u64,
+        name: String,
+    },
+}
+
+/// A recorded process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRes {
+    pub pid: u32,
+    pub start_time: u64,
+    pub name: String,
+}
+
+/// Everything recorded for a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+    #[serde(default)]
+    pub processes: Vec<ProcessRes>,
+}
+
+/// Outcome of one cleanup step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CleanupStatus {
+    Ok,
+    Error,
+}
+
+/// One entry of [`LifecycleRecord::cleanup`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanupStep {
+    pub status: CleanupStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    pub updated_at: String,
+}
+
+/// One version of a VM's lifecycle; serialises as the `inspect` JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LifecycleRecord {
+    pub version: u64,
+    pub vm_id: String,
+    pub backend: String,
+    pub phase: Phase,
+    /// UTC RFC3339.
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
+    pub resources: Resources,
+    pub cleanup: BTreeMap<String, CleanupStep>,
+}
+
+const LC_COLUMNS: &str =
+    "vm_id, version, backend, phase, updated_at, last_error, resources_json, cleanup_json";
+
+struct RawLifecycle {
+    vm_id: String,
+    version: u64,
+    backend: String,
+    phase: String,
+    updated_at: String,
+    last_error: String,
+    resources_json: String,
+    cleanup_json: String,
+}
+
+impl RawLifecycle {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<RawLifecycle> {
+        Ok(RawLifecycle {
+            vm_id: row.get(0)?,
+            version: row.get(1)?,
+            backend: row.get(2)?,
+            phase: row.get(3)?,
+            updated_at: row.get(4)?,
+            last_error: row.get(5)?,
+            resources_json: row.get(6)?,
+            cleanup_json: row.get(7)?,
+        })
+    }
+
+    fn into_record(self) -> Result<LifecycleRecord, StateError> {
+        let corrupt = |source| StateError::CorruptLifecycle {
+            id: self.vm_id.clone(),
+            version: self.version,
+            source,
+        };
+        let resources = serde_json::from_str(&self.resources_json).map_err(corrupt)?;
+        let cleanup = serde_json::from_str(&self.cleanup_json).map_err(corrupt)?;
+        Ok(LifecycleRecord {
+            phase: self.phase.parse()?,
+            version: self.version,
+            vm_id: self.vm_id,
+            backend: self.backend,
+            updated_at: self.updated_at,
+            last_error: self.last_error,
+            resources,
+            cleanup,
+        })
+    }
+}
+
+/// A change to apply to the latest record (`None` if there is none yet).
+type Change<'a> = dyn FnMut(Option<LifecycleRecord>) -> Result<LifecycleRecord, StateError> + 'a;
+
+impl StateDb {
+    /// Starts the lifecycle of `id`: version 1, phase `creating`. Errors if records exist.
+    pub fn lifecycle_init(&self, id: &str, backend: &str) -> Result<LifecycleRecord, StateError> {
+        self.append(id, &mut |prev| match prev {
+            Some(_) => Err(StateError::LifecycleExists { id: id.to_owned() }),
+            None => Ok(LifecycleRecord {
+                version: 0,
+                vm_id: id.to_owned(),
+                backend: backend.to_owned(),
+                phase: Phase::Creating,
+                updated_at: String::new(),
+                last_error: String::new(),
+                resources: Resources::default(),
+                cleanup: BTreeMap::new(),
+            }),
+        })
+    }
+
+    /// Moves `id` to `phase`, setting `last_error` to `error` (cleared when `None`). Rejects
+    /// transitions the table forbids with [`StateError::InvalidTransition`].
+    pub fn lifecycle_transition(
+        &self,
+        id: &str,
+        phase: Phase,
+        error: Option<&str>,
+    ) -> Result<LifecycleRecord, StateError> {
+        self.append(id, &mut |prev| {
+            let mut rec = prev.ok_or_else(|| StateError::LifecycleMissing { id: id.to_owned() })?;
+            if !rec.phase.can_transition_to(phase) {
+                return Err(StateError::InvalidTransition {
+                    from: rec.phase,
+                    to: phase,
+                });
+            }
+            rec.phase = phase;
+            rec.last_error = error.unwrap_or_default().to_owned();
+            Ok(rec)
+        })
+    }
+
+    /// Records a resource of `id` (idempotent: recording the same one twice keeps one entry).
+    pub fn record_resource(&self, id: &str, res: Resource) -> Result<(), StateError> {
+        self.append(id, &mut |prev| {
+            let mut rec = prev.ok_or_else(|| StateError::LifecycleMissing { id: id.to_owned() })?;
+            match &res {
+                Resource::File(path) => {
+                    if !rec.resources.files.contains(path) {
+                        rec.resources.files.push(path.clone());
+                    }
+                }
+                Resource::Process {
+                    pid,
+                    start_time,
+                    name,
+                } => {
+                    let p = ProcessRes {
+                        pid: *pid,
+                        start_time: *start_time,
+                        name: name.clone(),
+                    };
+                    if !rec.resources.processes.contains(&p) {
+                        rec.resources.processes.push(p);
+                    }
+                }
+            }
+            Ok(rec)
+        })
+        .map(|_| ())
+    }
+
+    /// Records the outcome of cleanup step `step` of `id`.
+    pub fn record_cleanup(
+        &self,
+        id: &str,
+        step: &str,
+        result: Result<(), String>,
+    ) -> Result<(), StateError> {
+        let (status, error) = match result {
+            Ok(()) => (CleanupStatus::Ok, String::new()),
+            Err(e) => (CleanupStatus::Error, e),
+        };
+        self.append(id, &mut |prev| {
+            let mut rec = prev.ok_or_else(|| StateError::LifecycleMissing { id: id.to_owned() })?;
+            rec.cleanup.insert(
+                step.to_owned(),
+                CleanupStep {
+                    status,
+                    error: error.clone(),
+                    updated_at: String::new(),
+                },
+            );
+            Ok(rec)
+        })
+        .map(|_| ())
+    }
+
+    /// The newest record of `id`, if any.
+    pub fn lifecycle_latest(&self, id: &str) -> Result<Option<LifecycleRecord>, StateError> {
+        latest(&self.conn(), id)
+            .map_err(|source| StateError::LifecycleRead {
+                id: id.to_owned(),
+                source,
+            })?
+            .map(RawLifecycle::into_record)
+            .transpose()
+    }
+
+    /// Every record of `id`, oldest first.
+    pub fn lifecycle_history(&self, id: &str) -> Result<Vec<LifecycleRecord>, StateError> {
+        let read_err = |source| StateError::LifecycleRead {
+            id: id.to_owned(),
+            source,
+        };
+        let raws = {
+            let conn = self.conn();
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {LC_COLUMNS} FROM vm_lifecycle WHERE vm_id = ?1 ORDER BY version ASC"
+                ))
+                .map_err(read_err)?;
+            let rows = stmt
+                .query_map([id], RawLifecycle::from_row)
+                .map_err(read_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(read_err)?
+        };
+        raws.into_iter().map(RawLifecycle::into_record).collect()
+    }
+
+    /// Applies `change` to the latest record and appends the result as a new version.
+    fn append(&self, id: &str, change: &mut Change<'_>) -> Result<LifecycleRecord, StateError> {
+        let mut conn = self.conn();
+        let mut attempt = 1;
+        loop {
+            match try_append(&mut conn, id, change) {
+                Ok(result) => return result,
+                Err(e) if is_busy(&e) && attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(id, attempt, "lifecycle write busy, retrying");
+                    thread::sleep(Duration::from_millis(25 * u64::from(attempt)));
+                    attempt += 1;
+                }
+                Err(source) => {
+                    return Err(StateError::LifecycleWrite {
+                        id: id.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn latest(conn: &Connection, id: &str) -> rusqlite::Result<Option<RawLifecycle>> {
+    conn.query_row(
+        &format!(
+            "SELECT {LC_COLUMNS} FROM vm_lifecycle WHERE vm_id = ?1 ORDER BY version DESC LIMIT 1"
+        ),
+        [id],
+        RawLifecycle::from_row,
+    )
+    .optional()
+}
+
+/// One attempt. The outer error is SQLite's (retryable if busy); the inner one is a domain
+/// error from `change` (the transaction is rolled back on drop).
+fn try_append(
+    conn: &mut Connection,
+    id: &str,
+    change: &mut Change<'_>,
+) -> rusqlite::Result<Result<LifecycleRecord, StateError>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let prev = match latest(&tx, id)?.map(RawLifecycle::into_record).transpose() {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut rec = match change(prev) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let version: u64 = tx.query_row(
+        "INSERT INTO vm_lifecycle_head (vm_id, last_version)
+         VALUES (?1, COALESCE((SELECT MAX(version) FROM vm_lifecycle WHERE vm_id = ?1), 0) + 1)
+         ON CONFLICT(vm_id) DO UPDATE SET last_version = vm_lifecycle_head.last_version + 1
+         RETURNING last_version",
+        [id],
+        |r| r.get(0),
+    )?;
+    let now = now_rfc3339();
+    rec.version = version;
+    rec.vm_id = id.to_owned();
+    rec.updated_at = now.clone();
+    for step in rec.cleanup.values_mut() {
+        if step.updated_at.is_empty() {
+            step.updated_at = now.clone();
+        }
+    }
+    let ser = |source| StateError::SerializeLifecycle {
+        id: id.to_owned(),
+        source,
+    };
+    let resources_json = match serde_json::to_string(&rec.resources).map_err(ser) {
+        Ok(j) => j,
+        Err(e) => return Ok(Err(e)),
+    };
+    let cleanup_json = match serde_json::to_string(&rec.cleanup).map_err(ser) {
+        Ok(j) => j,
+        Err(e) => return Ok(Err(e)),
+    };
+    tx.execute(
+        &format!("INSERT INTO vm_lifecycle ({LC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        (
+            id,
+            version,
+            &rec.backend,
+            rec.phase.as_str(),
+            &rec.updated_at,
+            &rec.last_error,
+            &resources_json,
+            &cleanup_json,
+        ),
+    )?;
+    tx.commit()?;
+    Ok(Ok(rec))
+}
