@@ -465,3 +465,254 @@ fn try_append(
     tx.commit()?;
     Ok(Ok(rec))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    fn open() -> (tempfile::TempDir, StateDb) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = StateDb::open(&tmp.path().join(".matchlock")).expect("open");
+        (tmp, db)
+    }
+
+    /// The spec §8.3 table, written out independently of `can_transition_to`.
+    const TABLE: &[(&str, &[&str])] = &[
+        ("creating", &["created", "create_failed", "cleaning"]),
+        ("created", &["starting", "stopping", "cleaning"]),
+        (
+            "starting",
+            &["running", "start_failed", "stopping", "cleaning"],
+        ),
+        ("running", &["stopping", "cleaning"]),
+        ("stopping", &["stopped", "stop_failed", "cleaning"]),
+        ("stopped", &["cleaning", "cleaned"]),
+        ("cleaning", &["cleaned", "cleanup_failed"]),
+        ("create_failed", &["cleaning", "cleanup_failed"]),
+        ("start_failed", &["stopping", "cleaning", "cleanup_failed"]),
+        ("stop_failed", &["cleaning", "cleanup_failed"]),
+        ("cleanup_failed", &["cleaning", "cleaned"]),
+        ("cleaned", &[]),
+    ];
+
+    fn allowed(from: Phase, to: Phase) -> bool {
+        from == to
+            || TABLE
+                .iter()
+                .any(|(f, tos)| *f == from.as_str() && tos.contains(&to.as_str()))
+    }
+
+    /// Shortest path of phases from `creating` to `target` (excluding `creating`).
+    fn path_to(target: Phase) -> Vec<Phase> {
+        let mut prev: BTreeMap<Phase, Phase> = BTreeMap::new();
+        let mut queue = VecDeque::from([Phase::Creating]);
+        while let Some(p) = queue.pop_front() {
+            for n in Phase::ALL {
+                if n != Phase::Creating && allowed(p, n) && !prev.contains_key(&n) {
+                    prev.insert(n, p);
+                    queue.push_back(n);
+                }
+            }
+        }
+        let mut path = Vec::new();
+        let mut cur = target;
+        while cur != Phase::Creating {
+            path.push(cur);
+            cur = *prev.get(&cur).expect("reachable");
+        }
+        path.reverse();
+        path
+    }
+
+    #[test]
+    fn phase_strings_roundtrip() {
+        for p in Phase::ALL {
+            assert_eq!(p.as_str().parse::<Phase>().expect("parse"), p);
+            assert_eq!(
+                serde_json::to_value(p).expect("json"),
+                serde_json::json!(p.as_str())
+            );
+        }
+        assert!("bogus".parse::<Phase>().is_err());
+    }
+
+    #[test]
+    fn table_matches_spec_exactly() {
+        for from in Phase::ALL {
+            for to in Phase::ALL {
+                assert_eq!(
+                    from.can_transition_to(to),
+                    allowed(from, to),
+                    "{from} -> {to}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_allowed_transition_is_accepted_by_the_db() {
+        let (_tmp, db) = open();
+        let mut n = 0;
+        for from in Phase::ALL {
+            for to in Phase::ALL.into_iter().filter(|&to| allowed(from, to)) {
+                n += 1;
+                let id = format!("vm-{n}");
+                db.lifecycle_init(&id, "qemu").expect("init");
+                for step in path_to(from) {
+                    db.lifecycle_transition(&id, step, None).expect("path");
+                }
+                let rec = db.lifecycle_transition(&id, to, None).expect("allowed");
+                assert_eq!(rec.phase, to);
+            }
+        }
+        assert_eq!(n, 40, "12 self transitions + 28 in the table");
+    }
+
+    #[test]
+    fn forbidden_transitions_are_rejected_and_not_written() {
+        let (_tmp, db) = open();
+        let cases = [
+            (Phase::Creating, Phase::Running),
+            (Phase::Created, Phase::Stopped),
+            (Phase::Running, Phase::Cleaned),
+            (Phase::Cleaned, Phase::Cleaning),
+            (Phase::Cleaned, Phase::Creating),
+            (Phase::Stopped, Phase::Running),
+        ];
+        for (i, (from, to)) in cases.into_iter().enumerate() {
+            let id = format!("vm-{i}");
+            db.lifecycle_init(&id, "qemu").expect("init");
+            for step in path_to(from) {
+                db.lifecycle_transition(&id, step, None).expect("path");
+            }
+            let before = db.lifecycle_history(&id).expect("history").len();
+            let err = db
+                .lifecycle_transition(&id, to, None)
+                .expect_err("forbidden");
+            assert_eq!(
+                err.to_string(),
+                format!("invalid lifecycle phase transition \"{from}\" -> \"{to}\"")
+            );
+            assert_eq!(db.lifecycle_history(&id).expect("history").len(), before);
+            assert_eq!(
+                db.lifecycle_latest(&id).expect("latest").map(|r| r.phase),
+                Some(from)
+            );
+        }
+    }
+
+    #[test]
+    fn init_twice_and_updates_without_init_fail() {
+        let (_tmp, db) = open();
+        assert!(matches!(
+            db.lifecycle_transition("vm-x", Phase::Created, None),
+            Err(StateError::LifecycleMissing { .. })
+        ));
+        assert!(matches!(
+            db.record_resource("vm-x", Resource::File("/tmp/x".into())),
+            Err(StateError::LifecycleMissing { .. })
+        ));
+        assert_eq!(db.lifecycle_latest("vm-x").expect("latest"), None);
+        db.lifecycle_init("vm-x", "qemu").expect("init");
+        assert!(matches!(
+            db.lifecycle_init("vm-x", "qemu"),
+            Err(StateError::LifecycleExists { .. })
+        ));
+    }
+
+    #[test]
+    fn history_is_append_only_with_increasing_versions() {
+        let (_tmp, db) = open();
+        let first = db.lifecycle_init("vm-1", "qemu").expect("init");
+        assert_eq!((first.version, first.phase), (1, Phase::Creating));
+        db.record_resource("vm-1", Resource::File("/d/upper.ext4".into()))
+            .expect("file");
+        db.record_resource("vm-1", Resource::File("/d/upper.ext4".into()))
+            .expect("dup file");
+        db.record_resource(
+            "vm-1",
+            Resource::Process {
+                pid: 42,
+                start_time: 7,
+                name: "qemu".into(),
+            },
+        )
+        .expect("proc");
+        db.lifecycle_transition("vm-1", Phase::CreateFailed, Some("boom"))
+            .expect("fail");
+        db.record_cleanup("vm-1", "rootfs_remove", Ok(()))
+            .expect("ok");
+        db.record_cleanup("vm-1", "machine_close", Err("stuck".into()))
+            .expect("err");
+        let history = db.lifecycle_history("vm-1").expect("history");
+        let versions: Vec<u64> = history.iter().map(|r| r.version).collect();
+        assert_eq!(versions, (1..=7).collect::<Vec<_>>());
+        assert!(history
+            .windows(2)
+            .all(|w| w[0].updated_at <= w[1].updated_at));
+        // Older versions are unchanged.
+        assert_eq!(history[0].resources, Resources::default());
+        assert_eq!(history[0].phase, Phase::Creating);
+
+        let latest = db.lifecycle_latest("vm-1").expect("latest").expect("some");
+        assert_eq!(latest, history[6]);
+        assert_eq!(latest.backend, "qemu");
+        assert_eq!(latest.phase, Phase::CreateFailed);
+        assert_eq!(latest.last_error, "boom");
+        assert_eq!(latest.resources.files, [PathBuf::from("/d/upper.ext4")]);
+        assert_eq!(latest.resources.processes.len(), 1);
+        assert_eq!(latest.cleanup["rootfs_remove"].status, CleanupStatus::Ok);
+        assert_eq!(latest.cleanup["machine_close"].error, "stuck");
+
+        let v = serde_json::to_value(&latest).expect("json");
+        assert_eq!(v["phase"], "create_failed");
+        assert_eq!(v["cleanup"]["machine_close"]["status"], "error");
+        assert!(v["cleanup"]["rootfs_remove"].get("error").is_none());
+        assert_eq!(v["resources"]["processes"][0]["name"], "qemu");
+
+        // A transition with no error clears it.
+        let rec = db
+            .lifecycle_transition("vm-1", Phase::Cleaning, None)
+            .expect("clean");
+        assert_eq!(rec.version, 8);
+        assert!(serde_json::to_value(&rec)
+            .expect("json")
+            .get("last_error")
+            .is_none());
+    }
+
+    #[test]
+    fn concurrent_appends_never_lose_updates() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join(".matchlock");
+        let shared = Arc::new(StateDb::open(&root).expect("open"));
+        shared.lifecycle_init("vm-1", "qemu").expect("init");
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let root = root.clone();
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || {
+                    let own = StateDb::open(&root).expect("open");
+                    for i in 0..15 {
+                        let db = if i % 2 == 0 { &own } else { &*shared };
+                        db.record_cleanup("vm-1", &format!("step-{t}-{i}"), Ok(()))
+                            .expect("append");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("join");
+        }
+        let history = shared.lifecycle_history("vm-1").expect("history");
+        let versions: Vec<u64> = history.iter().map(|r| r.version).collect();
+        assert_eq!(versions, (1..=61).collect::<Vec<_>>());
+        let latest = shared
+            .lifecycle_latest("vm-1")
+            .expect("latest")
+            .expect("some");
+        assert_eq!(latest.cleanup.len(), 60, "every step survives");
+    }
+}

@@ -168,3 +168,207 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{process_start_time, CleanupStatus, Resource};
+    use serde_json::Value;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Child, Command};
+
+    fn open() -> (tempfile::TempDir, StateDb) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = StateDb::open(&tmp.path().join(".matchlock")).expect("open");
+        (tmp, db)
+    }
+
+    fn sleeper() -> Child {
+        Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .expect("spawn sleep")
+    }
+
+    /// Registers `id` with an owner that is already dead (a reaped child).
+    fn register_crashed(db: &StateDb, id: &str) {
+        let mut owner = sleeper();
+        db.register(id, owner.id(), "img", &Value::Null)
+            .expect("register");
+        owner.kill().expect("kill");
+        owner.wait().expect("wait");
+    }
+
+    #[test]
+    fn kills_recorded_live_process_and_removes_recorded_files() {
+        let (tmp, db) = open();
+        register_crashed(&db, "vm-1");
+        db.lifecycle_init("vm-1", "qemu").expect("init");
+        let dir = db.vm_dir("vm-1");
+        let disk = dir.join("upper.ext4");
+        let overlay = dir.join("overlay");
+        let outside = tmp.path().join("matchlock-layer-1.tar");
+        let never_created = dir.join("vsock.sock");
+        for f in [&disk, &overlay, &outside, &never_created] {
+            db.record_resource("vm-1", Resource::File(f.clone()))
+                .expect("record file");
+        }
+        fs::write(&disk, b"disk").expect("disk");
+        fs::create_dir_all(overlay.join("mount-000/sub")).expect("overlay");
+        fs::write(overlay.join("mount-000/sub/f"), b"x").expect("overlay file");
+        fs::write(&outside, b"tar").expect("outside");
+        let mut qemu = sleeper();
+        db.record_resource(
+            "vm-1",
+            Resource::Process {
+                pid: qemu.id(),
+                start_time: process_start_time(qemu.id()).expect("start"),
+                name: "qemu".into(),
+            },
+        )
+        .expect("record process");
+
+        let report = db.reconcile("vm-1", false).expect("reconcile");
+        assert_eq!(report.skipped, None);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        let mut expected = vec![
+            format!("file:{}", disk.display()),
+            format!("file:{}", overlay.display()),
+            format!("file:{}", outside.display()),
+            format!("process:qemu:{}", qemu.id()),
+        ];
+        expected.sort();
+        assert_eq!(report.cleaned, expected);
+        assert!(report.is_success());
+        assert_eq!(qemu.wait().expect("wait").signal(), Some(9));
+        for f in [&disk, &overlay, &outside] {
+            assert!(!f.exists(), "{}", f.display());
+        }
+        assert!(dir.join("logs").exists(), "unrecorded files are left alone");
+
+        let lc = db.lifecycle_latest("vm-1").expect("latest").expect("some");
+        assert_eq!(lc.phase, Phase::Cleaned);
+        assert_eq!(lc.cleanup.len(), 4);
+        assert!(lc.cleanup.values().all(|s| s.status == CleanupStatus::Ok));
+        let phases: Vec<Phase> = db
+            .lifecycle_history("vm-1")
+            .expect("history")
+            .iter()
+            .map(|r| r.phase)
+            .collect();
+        assert!(phases.contains(&Phase::Cleaning));
+        assert_eq!(db.get("vm-1").expect("get").status, VmStatus::Crashed);
+
+        // Idempotent: a second run finds nothing to do.
+        let again = db.reconcile("vm-1", false).expect("again");
+        assert!(again.cleaned.is_empty() && again.is_success());
+        db.remove("vm-1").expect("remove");
+        assert!(db.lifecycle_history("vm-1").expect("history").is_empty());
+    }
+
+    #[test]
+    fn process_with_other_start_time_is_left_alone() {
+        let (_tmp, db) = open();
+        register_crashed(&db, "vm-1");
+        db.lifecycle_init("vm-1", "qemu").expect("init");
+        let mut stranger = sleeper();
+        let st = process_start_time(stranger.id()).expect("start");
+        db.record_resource(
+            "vm-1",
+            Resource::Process {
+                pid: stranger.id(),
+                start_time: st + 1,
+                name: "qemu".into(),
+            },
+        )
+        .expect("record");
+        let report = db.reconcile("vm-1", false).expect("reconcile");
+        assert!(report.cleaned.is_empty() && report.is_success());
+        assert!(
+            stranger.try_wait().expect("try_wait").is_none(),
+            "stranger killed"
+        );
+        stranger.kill().expect("kill");
+        stranger.wait().expect("wait");
+    }
+
+    #[test]
+    fn live_owner_is_skipped_unless_forced() {
+        let (tmp, db) = open();
+        db.register("vm-1", std::process::id(), "img", &Value::Null)
+            .expect("register");
+        db.lifecycle_init("vm-1", "qemu").expect("init");
+        let f = tmp.path().join("leak");
+        db.record_resource("vm-1", Resource::File(f.clone()))
+            .expect("record");
+        fs::write(&f, b"x").expect("write");
+
+        let report = db.reconcile("vm-1", false).expect("reconcile");
+        assert_eq!(report.skipped.as_deref(), Some(SKIPPED_RUNNING));
+        assert!(!report.is_success());
+        assert!(f.exists());
+        assert_eq!(db.lifecycle_history("vm-1").expect("history").len(), 2);
+
+        let report = db.reconcile("vm-1", true).expect("forced");
+        assert_eq!(report.skipped, None);
+        assert_eq!(report.cleaned, [format!("file:{}", f.display())]);
+        assert!(!f.exists());
+        assert_eq!(db.get("vm-1").expect("get").status, VmStatus::Running);
+    }
+
+    #[test]
+    fn nothing_recorded_gives_empty_report_and_unknown_backend() {
+        let (_tmp, db) = open();
+        register_crashed(&db, "vm-1");
+        let report = db.reconcile("vm-1", false).expect("reconcile");
+        assert_eq!(report, ReconcileReport::default());
+        let lc = db.lifecycle_latest("vm-1").expect("latest").expect("some");
+        assert_eq!((lc.backend.as_str(), lc.phase), ("unknown", Phase::Cleaned));
+    }
+
+    #[test]
+    fn failures_are_reported_recorded_and_block_remove() {
+        let (tmp, db) = open();
+        register_crashed(&db, "vm-1");
+        db.lifecycle_init("vm-1", "qemu").expect("init");
+        // A path under a regular file: lstat fails with ENOTDIR, never NotFound.
+        let file = tmp.path().join("plain");
+        fs::write(&file, b"x").expect("write");
+        let bad = file.join("child");
+        db.record_resource("vm-1", Resource::File(bad.clone()))
+            .expect("record");
+
+        let report = db.reconcile("vm-1", false).expect("reconcile");
+        let item = format!("file:{}", bad.display());
+        assert!(report.failed.contains_key(&item), "{report:?}");
+        let lc = db.lifecycle_latest("vm-1").expect("latest").expect("some");
+        assert_eq!(lc.phase, Phase::CleanupFailed);
+        assert!(lc.last_error.contains(&item), "{}", lc.last_error);
+        assert_eq!(lc.cleanup[&item].status, CleanupStatus::Error);
+
+        let err = db.remove("vm-1").expect_err("must keep metadata");
+        assert!(matches!(err, StateError::CleanupIncomplete { .. }), "{err}");
+        assert!(db.get("vm-1").is_ok());
+        assert!(db.vm_dir("vm-1").exists());
+
+        // Once the obstacle is gone, remove reconciles and succeeds.
+        fs::remove_file(&file).expect("rm");
+        db.remove("vm-1").expect("remove");
+        assert!(matches!(db.get("vm-1"), Err(StateError::NotFound { .. })));
+    }
+
+    #[test]
+    fn remove_reclaims_resources_left_by_an_unclean_stop() {
+        let (tmp, db) = open();
+        db.register("vm-1", std::process::id(), "img", &Value::Null)
+            .expect("register");
+        db.lifecycle_init("vm-1", "qemu").expect("init");
+        let f = tmp.path().join("matchlock-build-output-1");
+        db.record_resource("vm-1", Resource::File(f.clone()))
+            .expect("record");
+        fs::write(&f, b"x").expect("write");
+        db.set_stopped("vm-1").expect("stop");
+        db.remove("vm-1").expect("remove");
+        assert!(!f.exists());
+    }
+}

@@ -359,3 +359,280 @@ impl StateDb {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Child, Command};
+    use std::sync::Arc;
+    use std::thread;
+
+    fn open() -> (tempfile::TempDir, StateDb) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = StateDb::open(&tmp.path().join(".matchlock")).expect("open");
+        (tmp, db)
+    }
+
+    fn sleeper() -> Child {
+        Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .expect("spawn sleep")
+    }
+
+    fn me() -> u32 {
+        std::process::id()
+    }
+
+    #[test]
+    fn register_get_list_remove_roundtrip() {
+        let (_tmp, db) = open();
+        let cfg = json!({"image": "alpine:latest", "env": {"A": "1"}});
+        db.register("vm-00000001", me(), "alpine:latest", &cfg)
+            .expect("register");
+        let dir = db.vm_dir("vm-00000001");
+        for d in [dir.clone(), dir.join("logs"), db.root().join("vms")] {
+            let mode = fs::metadata(&d).expect("dir").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        let rec = db.get("vm-00000001").expect("get");
+        assert_eq!(rec.id, "vm-00000001");
+        assert_eq!(rec.pid, me());
+        assert_eq!(rec.status, VmStatus::Running);
+        assert_eq!(rec.image, "alpine:latest");
+        assert_eq!(rec.config, cfg);
+        assert!(db.is_owner_alive(&rec));
+        let v = serde_json::to_value(&rec).expect("json");
+        let keys: Vec<_> = v.as_object().expect("object").keys().cloned().collect();
+        assert_eq!(keys.len(), 6, "{keys:?}");
+        assert_eq!(v["status"], "running");
+        assert_eq!(v["config"]["env"]["A"], "1");
+
+        let list = db.list().expect("list");
+        assert_eq!(list.len(), 1);
+        assert_eq!(
+            list[0].status,
+            VmStatus::Running,
+            "live owner stays running"
+        );
+
+        let err = db.remove("vm-00000001").expect_err("live VM");
+        assert_eq!(
+            err.to_string(),
+            "cannot remove running VM vm-00000001, kill it first"
+        );
+        db.set_stopped("vm-00000001").expect("stop");
+        let rec = db.get("vm-00000001").expect("get");
+        assert_eq!((rec.status, rec.pid), (VmStatus::Stopped, 0));
+        assert!(!db.is_owner_alive(&rec));
+        db.remove("vm-00000001").expect("remove");
+        assert!(!dir.exists());
+        assert!(db.list().expect("list").is_empty());
+        assert!(matches!(
+            db.get("vm-00000001"),
+            Err(StateError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn not_found_messages() {
+        let (_tmp, db) = open();
+        let msg = "VM vm-nope not found";
+        assert_eq!(db.get("vm-nope").expect_err("get").to_string(), msg);
+        assert_eq!(
+            db.set_stopped("vm-nope").expect_err("stop").to_string(),
+            msg
+        );
+        assert_eq!(db.kill("vm-nope").expect_err("kill").to_string(), msg);
+        assert_eq!(db.remove("vm-nope").expect_err("rm").to_string(), msg);
+        assert_eq!(
+            db.reconcile("vm-nope", true).expect_err("gc").to_string(),
+            msg
+        );
+    }
+
+    #[test]
+    fn register_rejects_bad_ids_duplicates_and_dead_owners() {
+        let (_tmp, db) = open();
+        for bad in ["", "../x", "a/b", ".hidden", "x y", &"a".repeat(65)] {
+            assert!(
+                matches!(
+                    db.register(bad, me(), "", &Value::Null),
+                    Err(StateError::InvalidId { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        db.register("vm-1", me(), "", &Value::Null).expect("first");
+        assert_eq!(
+            db.register("vm-1", me(), "", &Value::Null)
+                .expect_err("dup")
+                .to_string(),
+            "VM vm-1 already exists"
+        );
+        let mut child = sleeper();
+        let pid = child.id();
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(db.register("vm-2", pid, "", &Value::Null).is_err());
+        assert!(matches!(db.get("vm-2"), Err(StateError::NotFound { .. })));
+    }
+
+    #[test]
+    fn image_recovered_from_config_when_column_empty() {
+        let (_tmp, db) = open();
+        db.register("vm-1", me(), "", &json!({"image": "busybox"}))
+            .expect("register");
+        assert_eq!(db.get("vm-1").expect("get").image, "busybox");
+    }
+
+    #[test]
+    fn list_marks_dead_owner_crashed_and_persists_it() {
+        let (_tmp, db) = open();
+        let mut child = sleeper();
+        db.register("vm-dead", child.id(), "img", &Value::Null)
+            .expect("register");
+        db.register("vm-live", me(), "img", &Value::Null)
+            .expect("register");
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        let list = db.list().expect("list");
+        let ids: Vec<_> = list.iter().map(|r| (r.id.as_str(), r.status)).collect();
+        // Newest first.
+        assert_eq!(
+            ids,
+            [
+                ("vm-live", VmStatus::Running),
+                ("vm-dead", VmStatus::Crashed)
+            ]
+        );
+        assert_eq!(db.get("vm-dead").expect("get").status, VmStatus::Crashed);
+        assert_eq!(
+            db.kill("vm-dead").expect_err("kill").to_string(),
+            "VM vm-dead is not running"
+        );
+        // A crashed VM without lifecycle can be removed.
+        db.remove("vm-dead").expect("remove");
+    }
+
+    #[test]
+    fn zombie_owner_counts_as_dead() {
+        let (_tmp, db) = open();
+        let mut child = sleeper();
+        db.register("vm-z", child.id(), "", &Value::Null)
+            .expect("register");
+        child.kill().expect("kill");
+        // Not reaped yet: a zombie; wait until the kernel has made it one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while db.is_owner_alive(&db.get("vm-z").expect("get")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never became a zombie"
+            );
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(db.list().expect("list")[0].status, VmStatus::Crashed);
+        child.wait().expect("wait");
+    }
+
+    #[test]
+    fn reused_pid_is_not_the_owner() {
+        let (_tmp, db) = open();
+        let mut child = sleeper();
+        db.register("vm-1", child.id(), "", &Value::Null)
+            .expect("register");
+        // Simulate PID reuse: same PID, different start time than recorded.
+        db.conn()
+            .execute(
+                "UPDATE vms SET pid_start_time = pid_start_time + 1 WHERE id = 'vm-1'",
+                [],
+            )
+            .expect("tamper");
+        let rec = db.get("vm-1").expect("get");
+        assert!(!db.is_owner_alive(&rec));
+        assert!(matches!(
+            db.kill("vm-1"),
+            Err(StateError::NotRunning { .. })
+        ));
+        assert_eq!(db.list().expect("list")[0].status, VmStatus::Crashed);
+        // The stranger was not signalled.
+        assert!(child.try_wait().expect("try_wait").is_none());
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+
+    #[test]
+    fn kill_sends_sigterm_to_live_owner() {
+        let (_tmp, db) = open();
+        let mut child = sleeper();
+        db.register("vm-1", child.id(), "", &Value::Null)
+            .expect("register");
+        db.kill("vm-1").expect("kill");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(15));
+        db.set_stopped("vm-1").expect("stop");
+        assert_eq!(
+            db.kill("vm-1").expect_err("stopped").to_string(),
+            "VM vm-1 is not running"
+        );
+    }
+
+    #[test]
+    fn secrets_are_never_stored() {
+        let (_tmp, db) = open();
+        let cfg =
+            json!({"network": {"secrets": {"API": {"value": "sk-supersecret", "hosts": ["a.b"]}}}});
+        db.register("vm-1", me(), "", &cfg).expect("register");
+        let rec = db.get("vm-1").expect("get");
+        assert_eq!(
+            rec.config["network"]["secrets"]["API"]["value"],
+            "[redacted]"
+        );
+        assert_eq!(rec.config["network"]["secrets"]["API"]["hosts"][0], "a.b");
+        let raw: String = db
+            .conn()
+            .query_row("SELECT config_json FROM vms WHERE id = 'vm-1'", [], |r| {
+                r.get(0)
+            })
+            .expect("raw");
+        assert!(!raw.contains("sk-supersecret"), "{raw}");
+    }
+
+    #[test]
+    fn concurrent_writers_from_threads_and_handles() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join(".matchlock");
+        let shared = Arc::new(StateDb::open(&root).expect("open"));
+        let mut handles = Vec::new();
+        for t in 0..4 {
+            let root = root.clone();
+            let shared = Arc::clone(&shared);
+            handles.push(thread::spawn(move || {
+                // Half the threads use their own connection, like separate CLI processes.
+                let own;
+                let db: &StateDb = if t % 2 == 0 {
+                    own = StateDb::open(&root).expect("open");
+                    &own
+                } else {
+                    &shared
+                };
+                for i in 0..10 {
+                    let id = format!("vm-{t}-{i}");
+                    db.register(&id, std::process::id(), "img", &Value::Null)
+                        .expect("register");
+                    db.set_stopped(&id).expect("stop");
+                    db.list().expect("list");
+                }
+            }));
+        }
+        for h in handles {
+            h.join().expect("join");
+        }
+        let list = shared.list().expect("list");
+        assert_eq!(list.len(), 40);
+        assert!(list.iter().all(|r| r.status == VmStatus::Stopped));
+    }
+}
