@@ -174,8 +174,8 @@ pub struct CleanupStep {
     pub updated_at: String,
 }
 
-/// One version of a VM's lifecycle; serialises as the `inspect` JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One version of a VM's lifecycle; serialises as the `inspect` JSON (and parses it back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LifecycleRecord {
     pub version: u64,
     pub vm_id: String,
@@ -183,9 +183,11 @@ pub struct LifecycleRecord {
     pub phase: Phase,
     /// UTC RFC3339.
     pub updated_at: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_error: String,
+    #[serde(default)]
     pub resources: Resources,
+    #[serde(default)]
     pub cleanup: BTreeMap<String, CleanupStep>,
 }
 
@@ -671,6 +673,9 @@ mod tests {
         assert_eq!(v["cleanup"]["machine_close"]["status"], "error");
         assert!(v["cleanup"]["rootfs_remove"].get("error").is_none());
         assert_eq!(v["resources"]["processes"][0]["name"], "qemu");
+
+        let back: LifecycleRecord = serde_json::from_value(v).expect("parse back");
+        assert_eq!(back, latest);
 
         // A transition with no error clears it.
         let rec = db

@@ -6,7 +6,7 @@ use std::io;
 use std::str::FromStr;
 
 use rusqlite::{OptionalExtension, Row};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::db::{create_private_dir, now_rfc3339, with_retry};
@@ -14,7 +14,7 @@ use crate::process::{self, process_start_time};
 use crate::{redact_config, Phase, StateDb, StateError};
 
 /// Status of a VM row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmStatus {
     /// The owner was alive at the last look.
@@ -57,8 +57,9 @@ impl FromStr for VmStatus {
     }
 }
 
-/// One VM row. Serialises as the `get` JSON: `{id, pid, status, image, created_at, config}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One VM row. Serialises as the `get` JSON: `{id, pid, status, image, created_at, config}`
+/// (and parses it back, with `owner_start_time` 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmRecord {
     pub id: String,
     /// PID of the owning matchlock process (`run`/`rpc`), 0 once stopped.
