@@ -158,7 +158,10 @@ mod tests {
             he("db", ""),
             he("db", "example.com"),
         ] {
-            assert!(validate_hosts(&[bad.clone()]).is_err(), "{bad:?}");
+            assert!(
+                validate_hosts(std::slice::from_ref(&bad)).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

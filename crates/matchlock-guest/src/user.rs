@@ -159,7 +159,7 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Identity, UserEr
     let supplementary = match entry {
         Some(e) => groups
             .iter()
-            .filter(|g| g.members.iter().any(|m| *m == e.name) && g.gid != gid)
+            .filter(|g| g.members.contains(&e.name) && g.gid != gid)
             .map(|g| g.gid)
             .collect(),
         None => Vec::new(),

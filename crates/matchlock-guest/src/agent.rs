@@ -1,0 +1,401 @@
+//! The service agent: accepts host connections and dispatches each on its first frame.
+//!
+//! # Design
+//! One thread per connection, one request per connection (see the protocol crate). The
+//! dispatcher is generic over [`Conn`] so tests drive it over `UnixStream::pair()`; only
+//! [`serve`] knows about vsock. Power-off is a callback supplied by `init`, so the agent
+//! itself never reboots the machine (and tests can observe the request).
+//!
+//! # Limitations
+//! No limit on concurrent connections: the host is trusted to pace itself.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use matchlock_guest_proto::{
+    read_frame, write_frame, ExecRequest, Frame, FrameType, PathRequest, PortForwardRequest,
+    ProtoError, WriteFileRequest,
+};
+
+use crate::conn::Conn;
+use crate::exec::{self, ExecContext};
+use crate::{files, forward};
+
+/// Shared agent state.
+pub struct Agent {
+    pub exec: ExecContext,
+    /// Called after `Shutdown` was answered `Ok`; in the VM it powers off and never returns.
+    pub on_shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Agent {
+    /// Root used for user lookups in file ownership.
+    fn root(&self) -> &PathBuf {
+        &self.exec.root
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("reading the request frame")]
+    ReadRequest(#[source] ProtoError),
+    #[error("decoding the request")]
+    Decode(#[source] ProtoError),
+    #[error("sending the reply")]
+    Reply(#[source] ProtoError),
+    #[error("exec session")]
+    Exec(#[source] exec::ExecError),
+    #[error("file session")]
+    File(#[source] files::FileError),
+    #[error("port-forward session")]
+    Forward(#[source] forward::ForwardError),
+}
+
+fn reply_error<C: Conn>(conn: &mut C, msg: String) -> Result<(), AgentError> {
+    write_frame(conn, &Frame::new(FrameType::Error, msg.into_bytes())).map_err(AgentError::Reply)
+}
+
+/// Serves one connection: reads the first frame and runs the matching session.
+pub fn handle<C: Conn>(mut conn: C, agent: &Agent) -> Result<(), AgentError> {
+    let Some(first) = read_frame(&mut conn).map_err(AgentError::ReadRequest)? else {
+        return Ok(());
+    };
+    match first.kind {
+        FrameType::Exec => match first.parse::<ExecRequest>("exec") {
+            Ok(req) => exec::run(conn, req, &agent.exec).map_err(AgentError::Exec),
+            Err(e) => reply_error(&mut conn, format!("bad exec request: {e}")),
+        },
+        FrameType::WriteFile => match first.parse::<WriteFileRequest>("write file") {
+            Ok(req) => files::write_file(&mut conn, &req, agent.root()).map_err(AgentError::File),
+            Err(e) => reply_error(&mut conn, format!("bad write-file request: {e}")),
+        },
+        FrameType::ReadFile => {
+            let req: PathRequest = first.parse("read file").map_err(AgentError::Decode)?;
+            files::read_file(&mut conn, &req).map_err(AgentError::File)
+        }
+        FrameType::ListFiles => {
+            let req: PathRequest = first.parse("list files").map_err(AgentError::Decode)?;
+            files::list_files(&mut conn, &req).map_err(AgentError::File)
+        }
+        FrameType::PortForward => match first.parse::<PortForwardRequest>("port forward") {
+            Ok(req) => forward::run(conn, &req).map_err(AgentError::Forward),
+            Err(e) => reply_error(&mut conn, format!("bad port-forward request: {e}")),
+        },
+        FrameType::Shutdown => {
+            write_frame(&mut conn, &Frame::empty(FrameType::Ok)).map_err(AgentError::Reply)?;
+            drop(conn);
+            tracing::info!("shutdown requested");
+            (agent.on_shutdown)();
+            Ok(())
+        }
+        other => reply_error(&mut conn, format!("unexpected first frame {other:?}")),
+    }
+}
+
+/// Accept loop: one thread per connection. Returns only if the listener fails.
+pub fn serve(listener: vsock::VsockListener, agent: Arc<Agent>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let agent = Arc::clone(&agent);
+        let spawned = std::thread::Builder::new()
+            .name("session".into())
+            .spawn(move || {
+                if let Err(e) = handle(stream, &agent) {
+                    tracing::debug!(error = %crate::chain(&e), "session ended with an error");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a session thread");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use matchlock_guest_proto::{read_frame_required, FileInfo, FileList, MAX_READ_FILE};
+
+    fn agent(flag: Arc<AtomicBool>) -> Arc<Agent> {
+        Arc::new(Agent {
+            exec: ExecContext {
+                root: PathBuf::from("/"),
+                privileged: true,
+            },
+            on_shutdown: Box::new(move || flag.store(true, Ordering::SeqCst)),
+        })
+    }
+
+    fn connect(a: &Arc<Agent>) -> (UnixStream, std::thread::JoinHandle<Result<(), AgentError>>) {
+        let (host, guest) = UnixStream::pair().expect("pair");
+        host.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let a = Arc::clone(a);
+        (host, std::thread::spawn(move || handle(guest, &a)))
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mlg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn write(a: &Arc<Agent>, req: &WriteFileRequest, chunks: &[&[u8]]) -> Frame {
+        let (mut host, h) = connect(a);
+        write_frame(
+            &mut host,
+            &Frame::json(FrameType::WriteFile, req).expect("json"),
+        )
+        .expect("w");
+        for c in chunks {
+            write_frame(&mut host, &Frame::new(FrameType::Data, c.to_vec())).expect("w");
+        }
+        write_frame(&mut host, &Frame::empty(FrameType::DataEnd)).expect("w");
+        let reply = read_frame_required(&mut host).expect("reply");
+        h.join().expect("join").expect("session");
+        reply
+    }
+
+    #[test]
+    fn write_read_list() {
+        let a = agent(Arc::new(AtomicBool::new(false)));
+        let dir = tmpdir("files");
+        let path = dir.join("a/b/c.txt");
+        let req = WriteFileRequest {
+            path: path.to_string_lossy().into_owned(),
+            mode: 0o600,
+            user: "4242:4343".into(),
+        };
+        assert_eq!(write(&a, &req, &[b"hello ", b"world"]).kind, FrameType::Ok);
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4343));
+        assert_eq!(
+            std::fs::metadata(dir.join("a/b")).expect("dir").mode() & 0o777,
+            0o755
+        );
+
+        // Mode 0 means 0644, applied exactly whatever the umask.
+        let req0 = WriteFileRequest {
+            path: dir.join("d.txt").to_string_lossy().into_owned(),
+            mode: 0,
+            user: String::new(),
+        };
+        assert_eq!(write(&a, &req0, &[b"x"]).kind, FrameType::Ok);
+        assert_eq!(
+            std::fs::metadata(dir.join("d.txt")).expect("stat").mode() & 0o7777,
+            0o644
+        );
+
+        let (mut host, h) = connect(&a);
+        let pr = PathRequest {
+            path: req.path.clone(),
+        };
+        write_frame(
+            &mut host,
+            &Frame::json(FrameType::ReadFile, &pr).expect("json"),
+        )
+        .expect("w");
+        let info: FileInfo = read_frame_required(&mut host)
+            .expect("info")
+            .expect(FrameType::FileInfo, "info")
+            .expect("json");
+        assert_eq!(info.size, 11);
+        let mut data = Vec::new();
+        loop {
+            let f = read_frame_required(&mut host).expect("frame");
+            match f.kind {
+                FrameType::Data => data.extend_from_slice(&f.payload),
+                FrameType::DataEnd => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(data, b"hello world");
+        h.join().expect("join").expect("session");
+
+        let (mut host, h) = connect(&a);
+        let pr = PathRequest {
+            path: dir.to_string_lossy().into_owned(),
+        };
+        write_frame(
+            &mut host,
+            &Frame::json(FrameType::ListFiles, &pr).expect("json"),
+        )
+        .expect("w");
+        let list: FileList = read_frame_required(&mut host)
+            .expect("list")
+            .expect(FrameType::FileList, "list")
+            .expect("json");
+        h.join().expect("join").expect("session");
+        let names: Vec<_> = list
+            .files
+            .iter()
+            .map(|f| (f.name.as_str(), f.is_dir))
+            .collect();
+        assert_eq!(names, vec![("a", true), ("d.txt", false)]);
+        assert_eq!(list.files[1].mode, 0o100644);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn file_errors() {
+        let a = agent(Arc::new(AtomicBool::new(false)));
+        let dir = tmpdir("ferr");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // Reading a directory or a missing file, listing a missing dir: `Error`.
+        for (kind, path) in [
+            (FrameType::ReadFile, dir.clone()),
+            (FrameType::ReadFile, dir.join("missing")),
+            (FrameType::ListFiles, dir.join("missing")),
+        ] {
+            let (mut host, h) = connect(&a);
+            let pr = PathRequest {
+                path: path.to_string_lossy().into_owned(),
+            };
+            write_frame(&mut host, &Frame::json(kind, &pr).expect("json")).expect("w");
+            assert_eq!(
+                read_frame_required(&mut host).expect("f").kind,
+                FrameType::Error
+            );
+            h.join().expect("join").expect("session");
+        }
+        // Too large.
+        let big = dir.join("big");
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(MAX_READ_FILE + 1).expect("truncate");
+        let (mut host, h) = connect(&a);
+        let pr = PathRequest {
+            path: big.to_string_lossy().into_owned(),
+        };
+        write_frame(
+            &mut host,
+            &Frame::json(FrameType::ReadFile, &pr).expect("json"),
+        )
+        .expect("w");
+        assert_eq!(
+            read_frame_required(&mut host).expect("f").kind,
+            FrameType::Error
+        );
+        h.join().expect("join").expect("session");
+        // Write under a regular file (parent is not a directory): data still consumed, `Error`.
+        let req = WriteFileRequest {
+            path: big.join("x").to_string_lossy().into_owned(),
+            mode: 0,
+            user: String::new(),
+        };
+        let reply = write(&a, &req, &[b"data"]);
+        assert_eq!(reply.kind, FrameType::Error);
+        // Unknown owner.
+        let req = WriteFileRequest {
+            path: dir.join("y").to_string_lossy().into_owned(),
+            mode: 0,
+            user: "no-such-user-xyz".into(),
+        };
+        let reply = write(&a, &req, &[b"data"]);
+        assert_eq!(reply.kind, FrameType::Error);
+        assert!(String::from_utf8_lossy(&reply.payload).contains("not found"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn port_forward_pipes_bytes_with_half_close() {
+        let a = agent(Arc::new(AtomicBool::new(false)));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("read");
+            s.write_all(b"echo:").expect("w");
+            s.write_all(&got).expect("w");
+        });
+        let (mut host, h) = connect(&a);
+        let req = PortForwardRequest {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        write_frame(
+            &mut host,
+            &Frame::json(FrameType::PortForward, &req).expect("json"),
+        )
+        .expect("w");
+        assert_eq!(
+            read_frame_required(&mut host).expect("ok").kind,
+            FrameType::Ok
+        );
+        host.write_all(b"ping").expect("w");
+        host.shutdown(Shutdown::Write).expect("half close");
+        let mut back = Vec::new();
+        host.read_to_end(&mut back).expect("read");
+        assert_eq!(back, b"echo:ping");
+        server.join().expect("server");
+        h.join().expect("join").expect("session");
+
+        // A closed port answers `Error` with the address.
+        let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let (mut host, h) = connect(&a);
+        let req = PortForwardRequest {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        write_frame(
+            &mut host,
+            &Frame::json(FrameType::PortForward, &req).expect("json"),
+        )
+        .expect("w");
+        let f = read_frame_required(&mut host).expect("err");
+        assert_eq!(f.kind, FrameType::Error);
+        assert!(
+            String::from_utf8_lossy(&f.payload).starts_with(&format!("connect 127.0.0.1:{port}: "))
+        );
+        h.join().expect("join").expect("session");
+    }
+
+    #[test]
+    fn shutdown_replies_then_calls_hook() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let a = agent(Arc::clone(&flag));
+        let (mut host, h) = connect(&a);
+        write_frame(&mut host, &Frame::empty(FrameType::Shutdown)).expect("w");
+        assert_eq!(
+            read_frame_required(&mut host).expect("ok").kind,
+            FrameType::Ok
+        );
+        h.join().expect("join").expect("session");
+        assert!(flag.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn bad_first_frames() {
+        let a = agent(Arc::new(AtomicBool::new(false)));
+        for frame in [
+            Frame::new(FrameType::Exec, b"{not json".to_vec()),
+            Frame::empty(FrameType::Stdout),
+        ] {
+            let (mut host, h) = connect(&a);
+            write_frame(&mut host, &frame).expect("w");
+            assert_eq!(
+                read_frame_required(&mut host).expect("f").kind,
+                FrameType::Error
+            );
+            h.join().expect("join").expect("session");
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! PID 1: boot handshake, root assembly and power-off.
+//!
+//! # Design
+//! The sequence is linear and fails fast: any error becomes `BootFailed(reason)` on the boot
+//! connection (if it exists), a `matchlock-guest: FATAL: <reason>` console line and a
+//! power-off. Readiness is the handshake, never a sleep: the agent listener is bound before
+//! `Ready` is sent.
+//!
+//! Root switch: the initramfs is `rootfs`, where `pivot_root` is not allowed, so the overlay
+//! is moved over `/` (`MS_MOVE`) and we `chroot(".")` into it, as `switch_root` does. The
+//! initramfs' early proc/sys/dev are unmounted first and fresh ones mounted in the new root.
+//! The upper ext4 stays mounted underneath (invisible); an `O_PATH` descriptor to it is kept
+//! so power-off can still remount it read-only through `/proc/self/fd`.
+//!
+//! CPU quota: PID 1 moves itself into a child cgroup with `cpu.max` set, so every process
+//! spawned afterwards inherits it with no race (the agent shares the quota; it is idle while
+//! commands run).
+//!
+//! # Limitations
+//! No network configuration beyond `lo` (the network device owner configures `eth0`). The
+//! initramfs contents stay in memory after the switch (a few MiB at most: only `/init`).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use matchlock_guest_proto::{
+    read_frame_required, write_frame, BootConfig, DiskRole, Frame, FrameType, Hello, ProtoError,
+    PROTOCOL_VERSION, READY_PORT, SERVICE_PORT,
+};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use vsock::{VsockListener, VsockStream, VMADDR_CID_ANY};
+
+use crate::agent::{self, Agent};
+use crate::etc;
+use crate::exec::ExecContext;
+use crate::reaper;
+
+const HOST_CID: u32 = 2;
+const DIAL_RETRY: Duration = Duration::from_millis(20);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+const DISK_WAIT: Duration = Duration::from_secs(3);
+const LOWER_DIR: &str = "/run/matchlock/lower";
+const UPPER_DIR: &str = "/run/matchlock/upper";
+const MERGED_DIR: &str = "/run/matchlock/merged";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("dialing the host on vsock port {port}")]
+    Dial {
+        port: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sending hello")]
+    Hello(#[source] ProtoError),
+    #[error("reading the boot config")]
+    ReadConfig(#[source] ProtoError),
+    #[error("invalid add_hosts")]
+    Hosts(#[source] etc::EtcError),
+    #[error("disk with serial {serial:?} not found")]
+    DiskMissing { serial: String },
+    #[error("no root layers (need at least one lower and an upper disk)")]
+    NoRoot,
+    #[error("creating directory {path}")]
+    Mkdir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting {fstype} on {target}")]
+    Mount {
+        fstype: String,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("opening the upper mount")]
+    OpenUpper(#[source] io::Error),
+    #[error("entering the new root")]
+    ChdirRoot(#[source] nix::Error),
+    #[error("moving the new root onto /")]
+    MoveRoot(#[source] nix::Error),
+    #[error("chroot into the new root")]
+    Chroot(#[source] nix::Error),
+    #[error("writing /etc files")]
+    EtcFiles(#[source] etc::EtcError),
+    #[error("listening on vsock port {port}")]
+    Listen {
+        port: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting the agent thread")]
+    AgentThread(#[source] io::Error),
+    #[error("sending ready")]
+    Ready(#[source] ProtoError),
+}
+
+/// What power-off must clean up.
+#[derive(Default)]
+struct Teardown {
+    extra_mounts: Vec<PathBuf>,
+    upper: Option<OwnedFd>,
+}
+
+fn console(msg: &str) {
+    // PID 1's stderr is /dev/console (the VM log).
+    eprintln!("matchlock-guest: {msg}");
+}
+
+/// Entry point when running as PID 1. Never returns.
+pub fn run() -> ! {
+    let teardown = Arc::new(Mutex::new(Teardown::default()));
+    let mut boot_conn: Option<VsockStream> = None;
+    match boot(&mut boot_conn, &teardown) {
+        Ok(()) => loop {
+            std::thread::park();
+        },
+        Err(e) => {
+            let reason = crate::chain(&e);
+            if let Some(conn) = &mut boot_conn {
+                let frame = Frame::new(FrameType::BootFailed, reason.clone().into_bytes());
+                let _ = write_frame(conn, &frame);
+            }
+            console(&format!("FATAL: {reason}"));
+            power_off(&teardown)
+        }
+    }
+}
+
+fn mkdir_p(path: &Path, mode: u32) -> Result<(), BootError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|source| BootError::Mkdir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn do_mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), BootError> {
+    mount(Some(source), target, Some(fstype), flags, data).map_err(|source| BootError::Mount {
+        fstype: fstype.to_string(),
+        target: target.to_path_buf(),
+        source,
+    })
+}
+
+/// Mounts that may already exist (EBUSY) are fine.
+fn mount_tolerant(source: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    match mount(Some(source), target, Some(fstype), flags, data) {
+        Ok(()) | Err(nix::Error::EBUSY) => {}
+        Err(e) => tracing::warn!(fstype, target = %target.display(), error = %e, "mount failed"),
+    }
+}
+
+fn dial_host() -> Result<VsockStream, BootError> {
+    let start = Instant::now();
+    loop {
+        match VsockStream::connect_with_cid_port(HOST_CID, READY_PORT) {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() >= DIAL_TIMEOUT => {
+                return Err(BootError::Dial {
+                    port: READY_PORT,
+                    source: e,
+                })
+            }
+            Err(_) => std::thread::sleep(DIAL_RETRY),
+        }
+    }
+}
+
+/// `/dev/vdX` for each virtio serial, polling briefly for late devices.
+fn find_disks(serials: &[&str]) -> Result<Vec<PathBuf>, BootError> {
+    let start = Instant::now();
+    loop {
+        let mut found = std::collections::HashMap::new();
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for entry in rd.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with("vd") {
+                    continue;
+                }
+                if let Ok(serial) = std::fs::read_to_string(entry.path().join("serial")) {
+                    found.insert(serial.trim().to_string(), PathBuf::from("/dev").join(&name));
+                }
+            }
+        }
+        let missing = serials.iter().find(|s| !found.contains_key(**s));
+        match missing {
+            None => {
+                return Ok(serials
+                    .iter()
+                    .filter_map(|s| found.get(*s).cloned())
+                    .collect())
+            }
+            Some(s) if start.elapsed() >= DISK_WAIT => {
+                return Err(BootError::DiskMissing {
+                    serial: (*s).to_string(),
+                })
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn set_clock(now: (i64, u32)) {
+    if now.0 <= 0 {
+        return;
+    }
+    let ts = nix::sys::time::TimeSpec::new(now.0, i64::from(now.1));
+    if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
+        tracing::warn!(error = %e, "setting the clock failed");
+    }
+}
+
+fn boot(
+    boot_conn: &mut Option<VsockStream>,
+    teardown: &Arc<Mutex<Teardown>>,
+) -> Result<(), BootError> {
+    let none = MsFlags::empty();
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_tolerant("proc", Path::new("/proc"), "proc", nosuid, None);
+    mount_tolerant("sysfs", Path::new("/sys"), "sysfs", nosuid, None);
+    mount_tolerant(
+        "devtmpfs",
+        Path::new("/dev"),
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        None,
+    );
+    if let Err(e) = crate::sys::interface_up("lo") {
+        tracing::warn!(error = %e, "bringing lo up failed");
+    }
+    // Start reaping before anything can fork.
+    let _ = reaper::global();
+
+    let conn = boot_conn.insert(dial_host()?);
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let frame = Frame::json(FrameType::Hello, &hello).map_err(BootError::Hello)?;
+    write_frame(conn, &frame).map_err(BootError::Hello)?;
+    let cfg: BootConfig = read_frame_required(conn)
+        .and_then(|f| f.expect(FrameType::BootConfig, "boot config"))
+        .map_err(BootError::ReadConfig)?;
+    set_clock(cfg.now_unix);
+    etc::validate_hosts(&cfg.add_hosts).map_err(BootError::Hosts)?;
+
+    let serials: Vec<&str> = cfg.disks.iter().map(|d| d.serial.as_str()).collect();
+    let devices = find_disks(&serials)?;
+    let mut lowers = Vec::new();
+    let mut upper = None;
+    let mut extras = Vec::new();
+    for (disk, dev) in cfg.disks.iter().zip(&devices) {
+        match &disk.role {
+            DiskRole::Lower { fs } => lowers.push((dev.clone(), fs.clone())),
+            DiskRole::Upper => upper = Some(dev.clone()),
+            DiskRole::Extra { mount, readonly } => {
+                extras.push((dev.clone(), PathBuf::from(mount), *readonly))
+            }
+        }
+    }
+    let Some(upper) = upper.filter(|_| !lowers.is_empty()) else {
+        return Err(BootError::NoRoot);
+    };
+
+    // Assemble overlay(lowers, upper) in the initramfs.
+    let mut lower_dirs = Vec::new();
+    for (i, (dev, fs)) in lowers.iter().enumerate() {
+        let dir = PathBuf::from(format!("{LOWER_DIR}/{i}"));
+        mkdir_p(&dir, 0o755)?;
+        do_mount(&dev.to_string_lossy(), &dir, fs, MsFlags::MS_RDONLY, None)?;
+        lower_dirs.push(dir.to_string_lossy().into_owned());
+    }
+    let upper_dir = Path::new(UPPER_DIR);
+    mkdir_p(upper_dir, 0o755)?;
+    do_mount(&upper.to_string_lossy(), upper_dir, "ext4", none, None)?;
+    mkdir_p(&upper_dir.join("upper"), 0o755)?;
+    mkdir_p(&upper_dir.join("work"), 0o755)?;
+    let upper_fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(upper_dir)
+        .map_err(BootError::OpenUpper)?;
+    teardown
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .upper = Some(OwnedFd::from(upper_fd));
+    lower_dirs.reverse();
+    let merged = Path::new(MERGED_DIR);
+    mkdir_p(merged, 0o755)?;
+    let opts = format!(
+        "lowerdir={},upperdir={UPPER_DIR}/upper,workdir={UPPER_DIR}/work",
+        lower_dirs.join(":")
+    );
+    do_mount("overlay", merged, "overlay", none, Some(&opts))?;
+
+    // Switch root.
+    for old in ["/dev", "/sys", "/proc"] {
+        let _ = umount2(old, MntFlags::MNT_DETACH);
+    }
+    nix::unistd::chdir(merged).map_err(BootError::ChdirRoot)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(BootError::MoveRoot)?;
+    nix::unistd::chroot(".").map_err(BootError::Chroot)?;
+    nix::unistd::chdir("/").map_err(BootError::ChdirRoot)?;
+
+    mount_base_filesystems();
+    limit_cpus(cfg.cpus);
+
+    let hostname = etc::effective_hostname(&cfg.hostname).to_string();
+    if let Err(e) = nix::unistd::sethostname(&hostname) {
+        tracing::warn!(error = %e, "sethostname failed");
+    }
+    etc::write_identity_files(Path::new("/"), &hostname, &cfg.add_hosts, &cfg.dns_servers)
+        .map_err(BootError::EtcFiles)?;
+
+    for (dev, target, readonly) in extras {
+        mkdir_p(&target, 0o755)?;
+        let flags = if readonly { MsFlags::MS_RDONLY } else { none };
+        do_mount(&dev.to_string_lossy(), &target, "ext4", flags, None)?;
+        teardown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extra_mounts
+            .push(target);
+    }
+
+    let listener =
+        VsockListener::bind_with_cid_port(VMADDR_CID_ANY, SERVICE_PORT).map_err(|source| {
+            BootError::Listen {
+                port: SERVICE_PORT,
+                source,
+            }
+        })?;
+    let shutdown_state = Arc::clone(teardown);
+    let agent = Arc::new(Agent {
+        exec: ExecContext {
+            root: PathBuf::from("/"),
+            privileged: cfg.privileged,
+        },
+        on_shutdown: Box::new(move || power_off(&shutdown_state)),
+    });
+    std::thread::Builder::new()
+        .name("agent".into())
+        .spawn(move || agent::serve(listener, agent))
+        .map_err(BootError::AgentThread)?;
+    write_frame(conn, &Frame::empty(FrameType::Ready)).map_err(BootError::Ready)?;
+    *boot_conn = None;
+    tracing::info!(hostname = %hostname, "ready");
+    Ok(())
+}
+
+/// proc, sys, dev, devpts, shm, run and cgroup2 in the new root; best effort.
+fn mount_base_filesystems() {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_tolerant("proc", Path::new("/proc"), "proc", nosuid, None);
+    mount_tolerant("sysfs", Path::new("/sys"), "sysfs", nosuid, None);
+    mount_tolerant(
+        "devtmpfs",
+        Path::new("/dev"),
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        None,
+    );
+    mount_tolerant(
+        "devpts",
+        Path::new("/dev/pts"),
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    );
+    // /dev/ptmx must open the ptmx of *this* devpts instance.
+    let _ = std::fs::remove_file("/dev/ptmx");
+    if let Err(e) = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx") {
+        tracing::warn!(error = %e, "linking /dev/ptmx failed");
+    }
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    mount_tolerant(
+        "shm",
+        Path::new("/dev/shm"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_tolerant(
+        "tmpfs",
+        Path::new("/run"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    mount_tolerant(
+        "cgroup2",
+        Path::new("/sys/fs/cgroup"),
+        "cgroup2",
+        nosuid,
+        None,
+    );
+}
+
+/// Quota in microseconds per 100 ms period for a `cpus` fraction, or None if unlimited.
+fn cpu_quota(cpus: f64, vcpus: usize) -> Option<u64> {
+    if !cpus.is_finite() || cpus <= 0.0 || cpus >= vcpus as f64 {
+        return None;
+    }
+    // Bounded above by vcpus * 100000, so the cast cannot overflow.
+    Some(((cpus * 100_000.0) as u64).max(1000))
+}
+
+fn limit_cpus(cpus: f64) {
+    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Some(quota) = cpu_quota(cpus, vcpus) else {
+        return;
+    };
+    let root = Path::new("/sys/fs/cgroup");
+    let group = root.join("matchlock");
+    let result = std::fs::write(root.join("cgroup.subtree_control"), "+cpu")
+        .and_then(|()| std::fs::create_dir_all(&group))
+        .and_then(|()| std::fs::write(group.join("cpu.max"), format!("{quota} 100000")))
+        .and_then(|()| std::fs::write(group.join("cgroup.procs"), "1"));
+    if let Err(e) = result {
+        tracing::warn!(cpus, error = %e, "applying the cpu limit failed");
+    }
+}
+
+fn other_processes_left() -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            return false;
+        };
+        if pid <= 2 {
+            return false;
+        }
+        // Kernel threads are children of kthreadd (pid 2).
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        !matches!(ppid, Some(2) | None)
+    })
+}
+
+/// Stops every process, flushes and detaches disks, then resets the VM (QEMU exits).
+fn power_off(teardown: &Mutex<Teardown>) -> ! {
+    console("powering off");
+    let all = Pid::from_raw(-1);
+    let _ = kill(all, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while other_processes_left() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(all, Signal::SIGKILL);
+    nix::unistd::sync();
+    let td = teardown.lock().unwrap_or_else(PoisonError::into_inner);
+    for m in td.extra_mounts.iter().rev() {
+        if let Err(e) = umount2(m, MntFlags::empty()) {
+            tracing::warn!(mount = %m.display(), error = %e, "unmount failed; detaching");
+            let _ = umount2(m, MntFlags::MNT_DETACH);
+        }
+    }
+    let ro = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    let _ = mount(None::<&str>, "/", None::<&str>, ro, None::<&str>);
+    if let Some(fd) = &td.upper {
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        if let Err(e) = mount(None::<&str>, path.as_str(), None::<&str>, ro, None::<&str>) {
+            tracing::warn!(error = %e, "remounting the upper read-only failed");
+        }
+    }
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // Only reached without CAP_SYS_BOOT (not PID 1 of a VM).
+    std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota() {
+        assert_eq!(cpu_quota(0.5, 1), Some(50_000));
+        assert_eq!(cpu_quota(0.001, 1), Some(1000));
+        assert_eq!(cpu_quota(1.5, 2), Some(150_000));
+        assert_eq!(cpu_quota(0.0, 1), None);
+        assert_eq!(cpu_quota(1.0, 1), None);
+        assert_eq!(cpu_quota(f64::NAN, 4), None);
+        assert_eq!(cpu_quota(-1.0, 4), None);
+    }
+}
