@@ -1,0 +1,219 @@
+//! Content-addressed storage of uncompressed layer tars (`layers/sha256/<diff-id>.tar`).
+//!
+//! # Design
+//! - A layer blob is streamed once: positional reads from the spooled archive, sha256 of the
+//!   blob bytes, decompression chosen by magic number (gzip, zstd, or plain tar; media types
+//!   lie in the wild), sha256 of the uncompressed bytes, into a temp file in the store.
+//!   Both digests are checked before the temp file is fsynced and renamed into place, so a
+//!   layer file's name always matches its content.
+//! - Existing layer files are reused (dedup across images); a same-named file of a different
+//!   size is treated as damaged and replaced.
+//!
+//! # Limitations
+//! - Layers are stored uncompressed (they are the flattener's random-access input); disk use
+//!   is roughly the uncompressed image size plus the squashfs.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::archive::{LayerSource, SliceReader};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("create temp file in {dir}")]
+    CreateTemp {
+        dir: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("read or decompress layer {path:?}")]
+    Decompress {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("write layer temp file")]
+    WriteTemp(#[source] io::Error),
+    #[error(
+        "layer {path:?} blob digest mismatch: expected sha256:{expected}, got sha256:{actual}"
+    )]
+    BlobDigest {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("layer {path:?} blob size mismatch: descriptor says {expected}, blob is {actual}")]
+    BlobSize {
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("layer {path:?} diff id mismatch: config says sha256:{expected}, content is sha256:{actual}")]
+    DiffId {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("install layer file {path}")]
+    Persist {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A layer stored in the blob store.
+#[derive(Clone, Debug)]
+pub(crate) struct StoredLayer {
+    /// sha256 hex of the uncompressed tar.
+    pub diff_id: String,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// Where a layer with this diff id lives.
+pub(crate) fn layer_path(layers_dir: &Path, diff_hex: &str) -> PathBuf {
+    layers_dir.join(format!("{diff_hex}.tar"))
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Decompresses `src` into `out`; returns (blob sha256 hex, blob size).
+fn decompress_into(src: SliceReader<'_>, out: &mut impl Write) -> io::Result<(String, u64)> {
+    let hashing = HashingReader {
+        inner: src,
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    let mut buf = BufReader::with_capacity(1 << 16, hashing);
+    let head = buf.fill_buf()?;
+    let mut buf = if head.starts_with(&[0x1f, 0x8b]) {
+        let mut d = flate2::bufread::MultiGzDecoder::new(buf);
+        io::copy(&mut d, out)?;
+        d.into_inner()
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        let mut d = zstd::stream::read::Decoder::with_buffer(buf)?;
+        io::copy(&mut d, out)?;
+        d.finish()
+    } else {
+        io::copy(&mut buf, out)?;
+        buf
+    };
+    // Hash trailing bytes the decoder did not need (padding) so the blob digest is complete.
+    io::copy(&mut buf, &mut io::sink())?;
+    let h = buf.into_inner();
+    Ok((hex::encode(h.hasher.finalize()), h.count))
+}
+
+/// Streams one layer out of the archive into the store, verifying its digests.
+pub(crate) fn store_layer(
+    archive: &File,
+    src: &LayerSource,
+    tmp_dir: &Path,
+    layers_dir: &Path,
+) -> Result<StoredLayer, LayerError> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix("layer-")
+        .suffix(".tmp")
+        .tempfile_in(tmp_dir)
+        .map_err(|source| LayerError::CreateTemp {
+            dir: tmp_dir.display().to_string(),
+            source,
+        })?;
+    let mut w = HashingWriter {
+        inner: io::BufWriter::with_capacity(1 << 16, tmp.as_file_mut()),
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    let reader = SliceReader::new(archive, src.member.offset, src.member.size);
+    let (blob_hex, blob_size) =
+        decompress_into(reader, &mut w).map_err(|source| LayerError::Decompress {
+            path: src.path.clone(),
+            source,
+        })?;
+    w.flush().map_err(LayerError::WriteTemp)?;
+    let diff_hex = hex::encode(w.hasher.finalize_reset());
+    let size = w.count;
+    drop(w);
+    if let Some(expected) = &src.blob_digest {
+        if *expected != blob_hex {
+            return Err(LayerError::BlobDigest {
+                path: src.path.clone(),
+                expected: expected.clone(),
+                actual: blob_hex,
+            });
+        }
+    }
+    if let Some(expected) = src.blob_size {
+        if expected != blob_size {
+            return Err(LayerError::BlobSize {
+                path: src.path.clone(),
+                expected,
+                actual: blob_size,
+            });
+        }
+    }
+    if src.diff_id != diff_hex {
+        return Err(LayerError::DiffId {
+            path: src.path.clone(),
+            expected: src.diff_id.clone(),
+            actual: diff_hex,
+        });
+    }
+    let dest = layer_path(layers_dir, &diff_hex);
+    let persist_err = |source| LayerError::Persist {
+        path: dest.display().to_string(),
+        source,
+    };
+    match std::fs::metadata(&dest) {
+        Ok(m) if m.len() == size => {
+            tracing::debug!(diff_id = %diff_hex, "layer already stored");
+        }
+        _ => {
+            tmp.as_file().sync_all().map_err(persist_err)?;
+            tmp.persist(&dest).map_err(|e| persist_err(e.error))?;
+            File::open(layers_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(persist_err)?;
+        }
+    }
+    Ok(StoredLayer {
+        diff_id: diff_hex,
+        path: dest,
+        size,
+    })
+}
