@@ -720,4 +720,30 @@ mod tests {
             .expect("some");
         assert_eq!(latest.cleanup.len(), 60, "every step survives");
     }
+    #[test]
+    fn append_waits_for_another_writer_holding_the_lock() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join(".matchlock");
+        let db = StateDb::open(&root).expect("open");
+        db.lifecycle_init("vm-1", "qemu").expect("init");
+        // Another "process" takes the write lock and holds it for a while.
+        let mut other = Connection::open(root.join("state.db")).expect("raw open");
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let tx = other
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .expect("lock");
+            locked_tx.send(()).expect("send");
+            std::thread::sleep(Duration::from_millis(300));
+            tx.commit().expect("commit");
+        });
+        locked_rx.recv().expect("locked");
+        let started = std::time::Instant::now();
+        let rec = db
+            .lifecycle_transition("vm-1", Phase::Created, None)
+            .expect("append after the lock is released");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(rec.version, 2);
+        holder.join().expect("join");
+    }
 }
