@@ -1,0 +1,194 @@
+//! `matchlock exec`: run a command in a running sandbox, through its exec relay.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use matchlock_guest_proto::{ExecRequest, ExitStatus, WinSize};
+use matchlock_sandbox::exec::{run_exec, ExecError, ExecIo};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::common;
+use crate::{term, ExitWith};
+
+/// Run a command in a running sandbox.
+///
+/// Examples:
+///   matchlock exec vm-1a2b3c4d -- ls -la /
+///   matchlock exec -it vm-1a2b3c4d sh
+///   echo data | matchlock exec -i vm-1a2b3c4d -- cat
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct ExecArgs {
+    /// Sandbox ID, then the command and its arguments.
+    #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true, value_name = "ID [--] COMMAND")]
+    pub args: Vec<String>,
+    /// Allocate a terminal (with -i: an interactive session).
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
+    /// Forward this process's stdin to the command.
+    #[arg(short = 'i', long = "interactive")]
+    pub interactive: bool,
+    /// Working directory inside the sandbox (default: the image WORKDIR, else /).
+    #[arg(short = 'w', long = "workdir")]
+    pub workdir: Option<String>,
+    /// User as uid, uid:gid or name (default: the image USER, else root).
+    #[arg(short = 'u', long = "user")]
+    pub user: Option<String>,
+}
+
+/// How a command's local I/O is wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Output streamed, stdin is /dev/null.
+    Stream,
+    /// Output streamed, local stdin forwarded.
+    Pipe,
+    /// A PTY session on the local terminal.
+    Tty,
+}
+
+impl Mode {
+    pub fn from_flags(tty: bool, interactive: bool) -> Mode {
+        match (tty, interactive) {
+            (true, true) => Mode::Tty,
+            (_, true) => Mode::Pipe,
+            _ => Mode::Stream,
+        }
+    }
+}
+
+/// Why a session ended without an exit status.
+pub enum SessionEnd {
+    Exited(ExitStatus),
+    Interrupted(i32),
+}
+
+/// Runs `req` on a stream produced by `connect`, wiring local stdio per `mode`. SIGINT and
+/// SIGTERM cancel the command (the guest kills it) and yield 130/143.
+pub async fn drive<S, F>(
+    connect: F,
+    mut req: ExecRequest,
+    mode: Mode,
+    log: Option<std::fs::File>,
+    extra_cancel: CancellationToken,
+) -> anyhow::Result<SessionEnd>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    F: std::future::Future<Output = anyhow::Result<S>>,
+{
+    let cancel = CancellationToken::new();
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut _raw = None;
+    let mut io_stdin: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>> = None;
+    let mut resize_rx = None;
+    match mode {
+        Mode::Stream => {}
+        Mode::Pipe => {
+            req.stdin = true;
+            io_stdin = Some(Box::new(tokio::io::stdin()));
+        }
+        Mode::Tty => {
+            if !term::stdin_is_tty() {
+                anyhow::bail!("-it requires a TTY");
+            }
+            req.tty = Some(term::size());
+            _raw = Some(term::RawMode::enable().context("put the terminal in raw mode")?);
+            io_stdin = Some(Box::new(tokio::io::stdin()));
+            let (tx, rx) = mpsc::channel::<WinSize>(1);
+            let mut winch =
+                signal(SignalKind::window_change()).context("install SIGWINCH handler")?;
+            tokio::spawn(async move {
+                while winch.recv().await.is_some() {
+                    // A full channel means a resize is already pending: drop stale sizes.
+                    let _ = tx.try_send(term::size());
+                }
+            });
+            resize_rx = Some(rx);
+        }
+    }
+    let stream = connect.await?;
+    let stdout: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &log {
+        Some(f) => Box::new(crate::output::Tee::new(
+            tokio::io::stdout(),
+            f.try_clone().ok(),
+        )),
+        None => Box::new(tokio::io::stdout()),
+    };
+    let stderr: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &log {
+        Some(f) => Box::new(crate::output::Tee::new(
+            tokio::io::stderr(),
+            f.try_clone().ok(),
+        )),
+        None => Box::new(tokio::io::stderr()),
+    };
+    let io = ExecIo {
+        stdout,
+        stderr,
+        stdin: io_stdin,
+        resize: resize_rx,
+        signals: None,
+        cancel: cancel.clone(),
+    };
+    let fut = run_exec(stream, &req, io);
+    tokio::pin!(fut);
+    let mut interrupted = None;
+    let res = loop {
+        tokio::select! {
+            r = &mut fut => break r,
+            _ = sigint.recv(), if interrupted.is_none() => { interrupted = Some(130); cancel.cancel(); }
+            _ = sigterm.recv(), if interrupted.is_none() => { interrupted = Some(143); cancel.cancel(); }
+            () = extra_cancel.cancelled(), if interrupted.is_none() => { interrupted = Some(124); cancel.cancel(); }
+        }
+    };
+    drop(_raw);
+    match res {
+        Ok(st) => Ok(SessionEnd::Exited(st)),
+        Err(ExecError::Cancelled) => Ok(SessionEnd::Interrupted(interrupted.unwrap_or(130))),
+        Err(e) => Err(anyhow::Error::new(e).context("executing command")),
+    }
+}
+
+pub fn exec(a: ExecArgs) -> anyhow::Result<()> {
+    let mut args = a.args.into_iter();
+    let id = args.next().unwrap_or_default();
+    let mut argv: Vec<String> = args.collect();
+    if argv.first().is_some_and(|s| s == "--") {
+        argv.remove(0);
+    }
+    let mode = Mode::from_flags(a.tty, a.interactive);
+    if argv.is_empty() {
+        if mode == Mode::Tty {
+            argv.push("sh".into());
+        } else {
+            anyhow::bail!("command required (or use -it for interactive mode)");
+        }
+    }
+    let paths = common::paths()?;
+    let state = common::state(&paths)?;
+    let dir = common::running_vm(&state, &id)?;
+    let req = ExecRequest {
+        argv,
+        cwd: a.workdir.unwrap_or_default(),
+        user: a.user.unwrap_or_default(),
+        ..Default::default()
+    };
+    let rt = common::runtime()?;
+    let end = rt.block_on(async move {
+        let connect = async {
+            matchlock_sandbox::relay::connect(&id, &dir)
+                .await
+                .map_err(anyhow::Error::new)
+        };
+        drive(connect, req, mode, None, CancellationToken::new()).await
+    })?;
+    rt.shutdown_timeout(Duration::from_millis(100));
+    match end {
+        SessionEnd::Exited(st) if st.code == 0 => Ok(()),
+        SessionEnd::Exited(st) => Err(ExitWith(st.code).into()),
+        SessionEnd::Interrupted(code) => Err(ExitWith(code).into()),
+    }
+}

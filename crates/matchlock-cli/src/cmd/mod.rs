@@ -1,0 +1,9 @@
+//! One module per subcommand.
+
+pub mod common;
+pub mod diagnose;
+pub mod exec;
+pub mod image;
+pub mod lifecycle;
+pub mod run;
+pub mod unavailable;

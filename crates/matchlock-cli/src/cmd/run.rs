@@ -1,0 +1,595 @@
+//! `matchlock run`: boot a sandbox from an image and run a command in it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use std::os::unix::process::CommandExt;
+
+use anyhow::Context;
+use clap::{ArgAction, Args};
+use matchlock_api::{Config, ExtraDisk, NetworkConfig, Resources};
+use matchlock_guest_proto::ExecRequest;
+use matchlock_sandbox::{Sandbox, SandboxSpec};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use super::common;
+use super::exec::{drive, Mode, SessionEnd};
+use crate::ExitWith;
+
+/// Boot a sandbox from an image and run a command in it.
+///
+/// The command is the image's ENTRYPOINT followed by the given arguments (or the image's CMD
+/// when none are given), as with Docker. Output is streamed; the exit code is the command's.
+///
+/// Examples:
+///   matchlock run --image busybox:local -- echo hello
+///   matchlock run --image busybox:local -it sh
+///   matchlock run --image busybox:local -d -- sh -c 'sleep 3600'   (prints the sandbox ID)
+///   matchlock run --image busybox:local --rm=false                 (keep it running; stop with `matchlock kill`)
+#[derive(Args, Debug, Clone)]
+#[command(verbatim_doc_comment)]
+pub struct RunArgs {
+    /// Image to boot: a tag imported with `matchlock image import`.
+    #[arg(long, required = true)]
+    pub image: String,
+    /// Command and arguments (after `--` when they start with '-').
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<String>,
+    /// Set an environment variable (KEY=VALUE, or KEY to copy the host's value). Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY[=VALUE]")]
+    pub env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE per line, # comments). Repeatable.
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Working directory for the command (default: image WORKDIR, else /).
+    #[arg(short = 'w', long = "workdir")]
+    pub workdir: Option<String>,
+    /// User: uid, uid:gid or a name from the image's /etc/passwd (overrides image USER; also
+    /// applies to later `matchlock exec`).
+    #[arg(short = 'u', long = "user")]
+    pub user: Option<String>,
+    /// Override the image ENTRYPOINT ("" clears it).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Guest hostname (default: the sandbox ID).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Extra /etc/hosts entry HOST:IP. Repeatable, comma-separated lists accepted.
+    #[arg(long = "add-host", value_delimiter = ',', value_name = "HOST:IP")]
+    pub add_host: Vec<String>,
+    /// DNS servers written to the guest's /etc/resolv.conf (default 8.8.8.8,8.8.4.4).
+    #[arg(long = "dns-servers", value_delimiter = ',', value_name = "IP")]
+    pub dns_servers: Vec<String>,
+    /// vCPUs; fractions become a CPU quota (0.5 = half a CPU).
+    #[arg(long, default_value_t = 1.0)]
+    pub cpus: f64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Size of the writable disk in MiB (sparse; only written blocks use host space).
+    #[arg(long = "disk-size", default_value_t = 5120)]
+    pub disk_size: u64,
+    /// Kill the command and stop the sandbox after this many seconds (default: no limit).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Remove the sandbox when the command exits; --rm=false keeps it running until killed.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true", require_equals = true)]
+    pub rm: bool,
+    /// Run in the background and print the sandbox ID (implies --rm=false).
+    #[arg(short = 'd', long = "detach", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", require_equals = true)]
+    pub detach: bool,
+    /// Keep stdin open and forward it to the command.
+    #[arg(short = 'i', long = "interactive")]
+    pub interactive: bool,
+    /// Allocate a terminal (use with -i).
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
+    /// Skip the in-guest per-command hardening (the VM is still the boundary).
+    #[arg(long)]
+    pub privileged: bool,
+    /// How long to let the guest shut down cleanly before it is stopped hard (e.g. 5s, 500ms).
+    #[arg(long = "graceful-shutdown", value_parser = parse_duration, default_value = "0s")]
+    pub graceful_shutdown: Duration,
+    /// Attach an ext4 disk image: HOST_PATH:GUEST_MOUNT[:ro]. Repeatable.
+    #[arg(long = "disk", value_name = "HOST:GUEST[:ro]")]
+    pub disk: Vec<String>,
+    /// No network interface in the guest (currently always the case).
+    #[arg(long = "no-network")]
+    pub no_network: bool,
+    /// Allow egress to these hosts (needs the network stack: not available yet).
+    #[arg(long = "allow-host", value_delimiter = ',')]
+    pub allow_host: Vec<String>,
+    /// Inject a secret NAME=VALUE@host (needs the network stack: not available yet).
+    #[arg(long)]
+    pub secret: Vec<String>,
+    /// Force HTTP/TLS interception (needs the network stack: not available yet).
+    #[arg(long = "network-intercept")]
+    pub network_intercept: bool,
+    /// Guest NIC MTU.
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: i64,
+    /// Publish [LOCAL:]REMOTE ports (not available yet).
+    #[arg(short = 'p', long = "publish")]
+    pub publish: Vec<String>,
+    /// Host address for published ports.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    pub address: Vec<String>,
+    /// Mount a host directory into the workspace (not available yet).
+    #[arg(short = 'v', long = "volume")]
+    pub volume: Vec<String>,
+    /// Guest path of the host-backed workspace (not available yet).
+    #[arg(long)]
+    pub workspace: Option<String>,
+    /// Always pull the image (not available yet).
+    #[arg(long)]
+    pub pull: bool,
+    /// Virtualization: auto (KVM when usable, else TCG emulation), kvm or tcg.
+    #[arg(long, default_value = "auto", env = "MATCHLOCK_ACCEL")]
+    pub accel: String,
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration {s:?} (use e.g. 500ms, 5s, 2m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}"))
+}
+
+fn parse_disk(spec: &str) -> anyhow::Result<ExtraDisk> {
+    let bad = |why: String| anyhow::anyhow!("invalid disk mount {spec:?}: {why}");
+    let parts: Vec<&str> = spec.split(':').collect();
+    if !(2..=3).contains(&parts.len()) || parts[0].trim().is_empty() || parts[1].trim().is_empty() {
+        return Err(bad("expected format host_path:guest_mount[:ro]".into()));
+    }
+    if parts[0].starts_with('@') {
+        return Err(bad(
+            "named volumes are not available in this build yet".into()
+        ));
+    }
+    let host = std::path::absolute(parts[0].trim()).map_err(|e| bad(e.to_string()))?;
+    if !host.exists() {
+        return Err(bad(format!("host path does not exist: {}", host.display())));
+    }
+    let guest = parts[1].trim();
+    let guest_ok = guest.starts_with('/')
+        && guest.len() > 1
+        && guest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
+        && !guest.split('/').any(|c| c == "..");
+    if !guest_ok {
+        return Err(bad(format!(
+            "invalid guest mount path {guest:?}: must be absolute and contain only alphanumeric, '/', '_', '.', '-'"
+        )));
+    }
+    let readonly = match parts.get(2).map(|o| o.trim().to_ascii_lowercase()) {
+        None => false,
+        Some(o) if o == "ro" || o == "readonly" => true,
+        Some(o) => return Err(bad(format!("unknown disk option {o:?} (use \"ro\")"))),
+    };
+    Ok(ExtraDisk {
+        host_path: host.to_string_lossy().into_owned(),
+        guest_mount: guest.to_string(),
+        readonly,
+    })
+}
+
+/// Everything validated before anything boots.
+struct Plan {
+    config: Config,
+    argv: Vec<String>,
+    image: matchlock_image::ImageRecord,
+    image_config: matchlock_api::ImageConfig,
+    mode: Mode,
+    accel: matchlock_vm::Accel,
+}
+
+fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
+    if a.mtu <= 0 {
+        anyhow::bail!("--mtu must be > 0");
+    }
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let resources = Resources {
+        cpus: a.cpus,
+        memory_mb: a.memory,
+        disk_size_mb: a.disk_size,
+        timeout_seconds: a.timeout.unwrap_or(matchlock_api::DEFAULT_TIMEOUT_SECONDS),
+    };
+    resources
+        .validate(host_cpus)
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    if a.no_network {
+        for (set, flag) in [
+            (!a.allow_host.is_empty(), "--allow-host"),
+            (!a.secret.is_empty(), "--secret"),
+            (a.network_intercept, "--network-intercept"),
+        ] {
+            if set {
+                anyhow::bail!("--no-network cannot be combined with {flag}");
+            }
+        }
+    }
+    for (set, flag) in [
+        (!a.allow_host.is_empty(), "--allow-host"),
+        (!a.secret.is_empty(), "--secret"),
+        (a.network_intercept, "--network-intercept"),
+        (!a.publish.is_empty(), "-p/--publish"),
+        (!a.volume.is_empty(), "-v/--volume"),
+        (a.workspace.is_some(), "--workspace"),
+        (a.pull, "--pull"),
+    ] {
+        if set {
+            anyhow::bail!(
+                "{flag} is not supported yet: this build has no guest network stack, workspace or registry support"
+            );
+        }
+    }
+    let accel: matchlock_vm::Accel = a
+        .accel
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid --accel {:?} (use auto, kvm or tcg)", a.accel))?;
+
+    let paths = common::paths()?;
+    let store = common::image_store(&paths).context("building rootfs")?;
+    let image = store
+        .get(&a.image)
+        .context("building rootfs")?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "building rootfs: image {:?} not found locally (import one with `matchlock image import {} < image.tar`; `matchlock image ls` lists what is available)",
+                a.image,
+                a.image
+            )
+        })?;
+    let mut image_config = matchlock_api::ImageConfig {
+        user: image.config.user.clone(),
+        working_dir: image.config.working_dir.clone(),
+        entrypoint: image.config.entrypoint.clone(),
+        cmd: image.config.cmd.clone(),
+        env: image.config.env.iter().cloned().collect(),
+    };
+    if let Some(u) = &a.user {
+        image_config.user = u.clone();
+    }
+    if let Some(ep) = &a.entrypoint {
+        image_config.entrypoint = if ep.is_empty() {
+            Vec::new()
+        } else {
+            vec![ep.clone()]
+        };
+    }
+    if let Some(w) = &a.workdir {
+        image_config.working_dir = w.clone();
+    }
+    let mode = Mode::from_flags(a.tty, a.interactive);
+    let argv = image_config.compose(&a.command);
+    if a.rm && argv.is_empty() && mode != Mode::Tty {
+        anyhow::bail!("command required (or use --rm=false to start without a command)");
+    }
+    let lookup = |k: &str| std::env::var(k).ok();
+    let env = matchlock_api::env::collect_env(&a.env_file, &a.env, &lookup)
+        .map_err(|e| anyhow::anyhow!("invalid environment variable: {e}"))?;
+    let add_hosts = a
+        .add_host
+        .iter()
+        .map(|s| matchlock_api::parse_add_host(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    for d in &a.dns_servers {
+        if d.trim().parse::<std::net::IpAddr>().is_err() {
+            anyhow::bail!("invalid --dns-servers entry {d:?}: expected an IP address");
+        }
+    }
+    let extra_disks = a
+        .disk
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let network = NetworkConfig {
+        add_hosts,
+        block_private_ips: true,
+        no_network: true,
+        dns_servers: a.dns_servers.iter().map(|s| s.trim().to_string()).collect(),
+        hostname: a.hostname.clone().unwrap_or_default(),
+        mtu: u32::try_from(a.mtu).unwrap_or(matchlock_api::DEFAULT_MTU),
+        ..Default::default()
+    };
+    network.validate()?;
+    let config = Config {
+        image: a.image.clone(),
+        privileged: a.privileged,
+        resources,
+        network: Some(network),
+        env,
+        extra_disks,
+        image_config: Some(image_config.clone()),
+        ..Default::default()
+    };
+    Ok(Plan {
+        config,
+        argv,
+        image,
+        image_config,
+        mode,
+        accel,
+    })
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    if a.detach && (a.tty || a.interactive) {
+        anyhow::bail!("--detach cannot be combined with -t/--tty or -i/--interactive");
+    }
+    if a.detach {
+        return detach();
+    }
+    let plan = plan(&a)?;
+    let paths = common::paths()?;
+    let state = common::state(&paths)?;
+    let choice = matchlock_vm::detect_accel(plan.accel);
+    if choice.accel == matchlock_vm::Accel::Tcg
+        && plan.accel == matchlock_vm::Accel::Auto
+        && std::env::var_os("MATCHLOCK_QUIET_ACCEL").is_none()
+    {
+        eprintln!("warning: {}", choice.reason);
+    }
+    let spec = SandboxSpec {
+        config: plan.config.clone(),
+        rootfs: plan.image.rootfs.clone(),
+        image_config: plan.image_config.clone(),
+        accel: choice.accel,
+        owner_pid: std::process::id(),
+    };
+    let rt = common::runtime()?;
+    let rm = a.rm;
+    let timeout = a.timeout.map(Duration::from_secs);
+    let grace = a.graceful_shutdown;
+    let code = rt.block_on(async move {
+        // Signals that arrive while booting must not kill us half-way: handle them here.
+        let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let _sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+        let st = state.clone();
+        let boot = tokio::task::spawn_blocking(move || Sandbox::create(&paths, st, spec));
+        tokio::pin!(boot);
+        let sandbox = tokio::select! {
+            r = &mut boot => r.context("boot task")?.context("starting sandbox")?,
+            _ = sigint.recv() => { let sb = boot.await; return cleanup_after_abort(sb, rm, 130); }
+            _ = sigterm.recv() => { let sb = boot.await; return cleanup_after_abort(sb, rm, 143); }
+        };
+        let sandbox = Arc::new(sandbox);
+        let stop_relay = CancellationToken::new();
+        match matchlock_sandbox::relay::bind(&sandbox.dir) {
+            Ok(l) => {
+                tokio::spawn(matchlock_sandbox::relay::serve(
+                    l,
+                    sandbox.link(),
+                    sandbox.defaults(),
+                    stop_relay.clone(),
+                ));
+            }
+            Err(e) => eprintln!("Warning: failed to start exec relay: {e:#}"),
+        }
+        if !rm {
+            eprintln!("Sandbox {} is running", sandbox.id);
+            eprintln!("  Connect: matchlock exec {} -it sh", sandbox.id);
+            eprintln!("  Stop:    matchlock kill {}", sandbox.id);
+        }
+        let mut code = 0;
+        let mut stop_now = false;
+        if !plan.argv.is_empty() || plan.mode == Mode::Tty {
+            let mut argv = plan.argv.clone();
+            if argv.is_empty() {
+                argv.push("sh".into());
+            }
+            let req = ExecRequest {
+                argv,
+                ..Default::default()
+            };
+            let log = if plan.mode == Mode::Tty {
+                None
+            } else {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(sandbox.console_log())
+                    .ok()
+            };
+            let deadline = CancellationToken::new();
+            if let Some(t) = timeout {
+                let d = deadline.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(t).await;
+                    d.cancel();
+                });
+            }
+            let sb = sandbox.clone();
+            let connect = async move { sb.link().connect().await.map_err(anyhow::Error::new) };
+            let defaults = sandbox.defaults();
+            let mut req = req;
+            defaults.apply(&mut req);
+            let end = drive(connect, req, plan.mode, log, deadline).await;
+            match end {
+                Ok(SessionEnd::Exited(st)) => code = st.code,
+                Ok(SessionEnd::Interrupted(c)) => {
+                    if c == 124 {
+                        eprintln!(
+                            "executing command: timed out after {}s",
+                            timeout.map(|t| t.as_secs()).unwrap_or(0)
+                        );
+                        code = 1;
+                    } else {
+                        code = c;
+                    }
+                    stop_now = true;
+                }
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    code = 1;
+                }
+            }
+        }
+        if !rm && !stop_now {
+            // Keep the sandbox until we are told to stop (kill, Ctrl-C) or the VM dies.
+            loop {
+                tokio::select! {
+                    _ = sigint.recv() => break,
+                    _ = sigterm.recv() => break,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {
+                        if let Some(why) = sandbox.vm_exited() {
+                            eprintln!("sandbox {}: VM exited ({why})", sandbox.id);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        stop_relay.cancel();
+        let sb = sandbox.clone();
+        tokio::task::spawn_blocking(move || {
+            sb.shutdown(grace);
+            if rm {
+                if let Err(e) = sb.remove() {
+                    eprintln!("remove sandbox {}: {e}", sb.id);
+                }
+            }
+        })
+        .await
+        .context("cleanup task")?;
+        anyhow::Ok(code)
+    })?;
+    rt.shutdown_timeout(Duration::from_millis(100));
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(ExitWith(code).into())
+    }
+}
+
+fn cleanup_after_abort(
+    boot: Result<Result<Sandbox, matchlock_sandbox::SandboxError>, tokio::task::JoinError>,
+    rm: bool,
+    code: i32,
+) -> anyhow::Result<i32> {
+    if let Ok(Ok(sb)) = boot {
+        sb.shutdown(Duration::ZERO);
+        if rm {
+            let _ = sb.remove();
+        }
+    }
+    Ok(code)
+}
+
+/// `-d`: re-run ourselves in the background with `--detach=false --rm=false`, wait until
+/// that sandbox is ready for `exec`, print its ID.
+fn detach() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("find own executable")?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let pos = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    args.insert(pos, "--rm=false".into());
+    args.insert(pos, "--detach=false".into());
+    let paths = common::paths()?;
+    let state = common::state(&paths)?;
+    std::fs::create_dir_all(&paths.state).context("create state directory")?;
+    let errlog_path = paths
+        .state
+        .join(format!("detach-{}.log", std::process::id()));
+    let errlog = std::fs::File::create(&errlog_path).context("create detach log")?;
+    let mut child = std::process::Command::new(exe)
+        .args(&args)
+        .env("MATCHLOCK_QUIET_ACCEL", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(errlog)
+        .process_group(0)
+        .spawn()
+        .context("start detached sandbox")?;
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let result = loop {
+        if let Some(st) = child.try_wait().context("wait for detached sandbox")? {
+            let msg = std::fs::read_to_string(&errlog_path).unwrap_or_default();
+            break Err(anyhow::anyhow!(
+                "find detached VM for detached process pid={pid}: it exited ({st}){}{}",
+                if msg.trim().is_empty() { "" } else { ":\n" },
+                msg.trim_end()
+            ));
+        }
+        let found = state.list().ok().and_then(|l| {
+            l.into_iter()
+                .find(|r| r.pid == pid && r.status == matchlock_state::VmStatus::Running)
+        });
+        if let Some(rec) = found {
+            if state
+                .vm_dir(&rec.id)
+                .join(matchlock_sandbox::relay::SOCKET_NAME)
+                .exists()
+            {
+                break Ok(rec.id);
+            }
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "detached sandbox (pid {pid}) did not become ready in 180s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = std::fs::remove_file(&errlog_path);
+    println!("{}", result?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("500ms").expect("ms"),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_duration("5s").expect("s"), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").expect("m"), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").expect("bare"), Duration::from_secs(3));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("d.ext4");
+        std::fs::write(&f, b"").expect("w");
+        let d = parse_disk(&format!("{}:/data:ro", f.display())).expect("ok");
+        assert!(d.readonly);
+        assert_eq!(d.guest_mount, "/data");
+        assert!(parse_disk("/nonexistent/x:/data")
+            .expect_err("missing")
+            .to_string()
+            .contains("host path does not exist"));
+        assert!(parse_disk(&format!("{}:/da ta", f.display())).is_err());
+        assert!(parse_disk(&format!("{}:/data:rw2", f.display()))
+            .expect_err("opt")
+            .to_string()
+            .contains("unknown disk option"));
+        assert!(parse_disk("onlyone").is_err());
+    }
+}

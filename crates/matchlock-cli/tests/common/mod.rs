@@ -1,0 +1,182 @@
+//! Test harness for the built `matchlock` binary: an isolated HOME per test process, the
+//! default busybox image imported once, and helpers to run commands.
+//!
+//! The guest kernel and runtime come from `MATCHLOCK_KERNEL` / `MATCHLOCK_GUEST_INIT` (set by
+//! scripts/test.sh) or the standard build locations; if they are missing the tests FAIL with
+//! a message saying how to build them (never skipped).
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const IMAGE: &str = "busybox:test";
+
+pub struct TestEnv {
+    pub home: tempfile::TempDir,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn guest_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("MATCHLOCK_GUEST_INIT") {
+        return PathBuf::from(p);
+    }
+    let p = repo_root().join("target/x86_64-unknown-linux-gnu/release/matchlock-guest");
+    assert!(
+        p.is_file(),
+        "guest runtime not built at {}: run scripts/build-guest.sh (or scripts/test.sh)",
+        p.display()
+    );
+    p
+}
+
+fn kernel() -> PathBuf {
+    if let Some(p) = std::env::var_os("MATCHLOCK_KERNEL") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new(repo_root().join("scripts/build-kernel.sh"))
+        .arg("--print-path")
+        .output()
+        .expect("run build-kernel.sh --print-path");
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        p.is_file(),
+        "guest kernel not built at {}: run scripts/build-kernel.sh",
+        p.display()
+    );
+    p
+}
+
+/// One environment per test binary: sandboxes of all its tests share HOME and the image.
+pub fn env() -> &'static TestEnv {
+    static ENV: OnceLock<TestEnv> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let home = tempfile::Builder::new()
+            .prefix("ml-e2e-")
+            .tempdir_in("/tmp")
+            .expect("temp home");
+        let env = TestEnv { home };
+        let mut archive = Vec::new();
+        matchlock_test_support::busybox_image(&mut archive).expect("build busybox image");
+        let out = env.run_stdin(&["image", "import", IMAGE], &archive);
+        assert!(
+            out.status.success(),
+            "image import failed: {}",
+            stderr(&out)
+        );
+        env
+    })
+}
+
+impl TestEnv {
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_matchlock"));
+        c.env("HOME", self.home.path())
+            .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
+            .env("MATCHLOCK_KERNEL", kernel())
+            .env("MATCHLOCK_GUEST_INIT", guest_binary())
+            .env("MATCHLOCK_QUIET_ACCEL", "1")
+            .env_remove("MATCHLOCK_ACCEL")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("spawn matchlock")
+    }
+
+    pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn matchlock");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let data = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+        let out = child.wait_with_output().expect("wait");
+        writer.join().expect("stdin writer");
+        out
+    }
+
+    /// `matchlock run --image IMAGE <args>`.
+    pub fn sandbox(&self, args: &[&str]) -> Output {
+        let mut full = vec!["run", "--image", IMAGE];
+        full.extend_from_slice(args);
+        self.run(&full)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.home.path().join(".matchlock")
+    }
+
+    /// Starts a detached sandbox and returns its id.
+    pub fn detached(&self, extra: &[&str]) -> String {
+        let mut args = vec!["run", "--image", IMAGE, "-d"];
+        args.extend_from_slice(extra);
+        let out = self.run(&args);
+        assert!(out.status.success(), "run -d failed: {}", stderr(&out));
+        let id = stdout(&out).trim().to_string();
+        assert!(id.starts_with("vm-"), "unexpected id {id:?}");
+        id
+    }
+
+    pub fn kill_and_rm(&self, id: &str) {
+        let _ = self.run(&["kill", id]);
+        let _ =
+            matchlock_test_support::wait_until(Duration::from_secs(30), "sandbox stopped", || {
+                !stdout(&self.run(&["list", "--running"])).contains(id)
+            });
+        let _ = self.run(&["rm", id]);
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+#[track_caller]
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// Pids of processes whose command line contains `needle`.
+pub fn pids_matching(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+                if String::from_utf8_lossy(&cmd).contains(needle) {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
+}

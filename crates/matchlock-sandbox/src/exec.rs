@@ -1,0 +1,368 @@
+//! Host side of an exec session (and the async frame codec it runs on).
+//!
+//! # Design
+//! One connection per command. The reader half turns `Stdout`/`Stderr` frames into writes on
+//! the caller's sinks and ends at `Exit`; the writer half forwards stdin, window resizes and
+//! signals. Cancellation drops the connection, which makes the guest kill the command's whole
+//! process group, in every mode.
+
+use std::collections::BTreeMap;
+
+use matchlock_api::ImageConfig;
+use matchlock_guest_proto::{
+    ExecRequest, ExitStatus, Frame, FrameType, ProtoError, Started, WinSize, CHUNK, HEADER_LEN,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The default `PATH` when neither the image nor the caller sets one (Docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("send request to the guest")]
+    SendRequest(#[source] ProtoError),
+    #[error("guest connection failed")]
+    Receive(#[source] ProtoError),
+    #[error("write command output")]
+    Output(#[source] std::io::Error),
+    #[error("guest closed the connection before the command finished")]
+    ClosedEarly,
+    #[error("{0}")]
+    Guest(String),
+    #[error("command cancelled")]
+    Cancelled,
+    #[error("unexpected {0:?} frame from the guest")]
+    Unexpected(FrameType),
+}
+
+/// Reads one frame; `Ok(None)` on EOF at a frame boundary. Length is bounded by the codec.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ProtoError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = r
+            .read(&mut header[got..])
+            .await
+            .map_err(ProtoError::ReadHeader)?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(ProtoError::ReadHeader(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        got += n;
+    }
+    let (kind, len) = Frame::decode_header(header)?;
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|source| ProtoError::ReadPayload { len, source })?;
+    Ok(Some(Frame::new(kind, payload)))
+}
+
+/// Writes one frame in a single write.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ProtoError> {
+    let buf = f.encode()?;
+    w.write_all(&buf).await.map_err(ProtoError::Write)?;
+    w.flush().await.map_err(ProtoError::Write)
+}
+
+/// Where a command's I/O goes.
+pub struct ExecIo {
+    pub stdout: Box<dyn AsyncWrite + Send + Unpin>,
+    pub stderr: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Forwarded as `Stdin` frames, then `StdinEof` (requires `ExecRequest::stdin` or `tty`).
+    pub stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    pub resize: Option<mpsc::Receiver<WinSize>>,
+    /// Signals to deliver to the command's process group.
+    pub signals: Option<mpsc::Receiver<u8>>,
+    pub cancel: CancellationToken,
+}
+
+impl ExecIo {
+    /// Output to the given sinks, no stdin.
+    pub fn new(
+        stdout: Box<dyn AsyncWrite + Send + Unpin>,
+        stderr: Box<dyn AsyncWrite + Send + Unpin>,
+        cancel: CancellationToken,
+    ) -> Self {
+        ExecIo {
+            stdout,
+            stderr,
+            stdin: None,
+            resize: None,
+            signals: None,
+            cancel,
+        }
+    }
+}
+
+/// Runs one command over `stream` (a fresh connection to the guest's service port, or to
+/// the exec relay) and returns how it ended.
+pub async fn run_exec<S>(stream: S, req: &ExecRequest, io: ExecIo) -> Result<ExitStatus, ExecError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let frame = Frame::json(FrameType::Exec, req).map_err(ExecError::SendRequest)?;
+    write_frame(&mut wr, &frame)
+        .await
+        .map_err(ExecError::SendRequest)?;
+    let ExecIo {
+        mut stdout,
+        mut stderr,
+        stdin,
+        resize,
+        signals,
+        cancel,
+    } = io;
+
+    // Input pump: stdin, resizes and signals go out on the write half.
+    let pump_cancel = cancel.child_token();
+    let pump = tokio::spawn(input_pump(wr, stdin, resize, signals, pump_cancel.clone()));
+
+    let result = async {
+        loop {
+            let frame = tokio::select! {
+                f = read_frame(&mut rd) => f.map_err(ExecError::Receive)?,
+                () = cancel.cancelled() => return Err(ExecError::Cancelled),
+            };
+            let Some(frame) = frame else {
+                return Err(ExecError::ClosedEarly);
+            };
+            match frame.kind {
+                FrameType::Started => {
+                    let s: Started = frame.parse("started").map_err(ExecError::Receive)?;
+                    tracing::debug!(pid = s.pid, "guest command started");
+                }
+                FrameType::Stdout => {
+                    stdout
+                        .write_all(&frame.payload)
+                        .await
+                        .map_err(ExecError::Output)?;
+                    stdout.flush().await.map_err(ExecError::Output)?;
+                }
+                FrameType::Stderr => {
+                    stderr
+                        .write_all(&frame.payload)
+                        .await
+                        .map_err(ExecError::Output)?;
+                    stderr.flush().await.map_err(ExecError::Output)?;
+                }
+                FrameType::Exit => {
+                    return frame
+                        .parse::<ExitStatus>("exit")
+                        .map_err(ExecError::Receive);
+                }
+                FrameType::Error => {
+                    return Err(ExecError::Guest(
+                        String::from_utf8_lossy(&frame.payload).into_owned(),
+                    ))
+                }
+                other => return Err(ExecError::Unexpected(other)),
+            }
+        }
+    }
+    .await;
+    pump_cancel.cancel();
+    // Dropping the write half (inside the pump) closes our side of the connection; if the
+    // command had not finished, the guest kills its process group.
+    let _ = pump.await;
+    result
+}
+
+async fn input_pump<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    mut resize: Option<mpsc::Receiver<WinSize>>,
+    mut signals: Option<mpsc::Receiver<u8>>,
+    cancel: CancellationToken,
+) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let frame = tokio::select! {
+            () = cancel.cancelled() => return,
+            n = async { match stdin.as_mut() { Some(s) => s.read(&mut buf).await, None => std::future::pending().await } } => {
+                match n {
+                    Ok(0) | Err(_) => { stdin = None; Frame::empty(FrameType::StdinEof) }
+                    Ok(n) => Frame::new(FrameType::Stdin, buf[..n].to_vec()),
+                }
+            }
+            ws = async { match resize.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                match ws { Some(ws) => Frame::new(FrameType::Resize, ws.encode()), None => { resize = None; continue } }
+            }
+            sig = async { match signals.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                match sig { Some(s) => Frame::new(FrameType::Signal, vec![s]), None => { signals = None; continue } }
+            }
+        };
+        if write_frame(&mut wr, &frame).await.is_err() {
+            // The guest went away; the reader half reports it.
+            cancel.cancelled().await;
+            return;
+        }
+    }
+}
+
+/// Exec defaults of a sandbox (spec §5.8): applied to every command that does not override
+/// them. Environment precedence, lowest first: default PATH < image ENV < config env <
+/// request env.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecDefaults {
+    pub env: BTreeMap<String, String>,
+    pub cwd: String,
+    pub user: String,
+}
+
+impl ExecDefaults {
+    pub fn new(image: &ImageConfig, config_env: &BTreeMap<String, String>) -> Self {
+        let mut env = BTreeMap::new();
+        env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+        env.extend(image.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend(config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        ExecDefaults {
+            env,
+            cwd: image.working_dir.clone(),
+            user: image.user.clone(),
+        }
+    }
+
+    /// Fills in what `req` leaves empty; `req.env` entries override the defaults.
+    pub fn apply(&self, req: &mut ExecRequest) {
+        let mut env = self.env.clone();
+        env.append(&mut req.env);
+        if req.tty.is_some() && !env.contains_key("TERM") {
+            env.insert("TERM".to_string(), "xterm".to_string());
+        }
+        req.env = env;
+        if req.cwd.is_empty() {
+            req.cwd = if self.cwd.is_empty() {
+                "/".to_string()
+            } else {
+                self.cwd.clone()
+            };
+        }
+        if req.user.is_empty() {
+            req.user = self.user.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_precedence() {
+        let image = ImageConfig {
+            env: [("PATH".into(), "/img".into()), ("A".into(), "img".into())].into(),
+            working_dir: "/app".into(),
+            user: "app".into(),
+            ..Default::default()
+        };
+        let cfg: BTreeMap<String, String> =
+            [("A".into(), "cfg".into()), ("B".into(), "cfg".into())].into();
+        let d = ExecDefaults::new(&image, &cfg);
+        let mut req = ExecRequest {
+            argv: vec!["true".into()],
+            env: [("B".into(), "req".into())].into(),
+            ..Default::default()
+        };
+        d.apply(&mut req);
+        assert_eq!(req.env["PATH"], "/img");
+        assert_eq!(req.env["A"], "cfg");
+        assert_eq!(req.env["B"], "req");
+        assert_eq!(req.cwd, "/app");
+        assert_eq!(req.user, "app");
+        let mut req = ExecRequest {
+            cwd: "/x".into(),
+            user: "0".into(),
+            tty: Some(WinSize { rows: 1, cols: 1 }),
+            ..Default::default()
+        };
+        ExecDefaults::new(&ImageConfig::default(), &BTreeMap::new()).apply(&mut req);
+        assert_eq!(req.env["PATH"], DEFAULT_PATH);
+        assert_eq!(req.env["TERM"], "xterm");
+        assert_eq!((req.cwd.as_str(), req.user.as_str()), ("/x", "0"));
+    }
+
+    /// A scripted guest on a socket pair: proves output ordering, exit decoding and that the
+    /// connection closes when the command is cancelled.
+    #[tokio::test]
+    async fn exec_against_scripted_guest() {
+        let (host, guest) = tokio::net::UnixStream::pair().expect("pair");
+        let guest_task = tokio::spawn(async move {
+            let mut g = guest;
+            let f = read_frame(&mut g).await.expect("read").expect("frame");
+            let req: ExecRequest = f.expect(FrameType::Exec, "exec").expect("json");
+            assert_eq!(req.argv, ["echo", "hi"]);
+            for f in [
+                Frame::json(FrameType::Started, &Started { pid: 7 }).expect("j"),
+                Frame::new(FrameType::Stdout, b"hi\n".to_vec()),
+                Frame::new(FrameType::Stderr, b"warn\n".to_vec()),
+                Frame::json(
+                    FrameType::Exit,
+                    &ExitStatus {
+                        code: 3,
+                        signal: None,
+                    },
+                )
+                .expect("j"),
+            ] {
+                write_frame(&mut g, &f).await.expect("write");
+            }
+        });
+        let (out_w, mut out_r) = tokio::io::duplex(1024);
+        let (err_w, mut err_r) = tokio::io::duplex(1024);
+        let req = ExecRequest {
+            argv: vec!["echo".into(), "hi".into()],
+            ..Default::default()
+        };
+        let st = run_exec(
+            host,
+            &req,
+            ExecIo::new(Box::new(out_w), Box::new(err_w), CancellationToken::new()),
+        )
+        .await
+        .expect("exec");
+        assert_eq!(st.code, 3);
+        guest_task.await.expect("guest");
+        let mut s = String::new();
+        out_r.read_to_string(&mut s).await.expect("read");
+        assert_eq!(s, "hi\n");
+        s.clear();
+        err_r.read_to_string(&mut s).await.expect("read");
+        assert_eq!(s, "warn\n");
+    }
+
+    #[tokio::test]
+    async fn cancel_closes_connection() {
+        let (host, guest) = tokio::net::UnixStream::pair().expect("pair");
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        let task = tokio::spawn(async move {
+            let req = ExecRequest {
+                argv: vec!["sleep".into()],
+                ..Default::default()
+            };
+            run_exec(
+                host,
+                &req,
+                ExecIo::new(Box::new(tokio::io::sink()), Box::new(tokio::io::sink()), c2),
+            )
+            .await
+        });
+        let mut g = guest;
+        read_frame(&mut g).await.expect("read").expect("exec frame");
+        cancel.cancel();
+        assert!(matches!(
+            task.await.expect("join"),
+            Err(ExecError::Cancelled)
+        ));
+        // The guest sees EOF: that is what makes it kill the process group.
+        assert!(read_frame(&mut g).await.expect("eof").is_none());
+    }
+}

@@ -1,0 +1,132 @@
+//! The exec relay: a unix socket (`exec.sock` in the VM's state dir, mode 0700 dir) through
+//! which other host processes (`matchlock exec`, later `port-forward`) reach a sandbox owned
+//! by this process.
+//!
+//! # Design
+//! The relay speaks the guest protocol itself. It reads the client's first frame, applies the
+//! sandbox's exec defaults to an `Exec` request, opens a fresh guest connection, forwards the
+//! (rewritten) frame and then splices bytes both ways. So a client disconnect reaches the guest
+//! as a disconnect, which kills the command, exactly as for in-process execs. Only
+//! per-command requests pass; `Shutdown` is refused (that is the owner's decision).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use matchlock_guest_proto::{ExecRequest, Frame, FrameType};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::exec::{read_frame, write_frame, ExecDefaults};
+use crate::GuestLink;
+
+/// File name of the relay socket inside the VM's state dir.
+pub const SOCKET_NAME: &str = "exec.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("bind exec relay at {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("exec socket not found for {id} (is the sandbox running?)")]
+    NoSocket { id: String },
+    #[error("connect to exec relay {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the relay socket in `vm_dir`.
+pub fn bind(vm_dir: &Path) -> Result<UnixListener, RelayError> {
+    let path = vm_dir.join(SOCKET_NAME);
+    let _ = std::fs::remove_file(&path);
+    UnixListener::bind(&path).map_err(|source| RelayError::Bind { path, source })
+}
+
+/// Serves relay connections until `shutdown` fires.
+pub async fn serve(
+    listener: UnixListener,
+    link: Arc<GuestLink>,
+    defaults: Arc<ExecDefaults>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            () = shutdown.cancelled() => return,
+            c = listener.accept() => c,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let link = link.clone();
+                let defaults = defaults.clone();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        r = handle(stream, &link, &defaults) => {
+                            if let Err(e) = r {
+                                tracing::debug!(error = %e, "exec relay connection ended with an error");
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "exec relay accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(
+    mut client: UnixStream,
+    link: &GuestLink,
+    defaults: &ExecDefaults,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Some(first) = read_frame(&mut client).await? else {
+        return Ok(());
+    };
+    let forward = match first.kind {
+        FrameType::Exec => {
+            let mut req: ExecRequest = first.parse("exec")?;
+            defaults.apply(&mut req);
+            Frame::json(FrameType::Exec, &req)?
+        }
+        FrameType::WriteFile
+        | FrameType::ReadFile
+        | FrameType::ListFiles
+        | FrameType::PortForward => first,
+        other => {
+            let msg = format!("{other:?} requests are not accepted by the exec relay");
+            write_frame(&mut client, &Frame::new(FrameType::Error, msg.into_bytes())).await?;
+            return Ok(());
+        }
+    };
+    let mut guest = match link.connect().await {
+        Ok(g) => g,
+        Err(e) => {
+            let msg = format!("connect to guest: {e}");
+            write_frame(&mut client, &Frame::new(FrameType::Error, msg.into_bytes())).await?;
+            return Ok(());
+        }
+    };
+    write_frame(&mut guest, &forward).await?;
+    tokio::io::copy_bidirectional(&mut client, &mut guest).await?;
+    Ok(())
+}
+
+/// Connects to the relay of the sandbox whose state dir is `vm_dir`.
+pub async fn connect(id: &str, vm_dir: &Path) -> Result<UnixStream, RelayError> {
+    let path = vm_dir.join(SOCKET_NAME);
+    if !path.exists() {
+        return Err(RelayError::NoSocket { id: id.to_string() });
+    }
+    UnixStream::connect(&path)
+        .await
+        .map_err(|source| RelayError::Connect { path, source })
+}

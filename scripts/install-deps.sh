@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what Matchlock needs on a Debian/Ubuntu host: QEMU, the kernel source and its
+# build tools, image tools, and the vhost-user vsock backend (from the Rust crate registry).
+set -euo pipefail
+pkgs=(qemu-system-x86 linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev
+      cpio xz-utils e2fsprogs squashfs-tools-ng busybox-static)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v vhost-device-vsock >/dev/null; then
+  echo "installing vhost-device-vsock (cargo install, a few minutes)"
+  cargo install --locked --quiet vhost-device-vsock@0.3.0
+fi
