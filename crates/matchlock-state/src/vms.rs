@@ -220,7 +220,7 @@ impl StateDb {
         Ok(())
     }
 
-    /// The row of VM `id`; [`StateError::NotFound`] ("VM <id> not found") if there is none.
+    /// The row of VM `id`; [`StateError::NotFound`] (`VM <id> not found`) if there is none.
     pub fn get(&self, id: &str) -> Result<VmRecord, StateError> {
         let raw = self
             .conn()
