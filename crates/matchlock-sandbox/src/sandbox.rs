@@ -165,7 +165,11 @@ impl Sandbox {
                 Ok(sb)
             }
             Err(e) => {
-                let _ = state.lifecycle_transition(&id, Phase::StartFailed, Some(&e.to_string()));
+                let msg = e.to_string();
+                // Failures before the VM starts are create failures; later ones start failures.
+                if state.lifecycle_transition(&id, Phase::StartFailed, Some(&msg)).is_err() {
+                    let _ = state.lifecycle_transition(&id, Phase::CreateFailed, Some(&msg));
+                }
                 sb.teardown(Duration::ZERO);
                 Err(e)
             }
