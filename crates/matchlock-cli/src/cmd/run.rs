@@ -79,10 +79,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u64>,
     /// Remove the sandbox when the command exits; --rm=false keeps it running until killed.
-    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true", require_equals = true)]
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_value_t = true, default_missing_value = "true", require_equals = true, overrides_with = "rm")]
     pub rm: bool,
     /// Run in the background and print the sandbox ID (implies --rm=false).
-    #[arg(short = 'd', long = "detach", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", require_equals = true)]
+    #[arg(short = 'd', long = "detach", action = ArgAction::Set, num_args = 0..=1, default_value_t = false, default_missing_value = "true", require_equals = true, overrides_with = "detach")]
     pub detach: bool,
     /// Keep stdin open and forward it to the command.
     #[arg(short = 'i', long = "interactive")]
