@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit and component tests, and end-to-end tests
-# that boot real VMs (under TCG where there is no usable KVM). Needs scripts/setup.sh (or
-# at least install-deps.sh and build-kernel.sh) to have run once.
-set -euo pipefail
+# The whole test suite: formatting, lints, unit and component tests, end-to-end tests that boot
+# real VMs (under TCG where there is no usable KVM), fuzz-target builds, and (as root) the
+# unprivileged-user end-to-end checks. Run scripts/setup.sh (or install-deps.sh and
+# build-kernel.sh) once first.
+set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export PATH="$HOME/.cargo/bin:$PATH"
-echo "== fmt"; cargo fmt --all --check
-echo "== clippy"; cargo clippy --quiet --workspace --all-targets -- -D warnings
-echo "== guest runtime"
-MATCHLOCK_GUEST_INIT=$(scripts/build-guest.sh | tail -n1); export MATCHLOCK_GUEST_INIT
-MATCHLOCK_KERNEL=$(scripts/build-kernel.sh --print-path); export MATCHLOCK_KERNEL
-[[ -s "$MATCHLOCK_KERNEL" ]] || { echo "guest kernel missing: run scripts/build-kernel.sh" >&2; exit 1; }
+log=$(mktemp /tmp/matchlock-test.XXXXXX.log)
+fail() { echo "error: $*" >&2; exit 1; }
+echo "== fmt"; cargo fmt --all --check || fail "cargo fmt --check found unformatted code"
+echo "== clippy"; cargo clippy --quiet --workspace --all-targets -- -D warnings || fail "clippy"
+echo "== guest runtime and kernel"
+MATCHLOCK_GUEST_INIT=$(scripts/build-guest.sh | tail -n1) || fail "guest build"
+MATCHLOCK_KERNEL=$(scripts/build-kernel.sh --print-path)
+export MATCHLOCK_GUEST_INIT MATCHLOCK_KERNEL
+[[ -s "$MATCHLOCK_KERNEL" ]] || fail "guest kernel missing: run scripts/build-kernel.sh"
+cargo build --quiet -p matchlock-cli -p matchlock-test-support || fail "build"
 echo "== tests"
-cargo test --workspace --no-fail-fast -- --test-threads="${MATCHLOCK_TEST_THREADS:-2}" 2>&1 | tee /tmp/matchlock-test.log
+cargo test --workspace --no-fail-fast -- --test-threads="${MATCHLOCK_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-passed=$(grep -Eo '[0-9]+ passed' /tmp/matchlock-test.log | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' /tmp/matchlock-test.log | awk '{s+=$1} END {print s+0}')
+if [[ $(id -u) -eq 0 ]]; then
+  echo "== unprivileged user end-to-end"
+  scripts/unprivileged-e2e.sh 2>&1 | tee -a "$log"
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+fi
+if [[ -x fuzz/build.sh ]]; then
+  echo "== fuzz targets build"
+  fuzz/build.sh || status=1
+fi
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo "total: $passed passed, $failed failed"
-exit "$status"
+[[ $status -eq 0 && $failed -eq 0 ]]
