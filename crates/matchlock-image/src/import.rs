@@ -10,7 +10,7 @@
 //! - The whole import runs on the calling thread; the CLI enforces the overall timeout.
 
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -179,7 +179,10 @@ impl ImageStore {
             source,
         };
         std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
+            .and_then(|f| {
+                f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                f.sync_all()
+            })
             .map_err(persist_err)?;
         tmp.persist(rootfs).map_err(|e| persist_err(e.error))?;
         std::fs::File::open(self.rootfs_dir())

@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -204,6 +205,10 @@ pub(crate) fn store_layer(
             tracing::debug!(diff_id = %diff_hex, "layer already stored");
         }
         _ => {
+            // Temp files are 0600; stored blobs are world-readable like any cache.
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .map_err(persist_err)?;
             tmp.as_file().sync_all().map_err(persist_err)?;
             tmp.persist(&dest).map_err(|e| persist_err(e.error))?;
             File::open(layers_dir)

@@ -554,3 +554,62 @@ fn busybox_image_imports_with_shell() {
     assert_eq!((items["home/app"].uid, items["home/app"].gid), (1000, 1000));
     assert_eq!(items["root"].mode, 0o700);
 }
+
+fn effective_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .expect("parse Uid line")
+}
+
+/// Importing needs no privileges: run as an unprivileged user (re-executing this test as
+/// `nobody` via `setpriv` when we are root) and import an image full of setuid files,
+/// foreign owners and device nodes.
+#[test]
+fn unprivileged_import() {
+    const ENV: &str = "MATCHLOCK_IMAGE_TEST_UNPRIV_STORE";
+    if let Some(root) = std::env::var_os(ENV) {
+        assert_ne!(effective_uid(), 0, "child must not run as root");
+        let s = ImageStore::open(Path::new(&root)).expect("open store as unprivileged user");
+        let rec = s
+            .import_archive("rich", rich_spec().docker_save().as_slice())
+            .expect("import as unprivileged user");
+        check_rich(&rec.rootfs);
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    if effective_uid() != 0 {
+        // Already unprivileged (e.g. the CI's unprivileged run): import in-process.
+        let s = ImageStore::open(&dir.path().join("images")).expect("open");
+        let rec = s
+            .import_archive("rich", rich_spec().docker_save().as_slice())
+            .expect("import");
+        check_rich(&rec.rootfs);
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod tempdir");
+    let exe = std::env::current_exe().expect("current exe");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "unprivileged_import",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(ENV, dir.path().join("images"))
+        .output()
+        .expect("run setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "unprivileged child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
