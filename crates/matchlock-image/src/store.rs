@@ -548,3 +548,87 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(s: &ImageStore, scope: Scope, tag: &str, name: &str) -> ImageRecord {
+        let rootfs = s.rootfs_dir().join(format!("{name}.sqfs"));
+        std::fs::write(&rootfs, b"sqsh").expect("write rootfs");
+        let diff = name.repeat(64);
+        std::fs::write(crate::layers::layer_path(&s.layers_dir(), &diff), b"tar")
+            .expect("write layer");
+        let config = ImageConfig {
+            cmd: vec![name.to_owned()],
+            ..Default::default()
+        };
+        s.save(&NewImage {
+            tag,
+            scope,
+            source: if scope == Scope::Local {
+                "import"
+            } else {
+                "registry"
+            },
+            digest: "sha256:00",
+            size: 4,
+            rootfs: &rootfs,
+            layers: &[(diff, 3)],
+            config: &config,
+        })
+        .expect("save")
+    }
+
+    #[test]
+    fn scopes_lookup_order_listing_and_removal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = ImageStore::open(dir.path()).expect("open");
+        let reg = fake(&s, Scope::Registry, "alpine:latest", "a");
+        assert_eq!(s.get("alpine:latest").expect("get"), Some(reg.clone()));
+        let local = fake(&s, Scope::Local, "alpine:latest", "b");
+        let other = fake(&s, Scope::Local, "other", "c");
+        // Local scope wins over the registry cache.
+        assert_eq!(s.get("alpine:latest").expect("get"), Some(local.clone()));
+        let listed: Vec<(Scope, String)> = s
+            .list()
+            .expect("list")
+            .into_iter()
+            .map(|r| (r.scope, r.tag))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (Scope::Local, "other".to_owned()),
+                (Scope::Local, "alpine:latest".to_owned()),
+                (Scope::Registry, "alpine:latest".to_owned())
+            ]
+        );
+        // rm takes the local one first, then the registry one, then fails.
+        s.remove("alpine:latest").expect("rm local");
+        assert_eq!(
+            s.get("alpine:latest").expect("get").map(|r| r.scope),
+            Some(Scope::Registry)
+        );
+        assert!(!local.rootfs.exists() && reg.rootfs.exists() && other.rootfs.exists());
+        s.remove("alpine:latest").expect("rm registry");
+        assert!(matches!(
+            s.remove("alpine:latest"),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(!reg.rootfs.exists());
+    }
+
+    #[test]
+    fn migrations_recorded_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(ImageStore::open(dir.path()).expect("open"));
+        let s = ImageStore::open(dir.path()).expect("reopen");
+        let n: i64 = s
+            .conn()
+            .expect("conn")
+            .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, MIGRATIONS.len() as i64);
+    }
+}

@@ -613,3 +613,21 @@ fn unprivileged_import() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn concurrent_imports_and_gc_share_the_store() {
+    let (_d, s) = store();
+    let archive = rich_spec().docker_save();
+    std::thread::scope(|sc| {
+        let a = sc.spawn(|| s.import_archive("a", archive.as_slice()));
+        let b = sc.spawn(|| s.import_archive("b", archive.as_slice()));
+        let g = sc.spawn(|| (0..5).map(|_| s.gc()).collect::<Result<Vec<_>, _>>());
+        a.join().expect("thread a").expect("import a");
+        b.join().expect("thread b").expect("import b");
+        g.join().expect("thread gc").expect("gc");
+    });
+    let a = s.get("a").expect("get").expect("a present");
+    let b = s.get("b").expect("get").expect("b present");
+    assert_eq!(a.rootfs, b.rootfs);
+    check_rich(&a.rootfs);
+}
