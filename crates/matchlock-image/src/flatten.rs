@@ -21,6 +21,8 @@
 //!   and whites out the same name keeps its own entry.
 //! - Hard links to symlinks, devices or fifos are written as independent copies.
 //! - The root directory's own entry is ignored (the squashfs root is 0755 root:root).
+//! - Only `user.`, `trusted.` and `security.` xattrs are kept (squashfs stores no others,
+//!   e.g. POSIX ACLs in `system.posix_acl_*`); dropped ones are logged at `warn`.
 //! - mtimes are clamped to 0..=u32::MAX (squashfs stores 32-bit times).
 
 use std::collections::BTreeMap;
@@ -33,6 +35,8 @@ use crate::archive::SliceReader;
 
 /// Extension headers (PAX, GNU long names) larger than this are rejected.
 pub(crate) const MAX_EXT_HEADER: u64 = 1 << 20;
+/// The xattr namespaces squashfs can store; others (e.g. `system.posix_acl_*`) are dropped.
+const SQUASHFS_XATTR_PREFIXES: &[&str] = &["user.", "trusted.", "security."];
 /// Longest accepted entry path or link target.
 const MAX_PATH: usize = 4096;
 
@@ -530,7 +534,11 @@ impl Tree {
                 header.set_device_minor(mi).map_err(werr)?;
             }
             for (k, v) in &node.xattrs {
-                pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
+                if SQUASHFS_XATTR_PREFIXES.iter().any(|p| k.starts_with(p)) {
+                    pax.push((format!("SCHILY.xattr.{k}"), v.clone()));
+                } else {
+                    tracing::warn!(path = %lossy(path), xattr = %k, "dropping xattr squashfs cannot store");
+                }
             }
             const USTAR_ID_MAX: u64 = 0o7777777;
             if node.uid > USTAR_ID_MAX {

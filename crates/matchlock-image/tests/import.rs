@@ -120,6 +120,9 @@ fn rich_layers() -> Vec<Vec<Entry>> {
                     1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                 ],
             ),
+            Entry::file("acl", "a")
+                .xattr("system.posix_acl_access", &[2, 0, 0, 0])
+                .xattr("trusted.t", b"1"),
             Entry::dir("dev"),
             Entry::char_dev("dev/null", 1, 3),
             Entry::block_dev("dev/sda", 8, 0),
