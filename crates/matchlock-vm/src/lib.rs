@@ -186,6 +186,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("VM not started (guest vsock port {port})")]
+    NotStarted { port: u32 },
     #[error("VM exited before guest vsock port {port} accepted: {status}")]
     ExitedBeforeConnect { port: u32, status: String },
     #[error("kill {what} (pid {pid})")]
