@@ -5,11 +5,14 @@
 //! with a message saying how to build it.
 
 use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use matchlock_guest_proto::{READY_PORT, SERVICE_PORT};
 use matchlock_vm::cpio::Entry;
 use matchlock_vm::{assets, backend, hybrid, Accel, VmConfig, VmError};
 
@@ -26,10 +29,10 @@ fn kernel() -> PathBuf {
     k
 }
 
-/// An initramfs with busybox and `script` as `/init`.
-fn busybox_initramfs(dir: &Path, script: &str) -> PathBuf {
+/// An initramfs with busybox, `extra` files and `script` as `/init`.
+fn busybox_initramfs(dir: &Path, extra: &[Entry], script: &str) -> PathBuf {
     let busybox = fs::read("/bin/busybox").expect("busybox-static at /bin/busybox");
-    let entries = vec![
+    let mut entries = vec![
         Entry::dir("dev", 0o755),
         Entry::char_dev("dev/console", 0o600, 5, 1),
         Entry::dir("bin", 0o755),
@@ -40,17 +43,22 @@ fn busybox_initramfs(dir: &Path, script: &str) -> PathBuf {
             format!("#!/bin/busybox sh\n{script}\n").into_bytes(),
         ),
     ];
+    entries.extend_from_slice(extra);
     let path = dir.join("initramfs.cpio");
     assets::write_initramfs(&entries, &path).expect("write initramfs");
     path
 }
 
 fn config(dir: &Path, script: &str) -> VmConfig {
+    config_with(dir, busybox_initramfs(dir, &[], script))
+}
+
+fn config_with(dir: &Path, initramfs: PathBuf) -> VmConfig {
     VmConfig {
         id: "boot-test".into(),
         state_dir: dir.join("state"),
         kernel: kernel(),
-        initramfs: busybox_initramfs(dir, script),
+        initramfs,
         vcpus: 1,
         memory_mb: 256,
         disks: Vec::new(),
@@ -236,4 +244,104 @@ fn owner_death_kills_vm() {
             "pid {p} outlived its SIGKILLed owner"
         );
     }
+}
+
+/// Builds `tests/fixtures/vsock_echo.c` as a static binary for the guest.
+fn build_vsock_echo(dir: &Path) -> Vec<u8> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vsock_echo.c");
+    let out = dir.join("vsock_echo");
+    let st = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("run cc (needed to build the guest test program)");
+    assert!(st.success(), "cc -static failed for {}", src.display());
+    fs::read(&out).expect("read vsock_echo")
+}
+
+#[test]
+fn vsock_both_directions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let echo = build_vsock_echo(dir.path());
+    let initramfs = busybox_initramfs(
+        dir.path(),
+        &[Entry::file("bin/vsock_echo", 0o755, echo)],
+        "/bin/vsock_echo\n/bin/busybox reboot -f",
+    );
+    let cfg = config_with(dir.path(), initramfs);
+    fs::create_dir_all(&cfg.state_dir).expect("state dir");
+    // Guest-initiated connections to host port P arrive at <vsock.sock>_P.
+    let base = cfg.state_dir.join("vsock.sock");
+    let ready = UnixListener::bind(hybrid::listener_path(&base, READY_PORT)).expect("bind ready");
+    ready.set_nonblocking(true).expect("nonblocking");
+
+    let t0 = Instant::now();
+    let vm = backend("qemu")
+        .expect("backend")
+        .start(&cfg)
+        .expect("start VM");
+    assert_eq!(vm.vsock_path(), base);
+    let mut conn = None;
+    let accepted = wait_until(Duration::from_secs(30), || {
+        if let Ok((s, _)) = ready.accept() {
+            conn = Some(s);
+        }
+        conn.is_some() || vm.has_exited().is_some()
+    });
+    let Some(conn) = conn.filter(|_| accepted) else {
+        panic!("no ready connection; console:\n{}", vm.console_tail(30));
+    };
+    conn.set_nonblocking(false).expect("blocking");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .expect("read ready");
+    assert_eq!(line, "READY\n");
+    let ready_at = t0.elapsed();
+
+    // Host-initiated: the greeting the guest writes right after accept must not be lost.
+    let mut s = vm
+        .connect(SERVICE_PORT, Duration::from_secs(10))
+        .expect("connect to guest port 5000");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut hello = [0u8; 6];
+    s.read_exact(&mut hello).expect("greeting");
+    assert_eq!(&hello, b"hello\n");
+    let mut rtts = Vec::new();
+    for i in 0..50u8 {
+        let t = Instant::now();
+        s.write_all(&[i]).expect("write");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo");
+        assert_eq!(b[0], i);
+        rtts.push(t.elapsed());
+    }
+    let big: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let mut w = s.try_clone().expect("clone");
+        let big = big.clone();
+        thread::spawn(move || w.write_all(&big).expect("write big"))
+    };
+    let mut back = vec![0u8; big.len()];
+    s.read_exact(&mut back).expect("read big");
+    writer.join().expect("writer");
+    assert!(back == big, "echoed bytes differ");
+    drop(s);
+
+    assert!(
+        vm.wait_exit(Duration::from_secs(30)),
+        "guest did not power off after EOF; console:\n{}",
+        vm.console_tail(30)
+    );
+    assert!(console(&cfg).contains("VSOCK-ECHO-DONE"));
+    rtts.sort();
+    eprintln!(
+        "vsock: ready after {:.3} s, 1-byte round trip median {:?}",
+        ready_at.as_secs_f64(),
+        rtts[rtts.len() / 2]
+    );
 }
