@@ -345,3 +345,42 @@ fn vsock_both_directions() {
         rtts[rtts.len() / 2]
     );
 }
+
+#[test]
+fn disks_and_vcpus_reach_the_guest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(
+        dir.path(),
+        "/bin/busybox mkdir -p /sys\n\
+         /bin/busybox mount -t sysfs sysfs /sys\n\
+         for d in vda vdb; do /bin/busybox echo \"DISK $d $(/bin/busybox cat /sys/block/$d/serial) ro=$(/bin/busybox cat /sys/block/$d/ro)\"; done\n\
+         /bin/busybox echo \"CPUS $(/bin/busybox nproc)\"\n\
+         /bin/busybox reboot -f",
+    );
+    for (name, serial, readonly) in [
+        ("lower.img", "ml-lower0", true),
+        ("upper.img", "ml-upper", false),
+    ] {
+        let path = dir.path().join(name);
+        fs::write(&path, vec![0u8; 1 << 20]).expect("disk image");
+        cfg.disks.push(matchlock_vm::Disk {
+            path,
+            serial: serial.into(),
+            readonly,
+        });
+    }
+    cfg.vcpus = 2;
+    let vm = backend("qemu")
+        .expect("backend")
+        .start(&cfg)
+        .expect("start VM");
+    assert!(
+        vm.wait_exit(Duration::from_secs(30)),
+        "no power-off; console:\n{}",
+        vm.console_tail(30)
+    );
+    let log = console(&cfg);
+    assert!(log.contains("DISK vda ml-lower0 ro=1"), "{log}");
+    assert!(log.contains("DISK vdb ml-upper ro=0"), "{log}");
+    assert!(log.contains("CPUS 2"), "{log}");
+}
