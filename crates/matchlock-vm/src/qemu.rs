@@ -35,6 +35,8 @@
 //! Paths passed to QEMU and `vhost-device-vsock` must be UTF-8; commas are escaped for QEMU
 //! but rejected in the state directory (the `--vm` option of `vhost-device-vsock` cannot
 //! escape them). Disk serials are limited to 20 bytes (virtio-blk). No network device yet.
+//! The console log is neither rotated nor capped; a guest that floods its serial console
+//! grows it (serial output under TCG is slow, which bounds the rate).
 
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
@@ -578,7 +580,7 @@ fn tail_lines(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Disk;
+    use crate::{backend, Disk};
 
     fn cfg(dir: &Path) -> VmConfig {
         VmConfig {
@@ -731,6 +733,4 @@ mod tests {
         assert_eq!(tail_lines(&p, 10), "a\nb\nc\nd");
         assert_eq!(tail_lines(&dir.path().join("none"), 3), "");
     }
-
-    use crate::backend;
 }

@@ -9,7 +9,7 @@
 //!   Callers may start VMs from short-lived threads (tokio's blocking pool), so every child
 //!   is forked by one dedicated spawner thread that lives as long as the process.
 //! - Each child has a waiter thread. It blocks in `waitid(WEXITED | WNOWAIT)`, which reports
-//!   the exit without reaping, then reaps under the same lock [`Supervised::kill`] takes before
+//!   the exit without reaping, then reaps under the same lock [`Supervised::signal`] takes before
 //!   signalling: a pid is therefore never signalled after it was reaped (and possibly reused).
 //!
 //! # Limitations
