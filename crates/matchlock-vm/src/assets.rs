@@ -109,9 +109,10 @@ fn default_kernel_path() -> PathBuf {
         .join("vmlinux")
 }
 
-/// Finds the static guest binary: `$MATCHLOCK_GUEST_INIT`, else `matchlock-guest` next to the
-/// running executable, else `~/.cache/matchlock/guest/matchlock-guest`. Checks it is an
-/// x86_64 ELF.
+/// Finds the static guest binary: `$MATCHLOCK_GUEST_INIT` (must be an x86_64 ELF), else the
+/// first x86_64 ELF among `matchlock-guest` next to the running executable,
+/// `~/.cache/matchlock/guest/matchlock-guest` and, as root under sudo, the same path in
+/// `$SUDO_USER`'s home. Candidates of another architecture are skipped with a warning.
 pub fn find_guest_binary() -> Result<PathBuf, AssetError> {
     if let Some(p) = std::env::var_os("MATCHLOCK_GUEST_INIT").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(p);
@@ -129,10 +130,27 @@ pub fn find_guest_binary() -> Result<PathBuf, AssetError> {
         tried.push(dir.join(GUEST_BINARY));
     }
     tried.push(cache_root().join("guest").join(GUEST_BINARY));
+    // Run through sudo, the invoking user's cache is where `setup` put the binary.
+    if nix::unistd::geteuid().is_root() {
+        if let Some(user) = std::env::var_os("SUDO_USER").filter(|u| !u.is_empty()) {
+            let home = nix::unistd::User::from_name(&user.to_string_lossy())
+                .ok()
+                .flatten()
+                .map(|u| u.dir)
+                .unwrap_or_else(|| Path::new("/home").join(&user));
+            tried.push(home.join(".cache/matchlock/guest").join(GUEST_BINARY));
+        }
+    }
     for path in &tried {
-        if path.is_file() {
-            check_x86_64_elf(path)?;
-            return Ok(path.clone());
+        if !path.is_file() {
+            continue;
+        }
+        match check_x86_64_elf(path) {
+            Ok(()) => return Ok(path.clone()),
+            // As the reference does: a wrong-architecture candidate is skipped, not fatal.
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping guest binary candidate")
+            }
         }
     }
     Err(AssetError::GuestNotFound {
@@ -248,6 +266,27 @@ mod tests {
         assert!(out.status.success());
         let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert_eq!(PathBuf::from(printed), default_kernel_path());
+    }
+
+    #[test]
+    fn guest_binary_from_env() {
+        // The only test touching this variable, so setting it cannot race another reader.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = dir.path().join("text");
+        fs::write(&text, "not an ELF binary at all").expect("write");
+        std::env::set_var("MATCHLOCK_GUEST_INIT", "/bin/busybox");
+        let found = find_guest_binary();
+        std::env::set_var("MATCHLOCK_GUEST_INIT", &text);
+        let wrong = find_guest_binary();
+        std::env::set_var("MATCHLOCK_GUEST_INIT", dir.path().join("missing"));
+        let missing = find_guest_binary();
+        std::env::remove_var("MATCHLOCK_GUEST_INIT");
+        assert_eq!(found.expect("busybox"), PathBuf::from("/bin/busybox"));
+        assert!(matches!(wrong, Err(AssetError::GuestNotX86_64 { .. })));
+        assert!(matches!(
+            missing,
+            Err(AssetError::GuestFromEnvMissing { .. })
+        ));
     }
 
     #[test]
