@@ -253,6 +253,34 @@ mod tests {
     }
 
     #[test]
+    fn read_procfs_file_reports_real_size() {
+        let a = agent(Arc::new(AtomicBool::new(false)));
+        let (mut host, h) = connect(&a);
+        let pr = PathRequest {
+            path: "/proc/version".into(),
+        };
+        write_frame(
+            &mut host,
+            &Frame::json(FrameType::ReadFile, &pr).expect("json"),
+        )
+        .expect("w");
+        let info: FileInfo = read_frame_required(&mut host)
+            .expect("info")
+            .expect(FrameType::FileInfo, "info")
+            .expect("json");
+        let data = read_frame_required(&mut host).expect("data");
+        assert_eq!(data.kind, FrameType::Data);
+        assert!(info.size > 0);
+        assert_eq!(info.size, data.payload.len() as u64);
+        assert!(data.payload.starts_with(b"Linux version"));
+        assert_eq!(
+            read_frame_required(&mut host).expect("end").kind,
+            FrameType::DataEnd
+        );
+        h.join().expect("join").expect("session");
+    }
+
+    #[test]
     fn file_errors() {
         let a = agent(Arc::new(AtomicBool::new(false)));
         let dir = tmpdir("ferr");

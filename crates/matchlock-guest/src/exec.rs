@@ -45,8 +45,6 @@ use matchlock_guest_proto::{
     WinSize, CHUNK, KILL_GRACE_MS,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::conn::Conn;
 use crate::reaper;
@@ -461,9 +459,9 @@ fn spawn_stdin(mut sink: File, tty: bool) -> Result<Sender<StdinMsg>, ExecError>
     Ok(tx)
 }
 
-fn signal_group(pid: i32, sig: Signal) {
-    if let Err(e) = kill(Pid::from_raw(-pid), sig) {
-        tracing::debug!(pid, ?sig, error = %e, "signalling process group failed");
+fn signal_group(pid: i32, sig: i32) {
+    if let Err(e) = sys::kill_group(pid, sig) {
+        tracing::debug!(pid, sig, error = %e, "signalling process group failed");
     }
 }
 
@@ -508,10 +506,11 @@ fn read_host<C: Conn>(
                 (Ok(_), None) => {}
             },
             FrameType::Signal => {
-                let sig = frame
-                    .payload
-                    .first()
-                    .and_then(|n| Signal::try_from(i32::from(*n)).ok());
+                // Any number the kernel accepts (incl. real-time signals); 0 is a no-op probe.
+                let sig = match frame.payload.as_slice() {
+                    [n] if *n > 0 && i32::from(*n) <= libc::SIGRTMAX() => Some(i32::from(*n)),
+                    _ => None,
+                };
                 match sig {
                     Some(sig) if !done.is_set() => signal_group(pid, sig),
                     Some(_) => {}
@@ -526,9 +525,9 @@ fn read_host<C: Conn>(
         return;
     }
     tracing::info!(pid, "host left before exit; killing the process group");
-    signal_group(pid, Signal::SIGTERM);
+    signal_group(pid, libc::SIGTERM);
     if !done.wait(Duration::from_millis(KILL_GRACE_MS)) {
-        signal_group(pid, Signal::SIGKILL);
+        signal_group(pid, libc::SIGKILL);
     }
 }
 
@@ -756,6 +755,22 @@ mod tests {
             Some(ExitStatus {
                 code: 143,
                 signal: Some(15)
+            })
+        );
+
+        // Real-time signals are delivered too (default action: terminate).
+        let (mut host, h) = start(req(&["sleep", "1000"]));
+        host.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let _ = read_frame_required(&mut host).expect("started");
+        write_frame(&mut host, &Frame::new(FrameType::Signal, vec![40])).expect("w");
+        let o = collect(&mut host);
+        h.join().expect("join").expect("session");
+        assert_eq!(
+            o.exit,
+            Some(ExitStatus {
+                code: 168,
+                signal: Some(40)
             })
         );
     }

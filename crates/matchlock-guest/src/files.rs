@@ -9,7 +9,8 @@
 //!
 //! # Limitations
 //! Writes are not atomic (the file is truncated, then filled); a failed write leaves a
-//! partial file. Reads report the size seen by `stat`; a file growing meanwhile is cut there.
+//! partial file. Reads are buffered whole (at most [`MAX_READ_FILE`]) so the announced size
+//! is exact even for procfs files.
 
 #![forbid(unsafe_code)]
 
@@ -142,14 +143,7 @@ pub fn read_file<W: Write>(conn: &mut W, req: &PathRequest) -> Result<(), FileEr
         return send_error(conn, &format!("read {}: not a regular file", req.path));
     }
     if meta.len() > MAX_READ_FILE {
-        return send_error(
-            conn,
-            &format!(
-                "read {}: file is {} bytes, over the limit of {MAX_READ_FILE}",
-                req.path,
-                meta.len()
-            ),
-        );
+        return send_error(conn, &too_large(&req.path, meta.len()));
     }
     let file = match OpenOptions::new()
         .read(true)
@@ -159,8 +153,17 @@ pub fn read_file<W: Write>(conn: &mut W, req: &PathRequest) -> Result<(), FileEr
         Ok(f) => f,
         Err(e) => return send_error(conn, &format!("open {}: {e}", req.path)),
     };
+    // Read it whole (bounded) before announcing the size: procfs/sysfs files report size 0
+    // and other files may change between stat and read.
+    let mut data = Vec::new();
+    if let Err(e) = file.take(MAX_READ_FILE + 1).read_to_end(&mut data) {
+        return send_error(conn, &format!("read {}: {e}", req.path));
+    }
+    if data.len() as u64 > MAX_READ_FILE {
+        return send_error(conn, &too_large(&req.path, data.len() as u64));
+    }
     let info = FileInfo {
-        size: meta.len(),
+        size: data.len() as u64,
         mode: meta.mode(),
     };
     let frame = Frame::json(FrameType::FileInfo, &info).map_err(|source| FileError::Send {
@@ -168,21 +171,14 @@ pub fn read_file<W: Write>(conn: &mut W, req: &PathRequest) -> Result<(), FileEr
         source,
     })?;
     send(conn, &frame, "file info")?;
-    let mut limited = file.take(meta.len());
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match limited.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => send(
-                conn,
-                &Frame::new(FrameType::Data, buf[..n].to_vec()),
-                "data",
-            )?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return send_error(conn, &format!("read {}: {e}", req.path)),
-        }
+    for chunk in data.chunks(CHUNK) {
+        send(conn, &Frame::new(FrameType::Data, chunk.to_vec()), "data")?;
     }
     send(conn, &Frame::empty(FrameType::DataEnd), "data end")
+}
+
+fn too_large(path: &str, size: u64) -> String {
+    format!("read {path}: file is {size} bytes, over the limit of {MAX_READ_FILE}")
 }
 
 fn list(path: &Path) -> io::Result<Vec<FileEntry>> {

@@ -29,10 +29,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use nix::errno::Errno;
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use crate::sys;
 
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,14 +108,11 @@ impl Reaper {
 
     fn run(&self) {
         loop {
-            match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
-                Ok(status) => {
-                    if let Some(pid) = status.pid() {
-                        self.reap(pid);
-                    }
-                }
-                Err(Errno::EINTR) => {}
-                Err(Errno::ECHILD) => {
+            match sys::wait_any_exited() {
+                Ok(pid) if pid > 0 => self.reap(pid),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
                     let reg = self.reg.lock().unwrap_or_else(PoisonError::into_inner);
                     let seen = reg.spawned;
                     let _unused = self
@@ -134,25 +128,30 @@ impl Reaper {
         }
     }
 
-    fn reap(&self, pid: Pid) {
+    fn reap(&self, pid: i32) {
         let mut reg = self.reg.lock().unwrap_or_else(PoisonError::into_inner);
-        let waiter = reg.waiters.remove(&pid.as_raw());
+        let waiter = reg.waiters.remove(&pid);
         drop(reg);
         if let Some(w) = &waiter {
             if w.kill_group {
                 // The leader is a zombie, so its pid (= pgid) cannot be reused yet.
-                let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+                let _ = sys::kill_group(pid, libc::SIGKILL);
             }
         }
-        let exit = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => Exit::Code(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => Exit::Signal(sig as i32),
-            Ok(other) => {
-                tracing::debug!(?other, "unexpected wait status");
+        let exit = match sys::reap(pid) {
+            Ok(Some(status)) => match decode_status(status) {
+                Some(exit) => exit,
+                None => {
+                    tracing::debug!(pid, status, "unexpected wait status");
+                    return;
+                }
+            },
+            Ok(None) => {
+                tracing::warn!(pid, "exited child vanished before reaping");
                 return;
             }
             Err(e) => {
-                tracing::warn!(%pid, error = %e, "waitpid failed");
+                tracing::warn!(pid, error = %e, "waitpid failed");
                 return;
             }
         };
@@ -165,9 +164,29 @@ impl Reaper {
     }
 }
 
+/// Exit code or terminating signal of a raw wait status.
+fn decode_status(status: i32) -> Option<Exit> {
+    if libc::WIFEXITED(status) {
+        Some(Exit::Code(libc::WEXITSTATUS(status)))
+    } else if libc::WIFSIGNALED(status) {
+        Some(Exit::Signal(libc::WTERMSIG(status)))
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_decoding() {
+        assert_eq!(decode_status(42 << 8), Some(Exit::Code(42)));
+        assert_eq!(decode_status(9), Some(Exit::Signal(9)));
+        // Real-time signal 40, which `nix` cannot represent.
+        assert_eq!(decode_status(40), Some(Exit::Signal(40)));
+        assert_eq!(decode_status(0x137f), None); // stopped by SIGSTOP
+    }
 
     #[test]
     fn exit_mapping() {

@@ -67,6 +67,41 @@ pub fn set_winsize(fd: BorrowedFd<'_>, size: WinSize) -> io::Result<()> {
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })
 }
 
+/// Sends signal number `sig` (any number, including real-time signals) to process group
+/// `pgid`.
+pub fn kill_group(pgid: i32, sig: i32) -> io::Result<()> {
+    if pgid <= 1 {
+        // kill(-1) or kill(0) would hit everything; never a command's group.
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: kill takes integers only and touches no memory of ours.
+    check(unsafe { libc::kill(-pgid, sig) })
+}
+
+/// Blocks until some child has exited and returns its pid, leaving it a zombie
+/// (`waitid(P_ALL, WEXITED | WNOWAIT)`). Raw libc because `nix` rejects statuses carrying
+/// real-time signal numbers.
+pub fn wait_any_exited() -> io::Result<i32> {
+    // SAFETY: `siginfo_t` is plain old data; all-zero is valid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into the owned, properly sized `info`.
+    check(unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) })?;
+    // SAFETY: for WEXITED results the kernel filled the `si_pid` member.
+    Ok(unsafe { info.si_pid() })
+}
+
+/// Reaps `pid` if it has exited: `Ok(None)` if it has not, else its raw wait status.
+pub fn reap(pid: i32) -> io::Result<Option<libc::c_int>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid writes one int into the owned `status`.
+    let ret = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    match ret {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        _ => Ok(Some(status)),
+    }
+}
+
 /// What the child does to itself between fork and exec.
 #[derive(Debug, Clone)]
 pub struct ChildSetup {
