@@ -524,7 +524,7 @@ fn read_host<C: Conn>(
     if done.is_set() {
         return;
     }
-    tracing::info!(pid, "host left before exit; killing the process group");
+    tracing::debug!(pid, "host left before exit; killing the process group");
     signal_group(pid, libc::SIGTERM);
     if !done.wait(Duration::from_millis(KILL_GRACE_MS)) {
         signal_group(pid, libc::SIGKILL);

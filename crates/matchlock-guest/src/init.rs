@@ -20,6 +20,7 @@
 //! No network configuration beyond `lo` (the network device owner configures `eth0`). The
 //! initramfs contents stay in memory after the switch (a few MiB at most: only `/init`).
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -28,8 +29,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use matchlock_guest_proto::{
-    read_frame_required, write_frame, BootConfig, DiskRole, Frame, FrameType, Hello, ProtoError,
-    PROTOCOL_VERSION, READY_PORT, SERVICE_PORT,
+    read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, Hello,
+    ProtoError, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -67,6 +68,10 @@ pub enum BootError {
     DiskMissing { serial: String },
     #[error("no root layers (need at least one lower and an upper disk)")]
     NoRoot,
+    #[error("more than one upper disk")]
+    TwoUppers,
+    #[error("extra disk mount point {mount:?} is not an absolute path below /")]
+    BadExtraMount { mount: String },
     #[error("creating directory {path}")]
     Mkdir {
         path: PathBuf,
@@ -184,11 +189,11 @@ fn dial_host() -> Result<VsockStream, BootError> {
     }
 }
 
-/// `/dev/vdX` for each virtio serial, polling briefly for late devices.
-fn find_disks(serials: &[&str]) -> Result<Vec<PathBuf>, BootError> {
+/// serial -> `/dev/vdX` for every virtio disk, polling briefly until all `serials` exist.
+fn find_disks(serials: &[&str]) -> Result<HashMap<String, PathBuf>, BootError> {
     let start = Instant::now();
     loop {
-        let mut found = std::collections::HashMap::new();
+        let mut found = HashMap::new();
         if let Ok(rd) = std::fs::read_dir("/sys/block") {
             for entry in rd.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -202,12 +207,7 @@ fn find_disks(serials: &[&str]) -> Result<Vec<PathBuf>, BootError> {
         }
         let missing = serials.iter().find(|s| !found.contains_key(**s));
         match missing {
-            None => {
-                return Ok(serials
-                    .iter()
-                    .filter_map(|s| found.get(*s).cloned())
-                    .collect())
-            }
+            None => return Ok(found),
             Some(s) if start.elapsed() >= DISK_WAIT => {
                 return Err(BootError::DiskMissing {
                     serial: (*s).to_string(),
@@ -216,6 +216,69 @@ fn find_disks(serials: &[&str]) -> Result<Vec<PathBuf>, BootError> {
             Some(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// Where every disk goes, decided before anything is mounted.
+#[derive(Debug, PartialEq)]
+struct RootPlan {
+    /// (device, fstype, mount dir), bottom-most layer first.
+    lowers: Vec<(PathBuf, String, PathBuf)>,
+    upper: PathBuf,
+    /// `lowerdir` lists the top-most layer first, as overlayfs expects.
+    overlay_options: String,
+    /// (device, mount point, read-only), in request order.
+    extras: Vec<(PathBuf, PathBuf, bool)>,
+}
+
+fn plan_root(
+    disks: &[DiskSpec],
+    devices: &HashMap<String, PathBuf>,
+) -> Result<RootPlan, BootError> {
+    let mut lowers = Vec::new();
+    let mut upper = None;
+    let mut extras = Vec::new();
+    for disk in disks {
+        let dev = devices
+            .get(&disk.serial)
+            .cloned()
+            .ok_or_else(|| BootError::DiskMissing {
+                serial: disk.serial.clone(),
+            })?;
+        match &disk.role {
+            DiskRole::Lower { fs } => {
+                let dir = PathBuf::from(format!("{LOWER_DIR}/{}", lowers.len()));
+                lowers.push((dev, fs.clone(), dir));
+            }
+            DiskRole::Upper if upper.is_some() => return Err(BootError::TwoUppers),
+            DiskRole::Upper => upper = Some(dev),
+            DiskRole::Extra { mount, readonly } => {
+                if !mount.starts_with('/') || mount == "/" {
+                    return Err(BootError::BadExtraMount {
+                        mount: mount.clone(),
+                    });
+                }
+                extras.push((dev, PathBuf::from(mount), *readonly));
+            }
+        }
+    }
+    let Some(upper) = upper.filter(|_| !lowers.is_empty()) else {
+        return Err(BootError::NoRoot);
+    };
+    let lowerdir: Vec<String> = lowers
+        .iter()
+        .rev()
+        .map(|(_, _, d)| d.to_string_lossy().into_owned())
+        .collect();
+    let overlay_options = format!(
+        "lowerdir={},upperdir={UPPER_DIR}/upper,workdir={UPPER_DIR}/work",
+        lowerdir.join(":")
+    );
+    Ok(RootPlan {
+        lowers,
+        upper,
+        overlay_options,
+        extras,
+    })
 }
 
 fn set_clock(now: (i64, u32)) {
@@ -264,33 +327,16 @@ fn boot(
 
     let serials: Vec<&str> = cfg.disks.iter().map(|d| d.serial.as_str()).collect();
     let devices = find_disks(&serials)?;
-    let mut lowers = Vec::new();
-    let mut upper = None;
-    let mut extras = Vec::new();
-    for (disk, dev) in cfg.disks.iter().zip(&devices) {
-        match &disk.role {
-            DiskRole::Lower { fs } => lowers.push((dev.clone(), fs.clone())),
-            DiskRole::Upper => upper = Some(dev.clone()),
-            DiskRole::Extra { mount, readonly } => {
-                extras.push((dev.clone(), PathBuf::from(mount), *readonly))
-            }
-        }
-    }
-    let Some(upper) = upper.filter(|_| !lowers.is_empty()) else {
-        return Err(BootError::NoRoot);
-    };
+    let plan = plan_root(&cfg.disks, &devices)?;
 
     // Assemble overlay(lowers, upper) in the initramfs.
-    let mut lower_dirs = Vec::new();
-    for (i, (dev, fs)) in lowers.iter().enumerate() {
-        let dir = PathBuf::from(format!("{LOWER_DIR}/{i}"));
-        mkdir_p(&dir, 0o755)?;
-        do_mount(&dev.to_string_lossy(), &dir, fs, MsFlags::MS_RDONLY, None)?;
-        lower_dirs.push(dir.to_string_lossy().into_owned());
+    for (dev, fs, dir) in &plan.lowers {
+        mkdir_p(dir, 0o755)?;
+        do_mount(&dev.to_string_lossy(), dir, fs, MsFlags::MS_RDONLY, None)?;
     }
     let upper_dir = Path::new(UPPER_DIR);
     mkdir_p(upper_dir, 0o755)?;
-    do_mount(&upper.to_string_lossy(), upper_dir, "ext4", none, None)?;
+    do_mount(&plan.upper.to_string_lossy(), upper_dir, "ext4", none, None)?;
     mkdir_p(&upper_dir.join("upper"), 0o755)?;
     mkdir_p(&upper_dir.join("work"), 0o755)?;
     let upper_fd = std::fs::OpenOptions::new()
@@ -302,14 +348,15 @@ fn boot(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .upper = Some(OwnedFd::from(upper_fd));
-    lower_dirs.reverse();
     let merged = Path::new(MERGED_DIR);
     mkdir_p(merged, 0o755)?;
-    let opts = format!(
-        "lowerdir={},upperdir={UPPER_DIR}/upper,workdir={UPPER_DIR}/work",
-        lower_dirs.join(":")
-    );
-    do_mount("overlay", merged, "overlay", none, Some(&opts))?;
+    do_mount(
+        "overlay",
+        merged,
+        "overlay",
+        none,
+        Some(&plan.overlay_options),
+    )?;
 
     // Switch root.
     for old in ["/dev", "/sys", "/proc"] {
@@ -331,7 +378,7 @@ fn boot(
     etc::write_identity_files(Path::new("/"), &hostname, &cfg.add_hosts, &cfg.dns_servers)
         .map_err(BootError::EtcFiles)?;
 
-    for (dev, target, readonly) in extras {
+    for (dev, target, readonly) in plan.extras {
         mkdir_p(&target, 0o755)?;
         let flags = if readonly { MsFlags::MS_RDONLY } else { none };
         do_mount(&dev.to_string_lossy(), &target, "ext4", flags, None)?;
@@ -504,6 +551,111 @@ fn power_off(teardown: &Mutex<Teardown>) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn disk(serial: &str, role: DiskRole) -> DiskSpec {
+        DiskSpec {
+            serial: serial.into(),
+            role,
+        }
+    }
+
+    fn lower(serial: &str) -> DiskSpec {
+        disk(
+            serial,
+            DiskRole::Lower {
+                fs: "squashfs".into(),
+            },
+        )
+    }
+
+    fn devices(n: usize) -> HashMap<String, PathBuf> {
+        let names = ["l0", "l1", "up", "x"];
+        names
+            .iter()
+            .take(n)
+            .enumerate()
+            .map(|(i, s)| {
+                let dev = format!("/dev/vd{}", char::from(b'a' + i as u8));
+                (s.to_string(), PathBuf::from(dev))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn root_plan_orders_lowers_top_first() {
+        let disks = vec![
+            lower("l0"),
+            lower("l1"),
+            disk("up", DiskRole::Upper),
+            disk(
+                "x",
+                DiskRole::Extra {
+                    mount: "/data".into(),
+                    readonly: true,
+                },
+            ),
+        ];
+        let plan = plan_root(&disks, &devices(4)).expect("plan");
+        assert_eq!(
+            plan.overlay_options,
+            "lowerdir=/run/matchlock/lower/1:/run/matchlock/lower/0,\
+             upperdir=/run/matchlock/upper/upper,workdir=/run/matchlock/upper/work"
+        );
+        assert_eq!(
+            plan.lowers[0],
+            (
+                PathBuf::from("/dev/vda"),
+                "squashfs".to_string(),
+                PathBuf::from("/run/matchlock/lower/0")
+            )
+        );
+        assert_eq!(plan.upper, PathBuf::from("/dev/vdc"));
+        assert_eq!(
+            plan.extras,
+            vec![(PathBuf::from("/dev/vdd"), PathBuf::from("/data"), true)]
+        );
+    }
+
+    #[test]
+    fn root_plan_errors() {
+        let d = devices(4);
+        assert!(matches!(
+            plan_root(&[lower("l0")], &d),
+            Err(BootError::NoRoot)
+        ));
+        assert!(matches!(
+            plan_root(&[disk("up", DiskRole::Upper)], &d),
+            Err(BootError::NoRoot)
+        ));
+        assert!(matches!(
+            plan_root(
+                &[
+                    lower("l0"),
+                    disk("up", DiskRole::Upper),
+                    disk("x", DiskRole::Upper)
+                ],
+                &d
+            ),
+            Err(BootError::TwoUppers)
+        ));
+        assert!(matches!(
+            plan_root(&[lower("zz"), disk("up", DiskRole::Upper)], &d),
+            Err(BootError::DiskMissing { .. })
+        ));
+        for bad in ["data", "/", ""] {
+            let extra = disk(
+                "x",
+                DiskRole::Extra {
+                    mount: bad.into(),
+                    readonly: false,
+                },
+            );
+            assert!(matches!(
+                plan_root(&[lower("l0"), disk("up", DiskRole::Upper), extra], &d),
+                Err(BootError::BadExtraMount { .. })
+            ));
+        }
+    }
 
     #[test]
     fn quota() {
