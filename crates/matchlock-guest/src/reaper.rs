@@ -108,13 +108,18 @@ impl Reaper {
 
     fn run(&self) {
         loop {
+            // Read before waiting: a spawn between ECHILD and the sleep below must not be missed.
+            let seen = self
+                .reg
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .spawned;
             match sys::wait_any_exited() {
                 Ok(pid) if pid > 0 => self.reap(pid),
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
                     let reg = self.reg.lock().unwrap_or_else(PoisonError::into_inner);
-                    let seen = reg.spawned;
                     let _unused = self
                         .wake
                         .wait_timeout_while(reg, Duration::from_millis(200), |r| r.spawned == seen)
