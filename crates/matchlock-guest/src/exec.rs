@@ -390,12 +390,15 @@ fn to_winsize(size: WinSize) -> nix::pty::Winsize {
     }
 }
 
-/// Copies `src` to `kind` frames until EOF (EIO on a pty master), or until `stop` is set
-/// while no data is pending.
+/// Copies `src` to `kind` frames until EOF (EIO on a pty master) or until `stop` is set.
 fn pump<C: Conn>(mut src: File, kind: FrameType, out: &Output<C>, stop: &AtomicBool) {
     let mut buf = vec![0u8; CHUNK];
     let mut host_gone = false;
     loop {
+        // Past the drain deadline: whoever still holds the fd is not ours to wait for.
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         let ready = {
             let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(100u16)) {
@@ -408,9 +411,6 @@ fn pump<C: Conn>(mut src: File, kind: FrameType, out: &Output<C>, stop: &AtomicB
             }
         };
         if !ready {
-            if stop.load(Ordering::SeqCst) {
-                return;
-            }
             continue;
         }
         match src.read(&mut buf) {
@@ -695,6 +695,35 @@ mod tests {
         assert!(o.stdout == expected.as_bytes());
         assert!(o.stderr == expected.as_bytes());
         assert_eq!(code(&o), 0);
+    }
+
+    #[test]
+    fn drain_is_bounded_when_outsider_holds_output() {
+        // `setsid` moves the writer out of the command's group, so the group kill misses it
+        // and it keeps stdout open (and busy) for seconds.
+        let t = Instant::now();
+        let o = run_to_end(req(&[
+            "sh",
+            "-c",
+            "setsid sh -c 'echo pid:$$; for i in $(seq 500); do echo spam; sleep 0.01; done' & \
+             sleep 0.2; echo done",
+        ]));
+        assert_eq!(code(&o), 0);
+        assert!(String::from_utf8_lossy(&o.stdout).contains("done"));
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        // Once the pump gives up it closes the read end, and the outsider dies of SIGPIPE on
+        // its next write (a pump that never gives up would keep it alive for 5 s).
+        let text = String::from_utf8_lossy(&o.stdout);
+        let pid: i32 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("pid:"))
+            .and_then(|p| p.parse().ok())
+            .expect("outsider pid");
+        let t = Instant::now();
+        while alive(pid) && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(pid), "outsider {pid} still writing");
     }
 
     #[test]
