@@ -15,7 +15,7 @@
 //! - **Service** ([`SERVICE_PORT`], host -> guest): one request per connection. The first frame
 //!   selects the session: [`FrameType::Exec`], [`FrameType::WriteFile`],
 //!   [`FrameType::ReadFile`], [`FrameType::ListFiles`], [`FrameType::PortForward`],
-//!   [`FrameType::Shutdown`].
+//!   [`FrameType::Shutdown`], [`FrameType::Ping`] (answered by `Pong`, repeatedly).
 //!
 //! Exec session: host sends `Exec` (JSON [`ExecRequest`]); the guest answers `Started` (or
 //! `Error` then closes), then streams `Stdout`/`Stderr` (in TTY mode all output is `Stdout`),
@@ -167,6 +167,12 @@ frame_types! {
     PortForward = 40,
     /// H->G: empty; sync, stop every process, unmount and power off. Answered `Ok` first.
     Shutdown = 50,
+    /// H->G: any payload (at most [`MAX_PAYLOAD`]); the guest answers `Pong` with the same
+    /// payload, and keeps doing so for every `Ping` on the connection until EOF. Used for
+    /// liveness checks and to measure the raw vsock round trip.
+    Ping = 60,
+    /// G->H: the payload of the `Ping` it answers.
+    Pong = 61,
 }
 
 /// One decoded frame.
