@@ -83,6 +83,24 @@ pub fn handle<C: Conn>(mut conn: C, agent: &Agent) -> Result<(), AgentError> {
             Ok(req) => forward::run(conn, &req).map_err(AgentError::Forward),
             Err(e) => reply_error(&mut conn, format!("bad port-forward request: {e}")),
         },
+        FrameType::Ping => {
+            // Echo every Ping on this connection until the host closes it.
+            let mut ping = first;
+            loop {
+                let pong = Frame::new(FrameType::Pong, std::mem::take(&mut ping.payload));
+                write_frame(&mut conn, &pong).map_err(AgentError::Reply)?;
+                match read_frame(&mut conn).map_err(AgentError::ReadRequest)? {
+                    None => return Ok(()),
+                    Some(f) if f.kind == FrameType::Ping => ping = f,
+                    Some(f) => {
+                        return reply_error(
+                            &mut conn,
+                            format!("unexpected {:?} after Ping", f.kind),
+                        )
+                    }
+                }
+            }
+        }
         FrameType::Shutdown => {
             write_frame(&mut conn, &Frame::empty(FrameType::Ok)).map_err(AgentError::Reply)?;
             drop(conn);
@@ -147,6 +165,21 @@ mod tests {
             .expect("timeout");
         let a = Arc::clone(a);
         (host, std::thread::spawn(move || handle(guest, &a)))
+    }
+
+    #[test]
+    fn ping_is_echoed_until_close() {
+        let a = agent(Arc::new(AtomicBool::new(false)));
+        let (mut host, h) = connect(&a);
+        for payload in [b"one".to_vec(), Vec::new(), vec![7u8; 1000]] {
+            write_frame(&mut host, &Frame::new(FrameType::Ping, payload.clone())).expect("w");
+            let pong = read_frame_required(&mut host).expect("pong");
+            assert_eq!((pong.kind, pong.payload), (FrameType::Pong, payload));
+        }
+        drop(host);
+        h.join()
+            .expect("join")
+            .expect("session ends cleanly on close");
     }
 
     fn tmpdir(name: &str) -> PathBuf {

@@ -306,6 +306,15 @@ fn boot(
         MsFlags::MS_NOSUID,
         None,
     );
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline
+        .split_whitespace()
+        .any(|w| w == "matchlock.poweroff=1")
+    {
+        // Benchmark baseline (matchlock-bench): the same kernel and initramfs, powered off as
+        // soon as init runs.
+        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    }
     if let Err(e) = crate::sys::interface_up("lo") {
         tracing::warn!(error = %e, "bringing lo up failed");
     }

@@ -1,0 +1,304 @@
+//! `cargo run --release -p matchlock-bench -- [cold|exec|all] [--runs N]`
+//!
+//! Prints the performance ratios of DESIGN §11 from one run (these machines are noisy, so
+//! both sides of each ratio are measured back to back, interleaved):
+//! - cold start: `matchlock run -- true` with a cached image vs. a bare QEMU boot of the same
+//!   kernel and initramfs to init and power-off;
+//! - warm exec: `exec true` into a running sandbox (in-process and through the exec relay,
+//!   i.e. `matchlock exec`) vs. a raw vsock round trip on an open connection.
+//!
+//! Needs the kernel and guest runtime (`MATCHLOCK_KERNEL`, `MATCHLOCK_GUEST_INIT` or the
+//! standard locations) and the `matchlock` binary (`MATCHLOCK_BIN`, default: next to this one).
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use matchlock_guest_proto::{ExecRequest, Frame, FrameType, SERVICE_PORT};
+use matchlock_sandbox::exec::ExecIo;
+use matchlock_sandbox::paths::Paths;
+use matchlock_sandbox::{Sandbox, SandboxSpec};
+
+const IMAGE: &str = "busybox:bench";
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+struct Bench {
+    home: tempfile::TempDir,
+    bin: PathBuf,
+    runs: usize,
+}
+
+impl Bench {
+    fn matchlock(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("HOME", self.home.path())
+            .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
+            .env("MATCHLOCK_QUIET_ACCEL", "1")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn paths(&self) -> Paths {
+        Paths {
+            state: self.home.path().join(".matchlock"),
+            cache: self.home.path().join(".cache/matchlock"),
+        }
+    }
+
+    fn setup(&self) -> anyhow::Result<()> {
+        let mut archive = Vec::new();
+        matchlock_test_support::busybox_image(&mut archive)?;
+        let mut child = self
+            .matchlock()
+            .args(["image", "import", IMAGE])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("spawn matchlock image import")?;
+        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, &archive)?;
+        if !child.wait()?.success() {
+            bail!("image import failed");
+        }
+        Ok(())
+    }
+
+    /// Boots the same kernel + initramfs with no disks; the guest powers off at init.
+    fn bare_boot(&self) -> anyhow::Result<Duration> {
+        let dir = tempfile::tempdir()?;
+        let guest = matchlock_vm::assets::find_guest_binary()?;
+        let initramfs =
+            matchlock_vm::assets::initramfs_for(&guest, &self.paths().initramfs_cache())?;
+        let cfg = matchlock_vm::VmConfig {
+            id: "bench".into(),
+            state_dir: dir.path().to_path_buf(),
+            kernel: matchlock_vm::assets::kernel_path(),
+            initramfs,
+            vcpus: 1,
+            memory_mb: 512,
+            disks: Vec::new(),
+            console_log: dir.path().join("console.log"),
+            accel: matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel,
+            extra_cmdline: vec!["matchlock.poweroff=1".into()],
+            qemu_binary: None,
+            vsock_binary: None,
+        };
+        let t = Instant::now();
+        let m = matchlock_vm::backend("qemu")?.start(&cfg)?;
+        if !m.wait_exit(Duration::from_secs(60)) {
+            bail!("bare boot did not power off: {}", m.console_tail(20));
+        }
+        Ok(t.elapsed())
+    }
+
+    fn cold_run(&self) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let st = self
+            .matchlock()
+            .args(["run", "--image", IMAGE, "--", "true"])
+            .status()?;
+        let d = t.elapsed();
+        if !st.success() {
+            bail!("matchlock run failed: {st}");
+        }
+        Ok(d)
+    }
+
+    fn cold(&self) -> anyhow::Result<()> {
+        // Warm caches (initramfs, page cache) once on both sides.
+        self.bare_boot()?;
+        self.cold_run()?;
+        let (mut bare, mut run) = (Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            bare.push(self.bare_boot()?);
+            run.push(self.cold_run()?);
+        }
+        let (b, r) = (median(bare), median(run));
+        println!("cold start ({} runs, medians):", self.runs);
+        println!("  bare QEMU boot to init + power-off: {}", ms(b));
+        println!("  matchlock run -- true:              {}", ms(r));
+        println!(
+            "  overhead ratio: {:.2} (target <= 1.15)",
+            r.as_secs_f64() / b.as_secs_f64()
+        );
+        Ok(())
+    }
+
+    fn exec(&self) -> anyhow::Result<()> {
+        let paths = self.paths();
+        let state = Arc::new(matchlock_state::StateDb::open(&paths.state)?);
+        let store = matchlock_image::ImageStore::open(&paths.images())?;
+        let image = store.get(IMAGE)?.context("bench image missing")?;
+        let spec = SandboxSpec {
+            config: matchlock_api::Config {
+                image: IMAGE.into(),
+                resources: matchlock_api::Resources {
+                    disk_size_mb: 256,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            rootfs: image.rootfs.clone(),
+            image_config: matchlock_api::ImageConfig::default(),
+            accel: matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel,
+            owner_pid: std::process::id(),
+        };
+        let sb = Arc::new(Sandbox::create(&paths, state, spec)?);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let relay = {
+            let _guard = rt.enter();
+            matchlock_sandbox::relay::bind(&sb.dir)?
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let result = rt.block_on(async {
+            tokio::spawn(matchlock_sandbox::relay::serve(
+                relay,
+                sb.link(),
+                sb.defaults(),
+                stop.clone(),
+            ));
+            let n = self.runs * 10;
+            // Raw vsock round trip: Ping/Pong on one open connection.
+            let mut conn = sb.link().connect().await?;
+            let ping = Frame::new(FrameType::Ping, vec![1]);
+            let mut raw = Vec::new();
+            for _ in 0..n * 4 {
+                let t = Instant::now();
+                matchlock_sandbox::exec::write_frame(&mut conn, &ping).await?;
+                let f = matchlock_sandbox::exec::read_frame(&mut conn)
+                    .await?
+                    .context("pong")?;
+                raw.push(t.elapsed());
+                if f.kind != FrameType::Pong {
+                    bail!("expected Pong, got {:?}", f.kind);
+                }
+            }
+            drop(conn);
+            // A fresh connection per request (what every exec pays before the command runs).
+            let mut fresh = Vec::new();
+            for _ in 0..n {
+                let t = Instant::now();
+                let mut c = sb.link().connect().await?;
+                matchlock_sandbox::exec::write_frame(&mut c, &ping).await?;
+                matchlock_sandbox::exec::read_frame(&mut c).await?.context("pong")?;
+                fresh.push(t.elapsed());
+            }
+            let mut inproc = Vec::new();
+            for _ in 0..n {
+                let req = ExecRequest {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                };
+                let io = ExecIo::new(
+                    Box::new(tokio::io::sink()),
+                    Box::new(tokio::io::sink()),
+                    Sandbox::never(),
+                );
+                let t = Instant::now();
+                let st = sb.exec(req, io).await?;
+                inproc.push(t.elapsed());
+                if st.code != 0 {
+                    bail!("exec true exited {}", st.code);
+                }
+            }
+            let mut cli = Vec::new();
+            for _ in 0..self.runs * 2 {
+                let t = Instant::now();
+                let st = tokio::process::Command::new(&self.bin)
+                    .env("HOME", self.home.path())
+                    .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
+                    .args(["exec", &sb.id, "true"])
+                    .status()
+                    .await?;
+                cli.push(t.elapsed());
+                if !st.success() {
+                    bail!("matchlock exec failed: {st}");
+                }
+            }
+            anyhow::Ok((median(raw), median(fresh), median(inproc), median(cli)))
+        });
+        stop.cancel();
+        drop(rt);
+        sb.shutdown(Duration::from_secs(2));
+        let _ = sb.remove();
+        let (raw, fresh, inproc, cli) = result?;
+        println!("warm exec (medians; vsock port {SERVICE_PORT}):");
+        println!("  raw vsock round trip (Ping/Pong):       {}", ms(raw));
+        println!(
+            "  new connection + Ping/Pong:             {}  ratio {:.1}x",
+            ms(fresh),
+            fresh.as_secs_f64() / raw.as_secs_f64()
+        );
+        println!(
+            "  exec true, in-process (RPC path):       {}  ratio {:.1}x (target <= 3x)",
+            ms(inproc),
+            inproc.as_secs_f64() / raw.as_secs_f64()
+        );
+        println!(
+            "  matchlock exec true (CLI + exec relay): {}  ratio {:.1}x",
+            ms(cli),
+            cli.as_secs_f64() / raw.as_secs_f64()
+        );
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut what = "all".to_string();
+    let mut runs = 5;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => {
+                runs = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .context("--runs N")?
+            }
+            "cold" | "exec" | "all" => what = a,
+            other => bail!(
+                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|all] [--runs N]"
+            ),
+        }
+    }
+    let bin = match std::env::var_os("MATCHLOCK_BIN") {
+        Some(b) => PathBuf::from(b),
+        None => std::env::current_exe()?.with_file_name("matchlock"),
+    };
+    if !bin.is_file() {
+        bail!(
+            "matchlock binary not found at {} (build it, or set MATCHLOCK_BIN)",
+            bin.display()
+        );
+    }
+    let bench = Bench {
+        home: tempfile::Builder::new()
+            .prefix("ml-bench-")
+            .tempdir_in("/tmp")?,
+        bin,
+        runs,
+    };
+    let accel = matchlock_vm::detect_accel(matchlock_vm::Accel::Auto);
+    println!("accelerator: {:?} ({})", accel.accel, accel.reason);
+    bench.setup()?;
+    if what == "cold" || what == "all" {
+        bench.cold()?;
+    }
+    if what == "exec" || what == "all" {
+        bench.exec()?;
+    }
+    Ok(())
+}
