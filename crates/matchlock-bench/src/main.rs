@@ -193,7 +193,9 @@ impl Bench {
                 let t = Instant::now();
                 let mut c = sb.link().connect().await?;
                 matchlock_sandbox::exec::write_frame(&mut c, &ping).await?;
-                matchlock_sandbox::exec::read_frame(&mut c).await?.context("pong")?;
+                matchlock_sandbox::exec::read_frame(&mut c)
+                    .await?
+                    .context("pong")?;
                 fresh.push(t.elapsed());
             }
             let mut inproc = Vec::new();

@@ -509,8 +509,15 @@ mod tests {
         write_frame(&mut buf, &Frame::empty(FrameType::StdinEof)).expect("write");
         let mut r = buf.as_slice();
         let got = read_frame_required(&mut r).expect("frame");
-        assert_eq!(got.expect::<ExecRequest>(FrameType::Exec, "exec").expect("json"), req);
-        assert_eq!(read_frame_required(&mut r).expect("frame").kind, FrameType::StdinEof);
+        assert_eq!(
+            got.expect::<ExecRequest>(FrameType::Exec, "exec")
+                .expect("json"),
+            req
+        );
+        assert_eq!(
+            read_frame_required(&mut r).expect("frame").kind,
+            FrameType::StdinEof
+        );
         assert!(read_frame(&mut r).expect("eof").is_none());
     }
 
@@ -518,7 +525,10 @@ mod tests {
     fn rejects_oversized_and_unknown() {
         let mut h = [FrameType::Stdout as u8, 0, 0, 0, 0];
         h[1..].copy_from_slice(&(MAX_PAYLOAD + 1).to_be_bytes());
-        assert!(matches!(Frame::decode(&h), Err(ProtoError::TooLarge { .. })));
+        assert!(matches!(
+            Frame::decode(&h),
+            Err(ProtoError::TooLarge { .. })
+        ));
         assert!(matches!(
             Frame::decode(&[0xEE, 0, 0, 0, 0]),
             Err(ProtoError::UnknownType(0xEE))
@@ -527,7 +537,9 @@ mod tests {
 
     #[test]
     fn truncated_frames() {
-        let f = Frame::new(FrameType::Stdout, b"hello".to_vec()).encode().expect("enc");
+        let f = Frame::new(FrameType::Stdout, b"hello".to_vec())
+            .encode()
+            .expect("enc");
         for cut in 0..f.len() {
             assert!(Frame::decode(&f[..cut]).expect("partial").is_none());
             let mut r = &f[..cut];

@@ -167,7 +167,10 @@ impl Sandbox {
             Err(e) => {
                 let msg = e.to_string();
                 // Failures before the VM starts are create failures; later ones start failures.
-                if state.lifecycle_transition(&id, Phase::StartFailed, Some(&msg)).is_err() {
+                if state
+                    .lifecycle_transition(&id, Phase::StartFailed, Some(&msg))
+                    .is_err()
+                {
                     let _ = state.lifecycle_transition(&id, Phase::CreateFailed, Some(&msg));
                 }
                 sb.teardown(Duration::ZERO);
@@ -200,8 +203,13 @@ impl Sandbox {
             "upper disk",
             st.record_resource(&id, Resource::File(upper.clone())),
         )?;
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "assets resolved");
         crate::disk::create_ext4(&upper, spec.config.resources.disk_size_mb)
             .map_err(SandboxError::UpperDisk)?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "upper disk formatted"
+        );
 
         let vsock = self.dir.join("vsock.sock");
         let ready_path = matchlock_vm::hybrid::listener_path(&vsock, READY_PORT);
@@ -278,6 +286,7 @@ impl Sandbox {
         let backend = matchlock_vm::backend("qemu").map_err(SandboxError::Backend)?;
         let machine: Arc<dyn Machine> =
             Arc::from(backend.start(&vm_cfg).map_err(SandboxError::StartVm)?);
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "VM started");
         for pid in machine.pids() {
             rec(
                 "process",
@@ -382,9 +391,11 @@ impl Sandbox {
 
     fn teardown(&self, grace: Duration) {
         let id = &self.id;
+        let t = Instant::now();
         if self.machine.has_exited().is_none() {
             let clean = guest_shutdown(self.machine.as_ref(), grace.max(Duration::from_secs(3)));
             self.step("guest_shutdown", clean);
+            tracing::debug!(ms = t.elapsed().as_millis() as u64, "guest shut down");
         }
         self.step(
             "machine_close",
