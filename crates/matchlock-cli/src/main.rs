@@ -49,7 +49,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    Run(cmd::run::RunArgs),
+    Run(Box<cmd::run::RunArgs>),
     Exec(cmd::exec::ExecArgs),
     #[command(alias = "ls")]
     List(cmd::lifecycle::ListArgs),
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => cmd::run::run(a),
+        Command::Run(a) => cmd::run::run(*a),
         Command::Exec(a) => cmd::exec::exec(a),
         Command::List(a) => cmd::lifecycle::list(a),
         Command::Get(a) => cmd::lifecycle::get(a),

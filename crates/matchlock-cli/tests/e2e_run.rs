@@ -223,3 +223,106 @@ fn rm_cleans_up_state() {
     );
     let _ = stdout;
 }
+
+#[test]
+fn missing_kernel_is_explained() {
+    let o = env()
+        .cmd()
+        .env("MATCHLOCK_KERNEL", "/nonexistent/vmlinux")
+        .args(["run", "--image", common::IMAGE, "true"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("guest kernel not found at /nonexistent/vmlinux"),
+        "{err}"
+    );
+    assert!(err.contains("scripts/build-kernel.sh"), "{err}");
+}
+
+#[test]
+fn guest_that_never_becomes_ready_fails_with_console_tail_and_leaves_nothing() {
+    // busybox as /init is a valid static x86_64 binary that never speaks our protocol.
+    let e = env();
+    let t = Instant::now();
+    let o = e
+        .cmd()
+        .env("MATCHLOCK_GUEST_INIT", "/bin/busybox")
+        .env("MATCHLOCK_BOOT_TIMEOUT", "8")
+        .args([
+            "run",
+            "--image",
+            common::IMAGE,
+            "--hostname",
+            "never-ready",
+            "true",
+        ])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("VM failed to become ready"), "{err}");
+    assert!(err.contains("last lines of the VM console"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(60));
+    // The failed sandbox is recorded as not running, and no process refers to its directory.
+    let list = ok(&e.run(&["list"]));
+    let stopped: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .filter(|l| !l.contains("running"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        !stopped.is_empty(),
+        "the failed sandbox should be listed: {list}"
+    );
+    for id in stopped {
+        let dir = e.state_dir().join("vms").join(id);
+        assert!(
+            common::pids_matching(&dir.to_string_lossy()).is_empty(),
+            "leftover process for {id}"
+        );
+        assert!(!dir.join("upper.ext4").exists(), "leftover disk for {id}");
+    }
+}
+
+#[test]
+fn diagnose_reports_checks() {
+    let e = env();
+    let o = e.run(&["diagnose", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("diagnose json");
+    let checks = v["checks"].as_array().expect("checks");
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    for n in [
+        "qemu",
+        "accel",
+        "vsock-backend",
+        "kernel",
+        "guest-runtime",
+        "mke2fs",
+        "tar2sqfs",
+        "state-dir",
+        "cache-dir",
+    ] {
+        assert!(names.contains(&n), "missing check {n}: {names:?}");
+    }
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(o.status.success());
+    let text = ok(&e.run(&["diagnose"]));
+    assert!(text.contains("✓ qemu") && text.contains("accel"), "{text}");
+    // A missing kernel fails the check, with a fix.
+    let o = e
+        .cmd()
+        .env("MATCHLOCK_KERNEL", "/nonexistent/vmlinux")
+        .args(["diagnose"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(
+        stdout(&o).contains("✗ kernel") && stdout(&o).contains("fix: scripts/build-kernel.sh"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stderr(&o).contains("diagnose failed: one or more checks failed"));
+}

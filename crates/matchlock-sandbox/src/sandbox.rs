@@ -27,19 +27,19 @@ const CONSOLE_TAIL_LINES: usize = 30;
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("open state database")]
-    State(#[source] matchlock_state::StateError),
+    State(#[source] Box<matchlock_state::StateError>),
     #[error("record sandbox {id} in the state database")]
     Register {
         id: String,
         #[source]
-        source: matchlock_state::StateError,
+        source: Box<matchlock_state::StateError>,
     },
     #[error("record {what} for {id}")]
     Record {
         id: String,
         what: &'static str,
         #[source]
-        source: matchlock_state::StateError,
+        source: Box<matchlock_state::StateError>,
     },
     #[error("create the writable disk")]
     UpperDisk(#[source] crate::disk::DiskError),
@@ -136,14 +136,14 @@ impl Sandbox {
             .register(&id, spec.owner_pid, &spec.config.image, &config_json)
             .map_err(|source| SandboxError::Register {
                 id: id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let dir = state.vm_dir(&id);
         let record = |what: &'static str, r: Result<(), matchlock_state::StateError>| {
             r.map_err(|source| SandboxError::Record {
                 id: id.clone(),
                 what,
-                source,
+                source: Box::new(source),
             })
         };
         record("lifecycle", state.lifecycle_init(&id, "qemu").map(|_| ()))?;
@@ -187,7 +187,7 @@ impl Sandbox {
             r.map_err(|source| SandboxError::Record {
                 id: id.clone(),
                 what,
-                source,
+                source: Box::new(source),
             })
         };
         let kernel = matchlock_vm::assets::kernel_path();
