@@ -42,6 +42,8 @@ mod lifecycle;
 mod process;
 mod reconcile;
 mod redact;
+#[cfg(test)]
+mod testutil;
 mod vms;
 
 pub use db::StateDb;

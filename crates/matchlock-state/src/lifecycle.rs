@@ -474,11 +474,7 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::Arc;
 
-    fn open() -> (tempfile::TempDir, StateDb) {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let db = StateDb::open(&tmp.path().join(".matchlock")).expect("open");
-        (tmp, db)
-    }
+    use crate::testutil::open;
 
     /// The spec §8.3 table, written out independently of `can_transition_to`.
     const TABLE: &[(&str, &[&str])] = &[

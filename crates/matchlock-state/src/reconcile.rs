@@ -175,20 +175,10 @@ mod tests {
     use crate::{process_start_time, CleanupStatus, Resource};
     use serde_json::Value;
     use std::os::unix::process::ExitStatusExt;
-    use std::process::{Child, Command};
 
-    fn open() -> (tempfile::TempDir, StateDb) {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let db = StateDb::open(&tmp.path().join(".matchlock")).expect("open");
-        (tmp, db)
-    }
+    use crate::testutil::open;
 
-    fn sleeper() -> Child {
-        Command::new("sleep")
-            .arg("1000")
-            .spawn()
-            .expect("spawn sleep")
-    }
+    use crate::testutil::sleeper;
 
     /// Registers `id` with an owner that is already dead (a reaped child).
     fn register_crashed(db: &StateDb, id: &str) {

@@ -367,22 +367,12 @@ mod tests {
     use serde_json::json;
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::ExitStatusExt;
-    use std::process::{Child, Command};
     use std::sync::Arc;
     use std::thread;
 
-    fn open() -> (tempfile::TempDir, StateDb) {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let db = StateDb::open(&tmp.path().join(".matchlock")).expect("open");
-        (tmp, db)
-    }
+    use crate::testutil::open;
 
-    fn sleeper() -> Child {
-        Command::new("sleep")
-            .arg("1000")
-            .spawn()
-            .expect("spawn sleep")
-    }
+    use crate::testutil::sleeper;
 
     fn me() -> u32 {
         std::process::id()
