@@ -314,3 +314,17 @@ fn ctrl_c_kills_guest_command_and_cleans_up() {
         "{list}"
     );
 }
+
+#[test]
+fn detached_without_command_stays_up() {
+    let e = env();
+    let id = e.detached(&[]);
+    assert!(ok(&e.run(&["exec", &id, "echo", "alive"])).contains("alive"));
+    // Writes persist across execs in the same sandbox (one writable root per VM).
+    ok(&e.run(&["exec", &id, "--", "sh", "-c", "echo kept > /root/state"]));
+    assert_eq!(
+        ok(&e.run(&["exec", &id, "cat", "/root/state"])).trim(),
+        "kept"
+    );
+    e.kill_and_rm(&id);
+}
