@@ -2,6 +2,12 @@
 # Installs what Matchlock needs on a Debian/Ubuntu host: QEMU, the kernel source and its
 # build tools, image tools, and the vhost-user vsock backend (from the Rust crate registry).
 set -euo pipefail
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null; then
+  echo "error: a Rust toolchain (cargo) is needed to build matchlock: install it with rustup" >&2
+  echo "       (https://rustup.rs), then run this again" >&2
+  exit 1
+fi
 pkgs=(qemu-system-x86 linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev
       cpio xz-utils e2fsprogs squashfs-tools-ng busybox-static)
 missing=()
@@ -14,7 +20,6 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v vhost-device-vsock >/dev/null; then
   echo "installing vhost-device-vsock (cargo install, a few minutes)"
   cargo install --locked --quiet vhost-device-vsock@0.3.0
