@@ -326,3 +326,19 @@ fn diagnose_reports_checks() {
     );
     assert!(stderr(&o).contains("diagnose failed: one or more checks failed"));
 }
+
+#[test]
+fn per_command_hardening_unless_privileged() {
+    let e = env();
+    let probe = "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t' ' '";
+    let out = ok(&e.sandbox(&["--", "sh", "-c", probe]));
+    assert!(
+        out.contains("NoNewPrivs: 1") && out.contains("Seccomp: 2"),
+        "{out}"
+    );
+    let out = ok(&e.sandbox(&["--privileged", "--", "sh", "-c", probe]));
+    assert!(
+        out.contains("NoNewPrivs: 0") && out.contains("Seccomp: 0"),
+        "{out}"
+    );
+}

@@ -293,6 +293,14 @@ fn run_inner<C: Conn>(
             cmd.stdin(Stdio::null());
         }
     }
+    let seccomp = if ctx.privileged {
+        None
+    } else {
+        match sys::seccomp_program() {
+            Ok(p) => Some(p),
+            Err(e) => return fail_early(out, format!("matchlock: seccomp filter: {e}\n"), 126),
+        }
+    };
     sys::install_child_setup(
         &mut cmd,
         ChildSetup {
@@ -301,6 +309,7 @@ fn run_inner<C: Conn>(
             uid: ident.uid,
             gid: ident.gid,
             groups: ident.all_groups(),
+            seccomp,
         },
     );
 
@@ -562,10 +571,17 @@ mod tests {
     }
 
     fn start(r: ExecRequest) -> (UnixStream, JoinHandle<Result<(), ExecError>>) {
+        start_with(r, true)
+    }
+
+    fn start_with(
+        r: ExecRequest,
+        privileged: bool,
+    ) -> (UnixStream, JoinHandle<Result<(), ExecError>>) {
         let (host, guest) = UnixStream::pair().expect("pair");
         let ctx = ExecContext {
             root: PathBuf::from("/"),
-            privileged: true,
+            privileged,
         };
         let h = std::thread::spawn(move || run(guest, r, &ctx));
         (host, h)
@@ -610,6 +626,48 @@ mod tests {
         let o = collect(&mut host);
         h.join().expect("join").expect("session");
         o
+    }
+
+    #[test]
+    fn unprivileged_commands_are_hardened() {
+        let status = |privileged: bool| {
+            let (mut host, h) = start_with(
+                req(&[
+                    "grep",
+                    "-E",
+                    "^(NoNewPrivs|Seccomp|CapBnd):",
+                    "/proc/self/status",
+                ]),
+                privileged,
+            );
+            let o = collect(&mut host);
+            h.join().expect("join").expect("session");
+            assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let hardened = status(false);
+        assert!(hardened.contains("NoNewPrivs:\t1"), "{hardened}");
+        assert!(hardened.contains("Seccomp:\t2"), "{hardened}");
+        let bnd = hardened
+            .lines()
+            .find_map(|l| l.strip_prefix("CapBnd:\t"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .expect("CapBnd");
+        for cap in crate::sys::DROPPED_CAPS {
+            assert_eq!(
+                bnd & (1 << cap),
+                0,
+                "capability {cap} still in the bounding set"
+            );
+        }
+        // Privileged commands inherit whatever this test process has.
+        let nnp = |s: &str| {
+            s.lines()
+                .find(|l| l.starts_with("NoNewPrivs:"))
+                .map(str::to_owned)
+        };
+        let own = std::fs::read_to_string("/proc/self/status").expect("status");
+        assert_eq!(nnp(&status(true)), nnp(&own));
     }
 
     fn code(o: &Outcome) -> i32 {

@@ -102,6 +102,48 @@ pub fn reap(pid: i32) -> io::Result<Option<libc::c_int>> {
     }
 }
 
+/// Syscalls that unprivileged commands get `EPERM` for (as the reference): reading or writing
+/// other processes' memory, tracing them, and loading a new kernel.
+const DENIED_SYSCALLS: [libc::c_long; 5] = [
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+];
+
+/// The seccomp program for unprivileged commands, compiled once (before any fork, since the
+/// child may not allocate) with rust-vmm's `seccompiler`.
+pub fn seccomp_program() -> io::Result<std::sync::Arc<Vec<libc::sock_filter>>> {
+    use std::sync::OnceLock;
+    static PROGRAM: OnceLock<Result<std::sync::Arc<Vec<libc::sock_filter>>, String>> =
+        OnceLock::new();
+    let built = PROGRAM.get_or_init(|| {
+        let rules = DENIED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
+        let filter = seccompiler::SeccompFilter::new(
+            rules,
+            seccompiler::SeccompAction::Allow,
+            seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+            seccompiler::TargetArch::x86_64,
+        )
+        .map_err(|e| e.to_string())?;
+        let prog: seccompiler::BpfProgram = filter
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| e.to_string())?;
+        Ok(std::sync::Arc::new(
+            prog.iter()
+                .map(|i| libc::sock_filter {
+                    code: i.code,
+                    jt: i.jt,
+                    jf: i.jf,
+                    k: i.k,
+                })
+                .collect(),
+        ))
+    });
+    built.clone().map_err(io::Error::other)
+}
+
 /// What the child does to itself between fork and exec.
 #[derive(Debug, Clone)]
 pub struct ChildSetup {
@@ -113,6 +155,8 @@ pub struct ChildSetup {
     pub gid: u32,
     /// All groups including `gid`.
     pub groups: Vec<u32>,
+    /// Set `no_new_privs` and install this seccomp program, last (after the user switch).
+    pub seccomp: Option<std::sync::Arc<Vec<libc::sock_filter>>>,
 }
 
 /// Installs the pre-exec hook: new session, optional controlling tty, capability drop, then
@@ -143,6 +187,24 @@ pub fn install_child_setup(cmd: &mut Command, setup: ChildSetup) {
             check(unsafe { libc::setgid(setup.gid) })?;
             // SAFETY: as above.
             check(unsafe { libc::setuid(setup.uid) })?;
+        }
+        if let Some(prog) = &setup.seccomp {
+            let fprog = libc::sock_fprog {
+                len: u16::try_from(prog.len())
+                    .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+                // The kernel only reads the program; the cast satisfies the C signature.
+                filter: prog.as_ptr().cast_mut(),
+            };
+            // SAFETY: prctl with integer arguments only.
+            check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+            // SAFETY: `fprog` points at `prog`, allocated before fork and alive for the call.
+            check(unsafe {
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const libc::sock_fprog,
+                )
+            })?;
         }
         Ok(())
     };
