@@ -342,3 +342,23 @@ fn per_command_hardening_unless_privileged() {
         "{out}"
     );
 }
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    // `| head` closes our stdout early: no "Broken pipe" error, the guest command is stopped.
+    let e = env();
+    let bin = env!("CARGO_BIN_EXE_matchlock");
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c").arg(format!(
+        "{bin} run --image {} -- seq 1 1000000 | head -n 2",
+        common::IMAGE
+    ));
+    for (k, v) in e.cmd().get_envs() {
+        if let Some(v) = v {
+            sh.env(k, v);
+        }
+    }
+    let out = sh.output().expect("sh");
+    assert_eq!(stdout(&out), "1\n2\n");
+    assert!(!stderr(&out).contains("Broken pipe"), "{}", stderr(&out));
+}

@@ -439,6 +439,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                     }
                     stop_now = true;
                 }
+                // A closed stdout (`| head`) ends the command quietly, like any Unix filter.
+                Err(e) if crate::is_broken_pipe(&e) => stop_now = true,
                 Err(e) => {
                     eprintln!("{e:#}");
                     code = 1;
