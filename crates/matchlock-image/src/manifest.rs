@@ -27,6 +27,7 @@ pub(crate) const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, applic
 
 /// Layer media types we can unpack (compression is detected from the bytes).
 const LAYER_TYPES: &[&str] = &[
+    "application/vnd.docker.image.rootfs.diff.tar",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.diff.tar.zstd",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",

@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+
 use crate::archive::{RawConfig, MAX_JSON, MAX_LAYERS};
 use crate::auth::{AuthError, Credentials};
 use crate::import::{image_config, squash_id, ImportError};
@@ -207,9 +209,10 @@ pub struct Resolved {
     pub cached: bool,
 }
 
-/// Counts bytes for progress and remembers whether the *network* side failed.
+/// Counts bytes for progress, hashes them, and remembers whether the *network* side failed.
 struct NetReader<'a, R> {
     inner: R,
+    hasher: Sha256,
     failed: &'a AtomicBool,
     index: usize,
     progress: &'a dyn PullProgress,
@@ -219,6 +222,7 @@ impl<R: Read> Read for NetReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
             Ok(n) => {
+                self.hasher.update(&buf[..n]);
                 self.progress.layer_bytes(self.index, n as u64);
                 Ok(n)
             }
@@ -444,14 +448,21 @@ impl ImageStore {
                     source,
                 })?;
             let failed = AtomicBool::new(false);
-            let reader = NetReader {
+            let mut reader = NetReader {
                 // One byte more than promised, so an oversized blob fails the size check.
                 inner: resp.into_reader().take(desc.size.saturating_add(1)),
+                hasher: Sha256::new(),
                 failed: &failed,
                 index,
                 progress: opts.progress.as_ref(),
             };
-            match store_stream(reader, &expected, &self.tmp_dir(), &layers_dir, opts.force) {
+            match store_stream(
+                &mut reader,
+                &expected,
+                &self.tmp_dir(),
+                &layers_dir,
+                opts.force,
+            ) {
                 Ok(l) => {
                     opts.progress.layer_done(index, false);
                     return Ok((l.path, l.size));
@@ -470,10 +481,30 @@ impl ImageStore {
                     delay = delay.saturating_mul(2);
                 }
                 Err(source) => {
+                    // A corrupt blob usually fails decompression before its digest can be
+                    // checked; finish hashing it so the error names the real cause.
+                    let source = match source {
+                        LayerError::Decompress { .. }
+                            if io::copy(&mut reader, &mut io::sink()).is_ok()
+                                && !failed.load(Ordering::Relaxed) =>
+                        {
+                            let actual = hex::encode(reader.hasher.finalize_reset());
+                            if actual == hex_of(&desc.digest) {
+                                source
+                            } else {
+                                LayerError::BlobDigest {
+                                    path: desc.digest.clone(),
+                                    expected: hex_of(&desc.digest).to_owned(),
+                                    actual,
+                                }
+                            }
+                        }
+                        other => other,
+                    };
                     return Err(PullError::Layer {
                         digest: desc.digest.clone(),
                         source,
-                    })
+                    });
                 }
             }
         }
