@@ -39,7 +39,8 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("request {url}")]
+    /// The source (ureq's transport error) names the URL.
+    #[error("registry request failed")]
     Transport {
         url: String,
         #[source]
