@@ -1,11 +1,13 @@
-//! `cargo run --release -p matchlock-bench -- [cold|exec|all] [--runs N]`
+//! `cargo run --release -p matchlock-bench -- [cold|exec|all|pull] [--runs N]`
 //!
 //! Prints the performance ratios of DESIGN §11 from one run (these machines are noisy, so
 //! both sides of each ratio are measured back to back, interleaved):
 //! - cold start: `matchlock run -- true` with a cached image vs. a bare QEMU boot of the same
 //!   kernel and initramfs to init and power-off;
 //! - warm exec: `exec true` into a running sandbox (in-process and through the exec relay,
-//!   i.e. `matchlock exec`) vs. a raw vsock round trip on an open connection.
+//!   i.e. `matchlock exec`) vs. a raw vsock round trip on an open connection;
+//! - pull (only when asked for: needs `skopeo` and `docker-registry`): `matchlock pull` of a
+//!   ~100 MB image from a local registry vs. `skopeo copy` plus the conversion alone.
 //!
 //! Needs the kernel and guest runtime (`MATCHLOCK_KERNEL`, `MATCHLOCK_GUEST_INIT` or the
 //! standard locations) and the `matchlock` binary (`MATCHLOCK_BIN`, default: next to this one).
@@ -22,6 +24,8 @@ use matchlock_guest_proto::{ExecRequest, Frame, FrameType, SERVICE_PORT};
 use matchlock_sandbox::exec::ExecIo;
 use matchlock_sandbox::paths::Paths;
 use matchlock_sandbox::{Sandbox, SandboxSpec};
+
+mod pull;
 
 const IMAGE: &str = "busybox:bench";
 
@@ -270,9 +274,9 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .context("--runs N")?
             }
-            "cold" | "exec" | "all" => what = a,
+            "cold" | "exec" | "all" | "pull" => what = a,
             other => bail!(
-                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|all] [--runs N]"
+                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|all|pull] [--runs N]"
             ),
         }
     }
@@ -295,6 +299,9 @@ fn main() -> anyhow::Result<()> {
     };
     let accel = matchlock_vm::detect_accel(matchlock_vm::Accel::Auto);
     println!("accelerator: {:?} ({})", accel.accel, accel.reason);
+    if what == "pull" {
+        return bench.pull();
+    }
     bench.setup()?;
     if what == "cold" || what == "all" {
         bench.cold()?;

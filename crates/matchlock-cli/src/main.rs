@@ -38,7 +38,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
     long_about = "A lightweight micro-VM sandbox for running llm agent securely.\n\n\
 Every sandbox is a disposable VM booted from an OCI image. Start with:\n  \
 matchlock run --image <image> -- echo hello\n\n\
-Images come from `matchlock image import` (docker save / OCI archives).\n\
+Images are pulled from registries (`matchlock pull alpine:latest`) or imported with\n\
+`matchlock image import` (docker save / OCI archives).\n\
 Run `matchlock diagnose` if a sandbox does not start.",
     propagate_version = true
 )]
@@ -64,7 +65,7 @@ enum Command {
     Log(cmd::lifecycle::LogArgs),
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
-    Pull(cmd::unavailable::PullArgs),
+    Pull(cmd::pull::PullArgs),
     Build(cmd::unavailable::BuildArgs),
     #[command(name = "port-forward")]
     PortForward(cmd::unavailable::PortForwardArgs),
@@ -96,7 +97,7 @@ fn main() -> ExitCode {
         Command::Gc(a) => cmd::lifecycle::gc(a),
         Command::Log(a) => cmd::lifecycle::log(a),
         Command::Image(c) => cmd::image::image(c),
-        Command::Pull(a) => cmd::unavailable::pull(a),
+        Command::Pull(a) => cmd::pull::pull(a),
         Command::Build(a) => cmd::unavailable::build(a),
         Command::PortForward(a) => cmd::unavailable::port_forward(a),
         Command::Rpc(a) => cmd::unavailable::rpc(a),

@@ -11,7 +11,7 @@
 
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -76,7 +76,7 @@ pub(crate) fn squash_id(diff_ids: &[String]) -> String {
     hex::encode(h.finalize())
 }
 
-fn image_config(raw: RawConfig) -> ImageConfig {
+pub(crate) fn image_config(raw: RawConfig) -> ImageConfig {
     let c = raw.config.unwrap_or_default();
     ImageConfig {
         user: c.user.unwrap_or_default(),
@@ -160,7 +160,7 @@ impl ImageStore {
         Ok(rec)
     }
 
-    fn build_rootfs(&self, layers: &[&Path], rootfs: &PathBuf) -> Result<(), ImportError> {
+    pub(crate) fn build_rootfs(&self, layers: &[&Path], rootfs: &Path) -> Result<(), ImportError> {
         let tree = Tree::build(layers).map_err(ImportError::Flatten)?;
         tracing::debug!(entries = tree.len(), "flattened layers");
         let tmp_dir = self.tmp_dir();

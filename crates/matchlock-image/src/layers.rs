@@ -114,7 +114,7 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// Decompresses `src` into `out`; returns (blob sha256 hex, blob size).
-fn decompress_into(src: SliceReader<'_>, out: &mut impl Write) -> io::Result<(String, u64)> {
+fn decompress_into(src: impl Read, out: &mut impl Write) -> io::Result<(String, u64)> {
     let hashing = HashingReader {
         inner: src,
         hasher: Sha256::new(),
@@ -140,12 +140,42 @@ fn decompress_into(src: SliceReader<'_>, out: &mut impl Write) -> io::Result<(St
     Ok((hex::encode(h.hasher.finalize()), h.count))
 }
 
+/// What a layer blob must turn out to be.
+pub(crate) struct Expected<'a> {
+    /// Name for errors (archive member path or blob digest).
+    pub name: &'a str,
+    /// sha256 hex of the blob bytes, when known.
+    pub blob_digest: Option<&'a str>,
+    pub blob_size: Option<u64>,
+    /// sha256 hex of the uncompressed tar.
+    pub diff_id: &'a str,
+}
+
 /// Streams one layer out of the archive into the store, verifying its digests.
 pub(crate) fn store_layer(
     archive: &File,
     src: &LayerSource,
     tmp_dir: &Path,
     layers_dir: &Path,
+) -> Result<StoredLayer, LayerError> {
+    let reader = SliceReader::new(archive, src.member.offset, src.member.size);
+    let expected = Expected {
+        name: &src.path,
+        blob_digest: src.blob_digest.as_deref(),
+        blob_size: src.blob_size,
+        diff_id: &src.diff_id,
+    };
+    store_stream(reader, &expected, tmp_dir, layers_dir, false)
+}
+
+/// Streams a (possibly compressed) layer blob into the store, verifying blob digest, blob
+/// size and diff id before anything is installed. `replace` overwrites an existing file.
+pub(crate) fn store_stream(
+    reader: impl Read,
+    exp: &Expected<'_>,
+    tmp_dir: &Path,
+    layers_dir: &Path,
+    replace: bool,
 ) -> Result<StoredLayer, LayerError> {
     let mut tmp = tempfile::Builder::new()
         .prefix("layer-")
@@ -160,38 +190,37 @@ pub(crate) fn store_layer(
         hasher: Sha256::new(),
         count: 0,
     };
-    let reader = SliceReader::new(archive, src.member.offset, src.member.size);
     let (blob_hex, blob_size) =
         decompress_into(reader, &mut w).map_err(|source| LayerError::Decompress {
-            path: src.path.clone(),
+            path: exp.name.to_owned(),
             source,
         })?;
     w.flush().map_err(LayerError::WriteTemp)?;
     let diff_hex = hex::encode(w.hasher.finalize_reset());
     let size = w.count;
     drop(w);
-    if let Some(expected) = &src.blob_digest {
-        if *expected != blob_hex {
-            return Err(LayerError::BlobDigest {
-                path: src.path.clone(),
-                expected: expected.clone(),
-                actual: blob_hex,
-            });
-        }
-    }
-    if let Some(expected) = src.blob_size {
+    if let Some(expected) = exp.blob_size {
         if expected != blob_size {
             return Err(LayerError::BlobSize {
-                path: src.path.clone(),
+                path: exp.name.to_owned(),
                 expected,
                 actual: blob_size,
             });
         }
     }
-    if src.diff_id != diff_hex {
+    if let Some(expected) = exp.blob_digest {
+        if expected != blob_hex {
+            return Err(LayerError::BlobDigest {
+                path: exp.name.to_owned(),
+                expected: expected.to_owned(),
+                actual: blob_hex,
+            });
+        }
+    }
+    if exp.diff_id != diff_hex {
         return Err(LayerError::DiffId {
-            path: src.path.clone(),
-            expected: src.diff_id.clone(),
+            path: exp.name.to_owned(),
+            expected: exp.diff_id.to_owned(),
             actual: diff_hex,
         });
     }
@@ -201,7 +230,7 @@ pub(crate) fn store_layer(
         source,
     };
     match std::fs::metadata(&dest) {
-        Ok(m) if m.len() == size => {
+        Ok(m) if m.len() == size && !replace => {
             tracing::debug!(diff_id = %diff_hex, "layer already stored");
         }
         _ => {

@@ -7,8 +7,13 @@
 //! layers/sha256/<diff>.tar    uncompressed layer tars, named by diff id
 //! rootfs/<squash-id>.sqfs     flattened squashfs, squash-id = sha256("matchlock-squash-v1\n" + diff ids)
 //! tmp/                        spool and temp files (reclaimed by gc)
-//! .lock                       shared by imports, exclusive for pruning
+//! .lock                       shared by imports and pulls, exclusive for pruning
 //! ```
+//!
+//! Registry pulls ([`ImageStore::pull`], [`ImageStore::resolve`]) use the same layer and
+//! rootfs stores: `reference` parses Docker-style names, `auth` finds credentials,
+//! `registry` speaks the distribution API, `manifest` picks the platform image, and
+//! `pull` streams verified layers into the store and records a `registry`-scope row.
 //!
 //! # Design
 //! - Import is a pipeline of small modules: [`archive`] spools and resolves the archive,
@@ -21,19 +26,23 @@
 //!   remove/re-import) takes it exclusively, so it never deletes files an in-flight import is
 //!   about to reference. The prune after remove/import is skipped if an import is running.
 //! - The squashfs is keyed by the layer diff ids, so tags and re-imports of the same layers
-//!   share one rootfs file. Registry pulls (later) will write `Scope::Registry` rows with
-//!   the same layer and rootfs stores.
+//!   share one rootfs file. Registry pulls write `Scope::Registry` rows with the same
+//!   layer and rootfs stores, so pulled and imported images share layers.
 //!
 //! # Limitations
-//! - Registry pulling is not implemented yet (the `Registry` scope is read, listed, removed).
 //! - Layers are kept uncompressed on disk next to the squashfs (about 2x the image size).
 
 #![forbid(unsafe_code)]
 
 mod archive;
+mod auth;
 mod flatten;
 mod import;
 mod layers;
+mod manifest;
+mod pull;
+mod reference;
+mod registry;
 mod squash;
 mod store;
 
@@ -42,9 +51,14 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use archive::ArchiveError;
+pub use auth::{docker_config_path, AuthError, Credentials};
 pub use flatten::FlattenError;
 pub use import::ImportError;
 pub use layers::LayerError;
+pub use manifest::{host_arch, ManifestError};
+pub use pull::{NoProgress, PullError, PullOptions, PullProgress, Resolved};
+pub use reference::{Reference, ReferenceError};
+pub use registry::{is_loopback, RegistryError, RetryPolicy};
 pub use squash::SquashError;
 pub use store::{ImageStore, StoreError};
 

@@ -116,6 +116,10 @@ pub struct ImageSpec {
     pub config: ConfigSpec,
     /// gzip the layer blobs.
     pub gzip: bool,
+    /// zstd-compress the layer blobs (wins over `gzip`).
+    pub zstd: bool,
+    /// Registry pushes: Docker v2 schema 2 media types instead of OCI ones.
+    pub docker_media_types: bool,
     /// `docker save`: name layers `blobs/sha256/<hex>` (Docker 25+) instead of `<id>/layer.tar`.
     pub docker_blobs: bool,
     /// Record a wrong diff id for this layer index in the config.
@@ -241,7 +245,13 @@ impl ImageSpec {
             .map(|(i, entries)| {
                 let raw = layer_tar(entries);
                 let diff = sha256_hex(&raw);
-                let mut blob = if self.gzip { gzip(&raw) } else { raw };
+                let mut blob = if self.zstd {
+                    zstd::encode_all(raw.as_slice(), 3).unwrap_or_else(|e| panic!("zstd: {e}"))
+                } else if self.gzip {
+                    gzip(&raw)
+                } else {
+                    raw
+                };
                 let blob_hex = sha256_hex(&blob);
                 if self.corrupt_blob == Some(i) {
                     let mid = blob.len() / 2;
@@ -373,6 +383,109 @@ impl ImageSpec {
         add_file(&mut b, "index.json", index.to_string().as_bytes());
         b.into_inner()
             .unwrap_or_else(|e| panic!("finishing archive: {e}"))
+    }
+}
+
+/// An image as a registry stores it: blobs, then manifests to push by digest, then the
+/// document to push under the tag.
+#[derive(Clone, Debug)]
+pub struct RegistryParts {
+    /// (`sha256:<hex>`, bytes): layer blobs and config blobs.
+    pub blobs: Vec<(String, Vec<u8>)>,
+    /// (`sha256:<hex>`, media type, bytes): per-platform manifests of an index.
+    pub manifests: Vec<(String, String, Vec<u8>)>,
+    /// (media type, bytes): the manifest or index the tag points at.
+    pub top: (String, Vec<u8>),
+}
+
+impl ImageSpec {
+    /// The registry form of the image (`extra_arm64` makes the top an index).
+    pub fn registry_parts(&self) -> RegistryParts {
+        let built = self.build_layers();
+        let docker = self.docker_media_types;
+        let layer_type = match (docker, self.zstd, self.gzip) {
+            (true, true, _) => "application/vnd.docker.image.rootfs.diff.tar.zstd",
+            (true, false, true) => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            (true, false, false) => "application/vnd.docker.image.rootfs.diff.tar",
+            (false, true, _) => "application/vnd.oci.image.layer.v1.tar+zstd",
+            (false, false, true) => "application/vnd.oci.image.layer.v1.tar+gzip",
+            (false, false, false) => "application/vnd.oci.image.layer.v1.tar",
+        };
+        let (manifest_type, config_type, index_type) = if docker {
+            (
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.distribution.manifest.list.v2+json",
+            )
+        } else {
+            (
+                "application/vnd.oci.image.manifest.v1+json",
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.index.v1+json",
+            )
+        };
+        let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+        for (_, blob, hex) in &built.layers {
+            let d = format!("sha256:{hex}");
+            if !blobs.iter().any(|(x, _)| *x == d) {
+                blobs.push((d, blob.clone()));
+            }
+        }
+        let layers_desc: Vec<_> = built
+            .layers
+            .iter()
+            .map(|(_, blob, hex)| json!({"mediaType": layer_type, "digest": format!("sha256:{hex}"), "size": blob.len()}))
+            .collect();
+        let mut platforms: Vec<(&str, Option<Vec<String>>)> = Vec::new();
+        if self.extra_arm64 {
+            platforms.push(("arm64", Some(vec!["arm64".to_owned()])));
+        }
+        platforms.push(("amd64", None));
+        let mut manifests = Vec::new();
+        for (arch, cmd) in platforms {
+            let config = self.config_json(&built, cmd.as_deref(), arch);
+            let config_digest = format!("sha256:{}", sha256_hex(&config));
+            let manifest = json!({
+                "schemaVersion": 2,
+                "mediaType": manifest_type,
+                "config": {"mediaType": config_type, "digest": config_digest, "size": config.len()},
+                "layers": layers_desc,
+            })
+            .to_string()
+            .into_bytes();
+            blobs.push((config_digest, config));
+            manifests.push((
+                format!("sha256:{}", sha256_hex(&manifest)),
+                arch.to_owned(),
+                manifest,
+            ));
+        }
+        if !self.extra_arm64 {
+            let (_, _, m) = manifests.remove(0);
+            return RegistryParts {
+                blobs,
+                manifests: Vec::new(),
+                top: (manifest_type.to_owned(), m),
+            };
+        }
+        let entries: Vec<_> = manifests
+            .iter()
+            .map(|(d, arch, m)| {
+                json!({"mediaType": manifest_type, "digest": d, "size": m.len(),
+                       "platform": {"architecture": arch, "os": "linux"}})
+            })
+            .collect();
+        let index = json!({"schemaVersion": 2, "mediaType": index_type, "manifests": entries})
+            .to_string()
+            .into_bytes();
+        RegistryParts {
+            blobs,
+            manifests: manifests
+                .into_iter()
+                .map(|(d, _, m)| (d, manifest_type.to_owned(), m))
+                .collect(),
+            top: (index_type.to_owned(), index),
+        }
     }
 }
 

@@ -19,9 +19,11 @@
 
 mod archive;
 mod busybox;
+mod registry;
 
-pub use archive::{layer_tar, ConfigSpec, Entry, ImageSpec, Kind};
+pub use archive::{layer_tar, ConfigSpec, Entry, ImageSpec, Kind, RegistryParts};
 pub use busybox::{busybox_image, busybox_spec};
+pub use registry::{FaultProxy, Faults, Registry, REGISTRY_BIN};
 
 use std::time::{Duration, Instant};
 

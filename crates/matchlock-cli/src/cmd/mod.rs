@@ -5,5 +5,6 @@ pub mod diagnose;
 pub mod exec;
 pub mod image;
 pub mod lifecycle;
+pub mod pull;
 pub mod run;
 pub mod unavailable;

@@ -31,7 +31,7 @@ use crate::ExitWith;
 #[derive(Args, Debug, Clone)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
-    /// Image to boot: a tag imported with `matchlock image import`.
+    /// Image to boot: a local tag, or a registry reference (pulled and cached on first use).
     #[arg(long, required = true)]
     pub image: String,
     /// Command and arguments (after `--` when they start with '-').
@@ -126,7 +126,7 @@ pub struct RunArgs {
     /// Guest path of the host-backed workspace (not available yet).
     #[arg(long)]
     pub workspace: Option<String>,
-    /// Always pull the image (not available yet).
+    /// Always pull the image from its registry, ignoring cached copies.
     #[arg(long)]
     pub pull: bool,
     /// Virtualization: auto (KVM when usable, else TCG emulation), kvm or tcg.
@@ -235,11 +235,10 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         (!a.publish.is_empty(), "-p/--publish"),
         (!a.volume.is_empty(), "-v/--volume"),
         (a.workspace.is_some(), "--workspace"),
-        (a.pull, "--pull"),
     ] {
         if set {
             anyhow::bail!(
-                "{flag} is not supported yet: this build has no guest network stack, workspace or registry support"
+                "{flag} is not supported yet: this build has no guest network stack or workspace support"
             );
         }
     }
@@ -250,16 +249,16 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
 
     let paths = common::paths()?;
     let store = common::image_store(&paths).context("building rootfs")?;
-    let image = store
-        .get(&a.image)
-        .context("building rootfs")?
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "building rootfs: image {:?} not found locally (import one with `matchlock image import {} < image.tar`; `matchlock image ls` lists what is available)",
-                a.image,
-                a.image
-            )
-        })?;
+    let resolved = super::pull::resolve(store, &a.image, a.pull).with_context(|| {
+        format!(
+            "building rootfs: image {:?} not found locally and pulling it failed (import one with `matchlock image import {} < image.tar`; `matchlock image ls` lists what is available)",
+            a.image, a.image
+        )
+    })?;
+    if !resolved.cached {
+        eprintln!("Built rootfs for {} ({})", a.image, resolved.record.digest);
+    }
+    let image = resolved.record;
     let mut image_config = matchlock_api::ImageConfig {
         user: image.config.user.clone(),
         working_dir: image.config.working_dir.clone(),

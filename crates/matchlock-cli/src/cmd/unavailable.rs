@@ -7,17 +7,6 @@ fn not_yet(what: &str) -> anyhow::Result<()> {
     anyhow::bail!("{what} is not available in this build of matchlock yet")
 }
 
-/// Pull an image from a registry (not available yet: use `matchlock image import`).
-#[derive(Args)]
-pub struct PullArgs {
-    /// Image reference.
-    pub image: String,
-    #[arg(short = 't', long = "tag")]
-    pub tag: Option<String>,
-    #[arg(long)]
-    pub force: bool,
-}
-
 /// Build an image from a Dockerfile (not available yet).
 #[derive(Args)]
 pub struct BuildArgs {
@@ -37,12 +26,6 @@ pub struct PortForwardArgs {
 /// Serve JSON-RPC on stdin/stdout for the SDKs (not available yet).
 #[derive(Args)]
 pub struct RpcArgs {}
-
-pub fn pull(_a: PullArgs) -> anyhow::Result<()> {
-    not_yet(
-        "pulling from registries (import archives with `matchlock image import <tag> < image.tar`)",
-    )
-}
 
 pub fn build(_a: BuildArgs) -> anyhow::Result<()> {
     not_yet("building images")
