@@ -18,6 +18,15 @@ export MATCHLOCK_GUEST_INIT MATCHLOCK_KERNEL
 [[ -s "$MATCHLOCK_KERNEL" ]] || fail "guest kernel missing: run scripts/build-kernel.sh"
 cargo build --quiet -p matchlock-cli -p matchlock-test-support || fail "build"
 echo "== tests"
+# Test HOMEs live here; whatever a failed test leaves running is stopped afterwards.
+MATCHLOCK_TEST_TMP=$(mktemp -d /tmp/matchlock-tests.XXXXXX); export MATCHLOCK_TEST_TMP
+cleanup_test_homes() {
+  pkill -TERM -f -- "$MATCHLOCK_TEST_TMP/" 2>/dev/null || true
+  sleep 1
+  pkill -KILL -f -- "$MATCHLOCK_TEST_TMP/" 2>/dev/null || true
+  rm -rf "$MATCHLOCK_TEST_TMP"
+}
+trap cleanup_test_homes EXIT
 cargo test --workspace --no-fail-fast -- --test-threads="${MATCHLOCK_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 if [[ $(id -u) -eq 0 ]]; then

@@ -21,6 +21,7 @@ fn detached_sandbox_lifecycle() {
         "-c",
         "echo started > /tmp/detach-marker; sleep 300",
     ]);
+    let _cleanup = e.guard(&id);
     // exec works right away: run -d returns only once the sandbox is ready.
     let out = ok(&e.run(&["exec", &id, "--", "sh", "-c", "echo $VISIBLE_ENV"]));
     assert_eq!(out.trim(), "from-run");
@@ -116,6 +117,7 @@ fn log_and_follow() {
         "-c",
         "echo first && sleep 2 && echo second && sleep 300",
     ]);
+    let _cleanup = e.guard(&id);
     wait_until(Duration::from_secs(30), "first in log", || {
         stdout(&e.run(&["log", &id])).contains("first")
     })
@@ -315,6 +317,7 @@ fn ctrl_c_kills_guest_command_and_cleans_up() {
 fn detached_without_command_stays_up() {
     let e = env();
     let id = e.detached(&[]);
+    let _cleanup = e.guard(&id);
     assert!(ok(&e.run(&["exec", &id, "echo", "alive"])).contains("alive"));
     // Writes persist across execs in the same sandbox (one writable root per VM).
     ok(&e.run(&["exec", &id, "--", "sh", "-c", "echo kept > /root/state"]));

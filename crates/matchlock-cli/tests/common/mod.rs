@@ -59,7 +59,10 @@ pub fn env() -> &'static TestEnv {
     ENV.get_or_init(|| {
         let home = tempfile::Builder::new()
             .prefix("ml-e2e-")
-            .tempdir_in("/tmp")
+            .tempdir_in(
+                std::env::var_os("MATCHLOCK_TEST_TMP")
+                    .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from),
+            )
             .expect("temp home");
         let env = TestEnv { home };
         let mut archive = Vec::new();
@@ -132,6 +135,14 @@ impl TestEnv {
         id
     }
 
+    /// Kills the sandbox when dropped, so a failing test does not leave a VM running.
+    pub fn guard(&self, id: &str) -> KillOnDrop<'_> {
+        KillOnDrop {
+            env: self,
+            id: id.to_string(),
+        }
+    }
+
     pub fn kill_and_rm(&self, id: &str) {
         let _ = self.run(&["kill", id]);
         let _ =
@@ -139,6 +150,18 @@ impl TestEnv {
                 !stdout(&self.run(&["list", "--running"])).contains(id)
             });
         let _ = self.run(&["rm", id]);
+    }
+}
+
+pub struct KillOnDrop<'a> {
+    env: &'a TestEnv,
+    id: String,
+}
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        // Harmless when the test already killed and removed it.
+        let _ = self.env.run(&["kill", &self.id]);
     }
 }
 
