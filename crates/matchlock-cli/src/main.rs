@@ -67,8 +67,10 @@ enum Command {
     Pull(cmd::unavailable::PullArgs),
     Build(cmd::unavailable::BuildArgs),
     #[command(name = "port-forward")]
-    PortForward(cmd::unavailable::PortForwardArgs),
-    Rpc(cmd::unavailable::RpcArgs),
+    PortForward(cmd::port_forward::PortForwardArgs),
+    #[command(subcommand, name = "allow-list")]
+    AllowList(cmd::allow_list::AllowListCmd),
+    Rpc(cmd::rpc::RpcArgs),
     Diagnose(cmd::diagnose::DiagnoseArgs),
     Version,
 }
@@ -98,8 +100,9 @@ fn main() -> ExitCode {
         Command::Image(c) => cmd::image::image(c),
         Command::Pull(a) => cmd::unavailable::pull(a),
         Command::Build(a) => cmd::unavailable::build(a),
-        Command::PortForward(a) => cmd::unavailable::port_forward(a),
-        Command::Rpc(a) => cmd::unavailable::rpc(a),
+        Command::PortForward(a) => cmd::port_forward::port_forward(a),
+        Command::AllowList(c) => cmd::allow_list::allow_list(c),
+        Command::Rpc(a) => cmd::rpc::rpc(a),
         Command::Diagnose(a) => cmd::diagnose::diagnose(a),
         Command::Version => {
             println!(

@@ -53,8 +53,20 @@ fn dependency_edges_point_down() {
             ][..],
         ),
         (
+            "matchlock-rpc",
+            &[
+                "matchlock-api",
+                "matchlock-guest-proto",
+                "matchlock-image",
+                "matchlock-vm",
+                "matchlock-state",
+                "matchlock-sandbox",
+            ][..],
+        ),
+        (
             "matchlock-cli",
             &[
+                "matchlock-rpc",
                 "matchlock-api",
                 "matchlock-guest-proto",
                 "matchlock-image",

@@ -1,9 +1,12 @@
 //! One module per subcommand.
 
+pub mod allow_list;
 pub mod common;
 pub mod diagnose;
 pub mod exec;
 pub mod image;
 pub mod lifecycle;
+pub mod port_forward;
+pub mod rpc;
 pub mod run;
 pub mod unavailable;

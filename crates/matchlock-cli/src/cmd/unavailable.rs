@@ -27,17 +27,6 @@ pub struct BuildArgs {
     pub tag: Option<String>,
 }
 
-/// Forward host TCP ports into a running sandbox (not available yet).
-#[derive(Args)]
-pub struct PortForwardArgs {
-    #[arg(required = true, num_args = 2..)]
-    pub args: Vec<String>,
-}
-
-/// Serve JSON-RPC on stdin/stdout for the SDKs (not available yet).
-#[derive(Args)]
-pub struct RpcArgs {}
-
 pub fn pull(_a: PullArgs) -> anyhow::Result<()> {
     not_yet(
         "pulling from registries (import archives with `matchlock image import <tag> < image.tar`)",
@@ -46,12 +35,4 @@ pub fn pull(_a: PullArgs) -> anyhow::Result<()> {
 
 pub fn build(_a: BuildArgs) -> anyhow::Result<()> {
     not_yet("building images")
-}
-
-pub fn port_forward(_a: PortForwardArgs) -> anyhow::Result<()> {
-    not_yet("port forwarding")
-}
-
-pub fn rpc(_a: RpcArgs) -> anyhow::Result<()> {
-    not_yet("the JSON-RPC server")
 }
