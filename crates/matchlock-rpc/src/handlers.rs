@@ -674,6 +674,7 @@ async fn log_stream(
         }
         tokio::select! {
             () = cancel.cancelled() => return Err(Failure::Cancelled),
+            () = s.closing.cancelled() => return Err(Failure::Cancelled),
             () = tokio::time::sleep(LOG_POLL) => {}
         }
     }

@@ -6,7 +6,8 @@
 //! token registered under its id. `cancel`, the exec-input notifications (`*.stdin`,
 //! `*.stdin_eof`, `exec_tty.resize`) are handled inline, so input order is preserved and a
 //! `cancel` is never queued behind work. `create` and `close` also run inline: `close`
-//! cancels and drains every in-flight request first, then tears the sandbox down.
+//! waits for in-flight requests first (ending `log_stream`s, which never finish on their
+//! own), then tears the sandbox down.
 //!
 //! Unlike the reference, stdin EOF, a stdout failure or SIGINT/SIGTERM (the caller's `stop`
 //! token) all end in the same graceful teardown: in-flight requests are cancelled (and
@@ -63,6 +64,9 @@ pub struct InputRoute {
 pub struct Shared {
     pub out: mpsc::UnboundedSender<String>,
     pub run: CancellationToken,
+    /// Cancelled when `close` starts: ends requests that never finish on their own
+    /// (`log_stream`), while other in-flight requests are allowed to complete.
+    pub closing: CancellationToken,
     pub opts: ServerOptions,
     pub state: Arc<StateDb>,
     pub inflight: Mutex<HashMap<String, CancellationToken>>,
@@ -160,6 +164,7 @@ where
     let shared = Arc::new(Shared {
         out: tx,
         run: run.clone(),
+        closing: CancellationToken::new(),
         opts,
         state,
         inflight: Mutex::new(HashMap::new()),
@@ -219,7 +224,7 @@ where
                 respond(&shared, req.id.as_ref(), r);
             }
             handlers::Lane::Close => {
-                shared.cancel_all();
+                shared.closing.cancel();
                 while tasks.join_next().await.is_some() {}
                 let r = handlers::close(&shared, &req.params).await;
                 respond(&shared, req.id.as_ref(), r);

@@ -5,10 +5,10 @@
 //! # Design
 //! Every accepted connection gets its own guest connection (from a caller-supplied
 //! [`Dial`], so the same code serves in-process sandboxes and relay clients), sends
-//! `PortForward{host: 127.0.0.1, port}` and waits for `Ok`; after that the guest connection is
-//! a raw byte pipe. Bytes are spliced both ways and half-close is propagated in both
-//! directions (the guest agent does the same on its side), so request/EOF/response protocols
-//! work. No guest NIC is needed. All listeners are bound before any is served, so a bind
+//! `PortForward{host: 127.0.0.1, port, framed}` and waits for `Ok`. The tunnel is framed
+//! (`Data`, then `DataEnd` for a half-close) rather than a raw pipe, because the hybrid vsock
+//! socket turns a unix-socket half-close into a full close; framing carries half-close in
+//! both directions, so request/EOF/response protocols work. No guest NIC is needed. All listeners are bound before any is served, so a bind
 //! failure leaves nothing behind. [`Forwarder::close`] stops the listeners and every live
 //! tunnel and waits for them.
 //!
@@ -20,7 +20,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use matchlock_guest_proto::{Frame, FrameType, PortForwardRequest, ProtoError};
+use matchlock_guest_proto::{Frame, FrameType, PortForwardRequest, ProtoError, CHUNK};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -308,9 +309,47 @@ where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     open(&mut guest, remote).await?;
-    tokio::io::copy_bidirectional(&mut client, &mut guest)
-        .await
-        .map_err(ForwardError::Copy)?;
+    let (mut g_read, mut g_write) = guest.into_split();
+    let (mut c_read, mut c_write) = tokio::io::split(&mut client);
+    // Client -> guest: bytes as `Data`, EOF as `DataEnd` (the guest half-closes its TCP side).
+    let up = async {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = c_read.read(&mut buf).await.map_err(ForwardError::Copy)?;
+            let f = if n == 0 {
+                Frame::empty(FrameType::DataEnd)
+            } else {
+                Frame::new(FrameType::Data, buf[..n].to_vec())
+            };
+            write_frame(&mut g_write, &f)
+                .await
+                .map_err(ForwardError::Request)?;
+            if n == 0 {
+                return Ok::<(), ForwardError>(());
+            }
+        }
+    };
+    // Guest -> client: `Data` as bytes, `DataEnd` as a half-close of the client.
+    let down = async {
+        loop {
+            let f = read_frame(&mut g_read)
+                .await
+                .map_err(ForwardError::Reply)?
+                .ok_or(ForwardError::Closed)?;
+            match f.kind {
+                FrameType::Data => c_write
+                    .write_all(&f.payload)
+                    .await
+                    .map_err(ForwardError::Copy)?,
+                FrameType::DataEnd => {
+                    c_write.shutdown().await.map_err(ForwardError::Copy)?;
+                    return Ok::<(), ForwardError>(());
+                }
+                other => return Err(ForwardError::Unexpected(other)),
+            }
+        }
+    };
+    tokio::try_join!(up, down)?;
     Ok(())
 }
 
@@ -322,6 +361,7 @@ pub async fn open(guest: &mut UnixStream, remote: u16) -> Result<(), ForwardErro
     let req = PortForwardRequest {
         host: "127.0.0.1".into(),
         port: remote,
+        framed: true,
     };
     let f = Frame::json(FrameType::PortForward, &req).map_err(ForwardError::Request)?;
     write_frame(guest, &f)
@@ -343,7 +383,6 @@ pub async fn open(guest: &mut UnixStream, remote: u16) -> Result<(), ForwardErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn specs_and_addresses() {
@@ -400,14 +439,27 @@ mod tests {
                             .expect("w");
                         return;
                     }
+                    assert!(req.framed);
                     write_frame(&mut guest, &Frame::empty(FrameType::Ok))
                         .await
                         .expect("w");
                     // Echo server that answers only after the client half-closes.
                     let mut buf = Vec::new();
-                    guest.read_to_end(&mut buf).await.expect("read");
+                    loop {
+                        let f = read_frame(&mut guest).await.expect("r").expect("f");
+                        match f.kind {
+                            FrameType::Data => buf.extend_from_slice(&f.payload),
+                            FrameType::DataEnd => break,
+                            k => panic!("unexpected {k:?}"),
+                        }
+                    }
                     buf.reverse();
-                    guest.write_all(&buf).await.expect("write");
+                    write_frame(&mut guest, &Frame::new(FrameType::Data, buf))
+                        .await
+                        .expect("w");
+                    write_frame(&mut guest, &Frame::empty(FrameType::DataEnd))
+                        .await
+                        .expect("w");
                 });
                 Ok(host)
             })
