@@ -66,6 +66,7 @@ enum Command {
     Image(cmd::image::ImageCmd),
     Pull(cmd::unavailable::PullArgs),
     Build(cmd::unavailable::BuildArgs),
+    Volume(cmd::unavailable::VolumeArgs),
     #[command(name = "port-forward")]
     PortForward(cmd::port_forward::PortForwardArgs),
     #[command(subcommand, name = "allow-list")]
@@ -100,6 +101,7 @@ fn main() -> ExitCode {
         Command::Image(c) => cmd::image::image(c),
         Command::Pull(a) => cmd::unavailable::pull(a),
         Command::Build(a) => cmd::unavailable::build(a),
+        Command::Volume(a) => cmd::unavailable::volume(a),
         Command::PortForward(a) => cmd::port_forward::port_forward(a),
         Command::AllowList(c) => cmd::allow_list::allow_list(c),
         Command::Rpc(a) => cmd::rpc::rpc(a),

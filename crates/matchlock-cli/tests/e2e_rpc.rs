@@ -591,3 +591,53 @@ fn roundtrip(port: u16, msg: &str) -> String {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn run_publish_forwards_ports() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        l.local_addr().expect("addr").port()
+    };
+    let bad = env().sandbox(&["-p", "0", "--", "true"]);
+    assert!(!bad.status.success());
+    assert!(
+        common::stderr(&bad).contains("invalid port 0: must be in range 1-65535"),
+        "{}",
+        common::stderr(&bad)
+    );
+    let mut child = env()
+        .cmd()
+        .args(["run", "--image", common::IMAGE, "-p"])
+        .arg(format!("{port}:7000"))
+        .args([
+            "--address",
+            "localhost",
+            "--",
+            "nc",
+            "-l",
+            "-p",
+            "7000",
+            "-e",
+            "rev",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run -p");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("Forwarding") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).expect("read") > 0,
+            "run exited early"
+        );
+    }
+    assert_eq!(
+        line.trim(),
+        format!("Forwarding 127.0.0.1:{port} -> sandbox:7000")
+    );
+    assert_eq!(roundtrip(port, "ping\n"), "gnip\n");
+    // nc exits after one connection, so the run ends with its exit code.
+    assert!(child.wait().expect("wait").success());
+}

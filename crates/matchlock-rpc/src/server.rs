@@ -6,8 +6,7 @@
 //! token registered under its id. `cancel`, the exec-input notifications (`*.stdin`,
 //! `*.stdin_eof`, `exec_tty.resize`) are handled inline, so input order is preserved and a
 //! `cancel` is never queued behind work. `create` and `close` also run inline: `close`
-//! waits for in-flight requests first (ending `log_stream`s, which never finish on their
-//! own), then tears the sandbox down.
+//! cancels in-flight requests and waits for their answers, then tears the sandbox down.
 //!
 //! Unlike the reference, stdin EOF, a stdout failure or SIGINT/SIGTERM (the caller's `stop`
 //! token) all end in the same graceful teardown: in-flight requests are cancelled (and
@@ -224,7 +223,11 @@ where
                 respond(&shared, req.id.as_ref(), r);
             }
             handlers::Lane::Close => {
+                // The sandbox is going away: in-flight requests cannot complete, so they
+                // are cancelled (answered -32003) rather than making `close` wait for them
+                // (the reference waits, and SDKs then kill the server after their timeout).
                 shared.closing.cancel();
+                shared.cancel_all();
                 while tasks.join_next().await.is_some() {}
                 let r = handlers::close(&shared, &req.params).await;
                 respond(&shared, req.id.as_ref(), r);

@@ -29,7 +29,10 @@ pub fn rpc(a: RpcArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|_| anyhow::anyhow!("invalid --accel {:?} (use auto, kvm or tcg)", a.accel))?;
     let choice = matchlock_vm::detect_accel(accel);
-    if choice.accel == matchlock_vm::Accel::Tcg && accel == matchlock_vm::Accel::Auto {
+    if choice.accel == matchlock_vm::Accel::Tcg
+        && accel == matchlock_vm::Accel::Auto
+        && std::env::var_os("MATCHLOCK_QUIET_ACCEL").is_none()
+    {
         tracing::warn!("{}", choice.reason);
     }
     let paths = common::paths()?;

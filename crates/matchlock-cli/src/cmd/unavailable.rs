@@ -36,3 +36,15 @@ pub fn pull(_a: PullArgs) -> anyhow::Result<()> {
 pub fn build(_a: BuildArgs) -> anyhow::Result<()> {
     not_yet("building images")
 }
+
+/// Named raw ext4 volumes (not available yet).
+#[derive(Args)]
+pub struct VolumeArgs {
+    /// create, ls, rm or cp, and their arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+pub fn volume(_a: VolumeArgs) -> anyhow::Result<()> {
+    not_yet("named volumes (`matchlock volume`)")
+}
