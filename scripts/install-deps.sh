@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what Matchlock needs on a Debian/Ubuntu host: QEMU, the kernel source and its
-# build tools, image tools, and the vhost-user vsock backend (from the Rust crate registry).
+# build tools, image tools, python3-venv (the RPC tests install the published Python SDK into
+# a virtualenv), and the vhost-user vsock backend (from the Rust crate registry).
 set -euo pipefail
 pkgs=(qemu-system-x86 linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev
-      cpio xz-utils e2fsprogs squashfs-tools-ng busybox-static)
+      cpio xz-utils e2fsprogs squashfs-tools-ng busybox-static python3 python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
