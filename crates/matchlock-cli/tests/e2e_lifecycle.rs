@@ -21,7 +21,14 @@ fn detached_sandbox_lifecycle() {
         "-c",
         "echo started > /tmp/detach-marker; sleep 300",
     ]);
-    // exec works right away: run -d returns only once the sandbox is ready.
+    // exec works right away: run -d returns only once the sandbox is ready. The run's own
+    // command starts concurrently, so its marker may appear a moment later.
+    wait_until(Duration::from_secs(10), "detached command started", || {
+        e.run(&["exec", &id, "--", "test", "-f", "/tmp/detach-marker"])
+            .status
+            .success()
+    })
+    .expect("marker");
     let out = ok(&e.run(&[
         "exec",
         &id,
