@@ -17,6 +17,8 @@ MATCHLOCK_KERNEL=$(scripts/build-kernel.sh --print-path)
 export MATCHLOCK_GUEST_INIT MATCHLOCK_KERNEL
 [[ -s "$MATCHLOCK_KERNEL" ]] || fail "guest kernel missing: run scripts/build-kernel.sh"
 cargo build --quiet -p matchlock-cli -p matchlock-test-support || fail "build"
+echo "== python SDK (matchlock==0.2.17 from PyPI, for the RPC compatibility tests)"
+scripts/python-sdk-venv.sh >/dev/null || fail "python SDK virtualenv (needs python3-venv and PyPI)"
 echo "== tests"
 # Test HOMEs live here; whatever a failed test leaves running is stopped afterwards.
 MATCHLOCK_TEST_TMP=$(mktemp -d /tmp/matchlock-tests.XXXXXX); export MATCHLOCK_TEST_TMP

@@ -4,8 +4,9 @@
 //! both sides of each ratio are measured back to back, interleaved):
 //! - cold start: `matchlock run -- true` with a cached image vs. a bare QEMU boot of the same
 //!   kernel and initramfs to init and power-off;
-//! - warm exec: `exec true` into a running sandbox (in-process and through the exec relay,
-//!   i.e. `matchlock exec`) vs. a raw vsock round trip on an open connection;
+//! - warm exec: `exec true` into a running sandbox (in-process, through the exec relay
+//!   socket, through `matchlock rpc` (JSON-RPC, what the SDKs use) and via the `matchlock
+//!   exec` CLI) vs. a raw vsock round trip on an open connection;
 //! - pull (only when asked for: needs `skopeo` and `docker-registry`): `matchlock pull` of a
 //!   ~100 MB image from a local registry vs. `skopeo copy` plus the conversion alone.
 //!
@@ -220,6 +221,27 @@ impl Bench {
                     bail!("exec true exited {}", st.code);
                 }
             }
+            // exec true through the exec relay socket (what other processes use), no
+            // process spawn: isolates the relay's cost.
+            let mut relay_exec = Vec::new();
+            for _ in 0..n {
+                let req = ExecRequest {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                };
+                let io = ExecIo::new(
+                    Box::new(tokio::io::sink()),
+                    Box::new(tokio::io::sink()),
+                    Sandbox::never(),
+                );
+                let t = Instant::now();
+                let c = matchlock_sandbox::relay::connect(&sb.id, &sb.dir).await?;
+                let st = matchlock_sandbox::exec::run_exec(c, &req, io).await?;
+                relay_exec.push(t.elapsed());
+                if st.code != 0 {
+                    bail!("relay exec true exited {}", st.code);
+                }
+            }
             let mut cli = Vec::new();
             for _ in 0..self.runs * 2 {
                 let t = Instant::now();
@@ -234,13 +256,20 @@ impl Bench {
                     bail!("matchlock exec failed: {st}");
                 }
             }
-            anyhow::Ok((median(raw), median(fresh), median(inproc), median(cli)))
+            anyhow::Ok((
+                median(raw),
+                median(fresh),
+                median(inproc),
+                median(relay_exec),
+                median(cli),
+            ))
         });
         stop.cancel();
         drop(rt);
         sb.shutdown(Duration::from_secs(2));
         let _ = sb.remove();
-        let (raw, fresh, inproc, cli) = result?;
+        let (raw, fresh, inproc, relay_exec, cli) = result?;
+        let rpc = self.rpc_exec_roundtrip(self.runs * 10)?;
         println!("warm exec (medians; vsock port {SERVICE_PORT}):");
         println!("  raw vsock round trip (Ping/Pong):       {}", ms(raw));
         println!(
@@ -254,11 +283,70 @@ impl Bench {
             inproc.as_secs_f64() / raw.as_secs_f64()
         );
         println!(
+            "  exec true through the exec relay:       {}  ratio {:.1}x",
+            ms(relay_exec),
+            relay_exec.as_secs_f64() / raw.as_secs_f64()
+        );
+        println!(
+            "  exec(\"true\") through matchlock rpc:     {}  ratio {:.1}x (vs relay {:.2}x)",
+            ms(rpc),
+            rpc.as_secs_f64() / raw.as_secs_f64(),
+            rpc.as_secs_f64() / relay_exec.as_secs_f64()
+        );
+        println!(
             "  matchlock exec true (CLI + exec relay): {}  ratio {:.1}x",
             ms(cli),
             cli.as_secs_f64() / raw.as_secs_f64()
         );
         Ok(())
+    }
+
+    /// Median round trip of `exec {"command":"true"}` through a `matchlock rpc` process
+    /// (JSON line out, response line back), on its own sandbox.
+    fn rpc_exec_roundtrip(&self, n: usize) -> anyhow::Result<Duration> {
+        use std::io::{BufRead, Write};
+        let mut child = self
+            .matchlock()
+            .arg("rpc")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn matchlock rpc")?;
+        let mut input = child.stdin.take().context("rpc stdin")?;
+        let mut output = std::io::BufReader::new(child.stdout.take().context("rpc stdout")?);
+        let mut call = |id: usize, method: &str, params: &str| -> anyhow::Result<String> {
+            writeln!(
+                input,
+                r#"{{"jsonrpc":"2.0","method":"{method}","params":{params},"id":{id}}}"#
+            )?;
+            input.flush()?;
+            let mut line = String::new();
+            if output.read_line(&mut line)? == 0 {
+                bail!("matchlock rpc exited");
+            }
+            if line.contains(r#""error""#) {
+                bail!("rpc {method} failed: {line}");
+            }
+            Ok(line)
+        };
+        call(
+            1,
+            "create",
+            &format!(r#"{{"image":"{IMAGE}","resources":{{"disk_size_mb":256}}}}"#),
+        )?;
+        let mut times = Vec::new();
+        for i in 0..n {
+            let t = Instant::now();
+            let line = call(i + 2, "exec", r#"{"command":"true"}"#)?;
+            times.push(t.elapsed());
+            if !line.contains(r#""exit_code":0"#) {
+                bail!("rpc exec true: {line}");
+            }
+        }
+        call(n + 2, "close", r#"{"timeout_seconds":2}"#)?;
+        drop(input);
+        child.wait()?;
+        Ok(median(times))
     }
 }
 

@@ -67,9 +67,12 @@ enum Command {
     Image(cmd::image::ImageCmd),
     Pull(cmd::pull::PullArgs),
     Build(cmd::unavailable::BuildArgs),
+    Volume(cmd::unavailable::VolumeArgs),
     #[command(name = "port-forward")]
-    PortForward(cmd::unavailable::PortForwardArgs),
-    Rpc(cmd::unavailable::RpcArgs),
+    PortForward(cmd::port_forward::PortForwardArgs),
+    #[command(subcommand, name = "allow-list")]
+    AllowList(cmd::allow_list::AllowListCmd),
+    Rpc(cmd::rpc::RpcArgs),
     Diagnose(cmd::diagnose::DiagnoseArgs),
     Version,
 }
@@ -99,8 +102,10 @@ fn main() -> ExitCode {
         Command::Image(c) => cmd::image::image(c),
         Command::Pull(a) => cmd::pull::pull(a),
         Command::Build(a) => cmd::unavailable::build(a),
-        Command::PortForward(a) => cmd::unavailable::port_forward(a),
-        Command::Rpc(a) => cmd::unavailable::rpc(a),
+        Command::Volume(a) => cmd::unavailable::volume(a),
+        Command::PortForward(a) => cmd::port_forward::port_forward(a),
+        Command::AllowList(c) => cmd::allow_list::allow_list(c),
+        Command::Rpc(a) => cmd::rpc::rpc(a),
         Command::Diagnose(a) => cmd::diagnose::diagnose(a),
         Command::Version => {
             println!(

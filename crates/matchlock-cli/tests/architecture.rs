@@ -35,6 +35,8 @@ fn dependency_edges_point_down() {
     let allowed: BTreeMap<&str, &[&str]> = BTreeMap::from([
         ("matchlock-api", &[][..]),
         ("matchlock-guest-proto", &[][..]),
+        // The SDK only spawns `matchlock rpc`: it links no other matchlock crate.
+        ("matchlock-sdk", &[][..]),
         ("matchlock-image", &["matchlock-api"][..]),
         (
             "matchlock-vm",
@@ -53,8 +55,20 @@ fn dependency_edges_point_down() {
             ][..],
         ),
         (
+            "matchlock-rpc",
+            &[
+                "matchlock-api",
+                "matchlock-guest-proto",
+                "matchlock-image",
+                "matchlock-vm",
+                "matchlock-state",
+                "matchlock-sandbox",
+            ][..],
+        ),
+        (
             "matchlock-cli",
             &[
+                "matchlock-rpc",
                 "matchlock-api",
                 "matchlock-guest-proto",
                 "matchlock-image",

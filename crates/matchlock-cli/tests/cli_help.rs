@@ -173,3 +173,44 @@ fn argument_errors() {
     ok(&run(&["rm", "--stopped"]));
     let _ = stdout;
 }
+
+#[test]
+fn port_forward_and_allow_list_argument_errors() {
+    let home = tempfile::tempdir().expect("tmp");
+    let run = |args: &[&str]| {
+        bare()
+            .env("HOME", home.path())
+            .env("XDG_CACHE_HOME", home.path())
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    for (args, msg) in [
+        (
+            &["port-forward", "vm-x", "0"][..],
+            "invalid port 0: must be in range 1-65535",
+        ),
+        (
+            &["port-forward", "vm-x", "1:2:3"],
+            "invalid port-forward spec format",
+        ),
+        (
+            &["port-forward", "--address", "example.com", "vm-x", "80"],
+            "invalid bind address \"example.com\" (use an IP literal or localhost)",
+        ),
+        (&["port-forward", "vm-nonexistent", "80"], "not found"),
+        (
+            &["allow-list", "add", "vm-x", " , "],
+            "expected one or more hosts",
+        ),
+        (
+            &["allow-list", "delete", "vm-nonexistent", "a.com"],
+            "not found",
+        ),
+        (&["volume", "ls"], "not available"),
+    ] {
+        let o = run(args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
+    }
+}

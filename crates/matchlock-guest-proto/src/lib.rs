@@ -487,6 +487,12 @@ pub struct PortForwardRequest {
     #[serde(default = "default_forward_host")]
     pub host: String,
     pub port: u16,
+    /// After `Ok`, carry the bytes as `Data` frames both ways, with `DataEnd` marking a
+    /// half-close, instead of a raw pipe. Hybrid vsock transports (vhost-device-vsock,
+    /// Firecracker) turn a unix-socket half-close into a full close, so only the framed
+    /// form can honour half-close. Absent (false) = the raw pipe, as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub framed: bool,
 }
 
 fn default_forward_host() -> String {

@@ -389,6 +389,7 @@ mod tests {
         let req = PortForwardRequest {
             host: "127.0.0.1".into(),
             port,
+            framed: false,
         };
         write_frame(
             &mut host,
@@ -415,6 +416,7 @@ mod tests {
         let req = PortForwardRequest {
             host: "127.0.0.1".into(),
             port,
+            framed: false,
         };
         write_frame(
             &mut host,
@@ -426,6 +428,49 @@ mod tests {
         assert!(
             String::from_utf8_lossy(&f.payload).starts_with(&format!("connect 127.0.0.1:{port}: "))
         );
+        h.join().expect("join").expect("session");
+    }
+
+    #[test]
+    fn framed_port_forward_honours_half_close() {
+        let a = agent(Arc::new(AtomicBool::new(false)));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("read");
+            s.write_all(b"echo:").expect("w");
+            s.write_all(&got).expect("w");
+        });
+        let (mut host, h) = connect(&a);
+        let req = PortForwardRequest {
+            host: "127.0.0.1".into(),
+            port,
+            framed: true,
+        };
+        write_frame(
+            &mut host,
+            &Frame::json(FrameType::PortForward, &req).expect("json"),
+        )
+        .expect("w");
+        assert_eq!(
+            read_frame_required(&mut host).expect("ok").kind,
+            FrameType::Ok
+        );
+        write_frame(&mut host, &Frame::new(FrameType::Data, b"ping".to_vec())).expect("w");
+        write_frame(&mut host, &Frame::empty(FrameType::DataEnd)).expect("w");
+        let mut back = Vec::new();
+        loop {
+            let f = read_frame_required(&mut host).expect("frame");
+            match f.kind {
+                FrameType::Data => back.extend_from_slice(&f.payload),
+                FrameType::DataEnd => break,
+                k => panic!("unexpected {k:?}"),
+            }
+        }
+        assert_eq!(back, b"echo:ping");
+        server.join().expect("server");
         h.join().expect("join").expect("session");
     }
 

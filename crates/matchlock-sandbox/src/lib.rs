@@ -10,6 +10,9 @@
 //! the sandbox through the [`relay`] (a unix socket in the VM's state dir) which applies the
 //! sandbox's exec defaults and then splices bytes to the guest.
 //!
+//! [`files`] and [`forward`] are the host sides of the guest's file and port-forward
+//! sessions; they take any connection, so they work in-process and through a relay.
+//!
 //! # Limitations
 //! No guest NIC yet (networking is a later issue); the VM only has vsock.
 
@@ -17,6 +20,8 @@
 
 pub mod disk;
 pub mod exec;
+pub mod files;
+pub mod forward;
 pub mod paths;
 pub mod relay;
 mod sandbox;

@@ -90,6 +90,15 @@ impl GuestLink {
             .map_err(SandboxError::StreamSetup)?;
         tokio::net::UnixStream::from_std(std).map_err(SandboxError::StreamSetup)
     }
+
+    /// A [`crate::forward::Dial`] that opens guest connections through this link.
+    pub fn dialer(self: &Arc<Self>) -> crate::forward::Dial {
+        let link = self.clone();
+        Arc::new(move || {
+            let link = link.clone();
+            Box::pin(async move { link.connect().await.map_err(|e| e.to_string()) })
+        })
+    }
 }
 
 /// Everything needed to create a sandbox.

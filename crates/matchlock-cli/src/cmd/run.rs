@@ -114,10 +114,11 @@ pub struct RunArgs {
     /// Guest NIC MTU.
     #[arg(long, default_value_t = 1500)]
     pub mtu: i64,
-    /// Publish [LOCAL:]REMOTE ports (not available yet).
-    #[arg(short = 'p', long = "publish")]
+    /// Forward host port LOCAL (default: REMOTE) to 127.0.0.1:REMOTE inside the sandbox
+    /// ([LOCAL:]REMOTE). Repeatable. Works without a guest network.
+    #[arg(short = 'p', long = "publish", value_name = "[LOCAL:]REMOTE")]
     pub publish: Vec<String>,
-    /// Host address for published ports.
+    /// Host address(es) the -p listeners bind (IP literal or localhost).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
     pub address: Vec<String>,
     /// Mount a host directory into the workspace (not available yet).
@@ -232,7 +233,6 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         (!a.allow_host.is_empty(), "--allow-host"),
         (!a.secret.is_empty(), "--secret"),
         (a.network_intercept, "--network-intercept"),
-        (!a.publish.is_empty(), "-p/--publish"),
         (!a.volume.is_empty(), "-v/--volume"),
         (a.workspace.is_some(), "--workspace"),
     ] {
@@ -246,6 +246,12 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         .accel
         .parse()
         .map_err(|_| anyhow::anyhow!("invalid --accel {:?} (use auto, kvm or tcg)", a.accel))?;
+    for p in &a.publish {
+        matchlock_sandbox::forward::parse_spec(p)?;
+    }
+    if !a.publish.is_empty() {
+        matchlock_sandbox::forward::parse_addresses(&a.address)?;
+    }
 
     let paths = common::paths()?;
     let store = common::image_store(&paths).context("building rootfs")?;
@@ -386,6 +392,26 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             }
             Err(e) => eprintln!("Warning: failed to start exec relay: {e:#}"),
         }
+        let mut forwards = None;
+        if !a.publish.is_empty() {
+            let dial = sandbox.link().dialer();
+            match super::port_forward::start(&a.address, &a.publish, dial).await {
+                Ok(f) => forwards = Some(f),
+                Err(e) => {
+                    stop_relay.cancel();
+                    let sb = sandbox.clone();
+                    tokio::task::spawn_blocking(move || {
+                        sb.shutdown(grace);
+                        if rm {
+                            let _ = sb.remove();
+                        }
+                    })
+                    .await
+                    .context("cleanup task")?;
+                    return Err(e);
+                }
+            }
+        }
         if !rm {
             eprintln!("Sandbox {} is running", sandbox.id);
             eprintln!("  Connect: matchlock exec {} -it sh", sandbox.id);
@@ -460,6 +486,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+        if let Some(f) = forwards {
+            f.close().await;
         }
         stop_relay.cancel();
         let sb = sandbox.clone();

@@ -16,25 +16,18 @@ pub struct BuildArgs {
     pub tag: Option<String>,
 }
 
-/// Forward host TCP ports into a running sandbox (not available yet).
-#[derive(Args)]
-pub struct PortForwardArgs {
-    #[arg(required = true, num_args = 2..)]
-    pub args: Vec<String>,
-}
-
-/// Serve JSON-RPC on stdin/stdout for the SDKs (not available yet).
-#[derive(Args)]
-pub struct RpcArgs {}
-
 pub fn build(_a: BuildArgs) -> anyhow::Result<()> {
     not_yet("building images")
 }
 
-pub fn port_forward(_a: PortForwardArgs) -> anyhow::Result<()> {
-    not_yet("port forwarding")
+/// Named raw ext4 volumes (not available yet).
+#[derive(Args)]
+pub struct VolumeArgs {
+    /// create, ls, rm or cp, and their arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
 }
 
-pub fn rpc(_a: RpcArgs) -> anyhow::Result<()> {
-    not_yet("the JSON-RPC server")
+pub fn volume(_a: VolumeArgs) -> anyhow::Result<()> {
+    not_yet("named volumes (`matchlock volume`)")
 }

@@ -1,0 +1,185 @@
+//! Every failure a method can report, and the ONE mapping from failures to JSON-RPC error
+//! codes (spec §2.2).
+//!
+//! # Design
+//! Handlers return [`Failure`]; [`Failure::code`] is the only place that decides a code, and
+//! [`Failure::message`] renders the error chain (`a: b: c`). Messages are built from our own
+//! error types and never include request parameters wholesale, so secret values sent in a
+//! config cannot be echoed back.
+//!
+//! # Limitations
+//! `-32603 Internal` is defined but, as in the reference, never produced.
+
+use matchlock_sandbox::exec::ExecError;
+use matchlock_sandbox::files::FileError;
+use matchlock_sandbox::forward::{ForwardError, SpecError};
+use matchlock_sandbox::SandboxError;
+
+pub const PARSE_ERROR: i64 = -32700;
+pub const INVALID_REQUEST: i64 = -32600;
+pub const METHOD_NOT_FOUND: i64 = -32601;
+pub const INVALID_PARAMS: i64 = -32602;
+pub const INTERNAL: i64 = -32603;
+pub const VM_FAILED: i64 = -32000;
+pub const EXEC_FAILED: i64 = -32001;
+pub const FILE_FAILED: i64 = -32002;
+pub const CANCELLED: i64 = -32003;
+
+/// The reference's text for features that need the network interception proxy.
+pub const NO_INTERCEPTION: &str =
+    "allow-list updates unavailable: sandbox was started without network interception";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("Parse error")]
+    Parse,
+    #[error("Invalid Request: {0}")]
+    InvalidRequest(&'static str),
+    #[error("request line exceeds {max} bytes")]
+    LineTooLong { max: usize },
+    #[error("Method not found")]
+    MethodNotFound,
+    #[error("{0} requires a request id")]
+    IdRequired(&'static str),
+    #[error("invalid params")]
+    Params(#[source] serde_json::Error),
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("image is required (e.g., alpine:latest)")]
+    ImageRequired,
+    #[error("id is internal-only and cannot be set")]
+    IdInternal,
+    #[error("{0}")]
+    Config(#[source] matchlock_api::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Vfs(String),
+    #[error("invalid base64 content")]
+    Base64,
+    #[error("invalid port-forward spec")]
+    Spec(#[source] SpecError),
+    #[error("VM not created")]
+    NoVm,
+    #[error("{0}")]
+    VmGone(String),
+    #[error("a sandbox ({0}) already exists in this session: close it before creating another")]
+    VmExists(String),
+    #[error("{what} is not available in this build yet: it needs {needs}")]
+    Unavailable {
+        what: &'static str,
+        needs: &'static str,
+    },
+    #[error("{NO_INTERCEPTION}")]
+    NoInterception,
+    #[error("create VM")]
+    Resources(#[source] matchlock_api::ConfigError),
+    #[error("failed to build rootfs: {0}")]
+    Image(String),
+    #[error("create sandbox")]
+    Create(#[source] SandboxError),
+    #[error("start image entrypoint: {0}")]
+    Entrypoint(String),
+    #[error("port forward")]
+    Forward(#[source] ForwardError),
+    #[error("connect to the guest")]
+    Connect(#[source] SandboxError),
+    #[error("guest file operation")]
+    FileConnect(#[source] SandboxError),
+    #[error("exec failed")]
+    Exec(#[source] SandboxError),
+    #[error("command output exceeds {0} bytes")]
+    OutputTooLarge(usize),
+    #[error("guest file operation")]
+    File(#[source] FileError),
+    #[error("read VM log {path}")]
+    Log {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("close sandbox task failed")]
+    CloseJoin(#[source] tokio::task::JoinError),
+    #[error("context canceled")]
+    Cancelled,
+}
+
+impl Failure {
+    /// The JSON-RPC error code of this failure (the only place codes are chosen).
+    pub fn code(&self) -> i64 {
+        use Failure::*;
+        match self {
+            Parse => PARSE_ERROR,
+            InvalidRequest(_) | LineTooLong { .. } | IdRequired(_) => INVALID_REQUEST,
+            MethodNotFound => METHOD_NOT_FOUND,
+            Params(_) | Missing(_) | ImageRequired | IdInternal | Config(_) | Vfs(_) | Base64
+            | Spec(_) => INVALID_PARAMS,
+            NoVm
+            | VmGone(_)
+            | VmExists(_)
+            | Unavailable { .. }
+            | NoInterception
+            | Resources(_)
+            | Image(_)
+            | Create(_)
+            | Entrypoint(_)
+            | Forward(_)
+            | CloseJoin(_) => VM_FAILED,
+            Exec(SandboxError::Exec(ExecError::Cancelled)) | Cancelled => CANCELLED,
+            Connect(_) | Exec(_) | OutputTooLarge(_) => EXEC_FAILED,
+            File(_) | FileConnect(_) | Log { .. } => FILE_FAILED,
+        }
+    }
+
+    /// The error chain as one line, `outer: inner: ...`.
+    pub fn message(&self) -> String {
+        if matches!(
+            self,
+            Failure::Exec(SandboxError::Exec(ExecError::Cancelled))
+        ) {
+            return Failure::Cancelled.to_string();
+        }
+        let mut s = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(e) = src {
+            let t = e.to_string();
+            if !t.is_empty() && !s.ends_with(&t) {
+                s.push_str(": ");
+                s.push_str(&t);
+            }
+            src = e.source();
+        }
+        s
+    }
+
+    /// Whether this failure is a cancellation (after which any error is reported as such).
+    pub fn is_cancelled(&self) -> bool {
+        self.code() == CANCELLED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_messages() {
+        assert_eq!(Failure::Parse.code(), -32700);
+        assert_eq!(Failure::Parse.message(), "Parse error");
+        assert_eq!(Failure::MethodNotFound.code(), -32601);
+        assert_eq!(Failure::ImageRequired.code(), -32602);
+        assert_eq!(Failure::NoVm.message(), "VM not created");
+        assert_eq!(Failure::NoVm.code(), -32000);
+        assert_eq!(
+            Failure::Exec(SandboxError::Exec(ExecError::Cancelled)).code(),
+            -32003
+        );
+        assert_eq!(
+            Failure::Exec(SandboxError::Exec(ExecError::Cancelled)).message(),
+            "context canceled"
+        );
+        let e = Failure::File(FileError::Guest("read /x: No such file".into()));
+        assert_eq!(e.code(), -32002);
+        assert_eq!(e.message(), "guest file operation: read /x: No such file");
+        assert_eq!(Failure::NoInterception.message(), NO_INTERCEPTION);
+        assert_eq!(INTERNAL, -32603);
+    }
+}

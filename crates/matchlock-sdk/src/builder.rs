@@ -1,0 +1,311 @@
+//! [`Sandbox`]: a builder for `create` options, mirroring the Go SDK's `SandboxBuilder`.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+/// A `[LOCAL:]REMOTE` port mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// Options for [`crate::Client::create`]; build them with [`Sandbox`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CreateOptions {
+    pub image: String,
+    pub privileged: bool,
+    pub cpus: f64,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+    pub timeout_seconds: u64,
+    pub env: BTreeMap<String, String>,
+    pub allowed_hosts: Vec<String>,
+    pub add_hosts: Vec<(String, String)>,
+    pub block_private_ips: Option<bool>,
+    pub no_network: bool,
+    pub dns_servers: Vec<String>,
+    pub hostname: String,
+    pub mtu: u32,
+    pub secrets: BTreeMap<String, (String, Vec<String>)>,
+    pub user: String,
+    pub working_dir: String,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub port_forwards: Vec<PortForward>,
+    pub port_forward_addresses: Vec<String>,
+    pub launch_entrypoint: bool,
+}
+
+impl CreateOptions {
+    /// The `create` params (spec §12.1): resources only when set, `network` only when any
+    /// network option is set.
+    pub fn to_params(&self) -> Value {
+        let mut p = Map::new();
+        p.insert("image".into(), json!(self.image));
+        if self.privileged {
+            p.insert("privileged".into(), json!(true));
+        }
+        let mut res = Map::new();
+        if self.cpus > 0.0 {
+            res.insert("cpus".into(), json!(self.cpus));
+        }
+        for (k, v) in [
+            ("memory_mb", self.memory_mb),
+            ("disk_size_mb", self.disk_size_mb),
+            ("timeout_seconds", self.timeout_seconds),
+        ] {
+            if v > 0 {
+                res.insert(k.into(), json!(v));
+            }
+        }
+        if !res.is_empty() {
+            p.insert("resources".into(), Value::Object(res));
+        }
+        let wants_network = !self.allowed_hosts.is_empty()
+            || !self.add_hosts.is_empty()
+            || !self.secrets.is_empty()
+            || !self.dns_servers.is_empty()
+            || !self.hostname.is_empty()
+            || self.mtu > 0
+            || self.no_network
+            || self.block_private_ips.is_some();
+        if wants_network {
+            let mut n = Map::new();
+            if self.no_network {
+                n.insert("no_network".into(), json!(true));
+            } else {
+                n.insert("allowed_hosts".into(), json!(self.allowed_hosts));
+                n.insert(
+                    "block_private_ips".into(),
+                    json!(self.block_private_ips.unwrap_or(true)),
+                );
+                if !self.secrets.is_empty() {
+                    let s: Map<String, Value> = self
+                        .secrets
+                        .iter()
+                        .map(|(k, (v, h))| (k.clone(), json!({"value": v, "hosts": h})))
+                        .collect();
+                    n.insert("secrets".into(), Value::Object(s));
+                }
+                if self.mtu > 0 {
+                    n.insert("mtu".into(), json!(self.mtu));
+                }
+            }
+            if !self.add_hosts.is_empty() {
+                let hosts: Vec<Value> = self
+                    .add_hosts
+                    .iter()
+                    .map(|(h, ip)| json!({"host": h, "ip": ip}))
+                    .collect();
+                n.insert("add_hosts".into(), Value::Array(hosts));
+            }
+            if !self.dns_servers.is_empty() {
+                n.insert("dns_servers".into(), json!(self.dns_servers));
+            }
+            if !self.hostname.is_empty() {
+                n.insert("hostname".into(), json!(self.hostname));
+            }
+            p.insert("network".into(), Value::Object(n));
+        }
+        if !self.env.is_empty() {
+            p.insert("env".into(), json!(self.env));
+        }
+        let mut ic = Map::new();
+        if !self.user.is_empty() {
+            ic.insert("user".into(), json!(self.user));
+        }
+        if !self.working_dir.is_empty() {
+            ic.insert("working_dir".into(), json!(self.working_dir));
+        }
+        if !self.entrypoint.is_empty() {
+            ic.insert("entrypoint".into(), json!(self.entrypoint));
+        }
+        if !self.cmd.is_empty() {
+            ic.insert("cmd".into(), json!(self.cmd));
+        }
+        if !ic.is_empty() {
+            p.insert("image_config".into(), Value::Object(ic));
+        }
+        if self.launch_entrypoint {
+            p.insert("launch_entrypoint".into(), json!(true));
+        }
+        Value::Object(p)
+    }
+}
+
+/// Builder for a sandbox, mirroring the Go SDK (`sdk.New(image).WithCPUs(2)...`).
+///
+/// ```
+/// use matchlock_sdk::Sandbox;
+/// let opts = Sandbox::new("alpine:latest")
+///     .with_cpus(1.0)
+///     .with_memory(256)
+///     .with_env("GREETING", "hi")
+///     .with_port_forward(8080, 80)
+///     .options();
+/// assert_eq!(opts.memory_mb, 256);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Sandbox {
+    opts: CreateOptions,
+}
+
+impl Sandbox {
+    pub fn new(image: impl Into<String>) -> Self {
+        Sandbox {
+            opts: CreateOptions {
+                image: image.into(),
+                ..Default::default()
+            },
+        }
+    }
+    pub fn with_privileged(mut self) -> Self {
+        self.opts.privileged = true;
+        self
+    }
+    pub fn with_cpus(mut self, cpus: f64) -> Self {
+        self.opts.cpus = cpus;
+        self
+    }
+    pub fn with_memory(mut self, mb: u64) -> Self {
+        self.opts.memory_mb = mb;
+        self
+    }
+    pub fn with_disk_size(mut self, mb: u64) -> Self {
+        self.opts.disk_size_mb = mb;
+        self
+    }
+    /// Sandbox lifetime in seconds (enforced by the server: the sandbox is stopped after it).
+    pub fn with_timeout(mut self, seconds: u64) -> Self {
+        self.opts.timeout_seconds = seconds;
+        self
+    }
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.opts.env.insert(key.into(), value.into());
+        self
+    }
+    pub fn with_env_map(mut self, env: BTreeMap<String, String>) -> Self {
+        self.opts.env.extend(env);
+        self
+    }
+    pub fn allow_host(mut self, hosts: &[&str]) -> Self {
+        self.opts
+            .allowed_hosts
+            .extend(hosts.iter().map(|h| h.to_string()));
+        self
+    }
+    pub fn add_host(mut self, host: impl Into<String>, ip: impl Into<String>) -> Self {
+        self.opts.add_hosts.push((host.into(), ip.into()));
+        self
+    }
+    pub fn block_private_ips(self) -> Self {
+        self.with_block_private_ips(true)
+    }
+    pub fn allow_private_ips(self) -> Self {
+        self.with_block_private_ips(false)
+    }
+    pub fn with_block_private_ips(mut self, block: bool) -> Self {
+        self.opts.block_private_ips = Some(block);
+        self
+    }
+    pub fn unset_block_private_ips(mut self) -> Self {
+        self.opts.block_private_ips = None;
+        self
+    }
+    pub fn add_secret(mut self, name: &str, value: &str, hosts: &[&str]) -> Self {
+        self.opts.secrets.insert(
+            name.to_string(),
+            (
+                value.to_string(),
+                hosts.iter().map(|h| h.to_string()).collect(),
+            ),
+        );
+        self
+    }
+    pub fn with_dns_servers(mut self, servers: &[&str]) -> Self {
+        self.opts
+            .dns_servers
+            .extend(servers.iter().map(|s| s.to_string()));
+        self
+    }
+    pub fn with_hostname(mut self, hostname: impl Into<String>) -> Self {
+        self.opts.hostname = hostname.into();
+        self
+    }
+    pub fn with_network_mtu(mut self, mtu: u32) -> Self {
+        self.opts.mtu = mtu;
+        self
+    }
+    pub fn with_no_network(mut self) -> Self {
+        self.opts.no_network = true;
+        self
+    }
+    pub fn with_port_forward(mut self, local: u16, remote: u16) -> Self {
+        self.opts.port_forwards.push(PortForward {
+            local_port: local,
+            remote_port: remote,
+        });
+        self
+    }
+    pub fn with_port_forward_addresses(mut self, addresses: &[&str]) -> Self {
+        self.opts
+            .port_forward_addresses
+            .extend(addresses.iter().map(|a| a.to_string()));
+        self
+    }
+    pub fn with_user(mut self, user: impl Into<String>) -> Self {
+        self.opts.user = user.into();
+        self
+    }
+    pub fn with_working_dir(mut self, dir: impl Into<String>) -> Self {
+        self.opts.working_dir = dir.into();
+        self
+    }
+    /// Overrides the image ENTRYPOINT (and clears its CMD), as the Go SDK does.
+    pub fn with_entrypoint(mut self, argv: &[&str]) -> Self {
+        self.opts.entrypoint = argv.iter().map(|a| a.to_string()).collect();
+        self
+    }
+    pub fn with_cmd(mut self, argv: &[&str]) -> Self {
+        self.opts.cmd = argv.iter().map(|a| a.to_string()).collect();
+        self
+    }
+    pub fn options(self) -> CreateOptions {
+        self.opts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_like_the_sdks() {
+        let p = Sandbox::new("img").options().to_params();
+        assert_eq!(p, json!({"image": "img"}));
+        let p = Sandbox::new("img")
+            .with_memory(256)
+            .with_env("A", "b")
+            .with_no_network()
+            .with_entrypoint(&["sh", "-c", "echo hi"])
+            .options()
+            .to_params();
+        assert_eq!(p["resources"], json!({"memory_mb": 256}));
+        assert_eq!(p["network"], json!({"no_network": true}));
+        assert_eq!(p["env"], json!({"A": "b"}));
+        assert_eq!(
+            p["image_config"]["entrypoint"],
+            json!(["sh", "-c", "echo hi"])
+        );
+        let p = Sandbox::new("img")
+            .allow_host(&["a.com"])
+            .options()
+            .to_params();
+        assert_eq!(
+            p["network"],
+            json!({"allowed_hosts": ["a.com"], "block_private_ips": true})
+        );
+    }
+}
