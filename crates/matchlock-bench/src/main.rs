@@ -35,6 +35,20 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+/// `true` with its output discarded: the request every exec benchmark runs.
+fn exec_true() -> (ExecRequest, ExecIo) {
+    let req = ExecRequest {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    let io = ExecIo::new(
+        Box::new(tokio::io::sink()),
+        Box::new(tokio::io::sink()),
+        Sandbox::never(),
+    );
+    (req, io)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -205,15 +219,7 @@ impl Bench {
             }
             let mut inproc = Vec::new();
             for _ in 0..n {
-                let req = ExecRequest {
-                    argv: vec!["true".into()],
-                    ..Default::default()
-                };
-                let io = ExecIo::new(
-                    Box::new(tokio::io::sink()),
-                    Box::new(tokio::io::sink()),
-                    Sandbox::never(),
-                );
+                let (req, io) = exec_true();
                 let t = Instant::now();
                 let st = sb.exec(req, io).await?;
                 inproc.push(t.elapsed());
@@ -225,15 +231,7 @@ impl Bench {
             // process spawn: isolates the relay's cost.
             let mut relay_exec = Vec::new();
             for _ in 0..n {
-                let req = ExecRequest {
-                    argv: vec!["true".into()],
-                    ..Default::default()
-                };
-                let io = ExecIo::new(
-                    Box::new(tokio::io::sink()),
-                    Box::new(tokio::io::sink()),
-                    Sandbox::never(),
-                );
+                let (req, io) = exec_true();
                 let t = Instant::now();
                 let c = matchlock_sandbox::relay::connect(&sb.id, &sb.dir).await?;
                 let st = matchlock_sandbox::exec::run_exec(c, &req, io).await?;
@@ -278,7 +276,7 @@ impl Bench {
             fresh.as_secs_f64() / raw.as_secs_f64()
         );
         println!(
-            "  exec true, in-process (RPC path):       {}  ratio {:.1}x (target <= 3x)",
+            "  exec true, in-process (Sandbox::exec):  {}  ratio {:.1}x (target <= 3x)",
             ms(inproc),
             inproc.as_secs_f64() / raw.as_secs_f64()
         );
