@@ -44,7 +44,7 @@ fn exec_true() -> (ExecRequest, ExecIo) {
     let io = ExecIo::new(
         Box::new(tokio::io::sink()),
         Box::new(tokio::io::sink()),
-        Sandbox::never(),
+        tokio_util::sync::CancellationToken::new(),
     );
     (req, io)
 }

@@ -12,7 +12,6 @@ use matchlock_guest_proto::{
 };
 use matchlock_state::{Phase, Resource, StateDb};
 use matchlock_vm::{Accel, Disk, Machine, VmConfig};
-use tokio_util::sync::CancellationToken;
 
 use crate::exec::{run_exec, ExecDefaults, ExecError, ExecIo};
 use crate::paths::Paths;
@@ -148,14 +147,11 @@ impl Sandbox {
                 source: Box::new(source),
             })?;
         let dir = state.vm_dir(&id);
-        let record = |what: &'static str, r: Result<(), matchlock_state::StateError>| {
-            r.map_err(|source| SandboxError::Record {
-                id: id.clone(),
-                what,
-                source: Box::new(source),
-            })
-        };
-        record("lifecycle", state.lifecycle_init(&id, "qemu").map(|_| ()))?;
+        recorded(
+            &id,
+            "lifecycle",
+            state.lifecycle_init(&id, "qemu").map(|_| ()),
+        )?;
 
         let mut sb = Sandbox {
             id: id.clone(),
@@ -192,13 +188,6 @@ impl Sandbox {
         let started = Instant::now();
         let id = self.id.clone();
         let st = &self.state;
-        let rec = |what: &'static str, r: Result<(), matchlock_state::StateError>| {
-            r.map_err(|source| SandboxError::Record {
-                id: id.clone(),
-                what,
-                source: Box::new(source),
-            })
-        };
         let kernel = matchlock_vm::assets::kernel_path();
         if !kernel.is_file() {
             return Err(SandboxError::KernelMissing(kernel));
@@ -208,7 +197,8 @@ impl Sandbox {
             .map_err(SandboxError::Initramfs)?;
 
         let upper = self.dir.join("upper.ext4");
-        rec(
+        recorded(
+            &id,
             "upper disk",
             st.record_resource(&id, Resource::File(upper.clone())),
         )?;
@@ -228,7 +218,7 @@ impl Sandbox {
             self.dir.join("vhost-vsock.sock"),
             self.dir.join(crate::relay::SOCKET_NAME),
         ] {
-            rec("socket", st.record_resource(&id, Resource::File(f)))?;
+            recorded(&id, "socket", st.record_resource(&id, Resource::File(f)))?;
         }
         let ready =
             StdUnixListener::bind(&ready_path).map_err(|source| SandboxError::ReadyListen {
@@ -297,7 +287,8 @@ impl Sandbox {
             Arc::from(backend.start(&vm_cfg).map_err(SandboxError::StartVm)?);
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "VM started");
         for pid in machine.pids() {
-            rec(
+            recorded(
+                &id,
                 "process",
                 st.record_resource(
                     &id,
@@ -450,14 +441,22 @@ impl Sandbox {
         self.state.remove(&self.id)
     }
 
-    /// A token-less convenience for callers that never cancel.
-    pub fn never() -> CancellationToken {
-        CancellationToken::new()
-    }
-
     pub fn state_dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Maps a failed state write for sandbox `id` to the error naming what was being recorded.
+fn recorded(
+    id: &str,
+    what: &'static str,
+    r: Result<(), matchlock_state::StateError>,
+) -> Result<(), SandboxError> {
+    r.map_err(|source| SandboxError::Record {
+        id: id.to_string(),
+        what,
+        source: Box::new(source),
+    })
 }
 
 /// Accepts the guest's boot connection and runs the handshake, watching for VM death.
