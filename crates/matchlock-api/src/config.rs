@@ -115,7 +115,15 @@ impl Resources {
         }
     }
 
-    /// Validates cpus against the host's logical CPU count (spec §1.3.1 step 4).
+    /// Validates against this host's logical CPU count (spec §1.3.1 step 4).
+    pub fn validate_for_host(&self) -> Result<(), ConfigError> {
+        let host_cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        self.validate(host_cpus)
+    }
+
+    /// Validates cpus against a logical CPU count.
     pub fn validate(&self, host_cpus: usize) -> Result<(), ConfigError> {
         if !self.cpus.is_finite() || self.cpus <= 0.0 {
             return Err(ConfigError::CpusInvalid);
@@ -246,7 +254,54 @@ pub struct ImageConfig {
     pub env: BTreeMap<String, String>,
 }
 
+/// Changes a caller asks for on top of an image's config (CLI flags, RPC `image_config`).
+/// `None` keeps the image's value; `Some` replaces it (`Some(vec![])` clears ENTRYPOINT, as
+/// `--entrypoint ""` does). `env` entries are added over the image's ENV.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageOverrides {
+    pub user: Option<String>,
+    pub working_dir: Option<String>,
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl ImageOverrides {
+    /// The RPC form: the request's `image_config`, where empty fields mean "keep".
+    pub fn from_request(req: &ImageConfig) -> ImageOverrides {
+        let set = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let set_vec = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        ImageOverrides {
+            user: set(&req.user),
+            working_dir: set(&req.working_dir),
+            entrypoint: set_vec(&req.entrypoint),
+            cmd: set_vec(&req.cmd),
+            env: req.env.clone(),
+        }
+    }
+}
+
 impl ImageConfig {
+    /// This config with `o` applied (the one place overrides are merged).
+    pub fn with_overrides(&self, o: &ImageOverrides) -> ImageConfig {
+        let mut c = self.clone();
+        if let Some(u) = &o.user {
+            c.user = u.clone();
+        }
+        if let Some(w) = &o.working_dir {
+            c.working_dir = w.clone();
+        }
+        if let Some(e) = &o.entrypoint {
+            c.entrypoint = e.clone();
+        }
+        if let Some(cmd) = &o.cmd {
+            c.cmd = cmd.clone();
+        }
+        c.env
+            .extend(o.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        c
+    }
+
     /// Docker's composition: ENTRYPOINT ++ (args if any, else CMD).
     pub fn compose(&self, args: &[String]) -> Vec<String> {
         let mut argv = self.entrypoint.clone();
@@ -348,6 +403,37 @@ mod tests {
             let e = parse_add_host(bad).expect_err(bad).to_string();
             assert!(e.starts_with("invalid add-host mapping"), "{e}");
         }
+    }
+
+    #[test]
+    fn overrides() {
+        let img = ImageConfig {
+            user: "app".into(),
+            entrypoint: vec!["/ep".into()],
+            cmd: vec!["c".into()],
+            env: [("A".into(), "img".into()), ("B".into(), "img".into())].into(),
+            ..Default::default()
+        };
+        let o = ImageOverrides {
+            entrypoint: Some(vec![]),
+            working_dir: Some("/w".into()),
+            env: [("B".into(), "o".into())].into(),
+            ..Default::default()
+        };
+        let c = img.with_overrides(&o);
+        assert_eq!(c.user, "app");
+        assert!(c.entrypoint.is_empty());
+        assert_eq!(c.cmd, ["c"]);
+        assert_eq!(c.working_dir, "/w");
+        assert_eq!((c.env["A"].as_str(), c.env["B"].as_str()), ("img", "o"));
+        let req = ImageConfig {
+            user: "u".into(),
+            ..Default::default()
+        };
+        let o = ImageOverrides::from_request(&req);
+        assert_eq!(o.user.as_deref(), Some("u"));
+        assert_eq!(o.entrypoint, None);
+        assert_eq!(img.with_overrides(&o).entrypoint, ["/ep"]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Wire types of the public surfaces: the sandbox configuration (`api.Config` of the
-//! reference, spec §3) with its defaults and validation, and the parsers for the CLI's
-//! `KEY=VALUE` environment and `host:ip` mapping syntaxes (spec §3.9, §3.4).
+//! reference, spec §3) with its defaults and validation, the parsers for the CLI's
+//! `KEY=VALUE` environment and `host:ip` mapping syntaxes (spec §3.9, §3.4), and the
+//! JSON-RPC contract ([`rpc`]: methods, params, results, notifications, error codes).
 //!
 //! # Design
 //! A leaf crate (serde only) so that the CLI, the RPC server and the SDK agree on one schema.
@@ -14,5 +15,6 @@
 
 pub mod config;
 pub mod env;
+pub mod rpc;
 
 pub use config::*;

@@ -24,11 +24,15 @@ use anyhow::{bail, Context};
 use matchlock_guest_proto::{ExecRequest, Frame, FrameType, SERVICE_PORT};
 use matchlock_sandbox::exec::ExecIo;
 use matchlock_sandbox::paths::Paths;
-use matchlock_sandbox::{Sandbox, SandboxSpec};
+use matchlock_sandbox::services::Services;
+use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
 
 mod pull;
 
 const IMAGE: &str = "busybox:bench";
+
+/// Warm-exec medians: raw, fresh connection, in-process, relay, CLI.
+type ExecRows = (Duration, Duration, Duration, Duration, Duration);
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -172,100 +176,25 @@ impl Bench {
             image_config: matchlock_api::ImageConfig::default(),
             accel: matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel,
             owner_pid: std::process::id(),
+            services: Services::default(),
         };
-        let sb = Arc::new(Sandbox::create(&paths, state, spec)?);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let relay = {
-            let _guard = rt.enter();
-            matchlock_sandbox::relay::bind(&sb.dir)?
-        };
-        let stop = tokio_util::sync::CancellationToken::new();
         let result = rt.block_on(async {
-            tokio::spawn(matchlock_sandbox::relay::serve(
-                relay,
-                sb.link(),
-                sb.defaults(),
-                stop.clone(),
-            ));
-            let n = self.runs * 10;
-            // Raw vsock round trip: Ping/Pong on one open connection.
-            let mut conn = sb.link().connect().await?;
-            let ping = Frame::new(FrameType::Ping, vec![1]);
-            let mut raw = Vec::new();
-            for _ in 0..n * 4 {
-                let t = Instant::now();
-                matchlock_sandbox::exec::write_frame(&mut conn, &ping).await?;
-                let f = matchlock_sandbox::exec::read_frame(&mut conn)
-                    .await?
-                    .context("pong")?;
-                raw.push(t.elapsed());
-                if f.kind != FrameType::Pong {
-                    bail!("expected Pong, got {:?}", f.kind);
-                }
-            }
-            drop(conn);
-            // A fresh connection per request (what every exec pays before the command runs).
-            let mut fresh = Vec::new();
-            for _ in 0..n {
-                let t = Instant::now();
-                let mut c = sb.link().connect().await?;
-                matchlock_sandbox::exec::write_frame(&mut c, &ping).await?;
-                matchlock_sandbox::exec::read_frame(&mut c)
-                    .await?
-                    .context("pong")?;
-                fresh.push(t.elapsed());
-            }
-            let mut inproc = Vec::new();
-            for _ in 0..n {
-                let (req, io) = exec_true();
-                let t = Instant::now();
-                let st = sb.exec(req, io).await?;
-                inproc.push(t.elapsed());
-                if st.code != 0 {
-                    bail!("exec true exited {}", st.code);
-                }
-            }
-            // exec true through the exec relay socket (what other processes use), no
-            // process spawn: isolates the relay's cost.
-            let mut relay_exec = Vec::new();
-            for _ in 0..n {
-                let (req, io) = exec_true();
-                let t = Instant::now();
-                let c = matchlock_sandbox::relay::connect(&sb.id, &sb.dir).await?;
-                let st = matchlock_sandbox::exec::run_exec(c, &req, io).await?;
-                relay_exec.push(t.elapsed());
-                if st.code != 0 {
-                    bail!("relay exec true exited {}", st.code);
-                }
-            }
-            let mut cli = Vec::new();
-            for _ in 0..self.runs * 2 {
-                let t = Instant::now();
-                let st = tokio::process::Command::new(&self.bin)
-                    .env("HOME", self.home.path())
-                    .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
-                    .args(["exec", &sb.id, "true"])
-                    .status()
-                    .await?;
-                cli.push(t.elapsed());
-                if !st.success() {
-                    bail!("matchlock exec failed: {st}");
-                }
-            }
-            anyhow::Ok((
-                median(raw),
-                median(fresh),
-                median(inproc),
-                median(relay_exec),
-                median(cli),
-            ))
+            let opts = StartOptions {
+                spec,
+                lifetime: None,
+                remove_on_failure: true,
+            };
+            let never = tokio_util::sync::CancellationToken::new();
+            let sb = RunningSandbox::start(&paths, state, opts, &never).await?;
+            let r = self.exec_rows(&sb).await;
+            sb.close(Duration::from_secs(2), "benchmark done").await?;
+            let _ = sb.remove();
+            r
         });
-        stop.cancel();
         drop(rt);
-        sb.shutdown(Duration::from_secs(2));
-        let _ = sb.remove();
         let (raw, fresh, inproc, relay_exec, cli) = result?;
         let rpc = self.rpc_exec_roundtrip(self.runs * 10)?;
         println!("warm exec (medians; vsock port {SERVICE_PORT}):");
@@ -297,6 +226,83 @@ impl Bench {
             cli.as_secs_f64() / raw.as_secs_f64()
         );
         Ok(())
+    }
+
+    /// The warm-exec rows measured on one running sandbox: raw round trip, new connection,
+    /// in-process exec, relay exec, CLI exec (medians).
+    async fn exec_rows(&self, sb: &RunningSandbox) -> anyhow::Result<ExecRows> {
+        let n = self.runs * 10;
+        // Raw vsock round trip: Ping/Pong on one open connection.
+        let mut conn = sb.link().connect().await?;
+        let ping = Frame::new(FrameType::Ping, vec![1]);
+        let mut raw = Vec::new();
+        for _ in 0..n * 4 {
+            let t = Instant::now();
+            matchlock_sandbox::codec::write_frame(&mut conn, &ping).await?;
+            let f = matchlock_sandbox::codec::read_frame(&mut conn)
+                .await?
+                .context("pong")?;
+            raw.push(t.elapsed());
+            if f.kind != FrameType::Pong {
+                bail!("expected Pong, got {:?}", f.kind);
+            }
+        }
+        drop(conn);
+        // A fresh connection per request (what every exec pays before the command runs).
+        let mut fresh = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            let mut c = sb.link().connect().await?;
+            matchlock_sandbox::codec::write_frame(&mut c, &ping).await?;
+            matchlock_sandbox::codec::read_frame(&mut c)
+                .await?
+                .context("pong")?;
+            fresh.push(t.elapsed());
+        }
+        let mut inproc = Vec::new();
+        for _ in 0..n {
+            let (req, io) = exec_true();
+            let t = Instant::now();
+            let st = sb.exec(req, io).await?;
+            inproc.push(t.elapsed());
+            if st.code != 0 {
+                bail!("exec true exited {}", st.code);
+            }
+        }
+        // exec true through the exec relay socket (what other processes use), no
+        // process spawn: isolates the relay's cost.
+        let mut relay_exec = Vec::new();
+        for _ in 0..n {
+            let (req, io) = exec_true();
+            let t = Instant::now();
+            let c = matchlock_sandbox::relay::connect(sb.id(), sb.dir()).await?;
+            let st = matchlock_sandbox::exec::run_exec(c, &req, io).await?;
+            relay_exec.push(t.elapsed());
+            if st.code != 0 {
+                bail!("relay exec true exited {}", st.code);
+            }
+        }
+        let mut cli = Vec::new();
+        for _ in 0..self.runs * 2 {
+            let t = Instant::now();
+            let st = tokio::process::Command::new(&self.bin)
+                .env("HOME", self.home.path())
+                .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
+                .args(["exec", sb.id(), "true"])
+                .status()
+                .await?;
+            cli.push(t.elapsed());
+            if !st.success() {
+                bail!("matchlock exec failed: {st}");
+            }
+        }
+        Ok((
+            median(raw),
+            median(fresh),
+            median(inproc),
+            median(relay_exec),
+            median(cli),
+        ))
     }
 
     /// Median round trip of `exec {"command":"true"}` through a `matchlock rpc` process

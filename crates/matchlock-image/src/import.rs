@@ -213,11 +213,12 @@ mod tests {
         let c = image_config(raw);
         assert_eq!(
             c.env,
-            vec![
-                ("A".into(), "1".into()),
-                ("B".into(), "x=y".into()),
-                ("E".into(), String::new())
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".to_string(), "x=y".to_string()),
+                ("E".to_string(), String::new())
             ]
+            .into()
         );
         assert_eq!(c.cmd, vec!["sh".to_owned()]);
         assert_eq!(c.user, "app");

@@ -48,8 +48,6 @@ mod store;
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
-
 pub use archive::ArchiveError;
 pub use auth::{docker_config_path, AuthError, Credentials};
 pub use flatten::FlattenError;
@@ -79,16 +77,9 @@ impl Scope {
     }
 }
 
-/// The runtime defaults an image carries (from its OCI config).
-#[derive(Serialize, Deserialize, Default, Clone, Debug, PartialEq)]
-pub struct ImageConfig {
-    pub user: String,
-    pub working_dir: String,
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    /// In image order; each `K=V` split at the first `=` (entries without `=` dropped).
-    pub env: Vec<(String, String)>,
-}
+/// The runtime defaults an image carries (from its OCI config): the one `ImageConfig` type,
+/// shared with the sandbox config schema.
+pub use matchlock_api::ImageConfig;
 
 /// One stored image.
 #[derive(Clone, Debug, PartialEq)]

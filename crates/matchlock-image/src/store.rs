@@ -310,9 +310,7 @@ impl ImageStore {
         let layers = stmt
             .query_map(params![scope.as_str(), tag], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?;
-        let config = oci_json
-            .and_then(|j| serde_json::from_str(&j).ok())
-            .unwrap_or_default();
+        let config = oci_json.map(|j| decode_config(&j)).unwrap_or_default();
         let source = match source.as_deref() {
             None | Some("") => "local".to_owned(),
             Some(s) => s.to_owned(),
@@ -549,9 +547,56 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Decodes a stored image config. Rows written before the config type was shared with the
+/// sandbox schema keep `env` as `[[key, value], ...]` in image order; later keys win, as
+/// they do when the guest applies them.
+fn decode_config(json: &str) -> ImageConfig {
+    if let Ok(c) = serde_json::from_str::<ImageConfig>(json) {
+        return c;
+    }
+    #[derive(serde::Deserialize)]
+    struct Legacy {
+        #[serde(default)]
+        user: String,
+        #[serde(default)]
+        working_dir: String,
+        #[serde(default)]
+        entrypoint: Vec<String>,
+        #[serde(default)]
+        cmd: Vec<String>,
+        #[serde(default)]
+        env: Vec<(String, String)>,
+    }
+    match serde_json::from_str::<Legacy>(json) {
+        Ok(l) => ImageConfig {
+            user: l.user,
+            working_dir: l.working_dir,
+            entrypoint: l.entrypoint,
+            cmd: l.cmd,
+            env: l.env.into_iter().collect(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "stored image config is unreadable; using defaults");
+            ImageConfig::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_configs_old_and_new() {
+        let legacy = r#"{"user":"u","working_dir":"/w","entrypoint":["/e"],"cmd":[],"env":[["A","1"],["B","x=y"],["A","2"]]}"#;
+        let c = decode_config(legacy);
+        assert_eq!((c.user.as_str(), c.working_dir.as_str()), ("u", "/w"));
+        assert_eq!(c.entrypoint, ["/e"]);
+        assert_eq!((c.env["A"].as_str(), c.env["B"].as_str()), ("2", "x=y"));
+        let current = serde_json::to_string(&c).expect("encode");
+        assert_eq!(decode_config(&current), c);
+        assert_eq!(decode_config("{\"env\": 5}"), ImageConfig::default());
+    }
 
     fn fake(s: &ImageStore, scope: Scope, tag: &str, name: &str) -> ImageRecord {
         let rootfs = s.rootfs_dir().join(format!("{name}.sqfs"));

@@ -244,10 +244,11 @@ fn docker_save_import_preserves_everything() {
     assert_eq!(rec.config.working_dir, "/home/app");
     assert_eq!(
         rec.config.env,
-        vec![
-            ("PATH".into(), "/usr/bin:/bin".into()),
-            ("EQ".into(), "a=b".into())
+        [
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+            ("EQ".to_string(), "a=b".to_string())
         ]
+        .into()
     );
     check_rich(&rec.rootfs);
     let got = s.get("rich:latest").expect("get").expect("present");

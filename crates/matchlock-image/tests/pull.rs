@@ -96,7 +96,7 @@ fn anonymous_pull_cache_resolution_alias_and_force() {
     assert_eq!(rec.layers.len(), 2);
     assert_eq!(rec.config.cmd, vec!["/bin/tool".to_owned()]);
     assert_eq!(rec.config.working_dir, "/etc");
-    assert!(rec.config.env.contains(&("A".into(), "b=c".into())));
+    assert_eq!(rec.config.env.get("A").map(String::as_str), Some("b=c"));
     assert!(rec.rootfs.is_file());
 
     // Resolution: cache hit without contacting the registry.

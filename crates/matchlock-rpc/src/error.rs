@@ -10,20 +10,12 @@
 //! # Limitations
 //! `-32603 Internal` is defined but, as in the reference, never produced.
 
+pub use matchlock_api::rpc::codes::*;
+use matchlock_api::rpc::port::PortSpecError;
 use matchlock_sandbox::exec::ExecError;
 use matchlock_sandbox::files::FileError;
-use matchlock_sandbox::forward::{ForwardError, SpecError};
-use matchlock_sandbox::SandboxError;
-
-pub const PARSE_ERROR: i64 = -32700;
-pub const INVALID_REQUEST: i64 = -32600;
-pub const METHOD_NOT_FOUND: i64 = -32601;
-pub const INVALID_PARAMS: i64 = -32602;
-pub const INTERNAL: i64 = -32603;
-pub const VM_FAILED: i64 = -32000;
-pub const EXEC_FAILED: i64 = -32001;
-pub const FILE_FAILED: i64 = -32002;
-pub const CANCELLED: i64 = -32003;
+use matchlock_sandbox::forward::{AddressError, ForwardError};
+use matchlock_sandbox::{SandboxError, StartError};
 
 /// The reference's text for features that need the network interception proxy.
 pub const NO_INTERCEPTION: &str =
@@ -56,7 +48,9 @@ pub enum Failure {
     #[error("invalid base64 content")]
     Base64,
     #[error("invalid port-forward spec")]
-    Spec(#[source] SpecError),
+    Spec(#[source] PortSpecError),
+    #[error("invalid port-forward spec")]
+    Address(#[source] AddressError),
     #[error("VM not created")]
     NoVm,
     #[error("{0}")]
@@ -72,12 +66,22 @@ pub enum Failure {
     NoInterception,
     #[error("create VM")]
     Resources(#[source] matchlock_api::ConfigError),
-    #[error("failed to build rootfs: {0}")]
-    Image(String),
+    #[error("failed to build rootfs: open image store")]
+    ImageStore(#[source] matchlock_image::StoreError),
+    #[error("failed to build rootfs")]
+    ImageLookup(#[source] matchlock_image::StoreError),
+    #[error("failed to build rootfs: image {0:?} not found locally (import it with `matchlock image import {0} < image.tar`)")]
+    ImageMissing(String),
+    #[error("image lookup task failed")]
+    ImageJoin(#[source] tokio::task::JoinError),
     #[error("create sandbox")]
-    Create(#[source] SandboxError),
-    #[error("start image entrypoint: {0}")]
-    Entrypoint(String),
+    Create(#[source] StartError),
+    #[error("start image entrypoint: exit code {0}")]
+    EntrypointExit(i32),
+    #[error("start image entrypoint")]
+    Entrypoint(#[source] SandboxError),
+    #[error("start image entrypoint")]
+    EntrypointJoin(#[source] tokio::task::JoinError),
     #[error("port forward")]
     Forward(#[source] ForwardError),
     #[error("connect to the guest")]
@@ -111,16 +115,21 @@ impl Failure {
             InvalidRequest(_) | LineTooLong { .. } | IdRequired(_) => INVALID_REQUEST,
             MethodNotFound => METHOD_NOT_FOUND,
             Params(_) | Missing(_) | ImageRequired | IdInternal | Config(_) | Vfs(_) | Base64
-            | Spec(_) => INVALID_PARAMS,
+            | Spec(_) | Address(_) => INVALID_PARAMS,
             NoVm
             | VmGone(_)
             | VmExists(_)
             | Unavailable { .. }
             | NoInterception
             | Resources(_)
-            | Image(_)
+            | ImageStore(_)
+            | ImageLookup(_)
+            | ImageMissing(_)
+            | ImageJoin(_)
             | Create(_)
+            | EntrypointExit(_)
             | Entrypoint(_)
+            | EntrypointJoin(_)
             | Forward(_)
             | CloseJoin(_) => VM_FAILED,
             Exec(SandboxError::Exec(ExecError::Cancelled)) | Cancelled => CANCELLED,

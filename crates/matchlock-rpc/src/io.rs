@@ -16,19 +16,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use base64::Engine;
-use serde_json::{json, Value};
+use matchlock_api::rpc::{b64, envelope, to_value, Notice, StreamData};
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::wire;
-
 /// Largest buffered (`exec`) output per stream.
 pub const MAX_CAPTURE: usize = 64 << 20;
-
-pub fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
-}
 
 /// Collects output in memory, failing writes beyond [`MAX_CAPTURE`].
 #[derive(Clone, Default)]
@@ -73,7 +67,7 @@ impl AsyncWrite for Capture {
 /// Turns each write into a `{"id", "data"}` notification.
 pub struct Notify {
     pub out: mpsc::UnboundedSender<String>,
-    pub method: &'static str,
+    pub notice: Notice,
     pub id: Value,
 }
 
@@ -83,7 +77,11 @@ impl AsyncWrite for Notify {
         _: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let line = wire::notification(self.method, json!({"id": self.id, "data": b64(data)}));
+        let params = StreamData {
+            id: self.id.clone(),
+            data: b64::encode(data),
+        };
+        let line = envelope::notification(self.notice, to_value(&params));
         match self.out.send(line) {
             Ok(()) => Poll::Ready(Ok(data.len())),
             Err(_) => Poll::Ready(Err(io::Error::from(io::ErrorKind::BrokenPipe))),
@@ -175,8 +173,8 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut n = Notify {
             out: tx,
-            method: "exec_stream.stdout",
-            id: json!(4),
+            notice: Notice::ExecStreamStdout,
+            id: serde_json::json!(4),
         };
         n.write_all(b"hi").await.expect("w");
         assert_eq!(

@@ -1,106 +1,19 @@
-//! JSON-RPC 2.0 framing: newline-delimited objects, bounded lines, ids, responses and
-//! notifications (spec §2.1).
+//! Newline-delimited framing with bounded lines (spec §2.1). The envelope itself (requests,
+//! responses, notifications, ids) is the shared contract in `matchlock_api::rpc::envelope`,
+//! re-exported here for the server.
 //!
 //! # Design
-//! Only this module knows the envelope. Ids are kept as the JSON value the client sent
-//! (unsigned integers as the reference requires, and also strings, which JSON-RPC 2.0
-//! allows) and echoed back unchanged; [`id_key`] turns one into a map key for `cancel` and
-//! input routing. Lines longer than [`MAX_LINE`] are skipped up to their newline and answered
-//! with an error instead of ending the server (the reference exits).
-//!
-//! # Limitations
-//! Batches (JSON arrays) are not supported; they are answered `Invalid Request`, as the
-//! reference's clients never send them.
+//! Lines longer than [`MAX_LINE`] are skipped up to their newline and answered with an
+//! error instead of ending the server (the reference exits).
 
-use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 /// Longest accepted request line, newline excluded (the reference's scanner limit).
 pub const MAX_LINE: usize = 10 << 20;
 
-/// A decoded request or notification.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Request {
-    pub method: String,
-    pub params: Value,
-    /// `None` for notifications (no `id` member or `null`).
-    pub id: Option<Value>,
-}
-
-/// Why a line is not a usable request; `id` is echoed when it could be read.
-#[derive(Debug, Clone, PartialEq)]
-pub enum BadLine {
-    Parse,
-    Invalid {
-        id: Option<Value>,
-        why: &'static str,
-    },
-}
-
-/// Decodes one line.
-pub fn parse_request(line: &[u8]) -> Result<Request, BadLine> {
-    let v: Value = serde_json::from_slice(line).map_err(|_| BadLine::Parse)?;
-    let Value::Object(mut obj) = v else {
-        return Err(BadLine::Invalid {
-            id: None,
-            why: "request must be a JSON object",
-        });
-    };
-    let id = match obj.remove("id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(Value::String(s)),
-        Some(Value::Number(n)) if n.is_u64() => Some(Value::Number(n)),
-        Some(_) => {
-            return Err(BadLine::Invalid {
-                id: None,
-                why: "id must be an unsigned integer or a string",
-            })
-        }
-    };
-    let method = match obj.remove("method") {
-        Some(Value::String(m)) if !m.is_empty() => m,
-        _ => {
-            return Err(BadLine::Invalid {
-                id,
-                why: "method must be a non-empty string",
-            })
-        }
-    };
-    let params = obj.remove("params").unwrap_or(Value::Null);
-    Ok(Request { method, params, id })
-}
-
-/// A stable map key for an id value (`7` and `"7"` are different ids).
-pub fn id_key(id: &Value) -> String {
-    id.to_string()
-}
-
-/// A success response line.
-pub fn response(id: Option<&Value>, result: Value) -> String {
-    let mut m = Map::new();
-    m.insert("jsonrpc".into(), json!("2.0"));
-    m.insert("result".into(), result);
-    if let Some(id) = id {
-        m.insert("id".into(), id.clone());
-    }
-    Value::Object(m).to_string()
-}
-
-/// An error response line.
-pub fn error_response(id: Option<&Value>, code: i64, message: &str) -> String {
-    let mut m = Map::new();
-    m.insert("jsonrpc".into(), json!("2.0"));
-    m.insert("error".into(), json!({"code": code, "message": message}));
-    if let Some(id) = id {
-        m.insert("id".into(), id.clone());
-    }
-    Value::Object(m).to_string()
-}
-
-/// A server -> client notification line.
-pub fn notification(method: &str, params: Value) -> String {
-    json!({"jsonrpc": "2.0", "method": method, "params": params}).to_string()
-}
+pub use matchlock_api::rpc::envelope::{
+    error_response, id_key, notification, parse_request, response, BadLine, Request,
+};
 
 /// One line from the client.
 #[derive(Debug, PartialEq)]
@@ -163,50 +76,6 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests() {
-        let r =
-            parse_request(br#"{"jsonrpc":"2.0","method":"exec","params":{"command":"x"},"id":3}"#)
-                .expect("ok");
-        assert_eq!(r.method, "exec");
-        assert_eq!(r.id, Some(json!(3)));
-        let r = parse_request(br#"{"method":"log","id":"a-1"}"#).expect("string id");
-        assert_eq!(r.id, Some(json!("a-1")));
-        assert_eq!(r.params, Value::Null);
-        let r = parse_request(br#"{"method":"exec_pipe.stdin","params":{"id":1}}"#).expect("n");
-        assert_eq!(r.id, None);
-        assert_eq!(parse_request(b"{nope"), Err(BadLine::Parse));
-        assert!(matches!(
-            parse_request(br#"{"method":"x","id":-1}"#),
-            Err(BadLine::Invalid { id: None, .. })
-        ));
-        assert!(matches!(
-            parse_request(br#"{"id":4}"#),
-            Err(BadLine::Invalid { id: Some(_), .. })
-        ));
-        assert!(matches!(
-            parse_request(b"[1]"),
-            Err(BadLine::Invalid { .. })
-        ));
-        assert_ne!(id_key(&json!(7)), id_key(&json!("7")));
-    }
-
-    #[test]
-    fn envelopes() {
-        assert_eq!(
-            response(Some(&json!(1)), json!({})),
-            r#"{"id":1,"jsonrpc":"2.0","result":{}}"#
-        );
-        assert_eq!(
-            error_response(None, -32700, "Parse error"),
-            r#"{"error":{"code":-32700,"message":"Parse error"},"jsonrpc":"2.0"}"#
-        );
-        assert_eq!(
-            notification("exec_pipe.ready", json!({"id": 7})),
-            r#"{"jsonrpc":"2.0","method":"exec_pipe.ready","params":{"id":7}}"#
-        );
-    }
 
     #[tokio::test]
     async fn line_limit() {

@@ -1,4 +1,4 @@
-//! Host side of an exec session (and the async frame codec it runs on).
+//! Host side of an exec session.
 //!
 //! # Design
 //! One connection per command. The reader half turns `Stdout`/`Stderr` frames into writes on
@@ -10,8 +10,10 @@ use std::collections::BTreeMap;
 
 use matchlock_api::ImageConfig;
 use matchlock_guest_proto::{
-    ExecRequest, ExitStatus, Frame, FrameType, ProtoError, Started, WinSize, CHUNK, HEADER_LEN,
+    ExecRequest, ExitStatus, Frame, FrameType, ProtoError, Started, WinSize, CHUNK,
 };
+
+use crate::codec::{read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,40 +37,6 @@ pub enum ExecError {
     Cancelled,
     #[error("unexpected {0:?} frame from the guest")]
     Unexpected(FrameType),
-}
-
-/// Reads one frame; `Ok(None)` on EOF at a frame boundary. Length is bounded by the codec.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ProtoError> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        let n = r
-            .read(&mut header[got..])
-            .await
-            .map_err(ProtoError::ReadHeader)?;
-        if n == 0 {
-            if got == 0 {
-                return Ok(None);
-            }
-            return Err(ProtoError::ReadHeader(
-                std::io::ErrorKind::UnexpectedEof.into(),
-            ));
-        }
-        got += n;
-    }
-    let (kind, len) = Frame::decode_header(header)?;
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)
-        .await
-        .map_err(|source| ProtoError::ReadPayload { len, source })?;
-    Ok(Some(Frame::new(kind, payload)))
-}
-
-/// Writes one frame in a single write.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ProtoError> {
-    let buf = f.encode()?;
-    w.write_all(&buf).await.map_err(ProtoError::Write)?;
-    w.flush().await.map_err(ProtoError::Write)
 }
 
 /// Where a command's I/O goes.

@@ -18,7 +18,7 @@ use matchlock_guest_proto::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::exec::{read_frame, write_frame};
+use crate::codec::{read_frame, write_frame};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {

@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::exec::{read_frame, write_frame};
+use crate::codec::{read_frame, write_frame};
 
 /// Opens a fresh connection to the guest agent (directly or through an exec relay).
 pub type Dial =
@@ -35,12 +35,11 @@ pub type Dial =
 /// Reports a per-connection failure (the CLI prints it; the RPC server logs it).
 pub type OnError = Arc<dyn Fn(String) + Send + Sync>;
 
+pub use matchlock_api::rpc::port::{parse_port_spec, PortSpecError};
+pub use matchlock_api::rpc::PortMapping;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SpecError {
-    #[error("invalid port-forward spec format: {0:?} (expected [LOCAL_PORT:]REMOTE_PORT)")]
-    Format(String),
-    #[error("invalid port {0}: must be in range 1-65535")]
-    Port(String),
+pub enum AddressError {
     #[error("at least one --address must be provided")]
     NoAddress,
     #[error("invalid bind address {0:?} (use an IP literal or localhost)")]
@@ -81,14 +80,6 @@ pub enum ForwardError {
     Copy(#[source] std::io::Error),
 }
 
-/// One `[LOCAL:]REMOTE` mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ForwardSpec {
-    /// Host port; 0 lets the OS choose (RPC only; the CLI rejects 0).
-    pub local: u16,
-    pub remote: u16,
-}
-
 /// A listener that is serving: the actual bound address and the guest port behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Binding {
@@ -97,38 +88,8 @@ pub struct Binding {
     pub remote_port: u16,
 }
 
-fn parse_port(s: &str) -> Result<u16, SpecError> {
-    let s = s.trim();
-    match s.parse::<u32>() {
-        Ok(n) if (1..=65535).contains(&n) => {
-            u16::try_from(n).map_err(|_| SpecError::Port(s.into()))
-        }
-        _ => Err(SpecError::Port(s.into())),
-    }
-}
-
-/// Parses `[LOCAL_PORT:]REMOTE_PORT` (spec §3.10).
-pub fn parse_spec(spec: &str) -> Result<ForwardSpec, SpecError> {
-    let s = spec.trim();
-    let parts: Vec<&str> = s.split(':').collect();
-    match parts.as_slice() {
-        [remote] => {
-            let p = parse_port(remote)?;
-            Ok(ForwardSpec {
-                local: p,
-                remote: p,
-            })
-        }
-        [local, remote] => Ok(ForwardSpec {
-            local: parse_port(local)?,
-            remote: parse_port(remote)?,
-        }),
-        _ => Err(SpecError::Format(s.into())),
-    }
-}
-
 /// Parses bind addresses (IP literals or `localhost`), comma-splittable, de-duplicated.
-pub fn parse_addresses<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpAddr>, SpecError> {
+pub fn parse_addresses<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpAddr>, AddressError> {
     let mut out = Vec::new();
     for item in list {
         for a in item.as_ref().split(',') {
@@ -140,7 +101,7 @@ pub fn parse_addresses<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpAddr>, SpecErr
                 IpAddr::V4(Ipv4Addr::LOCALHOST)
             } else {
                 a.parse::<IpAddr>()
-                    .map_err(|_| SpecError::Address(a.to_string()))?
+                    .map_err(|_| AddressError::Address(a.to_string()))?
             };
             if !out.contains(&ip) {
                 out.push(ip);
@@ -148,7 +109,7 @@ pub fn parse_addresses<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpAddr>, SpecErr
         }
     }
     if out.is_empty() {
-        return Err(SpecError::NoAddress);
+        return Err(AddressError::NoAddress);
     }
     Ok(out)
 }
@@ -165,19 +126,19 @@ impl Forwarder {
     /// every listener bound so far is closed again.
     pub async fn start(
         addresses: &[IpAddr],
-        specs: &[ForwardSpec],
+        specs: &[PortMapping],
         dial: Dial,
         on_error: OnError,
     ) -> Result<Forwarder, ForwardError> {
         let mut listeners = Vec::new();
         let mut seen = Vec::new();
         for spec in specs {
-            if spec.remote == 0 {
+            if spec.remote_port == 0 {
                 return Err(ForwardError::RemotePortZero);
             }
             for ip in addresses {
-                let addr = SocketAddr::new(*ip, spec.local);
-                if spec.local != 0 {
+                let addr = SocketAddr::new(*ip, spec.local_port);
+                if spec.local_port != 0 {
                     if seen.contains(&addr) {
                         return Err(ForwardError::Duplicate(addr));
                     }
@@ -194,7 +155,7 @@ impl Forwarder {
                     Binding {
                         address: bound.ip(),
                         local_port: bound.port(),
-                        remote_port: spec.remote,
+                        remote_port: spec.remote_port,
                     },
                 ));
             }
@@ -385,28 +346,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn specs_and_addresses() {
-        assert_eq!(
-            parse_spec("8080").expect("one"),
-            ForwardSpec {
-                local: 8080,
-                remote: 8080
-            }
-        );
-        assert_eq!(
-            parse_spec(" 18080:80 ").expect("two"),
-            ForwardSpec {
-                local: 18080,
-                remote: 80
-            }
-        );
-        assert!(matches!(parse_spec("1:2:3"), Err(SpecError::Format(_))));
-        assert_eq!(
-            parse_spec("0").expect_err("zero").to_string(),
-            "invalid port 0: must be in range 1-65535"
-        );
-        assert!(matches!(parse_spec("70000"), Err(SpecError::Port(_))));
-        assert!(matches!(parse_spec("x:80"), Err(SpecError::Port(_))));
+    fn addresses() {
         let a = parse_addresses(&["127.0.0.1,localhost", "::1"]).expect("addrs");
         assert_eq!(a.len(), 2);
         assert_eq!(
@@ -417,7 +357,7 @@ mod tests {
         );
         assert_eq!(
             parse_addresses::<&str>(&[]).expect_err("none"),
-            SpecError::NoAddress
+            AddressError::NoAddress
         );
     }
 
@@ -470,13 +410,13 @@ mod tests {
         let fw = Forwarder::start(
             &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
             &[
-                ForwardSpec {
-                    local: 0,
-                    remote: 80,
+                PortMapping {
+                    local_port: 0,
+                    remote_port: 80,
                 },
-                ForwardSpec {
-                    local: 0,
-                    remote: 81,
+                PortMapping {
+                    local_port: 0,
+                    remote_port: 81,
                 },
             ],
             dial,
@@ -516,13 +456,13 @@ mod tests {
         let r = Forwarder::start(
             &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
             &[
-                ForwardSpec {
-                    local: 38471,
-                    remote: 1,
+                PortMapping {
+                    local_port: 38471,
+                    remote_port: 1,
                 },
-                ForwardSpec {
-                    local: 38471,
-                    remote: 2,
+                PortMapping {
+                    local_port: 38471,
+                    remote_port: 2,
                 },
             ],
             dial,

@@ -3,9 +3,10 @@
 //! by this process.
 //!
 //! # Design
-//! The relay speaks the guest protocol itself. It reads the client's first frame, applies the
-//! sandbox's exec defaults to an `Exec` request, opens a fresh guest connection, forwards the
-//! (rewritten) frame and then splices bytes both ways. So a client disconnect reaches the guest
+//! The relay speaks the guest protocol itself. It reads the client's first frame; an `Exec`
+//! request goes through [`Sandbox::open_exec`] (which applies the sandbox's exec defaults),
+//! other per-command requests get a fresh guest connection; it forwards the frame and then
+//! splices bytes both ways. So a client disconnect reaches the guest
 //! as a disconnect, which kills the command, exactly as for in-process execs. Only
 //! per-command requests pass; `Shutdown` is refused (that is the owner's decision).
 
@@ -16,8 +17,9 @@ use matchlock_guest_proto::{ExecRequest, Frame, FrameType};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::exec::{read_frame, write_frame, ExecDefaults};
-use crate::GuestLink;
+use crate::codec::{read_frame, write_frame};
+use crate::sandbox::error_chain;
+use crate::Sandbox;
 
 /// File name of the relay socket inside the VM's state dir.
 pub const SOCKET_NAME: &str = "exec.sock";
@@ -48,12 +50,7 @@ pub fn bind(vm_dir: &Path) -> Result<UnixListener, RelayError> {
 }
 
 /// Serves relay connections until `shutdown` fires.
-pub async fn serve(
-    listener: UnixListener,
-    link: Arc<GuestLink>,
-    defaults: Arc<ExecDefaults>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: UnixListener, sandbox: Arc<Sandbox>, shutdown: CancellationToken) {
     loop {
         let conn = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -61,13 +58,12 @@ pub async fn serve(
         };
         match conn {
             Ok((stream, _)) => {
-                let link = link.clone();
-                let defaults = defaults.clone();
+                let sandbox = sandbox.clone();
                 let stop = shutdown.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         () = stop.cancelled() => {}
-                        r = handle(stream, &link, &defaults) => {
+                        r = handle(stream, &sandbox) => {
                             if let Err(e) = r {
                                 tracing::debug!(error = %e, "exec relay connection ended with an error");
                             }
@@ -85,32 +81,33 @@ pub async fn serve(
 
 async fn handle(
     mut client: UnixStream,
-    link: &GuestLink,
-    defaults: &ExecDefaults,
+    sandbox: &Sandbox,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let Some(first) = read_frame(&mut client).await? else {
         return Ok(());
     };
-    let forward = match first.kind {
+    let opened = match first.kind {
         FrameType::Exec => {
-            let mut req: ExecRequest = first.parse("exec")?;
-            defaults.apply(&mut req);
-            Frame::json(FrameType::Exec, &req)?
+            let req: ExecRequest = first.parse("exec")?;
+            match sandbox.open_exec(req).await {
+                Ok((guest, req)) => Ok((guest, Frame::json(FrameType::Exec, &req)?)),
+                Err(e) => Err(e),
+            }
         }
         FrameType::WriteFile
         | FrameType::ReadFile
         | FrameType::ListFiles
-        | FrameType::PortForward => first,
+        | FrameType::PortForward => sandbox.link().connect().await.map(|g| (g, first)),
         other => {
             let msg = format!("{other:?} requests are not accepted by the exec relay");
             write_frame(&mut client, &Frame::new(FrameType::Error, msg.into_bytes())).await?;
             return Ok(());
         }
     };
-    let mut guest = match link.connect().await {
-        Ok(g) => g,
+    let (mut guest, forward) = match opened {
+        Ok(o) => o,
         Err(e) => {
-            let msg = format!("connect to guest: {e}");
+            let msg = format!("connect to guest: {}", error_chain(&e));
             write_frame(&mut client, &Frame::new(FrameType::Error, msg.into_bytes())).await?;
             return Ok(());
         }

@@ -1,20 +1,30 @@
-//! Creating, booting and shutting down one sandbox.
+//! Creating, booting and shutting down one sandbox's VM.
+//!
+//! # Design
+//! [`Sandbox::create`] registers the VM, then boots it in named steps: resolve the kernel
+//! and initramfs, create the writable upper disk, bind the socket the guest dials, build
+//! the [`BootPlan`] (QEMU devices and the guest's boot configuration), let the services add
+//! to it, start the VM, and run the boot handshake. Every host file and process is recorded
+//! in the state DB before (files) or right after (processes) it is created. Any failure
+//! tears down what exists so far. Commands reach the guest through [`Sandbox::exec`] or
+//! [`Sandbox::open_exec`], the one place where the sandbox's exec defaults are applied.
 
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use matchlock_api::{Config, ImageConfig};
 use matchlock_guest_proto::{
-    read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, Hello,
-    HostEntry, ProtoError, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT,
+    read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, ExecRequest, ExitStatus,
+    Frame, FrameType, Hello, HostEntry, ProtoError, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT,
 };
 use matchlock_state::{Phase, Resource, StateDb};
 use matchlock_vm::{Accel, Disk, Machine, VmConfig};
 
 use crate::exec::{run_exec, ExecDefaults, ExecError, ExecIo};
 use crate::paths::Paths;
+use crate::services::{BootPlan, SandboxEvent, ServiceError, Services};
 
 /// How long the guest may take from VM start to `Ready` before we give up.
 const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -22,6 +32,8 @@ const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines of console output quoted when boot fails.
 const CONSOLE_TAIL_LINES: usize = 30;
+/// Files in the VM directory that exist only while the VM runs.
+const RUNTIME_FILES: [&str; 4] = ["upper.ext4", "vsock.sock", "vhost-vsock.sock", "exec.sock"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -54,6 +66,8 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    #[error("start sandbox services")]
+    Service(#[source] ServiceError),
     #[error("select the VM backend")]
     Backend(#[source] matchlock_vm::VmError),
     #[error("start the VM")]
@@ -61,7 +75,11 @@ pub enum SandboxError {
     #[error(
         "VM failed to become ready: {reason}\n--- last lines of the VM console ---\n{console}"
     )]
-    NotReady { reason: String, console: String },
+    NotReady {
+        /// The handshake failure, rendered with its causes.
+        reason: String,
+        console: String,
+    },
     #[error("connect to the guest agent")]
     Connect(#[source] matchlock_vm::VmError),
     #[error("prepare the guest connection for async use")]
@@ -70,6 +88,50 @@ pub enum SandboxError {
     Join(#[source] tokio::task::JoinError),
     #[error("executing command")]
     Exec(#[source] ExecError),
+}
+
+/// Why the boot handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("VM exited during boot ({0})")]
+    VmExited(String),
+    #[error("timed out waiting for the guest to connect")]
+    Timeout,
+    #[error("accept guest connection")]
+    Accept(#[source] std::io::Error),
+    #[error("boot handshake")]
+    Proto(#[source] ProtoError),
+    #[error(
+        "guest speaks protocol {guest} but this host speaks {host}; rebuild the guest runtime"
+    )]
+    Version { guest: u32, host: u32 },
+    #[error("guest boot failed: {0}")]
+    GuestFailed(String),
+    #[error("unexpected {0:?} frame during boot")]
+    Unexpected(FrameType),
+}
+
+/// Why a clean guest shutdown did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    #[error("connect")]
+    Connect(#[source] matchlock_vm::VmError),
+    #[error("send the shutdown request")]
+    Send(#[source] ProtoError),
+    #[error("VM still running {0}s after shutdown request")]
+    StillRunning(u64),
+}
+
+/// `outer: inner: ...` for an error and its causes.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// A connector to the guest's service port; shared by the owner and its exec relay.
@@ -95,7 +157,7 @@ impl GuestLink {
         let link = self.clone();
         Arc::new(move || {
             let link = link.clone();
-            Box::pin(async move { link.connect().await.map_err(|e| e.to_string()) })
+            Box::pin(async move { link.connect().await.map_err(|e| error_chain(&e)) })
         })
     }
 }
@@ -105,20 +167,25 @@ pub struct SandboxSpec {
     pub config: Config,
     /// The image's flattened read-only root filesystem (squashfs).
     pub rootfs: PathBuf,
+    /// The image's config with the caller's overrides applied (exec defaults).
     pub image_config: ImageConfig,
     pub accel: Accel,
     /// The PID recorded as the sandbox owner (this process).
     pub owner_pid: u32,
+    /// Host services started with the VM.
+    pub services: Services,
 }
 
-/// A booted sandbox owned by this process.
+/// A booted VM owned by this process. [`crate::RunningSandbox`] wraps it with everything
+/// else a running sandbox has; use that unless you need the VM alone.
 pub struct Sandbox {
     pub id: String,
     pub dir: PathBuf,
     state: Arc<StateDb>,
     machine: Arc<dyn Machine>,
     link: Arc<GuestLink>,
-    defaults: Arc<ExecDefaults>,
+    defaults: ExecDefaults,
+    services: Mutex<Services>,
     pub boot_time: Duration,
 }
 
@@ -132,7 +199,7 @@ impl Sandbox {
     pub fn create(
         paths: &Paths,
         state: Arc<StateDb>,
-        spec: SandboxSpec,
+        mut spec: SandboxSpec,
     ) -> Result<Sandbox, SandboxError> {
         let id = if spec.config.id.is_empty() {
             StateDb::new_vm_id()
@@ -146,39 +213,42 @@ impl Sandbox {
                 id: id.clone(),
                 source: Box::new(source),
             })?;
-        let dir = state.vm_dir(&id);
         recorded(
             &id,
             "lifecycle",
             state.lifecycle_init(&id, "qemu").map(|_| ()),
         )?;
-
         let mut sb = Sandbox {
-            id: id.clone(),
-            dir: dir.clone(),
+            dir: state.vm_dir(&id),
+            id,
             state: state.clone(),
             machine: Arc::new(NoMachine),
             link: Arc::new(GuestLink {
                 machine: Arc::new(NoMachine),
             }),
-            defaults: Arc::new(ExecDefaults::default()),
+            defaults: ExecDefaults::new(&spec.image_config, &spec.config.env),
+            services: Mutex::new(std::mem::take(&mut spec.services)),
             boot_time: Duration::ZERO,
         };
         match sb.boot(paths, &spec) {
             Ok(()) => {
-                let _ = state.lifecycle_transition(&id, Phase::Running, None);
+                let _ = state.lifecycle_transition(&sb.id, Phase::Running, None);
+                lock(&sb.services).emit(&SandboxEvent::Ready {
+                    id: sb.id.clone(),
+                    boot_ms: u64::try_from(sb.boot_time.as_millis()).unwrap_or(u64::MAX),
+                });
                 Ok(sb)
             }
             Err(e) => {
-                let msg = e.to_string();
+                let msg = error_chain(&e);
                 // Failures before the VM starts are create failures; later ones start failures.
                 if state
-                    .lifecycle_transition(&id, Phase::StartFailed, Some(&msg))
+                    .lifecycle_transition(&sb.id, Phase::StartFailed, Some(&msg))
                     .is_err()
                 {
-                    let _ = state.lifecycle_transition(&id, Phase::CreateFailed, Some(&msg));
+                    let _ = state.lifecycle_transition(&sb.id, Phase::CreateFailed, Some(&msg));
                 }
-                sb.teardown(Duration::ZERO);
+                sb.teardown(Duration::ZERO, "start failed");
                 Err(e)
             }
         }
@@ -186,39 +256,48 @@ impl Sandbox {
 
     fn boot(&mut self, paths: &Paths, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let started = Instant::now();
-        let id = self.id.clone();
-        let st = &self.state;
-        let kernel = matchlock_vm::assets::kernel_path();
-        if !kernel.is_file() {
-            return Err(SandboxError::KernelMissing(kernel));
-        }
-        let guest = matchlock_vm::assets::find_guest_binary().map_err(SandboxError::GuestBinary)?;
-        let initramfs = matchlock_vm::assets::initramfs_for(&guest, &paths.initramfs_cache())
-            .map_err(SandboxError::Initramfs)?;
+        let (kernel, initramfs) = boot_assets(paths)?;
+        let upper = self.create_upper_disk(spec.config.resources.disk_size_mb)?;
+        let (ready, ready_path) = self.bind_ready_socket()?;
+        let mut plan = self.boot_plan(spec, kernel, initramfs, upper);
+        lock(&self.services)
+            .prepare(&mut plan, &self.dir)
+            .map_err(SandboxError::Service)?;
+        self.start_vm(&plan.vm)?;
+        tracing::debug!(ms = ms(started.elapsed()), "VM started");
+        let deadline = started + boot_timeout();
+        handshake(&ready, self.machine.as_ref(), &plan.guest, deadline).map_err(|e| {
+            SandboxError::NotReady {
+                reason: error_chain(&e),
+                console: self.machine.console_tail(CONSOLE_TAIL_LINES),
+            }
+        })?;
+        drop(ready);
+        let _ = std::fs::remove_file(&ready_path);
+        self.boot_time = started.elapsed();
+        tracing::info!(id = %self.id, boot_ms = ms(self.boot_time), "sandbox ready");
+        Ok(())
+    }
 
+    /// Records and formats the per-VM writable disk (sparse ext4).
+    fn create_upper_disk(&self, size_mb: u64) -> Result<PathBuf, SandboxError> {
         let upper = self.dir.join("upper.ext4");
-        recorded(
-            &id,
-            "upper disk",
-            st.record_resource(&id, Resource::File(upper.clone())),
-        )?;
-        tracing::debug!(ms = started.elapsed().as_millis() as u64, "assets resolved");
-        crate::disk::create_ext4(&upper, spec.config.resources.disk_size_mb)
-            .map_err(SandboxError::UpperDisk)?;
-        tracing::debug!(
-            ms = started.elapsed().as_millis() as u64,
-            "upper disk formatted"
-        );
+        self.record("upper disk", Resource::File(upper.clone()))?;
+        crate::disk::create_ext4(&upper, size_mb).map_err(SandboxError::UpperDisk)?;
+        Ok(upper)
+    }
 
+    /// Records the VM's sockets and binds the one the guest dials when it has booted.
+    fn bind_ready_socket(&self) -> Result<(StdUnixListener, PathBuf), SandboxError> {
         let vsock = self.dir.join("vsock.sock");
         let ready_path = matchlock_vm::hybrid::listener_path(&vsock, READY_PORT);
         for f in [
-            vsock.clone(),
+            vsock,
             ready_path.clone(),
             self.dir.join("vhost-vsock.sock"),
             self.dir.join(crate::relay::SOCKET_NAME),
         ] {
-            recorded(&id, "socket", st.record_resource(&id, Resource::File(f)))?;
+            self.record("socket", Resource::File(f))?;
         }
         let ready =
             StdUnixListener::bind(&ready_path).map_err(|source| SandboxError::ReadyListen {
@@ -226,92 +305,41 @@ impl Sandbox {
                 source,
             })?;
         let _ = ready.set_nonblocking(true);
+        Ok((ready, ready_path))
+    }
 
-        let mut disks = vec![Disk {
-            path: spec.rootfs.clone(),
-            serial: "ml-lower0".into(),
-            readonly: true,
-        }];
-        disks.push(Disk {
-            path: upper,
-            serial: "ml-upper".into(),
-            readonly: false,
-        });
-        let mut guest_disks = vec![
-            DiskSpec {
-                serial: "ml-lower0".into(),
-                role: DiskRole::Lower {
-                    fs: "squashfs".into(),
-                },
-            },
-            DiskSpec {
-                serial: "ml-upper".into(),
-                role: DiskRole::Upper,
-            },
-        ];
-        for (i, d) in spec.config.extra_disks.iter().enumerate() {
-            let serial = format!("ml-disk{i}");
-            disks.push(Disk {
-                path: PathBuf::from(&d.host_path),
-                serial: serial.clone(),
-                readonly: d.readonly,
-            });
-            guest_disks.push(DiskSpec {
-                serial,
-                role: DiskRole::Extra {
-                    mount: d.guest_mount.clone(),
-                    readonly: d.readonly,
-                },
-            });
-        }
-
+    /// The QEMU configuration and the guest's boot configuration, before services add to
+    /// them.
+    fn boot_plan(
+        &self,
+        spec: &SandboxSpec,
+        kernel: PathBuf,
+        initramfs: PathBuf,
+        upper: PathBuf,
+    ) -> BootPlan {
+        let (disks, guest_disks) = disk_layout(spec, upper);
         let res = &spec.config.resources;
-        let vm_cfg = VmConfig {
-            id: id.clone(),
+        let vm = VmConfig {
+            id: self.id.clone(),
             state_dir: self.dir.clone(),
             kernel,
             initramfs,
             vcpus: res.vcpus(),
             memory_mb: u32::try_from(res.memory_mb).unwrap_or(u32::MAX),
             disks,
-            console_log: self.dir.join("logs").join("vm.log"),
+            console_log: self.console_log(),
             accel: spec.accel,
             extra_cmdline: Vec::new(),
             qemu_binary: None,
             vsock_binary: None,
         };
-        let _ = st.lifecycle_transition(&id, Phase::Created, None);
-        let _ = st.lifecycle_transition(&id, Phase::Starting, None);
-        let backend = matchlock_vm::backend("qemu").map_err(SandboxError::Backend)?;
-        let machine: Arc<dyn Machine> =
-            Arc::from(backend.start(&vm_cfg).map_err(SandboxError::StartVm)?);
-        tracing::debug!(ms = started.elapsed().as_millis() as u64, "VM started");
-        for pid in machine.pids() {
-            recorded(
-                &id,
-                "process",
-                st.record_resource(
-                    &id,
-                    Resource::Process {
-                        pid,
-                        start_time: process_start_time(pid),
-                        name: "vm".into(),
-                    },
-                ),
-            )?;
-        }
-        self.machine = machine.clone();
-        self.link = Arc::new(GuestLink {
-            machine: machine.clone(),
-        });
-
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let boot_cfg = BootConfig {
+        let guest = BootConfig {
             hostname: if net.hostname.is_empty() {
-                id.clone()
+                self.id.clone()
             } else {
                 net.hostname.clone()
             },
@@ -332,45 +360,62 @@ impl Sandbox {
                 now.subsec_nanos(),
             ),
         };
-        let timeout = std::env::var("MATCHLOCK_BOOT_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_BOOT_TIMEOUT);
-        handshake(&ready, machine.as_ref(), &boot_cfg, started + timeout).map_err(|reason| {
-            SandboxError::NotReady {
-                reason,
-                console: machine.console_tail(CONSOLE_TAIL_LINES),
-            }
-        })?;
-        drop(ready);
-        let _ = std::fs::remove_file(&ready_path);
-        self.defaults = Arc::new(ExecDefaults::new(&spec.image_config, &spec.config.env));
-        self.boot_time = started.elapsed();
-        tracing::info!(id = %id, boot_ms = self.boot_time.as_millis() as u64, "sandbox ready");
+        BootPlan { vm, guest }
+    }
+
+    /// Starts the VM and records its processes.
+    fn start_vm(&mut self, cfg: &VmConfig) -> Result<(), SandboxError> {
+        let _ = self
+            .state
+            .lifecycle_transition(&self.id, Phase::Created, None);
+        let _ = self
+            .state
+            .lifecycle_transition(&self.id, Phase::Starting, None);
+        let backend = matchlock_vm::backend("qemu").map_err(SandboxError::Backend)?;
+        let machine: Arc<dyn Machine> =
+            Arc::from(backend.start(cfg).map_err(SandboxError::StartVm)?);
+        self.machine = machine.clone();
+        self.link = Arc::new(GuestLink { machine });
+        for pid in self.machine.pids() {
+            self.record(
+                "process",
+                Resource::Process {
+                    pid,
+                    start_time: process_start_time(pid),
+                    name: "vm".into(),
+                },
+            )?;
+        }
         Ok(())
+    }
+
+    fn record(&self, what: &'static str, res: Resource) -> Result<(), SandboxError> {
+        recorded(&self.id, what, self.state.record_resource(&self.id, res))
     }
 
     pub fn link(&self) -> Arc<GuestLink> {
         self.link.clone()
     }
 
-    pub fn defaults(&self) -> Arc<ExecDefaults> {
-        self.defaults.clone()
-    }
-
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("logs").join("vm.log")
     }
 
-    /// Runs a command with the sandbox's exec defaults applied.
-    pub async fn exec(
+    /// A fresh guest connection for `req`, with the sandbox's exec defaults applied to it
+    /// (image ENV < config env < request env; WORKDIR; USER). This is the one place those
+    /// defaults are applied: in-process execs, the exec relay and RPC all come through here.
+    pub async fn open_exec(
         &self,
-        mut req: matchlock_guest_proto::ExecRequest,
-        io: ExecIo,
-    ) -> Result<matchlock_guest_proto::ExitStatus, SandboxError> {
+        mut req: ExecRequest,
+    ) -> Result<(tokio::net::UnixStream, ExecRequest), SandboxError> {
         self.defaults.apply(&mut req);
         let stream = self.link.connect().await?;
+        Ok((stream, req))
+    }
+
+    /// Runs a command with the sandbox's exec defaults applied.
+    pub async fn exec(&self, req: ExecRequest, io: ExecIo) -> Result<ExitStatus, SandboxError> {
+        let (stream, req) = self.open_exec(req).await?;
         run_exec(stream, &req, io).await.map_err(SandboxError::Exec)
     }
 
@@ -380,33 +425,33 @@ impl Sandbox {
     }
 
     /// Stops the VM (a clean guest shutdown first: sync and unmount, then power off; killed
-    /// if that takes longer than `grace`), removes its disks and sockets, and marks the
-    /// sandbox stopped. State and logs stay until `rm`.
-    pub fn shutdown(&self, grace: Duration) {
+    /// if that takes longer than `grace`), stops the services, removes disks and sockets,
+    /// and marks the sandbox stopped. State and logs stay until `rm`. Blocking.
+    pub fn shutdown(&self, grace: Duration, reason: &str) {
         let _ = self
             .state
             .lifecycle_transition(&self.id, Phase::Stopping, None);
-        self.teardown(grace);
+        self.teardown(grace, reason);
     }
 
-    fn teardown(&self, grace: Duration) {
+    fn teardown(&self, grace: Duration, reason: &str) {
         let id = &self.id;
         let t = Instant::now();
         if self.machine.has_exited().is_none() {
             let clean = guest_shutdown(self.machine.as_ref(), grace.max(Duration::from_secs(3)));
-            self.step("guest_shutdown", clean);
-            tracing::debug!(ms = t.elapsed().as_millis() as u64, "guest shut down");
+            self.step("guest_shutdown", clean.map_err(|e| error_chain(&e)));
+            tracing::debug!(ms = ms(t.elapsed()), "guest shut down");
         }
         self.step(
             "machine_close",
-            self.machine.kill().map_err(|e| e.to_string()),
+            self.machine.kill().map_err(|e| error_chain(&e)),
         );
+        lock(&self.services).stop();
         let _ = self.state.lifecycle_transition(id, Phase::Stopped, None);
         let _ = self.state.lifecycle_transition(id, Phase::Cleaning, None);
         let mut failed = Vec::new();
-        for name in ["upper.ext4", "vsock.sock", "vhost-vsock.sock", "exec.sock"] {
-            let p = self.dir.join(name);
-            let r = match std::fs::remove_file(&p) {
+        for name in RUNTIME_FILES {
+            let r = match std::fs::remove_file(self.dir.join(name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
                 _ => Ok(()),
             };
@@ -427,6 +472,10 @@ impl Sandbox {
                 self.state
                     .lifecycle_transition(id, Phase::CleanupFailed, Some(&failed.join("; ")));
         }
+        lock(&self.services).emit(&SandboxEvent::Stopped {
+            id: id.clone(),
+            reason: reason.to_string(),
+        });
     }
 
     fn step(&self, name: &str, r: Result<(), String>) {
@@ -446,6 +495,80 @@ impl Sandbox {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The kernel, and the initramfs built around the guest runtime (cached by its hash).
+fn boot_assets(paths: &Paths) -> Result<(PathBuf, PathBuf), SandboxError> {
+    let kernel = matchlock_vm::assets::kernel_path();
+    if !kernel.is_file() {
+        return Err(SandboxError::KernelMissing(kernel));
+    }
+    let guest = matchlock_vm::assets::find_guest_binary().map_err(SandboxError::GuestBinary)?;
+    let initramfs = matchlock_vm::assets::initramfs_for(&guest, &paths.initramfs_cache())
+        .map_err(SandboxError::Initramfs)?;
+    Ok((kernel, initramfs))
+}
+
+/// `MATCHLOCK_BOOT_TIMEOUT` (seconds) or the default.
+fn boot_timeout() -> Duration {
+    std::env::var("MATCHLOCK_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_BOOT_TIMEOUT)
+}
+
+/// The VM's block devices and how the guest uses each: image root (read-only lower),
+/// writable upper, then the extra disks in order.
+fn disk_layout(spec: &SandboxSpec, upper: PathBuf) -> (Vec<Disk>, Vec<DiskSpec>) {
+    let mut disks = vec![
+        Disk {
+            path: spec.rootfs.clone(),
+            serial: "ml-lower0".into(),
+            readonly: true,
+        },
+        Disk {
+            path: upper,
+            serial: "ml-upper".into(),
+            readonly: false,
+        },
+    ];
+    let mut guest = vec![
+        DiskSpec {
+            serial: "ml-lower0".into(),
+            role: DiskRole::Lower {
+                fs: "squashfs".into(),
+            },
+        },
+        DiskSpec {
+            serial: "ml-upper".into(),
+            role: DiskRole::Upper,
+        },
+    ];
+    for (i, d) in spec.config.extra_disks.iter().enumerate() {
+        let serial = format!("ml-disk{i}");
+        disks.push(Disk {
+            path: PathBuf::from(&d.host_path),
+            serial: serial.clone(),
+            readonly: d.readonly,
+        });
+        guest.push(DiskSpec {
+            serial,
+            role: DiskRole::Extra {
+                mount: d.guest_mount.clone(),
+                readonly: d.readonly,
+            },
+        });
+    }
+    (disks, guest)
+}
+
 /// Maps a failed state write for sandbox `id` to the error naming what was being recorded.
 fn recorded(
     id: &str,
@@ -459,75 +582,77 @@ fn recorded(
     })
 }
 
-/// Accepts the guest's boot connection and runs the handshake, watching for VM death.
+/// Waits for the guest's boot connection, watching for VM death and the deadline.
+fn accept_guest(
+    ready: &StdUnixListener,
+    machine: &dyn Machine,
+    deadline: Instant,
+) -> Result<std::os::unix::net::UnixStream, HandshakeError> {
+    loop {
+        match ready.accept() {
+            Ok((c, _)) => return Ok(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(why) = machine.has_exited() {
+                    return Err(HandshakeError::VmExited(why));
+                }
+                if Instant::now() >= deadline {
+                    return Err(HandshakeError::Timeout);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(HandshakeError::Accept(e)),
+        }
+    }
+}
+
+/// Accepts the guest's boot connection and runs the handshake: `Hello` -> `BootConfig` ->
+/// `Ready` (or `BootFailed`).
 fn handshake(
     ready: &StdUnixListener,
     machine: &dyn Machine,
     cfg: &BootConfig,
     deadline: Instant,
-) -> Result<(), String> {
-    let mut conn = loop {
-        match ready.accept() {
-            Ok((c, _)) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if let Some(why) = machine.has_exited() {
-                    return Err(format!("VM exited during boot ({why})"));
-                }
-                if Instant::now() >= deadline {
-                    return Err("timed out waiting for the guest to connect".into());
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(format!("accept guest connection: {e}")),
-        }
-    };
+) -> Result<(), HandshakeError> {
+    let mut conn = accept_guest(ready, machine, deadline)?;
     let _ = conn.set_nonblocking(false);
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(100));
     let _ = conn.set_read_timeout(Some(remaining));
-    let io_err = |e: ProtoError| format!("boot handshake: {e}");
     let hello: Hello = read_frame_required(&mut conn)
-        .map_err(io_err)?
+        .map_err(HandshakeError::Proto)?
         .expect(FrameType::Hello, "hello")
-        .map_err(io_err)?;
+        .map_err(HandshakeError::Proto)?;
     if hello.protocol_version != PROTOCOL_VERSION {
-        return Err(format!(
-            "guest speaks protocol {} but this host speaks {}; rebuild the guest runtime",
-            hello.protocol_version, PROTOCOL_VERSION
-        ));
+        return Err(HandshakeError::Version {
+            guest: hello.protocol_version,
+            host: PROTOCOL_VERSION,
+        });
     }
-    write_frame(
-        &mut conn,
-        &Frame::json(FrameType::BootConfig, cfg).map_err(io_err)?,
-    )
-    .map_err(io_err)?;
-    let reply = read_frame_required(&mut conn).map_err(io_err)?;
+    let frame = Frame::json(FrameType::BootConfig, cfg).map_err(HandshakeError::Proto)?;
+    write_frame(&mut conn, &frame).map_err(HandshakeError::Proto)?;
+    let reply = read_frame_required(&mut conn).map_err(HandshakeError::Proto)?;
     match reply.kind {
         FrameType::Ready => Ok(()),
-        FrameType::BootFailed => Err(format!(
-            "guest boot failed: {}",
-            String::from_utf8_lossy(&reply.payload)
+        FrameType::BootFailed => Err(HandshakeError::GuestFailed(
+            String::from_utf8_lossy(&reply.payload).into_owned(),
         )),
-        other => Err(format!("unexpected {other:?} frame during boot")),
+        other => Err(HandshakeError::Unexpected(other)),
     }
 }
 
 /// Asks the guest to sync, unmount and power off; waits for the VM to exit.
-fn guest_shutdown(machine: &dyn Machine, grace: Duration) -> Result<(), String> {
+fn guest_shutdown(machine: &dyn Machine, grace: Duration) -> Result<(), ShutdownError> {
     let mut conn = machine
         .connect(SERVICE_PORT, Duration::from_secs(2))
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(ShutdownError::Connect)?;
     let _ = conn.set_read_timeout(Some(grace));
-    write_frame(&mut conn, &Frame::empty(FrameType::Shutdown)).map_err(|e| e.to_string())?;
+    write_frame(&mut conn, &Frame::empty(FrameType::Shutdown)).map_err(ShutdownError::Send)?;
     let _ = read_frame_required(&mut conn);
     if machine.wait_exit(grace) {
         Ok(())
     } else {
-        Err(format!(
-            "VM still running {}s after shutdown request",
-            grace.as_secs()
-        ))
+        Err(ShutdownError::StillRunning(grace.as_secs()))
     }
 }
 

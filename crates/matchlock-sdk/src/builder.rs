@@ -2,14 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{json, Map, Value};
+use matchlock_api::rpc::{CreateParams, ResourceParams};
+use matchlock_api::{HostMapping, ImageConfig, NetworkConfig, Secret};
 
-/// A `[LOCAL:]REMOTE` port mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortForward {
-    pub local_port: u16,
-    pub remote_port: u16,
-}
+/// A `[LOCAL:]REMOTE` port mapping (the wire type of `port_forward`).
+pub use matchlock_api::rpc::PortMapping as PortForward;
 
 /// Options for [`crate::Client::create`]; build them with [`Sandbox`].
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -41,28 +38,14 @@ pub struct CreateOptions {
 impl CreateOptions {
     /// The `create` params (spec §12.1): resources only when set, `network` only when any
     /// network option is set.
-    pub fn to_params(&self) -> Value {
-        let mut p = Map::new();
-        p.insert("image".into(), json!(self.image));
-        if self.privileged {
-            p.insert("privileged".into(), json!(true));
-        }
-        let mut res = Map::new();
-        if self.cpus > 0.0 {
-            res.insert("cpus".into(), json!(self.cpus));
-        }
-        for (k, v) in [
-            ("memory_mb", self.memory_mb),
-            ("disk_size_mb", self.disk_size_mb),
-            ("timeout_seconds", self.timeout_seconds),
-        ] {
-            if v > 0 {
-                res.insert(k.into(), json!(v));
-            }
-        }
-        if !res.is_empty() {
-            p.insert("resources".into(), Value::Object(res));
-        }
+    pub fn to_params(&self) -> CreateParams {
+        let set = |v: u64| (v > 0).then_some(v);
+        let resources = ResourceParams {
+            cpus: (self.cpus > 0.0).then_some(self.cpus),
+            memory_mb: set(self.memory_mb),
+            disk_size_mb: set(self.disk_size_mb),
+            timeout_seconds: set(self.timeout_seconds),
+        };
         let wants_network = !self.allowed_hosts.is_empty()
             || !self.add_hosts.is_empty()
             || !self.secrets.is_empty()
@@ -71,67 +54,60 @@ impl CreateOptions {
             || self.mtu > 0
             || self.no_network
             || self.block_private_ips.is_some();
-        if wants_network {
-            let mut n = Map::new();
-            if self.no_network {
-                n.insert("no_network".into(), json!(true));
-            } else {
-                n.insert("allowed_hosts".into(), json!(self.allowed_hosts));
-                n.insert(
-                    "block_private_ips".into(),
-                    json!(self.block_private_ips.unwrap_or(true)),
-                );
-                if !self.secrets.is_empty() {
-                    let s: Map<String, Value> = self
-                        .secrets
-                        .iter()
-                        .map(|(k, (v, h))| (k.clone(), json!({"value": v, "hosts": h})))
-                        .collect();
-                    n.insert("secrets".into(), Value::Object(s));
-                }
-                if self.mtu > 0 {
-                    n.insert("mtu".into(), json!(self.mtu));
-                }
-            }
-            if !self.add_hosts.is_empty() {
-                let hosts: Vec<Value> = self
-                    .add_hosts
-                    .iter()
-                    .map(|(h, ip)| json!({"host": h, "ip": ip}))
-                    .collect();
-                n.insert("add_hosts".into(), Value::Array(hosts));
-            }
-            if !self.dns_servers.is_empty() {
-                n.insert("dns_servers".into(), json!(self.dns_servers));
-            }
-            if !self.hostname.is_empty() {
-                n.insert("hostname".into(), json!(self.hostname));
-            }
-            p.insert("network".into(), Value::Object(n));
+        let network = wants_network.then(|| self.network());
+        let image_config = ImageConfig {
+            user: self.user.clone(),
+            working_dir: self.working_dir.clone(),
+            entrypoint: self.entrypoint.clone(),
+            cmd: self.cmd.clone(),
+            env: BTreeMap::new(),
+        };
+        CreateParams {
+            image: self.image.clone(),
+            privileged: self.privileged,
+            launch_entrypoint: self.launch_entrypoint,
+            resources,
+            network,
+            env: self.env.clone(),
+            image_config: (image_config != ImageConfig::default()).then_some(image_config),
+            ..Default::default()
         }
-        if !self.env.is_empty() {
-            p.insert("env".into(), json!(self.env));
+    }
+
+    /// The `network` section: egress settings only when the sandbox has a network.
+    fn network(&self) -> NetworkConfig {
+        let mut n = NetworkConfig {
+            no_network: self.no_network,
+            add_hosts: self
+                .add_hosts
+                .iter()
+                .map(|(host, ip)| HostMapping {
+                    host: host.clone(),
+                    ip: ip.clone(),
+                })
+                .collect(),
+            dns_servers: self.dns_servers.clone(),
+            hostname: self.hostname.clone(),
+            ..Default::default()
+        };
+        if !self.no_network {
+            n.allowed_hosts = self.allowed_hosts.clone();
+            n.block_private_ips = self.block_private_ips.unwrap_or(true);
+            n.secrets = self
+                .secrets
+                .iter()
+                .map(|(k, (value, hosts))| {
+                    let secret = Secret {
+                        value: value.clone(),
+                        placeholder: String::new(),
+                        hosts: hosts.clone(),
+                    };
+                    (k.clone(), secret)
+                })
+                .collect();
+            n.mtu = self.mtu;
         }
-        let mut ic = Map::new();
-        if !self.user.is_empty() {
-            ic.insert("user".into(), json!(self.user));
-        }
-        if !self.working_dir.is_empty() {
-            ic.insert("working_dir".into(), json!(self.working_dir));
-        }
-        if !self.entrypoint.is_empty() {
-            ic.insert("entrypoint".into(), json!(self.entrypoint));
-        }
-        if !self.cmd.is_empty() {
-            ic.insert("cmd".into(), json!(self.cmd));
-        }
-        if !ic.is_empty() {
-            p.insert("image_config".into(), Value::Object(ic));
-        }
-        if self.launch_entrypoint {
-            p.insert("launch_entrypoint".into(), json!(true));
-        }
-        Value::Object(p)
+        n
     }
 }
 
@@ -280,29 +256,38 @@ impl Sandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use matchlock_api::rpc::to_value;
+    use serde_json::json;
 
     #[test]
     fn params_like_the_sdks() {
-        let p = Sandbox::new("img").options().to_params();
+        let p = to_value(&Sandbox::new("img").options().to_params());
         assert_eq!(p, json!({"image": "img"}));
-        let p = Sandbox::new("img")
-            .with_memory(256)
-            .with_env("A", "b")
-            .with_no_network()
-            .with_entrypoint(&["sh", "-c", "echo hi"])
-            .options()
-            .to_params();
+        let p = to_value(
+            &Sandbox::new("img")
+                .with_memory(256)
+                .with_env("A", "b")
+                .with_no_network()
+                .with_entrypoint(&["sh", "-c", "echo hi"])
+                .options()
+                .to_params(),
+        );
         assert_eq!(p["resources"], json!({"memory_mb": 256}));
-        assert_eq!(p["network"], json!({"no_network": true}));
+        assert_eq!(
+            p["network"],
+            json!({"no_network": true, "block_private_ips": false})
+        );
         assert_eq!(p["env"], json!({"A": "b"}));
         assert_eq!(
             p["image_config"]["entrypoint"],
             json!(["sh", "-c", "echo hi"])
         );
-        let p = Sandbox::new("img")
-            .allow_host(&["a.com"])
-            .options()
-            .to_params();
+        let p = to_value(
+            &Sandbox::new("img")
+                .allow_host(&["a.com"])
+                .options()
+                .to_params(),
+        );
         assert_eq!(
             p["network"],
             json!({"allowed_hosts": ["a.com"], "block_private_ips": true})

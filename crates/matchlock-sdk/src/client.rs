@@ -6,7 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
+use matchlock_api::rpc::envelope::{self, Incoming};
+use matchlock_api::rpc::port::parse_port_spec;
+use matchlock_api::rpc::{
+    b64, to_value, CancelParams, CloseParams, ContentResult, CreateResult, ExecMode, ExecParams,
+    ExecResult as WireExecResult, ExecStreamResult as WireStreamResult, FileParams, InputParams,
+    ListFilesResult, Method, Notice, PortForwardParams, PortForwardResult, StreamData,
+};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -97,7 +104,7 @@ pub struct PortForwardBinding {
     pub remote_port: u16,
 }
 
-type Notification = (String, Value);
+type Notification = (Notice, Value);
 
 struct Pending {
     done: oneshot::Sender<Result<Value, SdkError>>,
@@ -115,8 +122,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
-    async fn write(&self, v: &Value) -> Result<(), SdkError> {
-        let mut line = v.to_string();
+    async fn write(&self, mut line: String) -> Result<(), SdkError> {
         line.push('\n');
         let mut g = self.stdin.lock().await;
         let s = g.as_mut().ok_or(SdkError::Closed)?;
@@ -126,8 +132,8 @@ impl Inner {
         s.flush().await.map_err(SdkError::Write)
     }
 
-    async fn notify(&self, method: &str, params: Value) -> Result<(), SdkError> {
-        self.write(&json!({"jsonrpc": "2.0", "method": method, "params": params}))
+    async fn notify(&self, method: Method, params: &InputParams) -> Result<(), SdkError> {
+        self.write(envelope::input_notification(method, to_value(params)))
             .await
     }
 }
@@ -162,8 +168,9 @@ impl Drop for Call {
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             h.spawn(async move {
                 let cid = inner.next_id.fetch_add(1, Ordering::Relaxed);
+                let params = to_value(&CancelParams { id: json!(id) });
                 let _ = inner
-                    .write(&json!({"jsonrpc": "2.0", "method": "cancel", "params": {"id": id}, "id": cid}))
+                    .write(envelope::request(Method::Cancel, params, cid))
                     .await;
             });
         }
@@ -181,25 +188,13 @@ pub struct Client {
     vm_id: Mutex<Option<String>>,
 }
 
-fn b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
+fn unb64(text: &str) -> Result<Vec<u8>, SdkError> {
+    b64::decode(text).map_err(|_| SdkError::Decode("invalid base64 in response"))
 }
 
-fn unb64(v: &Value) -> Result<Vec<u8>, SdkError> {
-    base64::engine::general_purpose::STANDARD
-        .decode(v.as_str().unwrap_or("").as_bytes())
-        .map_err(|_| SdkError::Decode("invalid base64 in response"))
-}
-
-fn field_u64(v: &Value, k: &'static str) -> Result<u64, SdkError> {
-    v.get(k).and_then(Value::as_u64).ok_or(SdkError::Decode(k))
-}
-
-fn exit_code(v: &Value) -> Result<i32, SdkError> {
-    v.get("exit_code")
-        .and_then(Value::as_i64)
-        .and_then(|c| i32::try_from(c).ok())
-        .ok_or(SdkError::Decode("exit_code"))
+/// Decodes a result into its contract type.
+fn result<T: DeserializeOwned>(v: Value, what: &'static str) -> Result<T, SdkError> {
+    serde_json::from_value(v).map_err(|_| SdkError::Decode(what))
 }
 
 impl Client {
@@ -246,7 +241,7 @@ impl Client {
 
     async fn start_call(
         &self,
-        method: &str,
+        method: Method,
         params: Value,
         with_notes: bool,
     ) -> Result<Call, SdkError> {
@@ -273,12 +268,12 @@ impl Client {
             finished: false,
         };
         self.inner
-            .write(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}))
+            .write(envelope::request(method, params, id))
             .await?;
         Ok(call)
     }
 
-    async fn call(&self, method: &str, params: Value) -> Result<Value, SdkError> {
+    async fn call(&self, method: Method, params: Value) -> Result<Value, SdkError> {
         let mut c = self.start_call(method, params, false).await?;
         c.result().await
     }
@@ -290,12 +285,10 @@ impl Client {
                 "image is required (e.g., alpine:latest)".into(),
             ));
         }
-        let r = self.call("create", opts.to_params()).await?;
-        let id = r
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or(SdkError::Decode("id"))?
-            .to_string();
+        let r = self
+            .call(Method::Create, to_value(&opts.to_params()))
+            .await?;
+        let id = result::<CreateResult>(r, "id")?.id;
         *lock(&self.vm_id) = Some(id.clone());
         if !opts.port_forwards.is_empty() {
             let addrs: Vec<&str> = opts
@@ -322,12 +315,13 @@ impl Client {
     }
 
     pub async fn exec_with(&self, command: &str, o: &ExecOptions) -> Result<ExecResult, SdkError> {
-        let r = self.call("exec", exec_params(command, o)).await?;
+        let r = self.call(Method::Exec, exec_params(command, o)).await?;
+        let r: WireExecResult = result(r, "exec result")?;
         Ok(ExecResult {
-            exit_code: exit_code(&r)?,
-            stdout: unb64(&r["stdout"])?,
-            stderr: unb64(&r["stderr"])?,
-            duration_ms: field_u64(&r, "duration_ms")?,
+            exit_code: r.exit_code,
+            stdout: unb64(&r.stdout)?,
+            stderr: unb64(&r.stderr)?,
+            duration_ms: r.duration_ms,
         })
     }
 
@@ -344,7 +338,7 @@ impl Client {
     {
         let mut c = self
             .start_call(
-                "exec_stream",
+                Method::ExecStream,
                 exec_params(command, &ExecOptions::default()),
                 true,
             )
@@ -354,11 +348,11 @@ impl Client {
             None::<&mut tokio::io::Empty>,
             stdout,
             stderr,
-            "exec_stream",
+            Routes::exec(ExecMode::Stream),
             None,
         )
         .await?;
-        stream_result(&r)
+        stream_result(r)
     }
 
     /// Runs a shell command with `stdin` forwarded (EOF closes the command's stdin).
@@ -376,13 +370,21 @@ impl Client {
     {
         let mut c = self
             .start_call(
-                "exec_pipe",
+                Method::ExecPipe,
                 exec_params(command, &ExecOptions::default()),
                 true,
             )
             .await?;
-        let r = pump(&mut c, Some(stdin), stdout, stderr, "exec_pipe", None).await?;
-        stream_result(&r)
+        let r = pump(
+            &mut c,
+            Some(stdin),
+            stdout,
+            stderr,
+            Routes::exec(ExecMode::Pipe),
+            None,
+        )
+        .await?;
+        stream_result(r)
     }
 
     /// Runs a shell command on a PTY: `stdin` is typed into it, output (stdout and stderr
@@ -398,27 +400,25 @@ impl Client {
         I: AsyncRead + Unpin,
         O: AsyncWrite + Unpin,
     {
-        let mut p = exec_params(
-            command,
-            &ExecOptions {
-                working_dir: o.working_dir.clone(),
-                user: o.user.clone(),
-            },
-        );
-        p["rows"] = json!(if o.rows == 0 { 24 } else { o.rows });
-        p["cols"] = json!(if o.cols == 0 { 80 } else { o.cols });
-        let mut c = self.start_call("exec_tty", p, true).await?;
+        let p = ExecParams {
+            command: command.to_string(),
+            working_dir: o.working_dir.clone(),
+            user: o.user.clone(),
+            rows: if o.rows == 0 { 24 } else { o.rows },
+            cols: if o.cols == 0 { 80 } else { o.cols },
+        };
+        let mut c = self.start_call(Method::ExecTty, to_value(&p), true).await?;
         let mut sink = tokio::io::sink();
         let r = pump(
             &mut c,
             Some(stdin),
             stdout,
             &mut sink,
-            "exec_tty",
+            Routes::exec(ExecMode::Tty),
             o.resize.take(),
         )
         .await?;
-        stream_result(&r)
+        stream_result(r)
     }
 
     /// Writes a file (mode 0644).
@@ -432,59 +432,53 @@ impl Client {
         data: &[u8],
         mode: u32,
     ) -> Result<(), SdkError> {
-        self.call(
-            "write_file",
-            json!({"path": path, "content": b64(data), "mode": mode}),
-        )
-        .await
-        .map(|_| ())
+        let p = FileParams {
+            path: path.to_string(),
+            content: b64::encode(data),
+            mode,
+        };
+        self.call(Method::WriteFile, to_value(&p)).await.map(|_| ())
     }
 
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, SdkError> {
-        let r = self.call("read_file", json!({"path": path})).await?;
-        unb64(&r["content"])
+        let r = self.call(Method::ReadFile, path_params(path)).await?;
+        unb64(&result::<ContentResult>(r, "content")?.content)
     }
 
     pub async fn list_files(&self, path: &str) -> Result<Vec<FileInfo>, SdkError> {
-        let r = self.call("list_files", json!({"path": path})).await?;
-        let files = r
-            .get("files")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        files
-            .iter()
-            .map(|f| {
-                Ok(FileInfo {
-                    name: f["name"]
-                        .as_str()
-                        .ok_or(SdkError::Decode("name"))?
-                        .to_string(),
-                    size: field_u64(f, "size")?,
-                    mode: u32::try_from(field_u64(f, "mode")?)
-                        .map_err(|_| SdkError::Decode("mode"))?,
-                    is_dir: f["is_dir"].as_bool().unwrap_or(false),
-                })
+        let r = self.call(Method::ListFiles, path_params(path)).await?;
+        let list: ListFilesResult = result(r, "files")?;
+        Ok(list
+            .files
+            .into_iter()
+            .map(|f| FileInfo {
+                name: f.name,
+                size: f.size,
+                mode: f.mode,
+                is_dir: f.is_dir,
             })
-            .collect()
+            .collect())
     }
 
     /// The sandbox's log so far (console and launched entrypoint output).
     pub async fn log(&self) -> Result<String, SdkError> {
-        let r = self.call("log", Value::Null).await?;
-        Ok(String::from_utf8_lossy(&unb64(&r["content"])?).into_owned())
+        let r = self.call(Method::Log, Value::Null).await?;
+        let content = unb64(&result::<ContentResult>(r, "content")?.content)?;
+        Ok(String::from_utf8_lossy(&content).into_owned())
     }
 
     /// Streams the log into `out` until the returned future is dropped (e.g. by a timeout).
     pub async fn log_stream<O: AsyncWrite + Unpin>(&self, out: &mut O) -> Result<(), SdkError> {
-        let mut c = self.start_call("log_stream", Value::Null, true).await?;
+        let mut c = self
+            .start_call(Method::LogStream, Value::Null, true)
+            .await?;
         let mut sink = tokio::io::sink();
         pump(
             &mut c,
             None::<&mut tokio::io::Empty>,
             out,
             &mut sink,
-            "log_stream",
+            Routes::log(),
             None,
         )
         .await
@@ -503,7 +497,7 @@ impl Client {
     ) -> Result<Vec<PortForwardBinding>, SdkError> {
         let forwards = specs
             .iter()
-            .map(|s| parse_port_forward(s))
+            .map(|s| parse_port_spec(s).map_err(|e| SdkError::Invalid(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         self.port_forward_mappings(addresses, &forwards).await
     }
@@ -513,39 +507,25 @@ impl Client {
         addresses: &[&str],
         forwards: &[PortForward],
     ) -> Result<Vec<PortForwardBinding>, SdkError> {
-        let addrs: Vec<&str> = if addresses.is_empty() {
-            vec!["127.0.0.1"]
+        let addresses = if addresses.is_empty() {
+            vec!["127.0.0.1".to_string()]
         } else {
-            addresses.to_vec()
+            addresses.iter().map(|a| a.to_string()).collect()
         };
-        let wire: Vec<Value> = forwards
-            .iter()
-            .map(|f| json!({"local_port": f.local_port, "remote_port": f.remote_port}))
-            .collect();
-        let r = self
-            .call(
-                "port_forward",
-                json!({"forwards": wire, "addresses": addrs}),
-            )
-            .await?;
-        r.get("bindings")
-            .and_then(Value::as_array)
-            .ok_or(SdkError::Decode("bindings"))?
-            .iter()
-            .map(|b| {
-                let port = |k: &'static str| {
-                    field_u64(b, k).and_then(|p| u16::try_from(p).map_err(|_| SdkError::Decode(k)))
-                };
-                Ok(PortForwardBinding {
-                    address: b["address"]
-                        .as_str()
-                        .ok_or(SdkError::Decode("address"))?
-                        .to_string(),
-                    local_port: port("local_port")?,
-                    remote_port: port("remote_port")?,
-                })
+        let p = PortForwardParams {
+            forwards: forwards.to_vec(),
+            addresses,
+        };
+        let r = self.call(Method::PortForward, to_value(&p)).await?;
+        let r: PortForwardResult = result(r, "bindings")?;
+        Ok(r.bindings
+            .into_iter()
+            .map(|b| PortForwardBinding {
+                address: b.address,
+                local_port: b.local_port,
+                remote_port: b.remote_port,
             })
-            .collect()
+            .collect())
     }
 
     /// Shuts the sandbox down (waiting up to `timeout` for a clean guest shutdown) and stops
@@ -561,7 +541,12 @@ impl Client {
         };
         let closed = tokio::time::timeout(
             t + Duration::from_secs(5),
-            self.call("close", json!({"timeout_seconds": t.as_secs_f64()})),
+            self.call(
+                Method::Close,
+                to_value(&CloseParams {
+                    timeout_seconds: t.as_secs_f64(),
+                }),
+            ),
         )
         .await;
         drop(self.inner.stdin.lock().await.take());
@@ -602,56 +587,86 @@ impl Client {
 }
 
 fn exec_params(command: &str, o: &ExecOptions) -> Value {
-    let mut p = json!({"command": command});
-    if !o.working_dir.is_empty() {
-        p["working_dir"] = json!(o.working_dir);
-    }
-    if !o.user.is_empty() {
-        p["user"] = json!(o.user);
-    }
-    p
-}
-
-fn stream_result(r: &Value) -> Result<ExecStreamResult, SdkError> {
-    Ok(ExecStreamResult {
-        exit_code: exit_code(r)?,
-        duration_ms: field_u64(r, "duration_ms")?,
+    to_value(&ExecParams {
+        command: command.to_string(),
+        working_dir: o.working_dir.clone(),
+        user: o.user.clone(),
+        ..Default::default()
     })
 }
 
-/// Parses `[LOCAL:]REMOTE`.
+fn path_params(path: &str) -> Value {
+    to_value(&FileParams {
+        path: path.to_string(),
+        ..Default::default()
+    })
+}
+
+fn stream_result(r: Value) -> Result<ExecStreamResult, SdkError> {
+    let r: WireStreamResult = result(r, "exec result")?;
+    Ok(ExecStreamResult {
+        exit_code: r.exit_code,
+        duration_ms: r.duration_ms,
+    })
+}
+
+/// Parses `[LOCAL:]REMOTE` (the shared syntax of the CLI and the server).
 pub fn parse_port_forward(spec: &str) -> Result<PortForward, SdkError> {
-    let bad = || {
-        SdkError::Invalid(format!(
-            "invalid port-forward spec: {spec:?} (expected [LOCAL_PORT:]REMOTE_PORT)"
-        ))
-    };
-    let port = |s: &str| {
-        s.trim()
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| {
-                SdkError::Invalid(format!(
-                    "invalid port value {:?}: must be in range 1-65535",
-                    s.trim()
-                ))
-            })
-    };
-    let parts: Vec<&str> = spec.trim().split(':').collect();
-    match parts.as_slice() {
-        [r] => {
-            let p = port(r)?;
-            Ok(PortForward {
-                local_port: p,
-                remote_port: p,
-            })
+    parse_port_spec(spec).map_err(|e| SdkError::Invalid(e.to_string()))
+}
+
+/// Which notifications carry a streaming call's output and input.
+#[derive(Clone, Copy)]
+struct Routes {
+    stdout: Notice,
+    stderr: Notice,
+    /// Input may be sent once this arrives; with it, the stdin and stdin-EOF methods.
+    input: Option<(Notice, Method, Method)>,
+}
+
+impl Routes {
+    fn exec(mode: ExecMode) -> Routes {
+        let (stdout, stderr) = mode
+            .output()
+            .unwrap_or((Notice::ExecStreamStdout, Notice::ExecStreamStderr));
+        Routes {
+            stdout,
+            stderr,
+            input: mode.input(),
         }
-        [l, r] => Ok(PortForward {
-            local_port: port(l)?,
-            remote_port: port(r)?,
-        }),
-        _ => Err(bad()),
+    }
+
+    fn log() -> Routes {
+        Routes {
+            stdout: Notice::LogStreamData,
+            stderr: Notice::LogStreamData,
+            input: None,
+        }
+    }
+}
+
+/// Writes one output notification to the matching writer.
+async fn deliver<O, E>(
+    routes: Routes,
+    notice: Notice,
+    params: Value,
+    stdout: &mut O,
+    stderr: &mut E,
+) -> Result<(), SdkError>
+where
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    let data: StreamData = result(params, "data")?;
+    let data = unb64(&data.data)?;
+    if notice == routes.stdout {
+        stdout.write_all(&data).await.map_err(SdkError::Output)?;
+        stdout.flush().await.map_err(SdkError::Output)
+    } else if notice == routes.stderr {
+        stderr.write_all(&data).await.map_err(SdkError::Output)?;
+        stderr.flush().await.map_err(SdkError::Output)
+    } else {
+        Ok(())
     }
 }
 
@@ -662,7 +677,7 @@ async fn pump<I, O, E>(
     mut stdin: Option<&mut I>,
     stdout: &mut O,
     stderr: &mut E,
-    prefix: &str,
+    routes: Routes,
     mut resize: Option<mpsc::Receiver<(u16, u16)>>,
 ) -> Result<Value, SdkError>
 where
@@ -673,12 +688,7 @@ where
     let mut notes = c.notes.take().ok_or(SdkError::Closed)?;
     let mut done = c.done.take().ok_or(SdkError::Closed)?;
     let inner = c.inner.clone();
-    let id = c.id;
-    let (out_m, err_m, data_m) = (
-        format!("{prefix}.stdout"),
-        format!("{prefix}.stderr"),
-        format!("{prefix}.data"),
-    );
+    let id = json!(c.id);
     let mut ready = false;
     let mut notes_open = true;
     let mut buf = vec![0u8; 32 * 1024];
@@ -687,33 +697,33 @@ where
             biased;
             n = notes.recv(), if notes_open => {
                 // The sender goes away with the response: stop polling, the answer is next.
-                let Some((method, params)) = n else { notes_open = false; continue };
-                if method.ends_with(".ready") {
+                let Some((notice, params)) = n else { notes_open = false; continue };
+                if routes.input.is_some_and(|(r, _, _)| r == notice) {
                     ready = true;
                     continue;
                 }
-                let data = unb64(&params["data"])?;
-                if method == out_m || method == data_m {
-                    stdout.write_all(&data).await.map_err(SdkError::Output)?;
-                    stdout.flush().await.map_err(SdkError::Output)?;
-                } else if method == err_m {
-                    stderr.write_all(&data).await.map_err(SdkError::Output)?;
-                    stderr.flush().await.map_err(SdkError::Output)?;
-                }
+                deliver(routes, notice, params, stdout, stderr).await?;
             }
             r = &mut done => break r.map_err(|_| SdkError::Closed)?,
             n = async { match stdin.as_mut() { Some(s) => s.read(&mut buf).await, None => std::future::pending().await } }, if ready => {
+                let Some((_, data_m, eof_m)) = routes.input else { stdin = None; continue };
                 match n {
                     Ok(0) | Err(_) => {
                         stdin = None;
-                        inner.notify(&format!("{prefix}.stdin_eof"), json!({"id": id})).await?;
+                        inner.notify(eof_m, &InputParams { id: id.clone(), ..Default::default() }).await?;
                     }
-                    Ok(n) => inner.notify(&format!("{prefix}.stdin"), json!({"id": id, "data": b64(&buf[..n])})).await?,
+                    Ok(n) => {
+                        let p = InputParams { id: id.clone(), data: b64::encode(&buf[..n]), ..Default::default() };
+                        inner.notify(data_m, &p).await?;
+                    }
                 }
             }
             r = async { match resize.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } }, if ready => {
                 match r {
-                    Some((rows, cols)) => inner.notify("exec_tty.resize", json!({"id": id, "rows": rows, "cols": cols})).await?,
+                    Some((rows, cols)) => {
+                        let p = InputParams { id: id.clone(), rows, cols, ..Default::default() };
+                        inner.notify(Method::ExecTtyResize, &p).await?;
+                    }
                     None => resize = None,
                 }
             }
@@ -721,13 +731,11 @@ where
     };
     c.finished = true;
     // Notifications are routed before the response, so whatever is queued belongs here.
-    while let Ok((method, params)) = notes.try_recv() {
-        let data = unb64(&params["data"]).unwrap_or_default();
-        if method == out_m || method == data_m {
-            stdout.write_all(&data).await.map_err(SdkError::Output)?;
-        } else if method == err_m {
-            stderr.write_all(&data).await.map_err(SdkError::Output)?;
+    while let Ok((notice, params)) = notes.try_recv() {
+        if routes.input.is_some_and(|(r, _, _)| r == notice) {
+            continue;
         }
+        let _ = deliver(routes, notice, params, stdout, stderr).await;
     }
     stdout.flush().await.map_err(SdkError::Output)?;
     result
@@ -736,38 +744,30 @@ where
 async fn read_loop(inner: Arc<Inner>, stdout: tokio::process::ChildStdout) {
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        if let Some(id) = v.get("id").and_then(Value::as_u64) {
-            if v.get("result").is_some() || v.get("error").is_some() {
+        match Incoming::parse(&line) {
+            Some(Incoming::Response { id, outcome }) => {
                 let Some(p) = lock(&inner.pending).remove(&id) else {
                     continue;
                 };
-                let r = match v.get("error") {
-                    Some(e) => Err(SdkError::Rpc {
-                        code: e["code"].as_i64().unwrap_or(0),
-                        message: e["message"].as_str().unwrap_or("").to_string(),
-                    }),
-                    None => Ok(v["result"].clone()),
-                };
+                let r = outcome.map_err(|e| SdkError::Rpc {
+                    code: e.code,
+                    message: e.message,
+                });
                 let _ = p.done.send(r);
-                continue;
             }
-        }
-        let (Some(method), Some(pid)) = (
-            v.get("method").and_then(Value::as_str),
-            v.get("params")
-                .and_then(|p| p.get("id"))
-                .and_then(Value::as_u64),
-        ) else {
-            continue;
-        };
-        if let Some(tx) = lock(&inner.pending)
-            .get(&pid)
-            .and_then(|p| p.notify.clone())
-        {
-            let _ = tx.send((method.to_string(), v["params"].clone()));
+            Some(Incoming::Notification {
+                notice,
+                target: Some(target),
+                params,
+            }) => {
+                if let Some(tx) = lock(&inner.pending)
+                    .get(&target)
+                    .and_then(|p| p.notify.clone())
+                {
+                    let _ = tx.send((notice, params));
+                }
+            }
+            _ => {}
         }
     }
     // Server gone: fail everything still waiting.

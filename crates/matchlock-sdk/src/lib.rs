@@ -22,8 +22,9 @@
 //! `cargo run -p matchlock-sdk --example basic`.
 //!
 //! # Design
-//! One reader task routes responses by id and notifications by `params.id` to the waiting
-//! call. Dropping a call's future before it finishes sends `cancel`, so `tokio::time::timeout`
+//! Method names, params, results, notifications and error codes come from the shared
+//! contract (`matchlock_api::rpc`) the server is built on, so the two cannot drift. One
+//! reader task routes responses by id and notifications by `params.id` to the waiting call. Dropping a call's future before it finishes sends `cancel`, so `tokio::time::timeout`
 //! around any call kills the command in the guest.
 //!
 //! # Limitations
@@ -34,11 +35,14 @@
 mod builder;
 mod client;
 
+use matchlock_api::rpc::codes;
+
 pub use builder::{CreateOptions, PortForward, Sandbox};
 pub use client::{
     parse_port_forward, Client, Config, ExecOptions, ExecResult, ExecStreamResult, FileInfo,
     InteractiveOptions, PortForwardBinding,
 };
+pub use matchlock_api::rpc::codes as error_codes;
 
 /// Errors of the SDK.
 #[derive(Debug, thiserror::Error)]
@@ -68,16 +72,16 @@ pub enum SdkError {
 }
 
 impl SdkError {
-    /// `-32000`: sandbox lifecycle failures.
+    /// Sandbox lifecycle failures (`-32000`).
     pub fn is_vm_error(&self) -> bool {
-        matches!(self, SdkError::Rpc { code: -32000, .. })
+        matches!(self, SdkError::Rpc { code, .. } if *code == codes::VM_FAILED)
     }
-    /// `-32001`: exec failures.
+    /// Exec failures (`-32001`).
     pub fn is_exec_error(&self) -> bool {
-        matches!(self, SdkError::Rpc { code: -32001, .. })
+        matches!(self, SdkError::Rpc { code, .. } if *code == codes::EXEC_FAILED)
     }
-    /// `-32002`: file operation failures.
+    /// File operation failures (`-32002`).
     pub fn is_file_error(&self) -> bool {
-        matches!(self, SdkError::Rpc { code: -32002, .. })
+        matches!(self, SdkError::Rpc { code, .. } if *code == codes::FILE_FAILED)
     }
 }

@@ -47,3 +47,14 @@ pub fn running_vm(state: &StateDb, id: &str) -> anyhow::Result<std::path::PathBu
     }
     Ok(dir)
 }
+
+/// The accelerator to use for `requested` (`auto` resolved), and the one-line warning to
+/// show when `auto` fell back to TCG emulation (unless `MATCHLOCK_QUIET_ACCEL` is set, as
+/// for the detached child of `run -d`).
+pub fn resolve_accel(requested: matchlock_vm::Accel) -> (matchlock_vm::Accel, Option<String>) {
+    let choice = matchlock_vm::detect_accel(requested);
+    let warn = choice.accel == matchlock_vm::Accel::Tcg
+        && requested == matchlock_vm::Accel::Auto
+        && std::env::var_os("MATCHLOCK_QUIET_ACCEL").is_none();
+    (choice.accel, warn.then_some(choice.reason))
+}

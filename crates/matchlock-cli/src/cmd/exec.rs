@@ -2,10 +2,13 @@
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use clap::Args;
 use matchlock_guest_proto::{ExecRequest, ExitStatus, WinSize};
 use matchlock_sandbox::exec::{run_exec, ExecError, ExecIo};
+use matchlock_sandbox::RunningSandbox;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -60,25 +63,47 @@ impl Mode {
     }
 }
 
+/// Where a command runs: in a sandbox this process owns, or through another owner's exec
+/// relay. Either way the sandbox applies its exec defaults.
+pub enum Target<'a> {
+    Owned(&'a RunningSandbox),
+    Relay { id: String, dir: PathBuf },
+}
+
+impl Target<'_> {
+    async fn run(self, req: ExecRequest, io: ExecIo) -> anyhow::Result<ExitStatus> {
+        match self {
+            Target::Owned(sb) => sb.exec(req, io).await.map_err(anyhow::Error::new),
+            Target::Relay { id, dir } => {
+                let conn = matchlock_sandbox::relay::connect(&id, &dir).await?;
+                run_exec(conn, &req, io)
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context("executing command"))
+            }
+        }
+    }
+}
+
+fn is_cancelled(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| matches!(c.downcast_ref::<ExecError>(), Some(ExecError::Cancelled)))
+}
+
 /// Why a session ended without an exit status.
 pub enum SessionEnd {
     Exited(ExitStatus),
     Interrupted(i32),
 }
 
-/// Runs `req` on a stream produced by `connect`, wiring local stdio per `mode`. SIGINT and
-/// SIGTERM cancel the command (the guest kills it) and yield 130/143.
-pub async fn drive<S, F>(
-    connect: F,
+/// Runs `req` on `target`, wiring local stdio per `mode`. SIGINT and SIGTERM cancel the
+/// command (the guest kills it) and yield 130/143; `deadline` cancels it with 124.
+pub async fn drive(
+    target: Target<'_>,
     mut req: ExecRequest,
     mode: Mode,
     log: Option<std::fs::File>,
-    extra_cancel: CancellationToken,
-) -> anyhow::Result<SessionEnd>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-    F: std::future::Future<Output = anyhow::Result<S>>,
-{
+    deadline: CancellationToken,
+) -> anyhow::Result<SessionEnd> {
     let cancel = CancellationToken::new();
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -110,7 +135,6 @@ where
             resize_rx = Some(rx);
         }
     }
-    let stream = connect.await?;
     let stdout: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &log {
         Some(f) => Box::new(crate::output::Tee::new(
             tokio::io::stdout(),
@@ -133,7 +157,7 @@ where
         signals: None,
         cancel: cancel.clone(),
     };
-    let fut = run_exec(stream, &req, io);
+    let fut = target.run(req, io);
     tokio::pin!(fut);
     let mut interrupted = None;
     let res = loop {
@@ -141,14 +165,14 @@ where
             r = &mut fut => break r,
             _ = sigint.recv(), if interrupted.is_none() => { interrupted = Some(130); cancel.cancel(); }
             _ = sigterm.recv(), if interrupted.is_none() => { interrupted = Some(143); cancel.cancel(); }
-            () = extra_cancel.cancelled(), if interrupted.is_none() => { interrupted = Some(124); cancel.cancel(); }
+            () = deadline.cancelled(), if interrupted.is_none() => { interrupted = Some(124); cancel.cancel(); }
         }
     };
     drop(_raw);
     match res {
         Ok(st) => Ok(SessionEnd::Exited(st)),
-        Err(ExecError::Cancelled) => Ok(SessionEnd::Interrupted(interrupted.unwrap_or(130))),
-        Err(e) => Err(anyhow::Error::new(e).context("executing command")),
+        Err(e) if is_cancelled(&e) => Ok(SessionEnd::Interrupted(interrupted.unwrap_or(130))),
+        Err(e) => Err(e),
     }
 }
 
@@ -178,12 +202,8 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<()> {
     };
     let rt = common::runtime()?;
     let end = rt.block_on(async move {
-        let connect = async {
-            matchlock_sandbox::relay::connect(&id, &dir)
-                .await
-                .map_err(anyhow::Error::new)
-        };
-        drive(connect, req, mode, None, CancellationToken::new()).await
+        let target = Target::Relay { id, dir };
+        drive(target, req, mode, None, CancellationToken::new()).await
     })?;
     rt.shutdown_timeout(Duration::from_millis(100));
     match end {

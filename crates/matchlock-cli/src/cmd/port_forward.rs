@@ -1,12 +1,12 @@
 //! `matchlock port-forward`: forward host TCP ports into a running sandbox owned by another
 //! process (a `run --rm=false`/`-d` sandbox or one created through `matchlock rpc`), through
-//! its exec relay. Also the listener helper `run -p` uses in-process.
+//! its exec relay.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use matchlock_sandbox::forward::{self, Dial, Forwarder, OnError};
+use matchlock_sandbox::forward::{self, Binding, Dial, Forwarder, OnError};
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::common;
@@ -33,34 +33,22 @@ pub struct PortForwardArgs {
     pub address: Vec<String>,
 }
 
-/// Binds the listeners and prints one `Forwarding` line per binding (spec §1.13).
-pub async fn start(
-    addresses: &[String],
-    specs: &[String],
-    dial: Dial,
-) -> anyhow::Result<Forwarder> {
-    let specs = specs
-        .iter()
-        .map(|s| forward::parse_spec(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ips = forward::parse_addresses(addresses)?;
-    let on_error: OnError = Arc::new(|m| eprintln!("port-forward connection error: {m}"));
-    let fw = Forwarder::start(&ips, &specs, dial, on_error)
-        .await
-        .context("start port-forward listener")?;
-    for b in fw.bindings() {
+/// Prints one `Forwarding` line per binding (spec §1.13).
+pub fn announce(bindings: &[Binding]) {
+    for b in bindings {
         let addr = std::net::SocketAddr::new(b.address, b.local_port);
         eprintln!("Forwarding {addr} -> sandbox:{}", b.remote_port);
     }
-    Ok(fw)
 }
 
 pub fn port_forward(a: PortForwardArgs) -> anyhow::Result<()> {
     // Validate everything before touching the sandbox.
-    for s in &a.specs {
-        forward::parse_spec(s)?;
-    }
-    forward::parse_addresses(&a.address)?;
+    let specs = a
+        .specs
+        .iter()
+        .map(|s| forward::parse_port_spec(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ips = forward::parse_addresses(&a.address)?;
     let paths = common::paths()?;
     let state = common::state(&paths)?;
     let dir = common::running_vm(&state, &a.id)?;
@@ -77,7 +65,11 @@ pub fn port_forward(a: PortForwardArgs) -> anyhow::Result<()> {
                     .map_err(|e| e.to_string())
             })
         });
-        let fw = start(&a.address, &a.specs, dial).await?;
+        let on_error: OnError = Arc::new(|m| eprintln!("port-forward connection error: {m}"));
+        let fw = Forwarder::start(&ips, &specs, dial, on_error)
+            .await
+            .context("start port-forward listener")?;
+        announce(fw.bindings());
         tokio::select! {
             _ = sigint.recv() => {}
             _ = sigterm.recv() => {}

@@ -2,8 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
+use matchlock_sandbox::signals::{Hangup, ShutdownSignals};
 
 use super::common;
 
@@ -28,12 +27,9 @@ pub fn rpc(a: RpcArgs) -> anyhow::Result<()> {
         .accel
         .parse()
         .map_err(|_| anyhow::anyhow!("invalid --accel {:?} (use auto, kvm or tcg)", a.accel))?;
-    let choice = matchlock_vm::detect_accel(accel);
-    if choice.accel == matchlock_vm::Accel::Tcg
-        && accel == matchlock_vm::Accel::Auto
-        && std::env::var_os("MATCHLOCK_QUIET_ACCEL").is_none()
-    {
-        tracing::warn!("{}", choice.reason);
+    let (accel, warning) = common::resolve_accel(accel);
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
     }
     let paths = common::paths()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -42,20 +38,11 @@ pub fn rpc(a: RpcArgs) -> anyhow::Result<()> {
         .build()
         .context("start async runtime")?;
     rt.block_on(async move {
-        let stop = CancellationToken::new();
-        let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-        let s = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = sigint.recv() => {}
-                _ = sigterm.recv() => {}
-            }
-            s.cancel();
-        });
+        let signals = ShutdownSignals::install(Hangup::Default)?;
+        let stop = signals.token();
         let opts = matchlock_rpc::ServerOptions {
             paths,
-            accel: choice.accel,
+            accel,
             owner_pid: std::process::id(),
         };
         matchlock_rpc::serve(

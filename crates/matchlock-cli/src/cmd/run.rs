@@ -8,14 +8,18 @@ use std::os::unix::process::CommandExt;
 
 use anyhow::Context;
 use clap::{ArgAction, Args};
-use matchlock_api::{Config, ExtraDisk, NetworkConfig, Resources};
+use matchlock_api::{Config, ExtraDisk, ImageConfig, ImageOverrides, NetworkConfig, Resources};
 use matchlock_guest_proto::ExecRequest;
-use matchlock_sandbox::{Sandbox, SandboxSpec};
-use tokio::signal::unix::{signal, SignalKind};
+use matchlock_sandbox::forward::{self, PortMapping};
+use matchlock_sandbox::paths::Paths;
+use matchlock_sandbox::services::Services;
+use matchlock_sandbox::signals::{Hangup, ShutdownSignals};
+use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartError, StartOptions, StopReason};
+use matchlock_state::StateDb;
 use tokio_util::sync::CancellationToken;
 
 use super::common;
-use super::exec::{drive, Mode, SessionEnd};
+use super::exec::{drive, Mode, SessionEnd, Target};
 use crate::ExitWith;
 
 /// Boot a sandbox from an image and run a command in it.
@@ -200,24 +204,12 @@ struct Plan {
     image_config: matchlock_api::ImageConfig,
     mode: Mode,
     accel: matchlock_vm::Accel,
+    publish: Vec<PortMapping>,
+    addresses: Vec<std::net::IpAddr>,
 }
 
-fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
-    if a.mtu <= 0 {
-        anyhow::bail!("--mtu must be > 0");
-    }
-    let host_cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let resources = Resources {
-        cpus: a.cpus,
-        memory_mb: a.memory,
-        disk_size_mb: a.disk_size,
-        timeout_seconds: a.timeout.unwrap_or(matchlock_api::DEFAULT_TIMEOUT_SECONDS),
-    };
-    resources
-        .validate(host_cpus)
-        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+/// Flags this build cannot honour yet are refused before anything starts.
+fn refuse_unavailable(a: &RunArgs) -> anyhow::Result<()> {
     if a.no_network {
         for (set, flag) in [
             (!a.allow_host.is_empty(), "--allow-host"),
@@ -242,17 +234,11 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
             );
         }
     }
-    let accel: matchlock_vm::Accel = a
-        .accel
-        .parse()
-        .map_err(|_| anyhow::anyhow!("invalid --accel {:?} (use auto, kvm or tcg)", a.accel))?;
-    for p in &a.publish {
-        matchlock_sandbox::forward::parse_spec(p)?;
-    }
-    if !a.publish.is_empty() {
-        matchlock_sandbox::forward::parse_addresses(&a.address)?;
-    }
+    Ok(())
+}
 
+/// The image (local, cached or pulled) and its config with the flags' overrides.
+fn image_for(a: &RunArgs) -> anyhow::Result<(matchlock_image::ImageRecord, ImageConfig)> {
     let paths = common::paths()?;
     let store = common::image_store(&paths).context("building rootfs")?;
     let resolved = super::pull::resolve(store, &a.image, a.pull).with_context(|| {
@@ -264,35 +250,24 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
     if !resolved.cached {
         eprintln!("Built rootfs for {} ({})", a.image, resolved.record.digest);
     }
-    let image = resolved.record;
-    let mut image_config = matchlock_api::ImageConfig {
-        user: image.config.user.clone(),
-        working_dir: image.config.working_dir.clone(),
-        entrypoint: image.config.entrypoint.clone(),
-        cmd: image.config.cmd.clone(),
-        env: image.config.env.iter().cloned().collect(),
+    let overrides = ImageOverrides {
+        user: a.user.clone(),
+        working_dir: a.workdir.clone(),
+        entrypoint: a.entrypoint.as_ref().map(|ep| {
+            if ep.is_empty() {
+                Vec::new()
+            } else {
+                vec![ep.clone()]
+            }
+        }),
+        ..Default::default()
     };
-    if let Some(u) = &a.user {
-        image_config.user = u.clone();
-    }
-    if let Some(ep) = &a.entrypoint {
-        image_config.entrypoint = if ep.is_empty() {
-            Vec::new()
-        } else {
-            vec![ep.clone()]
-        };
-    }
-    if let Some(w) = &a.workdir {
-        image_config.working_dir = w.clone();
-    }
-    let mode = Mode::from_flags(a.tty, a.interactive);
-    let argv = image_config.compose(&a.command);
-    if a.rm && argv.is_empty() && mode != Mode::Tty {
-        anyhow::bail!("command required (or use --rm=false to start without a command)");
-    }
-    let lookup = |k: &str| std::env::var(k).ok();
-    let env = matchlock_api::env::collect_env(&a.env_file, &a.env, &lookup)
-        .map_err(|e| anyhow::anyhow!("invalid environment variable: {e}"))?;
+    let image_config = resolved.record.config.with_overrides(&overrides);
+    Ok((resolved.record, image_config))
+}
+
+/// The guest network settings the flags ask for (no NIC yet: `no_network` stays set).
+fn network_for(a: &RunArgs) -> anyhow::Result<NetworkConfig> {
     let add_hosts = a
         .add_host
         .iter()
@@ -303,11 +278,6 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
             anyhow::bail!("invalid --dns-servers entry {d:?}: expected an IP address");
         }
     }
-    let extra_disks = a
-        .disk
-        .iter()
-        .map(|d| parse_disk(d))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let network = NetworkConfig {
         add_hosts,
         block_private_ips: true,
@@ -318,11 +288,56 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         ..Default::default()
     };
     network.validate()?;
+    Ok(network)
+}
+
+fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
+    if a.mtu <= 0 {
+        anyhow::bail!("--mtu must be > 0");
+    }
+    let resources = Resources {
+        cpus: a.cpus,
+        memory_mb: a.memory,
+        disk_size_mb: a.disk_size,
+        timeout_seconds: a.timeout.unwrap_or(matchlock_api::DEFAULT_TIMEOUT_SECONDS),
+    };
+    resources
+        .validate_for_host()
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    refuse_unavailable(a)?;
+    let accel: matchlock_vm::Accel = a
+        .accel
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid --accel {:?} (use auto, kvm or tcg)", a.accel))?;
+    let publish = a
+        .publish
+        .iter()
+        .map(|p| forward::parse_port_spec(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addresses = if publish.is_empty() {
+        Vec::new()
+    } else {
+        forward::parse_addresses(&a.address)?
+    };
+    let (image, image_config) = image_for(a)?;
+    let mode = Mode::from_flags(a.tty, a.interactive);
+    let argv = image_config.compose(&a.command);
+    if a.rm && argv.is_empty() && mode != Mode::Tty {
+        anyhow::bail!("command required (or use --rm=false to start without a command)");
+    }
+    let lookup = |k: &str| std::env::var(k).ok();
+    let env = matchlock_api::env::collect_env(&a.env_file, &a.env, &lookup)
+        .map_err(|e| anyhow::anyhow!("invalid environment variable: {e}"))?;
+    let extra_disks = a
+        .disk
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let config = Config {
         image: a.image.clone(),
         privileged: a.privileged,
         resources,
-        network: Some(network),
+        network: Some(network_for(a)?),
         env,
         extra_disks,
         image_config: Some(image_config.clone()),
@@ -335,6 +350,8 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         image_config,
         mode,
         accel,
+        publish,
+        addresses,
     })
 }
 
@@ -348,162 +365,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let plan = plan(&a)?;
     let paths = common::paths()?;
     let state = common::state(&paths)?;
-    let choice = matchlock_vm::detect_accel(plan.accel);
-    if choice.accel == matchlock_vm::Accel::Tcg
-        && plan.accel == matchlock_vm::Accel::Auto
-        && std::env::var_os("MATCHLOCK_QUIET_ACCEL").is_none()
-    {
-        eprintln!("warning: {}", choice.reason);
+    let (accel, warning) = common::resolve_accel(plan.accel);
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
     }
-    let spec = SandboxSpec {
-        config: plan.config.clone(),
-        rootfs: plan.image.rootfs.clone(),
-        image_config: plan.image_config.clone(),
-        accel: choice.accel,
-        owner_pid: std::process::id(),
-    };
     let rt = common::runtime()?;
-    let rm = a.rm;
-    let timeout = a.timeout.map(Duration::from_secs);
-    let grace = a.graceful_shutdown;
-    let code = rt.block_on(async move {
-        // Signals that arrive while booting must not kill us half-way: handle them here.
-        let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-        let _sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
-        let st = state.clone();
-        let boot = tokio::task::spawn_blocking(move || Sandbox::create(&paths, st, spec));
-        tokio::pin!(boot);
-        let sandbox = tokio::select! {
-            r = &mut boot => r.context("boot task")?.context("starting sandbox")?,
-            _ = sigint.recv() => { let sb = boot.await; return cleanup_after_abort(sb, rm, 130); }
-            _ = sigterm.recv() => { let sb = boot.await; return cleanup_after_abort(sb, rm, 143); }
-        };
-        let sandbox = Arc::new(sandbox);
-        let stop_relay = CancellationToken::new();
-        match matchlock_sandbox::relay::bind(&sandbox.dir) {
-            Ok(l) => {
-                tokio::spawn(matchlock_sandbox::relay::serve(
-                    l,
-                    sandbox.link(),
-                    sandbox.defaults(),
-                    stop_relay.clone(),
-                ));
-            }
-            Err(e) => eprintln!("Warning: failed to start exec relay: {e:#}"),
-        }
-        let mut forwards = None;
-        if !a.publish.is_empty() {
-            let dial = sandbox.link().dialer();
-            match super::port_forward::start(&a.address, &a.publish, dial).await {
-                Ok(f) => forwards = Some(f),
-                Err(e) => {
-                    stop_relay.cancel();
-                    let sb = sandbox.clone();
-                    tokio::task::spawn_blocking(move || {
-                        sb.shutdown(grace);
-                        if rm {
-                            let _ = sb.remove();
-                        }
-                    })
-                    .await
-                    .context("cleanup task")?;
-                    return Err(e);
-                }
-            }
-        }
-        if !rm {
-            eprintln!("Sandbox {} is running", sandbox.id);
-            eprintln!("  Connect: matchlock exec {} -it sh", sandbox.id);
-            eprintln!("  Stop:    matchlock kill {}", sandbox.id);
-        }
-        let mut code = 0;
-        let mut stop_now = false;
-        if !plan.argv.is_empty() || plan.mode == Mode::Tty {
-            let mut argv = plan.argv.clone();
-            if argv.is_empty() {
-                argv.push("sh".into());
-            }
-            let req = ExecRequest {
-                argv,
-                ..Default::default()
-            };
-            let log = if plan.mode == Mode::Tty {
-                None
-            } else {
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(sandbox.console_log())
-                    .ok()
-            };
-            let deadline = CancellationToken::new();
-            if let Some(t) = timeout {
-                let d = deadline.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(t).await;
-                    d.cancel();
-                });
-            }
-            let sb = sandbox.clone();
-            let connect = async move { sb.link().connect().await.map_err(anyhow::Error::new) };
-            let defaults = sandbox.defaults();
-            let mut req = req;
-            defaults.apply(&mut req);
-            let end = drive(connect, req, plan.mode, log, deadline).await;
-            match end {
-                Ok(SessionEnd::Exited(st)) => code = st.code,
-                Ok(SessionEnd::Interrupted(c)) => {
-                    if c == 124 {
-                        eprintln!(
-                            "executing command: timed out after {}s",
-                            timeout.map(|t| t.as_secs()).unwrap_or(0)
-                        );
-                        code = 1;
-                    } else {
-                        code = c;
-                    }
-                    stop_now = true;
-                }
-                // A closed stdout (`| head`) ends the command quietly, like any Unix filter.
-                Err(e) if crate::is_broken_pipe(&e) => stop_now = true,
-                Err(e) => {
-                    eprintln!("{e:#}");
-                    code = 1;
-                }
-            }
-        }
-        if !rm && !stop_now {
-            // Keep the sandbox until we are told to stop (kill, Ctrl-C) or the VM dies.
-            loop {
-                tokio::select! {
-                    _ = sigint.recv() => break,
-                    _ = sigterm.recv() => break,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {
-                        if let Some(why) = sandbox.vm_exited() {
-                            eprintln!("sandbox {}: VM exited ({why})", sandbox.id);
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(f) = forwards {
-            f.close().await;
-        }
-        stop_relay.cancel();
-        let sb = sandbox.clone();
-        tokio::task::spawn_blocking(move || {
-            sb.shutdown(grace);
-            if rm {
-                if let Err(e) = sb.remove() {
-                    eprintln!("remove sandbox {}: {e}", sb.id);
-                }
-            }
-        })
-        .await
-        .context("cleanup task")?;
-        anyhow::Ok(code)
-    })?;
+    let code = rt.block_on(own(&a, plan, paths, state, accel))?;
     rt.shutdown_timeout(Duration::from_millis(100));
     if code == 0 {
         Ok(())
@@ -512,18 +379,129 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-fn cleanup_after_abort(
-    boot: Result<Result<Sandbox, matchlock_sandbox::SandboxError>, tokio::task::JoinError>,
-    rm: bool,
-    code: i32,
+/// Boots the sandbox, runs the command (and/or keeps the sandbox until told to stop), then
+/// closes it; returns the exit code.
+async fn own(
+    a: &RunArgs,
+    plan: Plan,
+    paths: Paths,
+    state: Arc<StateDb>,
+    accel: matchlock_vm::Accel,
 ) -> anyhow::Result<i32> {
-    if let Ok(Ok(sb)) = boot {
-        sb.shutdown(Duration::ZERO);
-        if rm {
-            let _ = sb.remove();
+    // Installed before booting, so a signal during boot stops the sandbox cleanly.
+    let signals = ShutdownSignals::install(Hangup::Ignore)?;
+    let opts = StartOptions {
+        spec: SandboxSpec {
+            config: plan.config.clone(),
+            rootfs: plan.image.rootfs.clone(),
+            image_config: plan.image_config.clone(),
+            accel,
+            owner_pid: std::process::id(),
+            services: Services::default(),
+        },
+        lifetime: a.timeout.map(Duration::from_secs),
+        remove_on_failure: a.rm,
+    };
+    let sandbox = match RunningSandbox::start(&paths, state, opts, &signals.token()).await {
+        Ok(sb) => sb,
+        Err(StartError::Aborted) => return Ok(signals.exit_code().unwrap_or(130)),
+        Err(e) => return Err(e.into()),
+    };
+    let outcome = serve(a, &plan, &sandbox, &signals).await;
+    sandbox
+        .close(a.graceful_shutdown, "run ended")
+        .await
+        .context("cleanup task")?;
+    if a.rm {
+        if let Err(e) = sandbox.remove() {
+            eprintln!("remove sandbox {}: {e}", sandbox.id());
+        }
+    }
+    outcome
+}
+
+/// Everything between boot and close: port forwards, the command, and (with `--rm=false`)
+/// waiting until the sandbox should stop.
+async fn serve(
+    a: &RunArgs,
+    plan: &Plan,
+    sandbox: &Arc<RunningSandbox>,
+    signals: &ShutdownSignals,
+) -> anyhow::Result<i32> {
+    if !plan.publish.is_empty() {
+        let on_error: forward::OnError =
+            Arc::new(|m| eprintln!("port-forward connection error: {m}"));
+        let bindings = sandbox
+            .forward(&plan.addresses, &plan.publish, on_error)
+            .await
+            .context("start port-forward listener")?;
+        super::port_forward::announce(&bindings);
+    }
+    if !a.rm {
+        eprintln!("Sandbox {} is running", sandbox.id());
+        eprintln!("  Connect: matchlock exec {} -it sh", sandbox.id());
+        eprintln!("  Stop:    matchlock kill {}", sandbox.id());
+    }
+    let (code, stop_now) = if !plan.argv.is_empty() || plan.mode == Mode::Tty {
+        run_command(a, plan, sandbox).await
+    } else {
+        (0, false)
+    };
+    if !a.rm && !stop_now {
+        // Keep the sandbox until we are told to stop (kill, Ctrl-C), it expires or the VM dies.
+        if let StopReason::VmExited(why) = sandbox.wait_for_stop(&signals.token()).await {
+            eprintln!("sandbox {}: VM exited ({why})", sandbox.id());
         }
     }
     Ok(code)
+}
+
+/// Runs the command with local stdio; returns its exit code and whether the sandbox must
+/// stop now (interrupted, timed out, or our stdout closed).
+async fn run_command(a: &RunArgs, plan: &Plan, sandbox: &Arc<RunningSandbox>) -> (i32, bool) {
+    let mut argv = plan.argv.clone();
+    if argv.is_empty() {
+        argv.push("sh".into());
+    }
+    let req = ExecRequest {
+        argv,
+        ..Default::default()
+    };
+    let log = if plan.mode == Mode::Tty {
+        None
+    } else {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(sandbox.console_log())
+            .ok()
+    };
+    let deadline = CancellationToken::new();
+    let expiry = {
+        let (d, sb) = (deadline.clone(), sandbox.clone());
+        tokio::spawn(async move {
+            sb.expired().await;
+            d.cancel();
+        })
+    };
+    let end = drive(Target::Owned(sandbox), req, plan.mode, log, deadline).await;
+    expiry.abort();
+    match end {
+        Ok(SessionEnd::Exited(st)) => (st.code, false),
+        Ok(SessionEnd::Interrupted(124)) => {
+            eprintln!(
+                "executing command: timed out after {}s",
+                a.timeout.unwrap_or(0)
+            );
+            (1, true)
+        }
+        Ok(SessionEnd::Interrupted(c)) => (c, true),
+        // A closed stdout (`| head`) ends the command quietly, like any Unix filter.
+        Err(e) if crate::is_broken_pipe(&e) => (0, true),
+        Err(e) => {
+            eprintln!("{e:#}");
+            (1, false)
+        }
+    }
 }
 
 /// `-d`: re-run ourselves in the background with `--detach=false --rm=false`, wait until

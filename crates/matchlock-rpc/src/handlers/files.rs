@@ -1,0 +1,203 @@
+//! Guest files (`write_file`, `read_file`, `list_files`) and the sandbox log (`log`,
+//! `log_stream`).
+
+use std::time::Duration;
+
+use matchlock_api::rpc::{
+    b64, envelope, to_value, ContentResult, Empty, FileEntry, FileParams, ListFilesResult, Notice,
+    StreamData,
+};
+use matchlock_sandbox::files;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Failure;
+use crate::shared::Shared;
+
+/// `log_stream` polling interval.
+const LOG_POLL: Duration = Duration::from_millis(100);
+
+async fn file_conn(s: &Shared, path: &str) -> Result<tokio::net::UnixStream, Failure> {
+    if path.is_empty() {
+        return Err(Failure::Missing("path"));
+    }
+    s.current()?.connect().await.map_err(Failure::FileConnect)
+}
+
+async fn cancellable<T>(
+    cancel: &CancellationToken,
+    f: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    tokio::select! {
+        r = f => r,
+        () = cancel.cancelled() => Err(Failure::Cancelled),
+    }
+}
+
+pub async fn write_file(
+    s: &Shared,
+    p: FileParams,
+    cancel: CancellationToken,
+) -> Result<Value, Failure> {
+    let data = b64::decode(&p.content).map_err(|_| Failure::Base64)?;
+    let conn = file_conn(s, &p.path).await?;
+    let mode = if p.mode == 0 { 0o644 } else { p.mode };
+    cancellable(&cancel, async {
+        files::write_file(conn, &p.path, &data, mode)
+            .await
+            .map_err(Failure::File)
+    })
+    .await?;
+    Ok(to_value(&Empty {}))
+}
+
+pub async fn read_file(
+    s: &Shared,
+    p: FileParams,
+    cancel: CancellationToken,
+) -> Result<Value, Failure> {
+    let conn = file_conn(s, &p.path).await?;
+    let data = cancellable(&cancel, async {
+        files::read_file(conn, &p.path).await.map_err(Failure::File)
+    })
+    .await?;
+    Ok(to_value(&ContentResult {
+        content: b64::encode(&data),
+    }))
+}
+
+pub async fn list_files(
+    s: &Shared,
+    p: FileParams,
+    cancel: CancellationToken,
+) -> Result<Value, Failure> {
+    let conn = file_conn(s, &p.path).await?;
+    let list = cancellable(&cancel, async {
+        files::list_files(conn, &p.path)
+            .await
+            .map_err(Failure::File)
+    })
+    .await?;
+    let files = list
+        .iter()
+        .map(|f| FileEntry {
+            name: f.name.clone(),
+            size: f.size,
+            mode: go_file_mode(f.mode),
+            mod_time: "0001-01-01T00:00:00Z".into(),
+            is_dir: f.is_dir,
+        })
+        .collect();
+    Ok(to_value(&ListFilesResult { files }))
+}
+
+/// Converts a Unix `st_mode` to Go's `os.FileMode` bit layout, which the SDKs expect.
+pub fn go_file_mode(st_mode: u32) -> u32 {
+    const DIR: u32 = 1 << 31;
+    const SYMLINK: u32 = 1 << 27;
+    const DEVICE: u32 = 1 << 26;
+    const PIPE: u32 = 1 << 25;
+    const SOCKET: u32 = 1 << 24;
+    const SETUID: u32 = 1 << 23;
+    const SETGID: u32 = 1 << 22;
+    const CHAR: u32 = 1 << 21;
+    const STICKY: u32 = 1 << 20;
+    let mut m = st_mode & 0o777;
+    m |= match st_mode & 0o170000 {
+        0o040000 => DIR,
+        0o120000 => SYMLINK,
+        0o060000 => DEVICE,
+        0o020000 => DEVICE | CHAR,
+        0o010000 => PIPE,
+        0o140000 => SOCKET,
+        _ => 0,
+    };
+    if st_mode & 0o4000 != 0 {
+        m |= SETUID;
+    }
+    if st_mode & 0o2000 != 0 {
+        m |= SETGID;
+    }
+    if st_mode & 0o1000 != 0 {
+        m |= STICKY;
+    }
+    m
+}
+
+fn log_path(s: &Shared) -> Result<std::path::PathBuf, Failure> {
+    if let Ok(cur) = s.current() {
+        return Ok(cur.console_log());
+    }
+    s.last_log().ok_or(Failure::NoVm)
+}
+
+pub async fn log(s: &Shared) -> Result<Value, Failure> {
+    let path = log_path(s)?;
+    let data = match tokio::fs::read(&path).await {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(Failure::Log {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    Ok(to_value(&ContentResult {
+        content: b64::encode(&data),
+    }))
+}
+
+pub async fn log_stream(
+    s: &Shared,
+    id: Option<&Value>,
+    cancel: CancellationToken,
+) -> Result<Value, Failure> {
+    let Some(id) = id.cloned() else {
+        return Err(Failure::IdRequired("log_stream"));
+    };
+    let path = log_path(s)?;
+    let mut offset: u64 = 0;
+    loop {
+        if let Ok(data) = tokio::fs::read(&path).await {
+            let len = data.len() as u64;
+            if len < offset {
+                offset = 0;
+            }
+            if len > offset {
+                let start = usize::try_from(offset).unwrap_or(0);
+                for chunk in data[start..].chunks(64 * 1024) {
+                    let params = StreamData {
+                        id: id.clone(),
+                        data: b64::encode(chunk),
+                    };
+                    s.send(envelope::notification(
+                        Notice::LogStreamData,
+                        to_value(&params),
+                    ));
+                }
+                offset = len;
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(Failure::Cancelled),
+            () = s.closing.cancelled() => return Err(Failure::Cancelled),
+            () = tokio::time::sleep(LOG_POLL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_modes() {
+        assert_eq!(go_file_mode(0o100644), 0o644);
+        assert_eq!(go_file_mode(0o040755), (1 << 31) | 0o755);
+        assert_eq!(go_file_mode(0o120777), (1 << 27) | 0o777);
+        assert_eq!(go_file_mode(0o104755), (1 << 23) | 0o755);
+        assert_eq!(go_file_mode(0o041777), (1 << 31) | (1 << 20) | 0o777);
+        assert_eq!(go_file_mode(0o020666), (1 << 26) | (1 << 21) | 0o666);
+    }
+}

@@ -1,0 +1,188 @@
+//! `create`, `close`, `cancel` and the sandbox lifetime.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use matchlock_api::rpc::{to_value, CancelParams, CancelResult, CloseParams, CreateResult, Empty};
+use matchlock_api::{Config, ImageConfig, ImageOverrides};
+use matchlock_sandbox::services::Services;
+use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
+use serde_json::Value;
+
+use super::params;
+use crate::config::{self, CreatePlan};
+use crate::error::Failure;
+use crate::shared::Shared;
+
+/// How long `create` waits to see whether a launched entrypoint fails right away.
+const ENTRYPOINT_WINDOW: Duration = Duration::from_millis(500);
+
+pub async fn create(s: &Arc<Shared>, p: Value) -> Result<Value, Failure> {
+    let plan = config::plan(p)?;
+    if let Ok(cur) = s.current() {
+        return Err(Failure::VmExists(cur.id().to_string()));
+    }
+    refuse_unavailable(&plan.config)?;
+    plan.config
+        .resources
+        .validate_for_host()
+        .map_err(Failure::Resources)?;
+    let record = local_image(s, &plan.config.image).await?;
+    let overrides = plan
+        .config
+        .image_config
+        .as_ref()
+        .map(ImageOverrides::from_request)
+        .unwrap_or_default();
+    let image_config = record.config.with_overrides(&overrides);
+    let sandbox = start(s, &plan, record.rootfs, image_config.clone()).await?;
+    if plan.config.launch_entrypoint {
+        let argv = image_config.compose(&[]);
+        if !argv.is_empty() {
+            if let Err(f) = launch_entrypoint(&sandbox, argv).await {
+                let _ = sandbox
+                    .close(Duration::ZERO, "entrypoint failed to start")
+                    .await;
+                let _ = s.state.remove(sandbox.id());
+                return Err(f);
+            }
+        }
+    }
+    s.set_session(sandbox.clone());
+    watch_lifetime(s, &sandbox);
+    tracing::info!(id = %sandbox.id(), "sandbox created");
+    Ok(to_value(&CreateResult {
+        id: sandbox.id().to_string(),
+    }))
+}
+
+/// Configurations this build cannot honour are refused, not ignored.
+fn refuse_unavailable(cfg: &Config) -> Result<(), Failure> {
+    if cfg
+        .network
+        .as_ref()
+        .is_some_and(|n| n.needs_network_stack())
+    {
+        return Err(Failure::Unavailable {
+            what: "network interception (allowed_hosts, secrets, intercept)",
+            needs: "the guest network stack",
+        });
+    }
+    if cfg
+        .vfs
+        .as_ref()
+        .and_then(|v| v.get("mounts"))
+        .and_then(Value::as_object)
+        .is_some_and(|m| !m.is_empty())
+    {
+        return Err(Failure::Unavailable {
+            what: "vfs mounts",
+            needs: "host-backed workspaces",
+        });
+    }
+    Ok(())
+}
+
+/// The image from the local store (tags and earlier pulls).
+async fn local_image(s: &Shared, tag: &str) -> Result<matchlock_image::ImageRecord, Failure> {
+    let root = s.opts.paths.images();
+    let tag = tag.to_string();
+    tokio::task::spawn_blocking(move || {
+        let store = matchlock_image::ImageStore::open(&root).map_err(Failure::ImageStore)?;
+        store
+            .get(&tag)
+            .map_err(Failure::ImageLookup)?
+            .ok_or(Failure::ImageMissing(tag))
+    })
+    .await
+    .map_err(Failure::ImageJoin)?
+}
+
+async fn start(
+    s: &Shared,
+    plan: &CreatePlan,
+    rootfs: std::path::PathBuf,
+    image_config: ImageConfig,
+) -> Result<Arc<RunningSandbox>, Failure> {
+    let mut config = plan.config.clone();
+    config.image_config = Some(image_config.clone());
+    let spec = SandboxSpec {
+        config,
+        rootfs,
+        image_config,
+        accel: s.opts.accel,
+        owner_pid: s.opts.owner_pid,
+        services: Services::default(),
+    };
+    let opts = StartOptions {
+        spec,
+        lifetime: plan.lifetime_secs.map(Duration::from_secs),
+        remove_on_failure: false,
+    };
+    RunningSandbox::start(&s.opts.paths, s.state.clone(), opts, &s.run)
+        .await
+        .map_err(Failure::Create)
+}
+
+/// Starts the image's entrypoint in the background (output to the VM log, spec §2.5);
+/// fails if it fails within [`ENTRYPOINT_WINDOW`].
+async fn launch_entrypoint(sandbox: &RunningSandbox, argv: Vec<String>) -> Result<(), Failure> {
+    let mut task = sandbox.spawn_background(argv);
+    tokio::select! {
+        r = &mut task => match r {
+            Ok(Ok(st)) if st.code == 0 => Ok(()),
+            Ok(Ok(st)) => Err(Failure::EntrypointExit(st.code)),
+            Ok(Err(e)) => Err(Failure::Entrypoint(e)),
+            Err(e) => Err(Failure::EntrypointJoin(e)),
+        },
+        () = tokio::time::sleep(ENTRYPOINT_WINDOW) => Ok(()),
+    }
+}
+
+/// Enforces `resources.timeout_seconds`: when the sandbox's lifetime passes, in-flight
+/// requests are cancelled, the sandbox is closed and later requests are told why.
+fn watch_lifetime(s: &Arc<Shared>, sandbox: &Arc<RunningSandbox>) {
+    let weak = Arc::downgrade(s);
+    let sandbox = sandbox.clone();
+    tokio::spawn(async move {
+        let secs = sandbox.expired().await.as_secs();
+        let Some(s) = weak.upgrade() else { return };
+        let why = format!(
+            "sandbox {} was stopped: resources.timeout_seconds ({secs}s) expired",
+            sandbox.id()
+        );
+        // Only if it is still this session's sandbox (not closed or replaced meanwhile).
+        let current = s.current().ok();
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, &sandbox)) {
+            return;
+        }
+        let Some(cur) = s.take_session(Some(why.clone())) else {
+            return;
+        };
+        tracing::warn!("{why}");
+        s.cancel_all();
+        if let Err(e) = cur.close(Duration::ZERO, "lifetime expired").await {
+            tracing::warn!(error = %e, "closing the expired sandbox failed");
+        }
+    });
+}
+
+pub async fn close(s: &Arc<Shared>, p: Value) -> Result<Value, Failure> {
+    let p: CloseParams = params(p)?;
+    let Some(sandbox) = s.take_session(Some("sandbox closed".into())) else {
+        return Ok(to_value(&Empty {}));
+    };
+    let grace = Duration::try_from_secs_f64(p.timeout_seconds).unwrap_or(Duration::ZERO);
+    sandbox
+        .close(grace, "closed by the client")
+        .await
+        .map_err(Failure::CloseJoin)?;
+    Ok(to_value(&Empty {}))
+}
+
+pub fn cancel(s: &Shared, p: Value) -> Result<Value, Failure> {
+    let p: CancelParams = params(p)?;
+    Ok(to_value(&CancelResult {
+        cancelled: !p.id.is_null() && s.cancel(&p.id),
+    }))
+}

@@ -1,0 +1,100 @@
+//! Per-sandbox host services: the slots where the network stack, the filesystem server and
+//! the event sink plug into a sandbox.
+//!
+//! # Design
+//! A service lives exactly as long as its sandbox and is driven by it, never by a caller
+//! (`run`, `run -d` and `rpc` only fill in [`Services`]). Before the VM starts, each service
+//! gets the [`BootPlan`] (the QEMU configuration and the guest's boot configuration) to add
+//! the devices it serves (a netdev socket, a vhost-user-fs socket) and what the guest must
+//! know (addresses, mount tags); it records every host file it creates in the state DB
+//! through the sandbox before creating it. After the VM is down, [`Service::stop`] releases
+//! what it holds. Events (sandbox ready, stopped; later flows and file operations) go to the
+//! [`EventSink`].
+//!
+//! # Limitations
+//! No network or filesystem service exists yet: both slots are empty until those
+//! subsystems land, and the guest has no NIC and no shares.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use matchlock_guest_proto::BootConfig;
+use matchlock_vm::VmConfig;
+
+/// What a VM will boot with; services may add to it before the VM starts.
+pub struct BootPlan {
+    pub vm: VmConfig,
+    pub guest: BootConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("prepare the {service} service")]
+pub struct ServiceError {
+    pub service: &'static str,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// A host-side service of one sandbox.
+pub trait Service: Send {
+    /// Short name for errors and logs (`network`, `filesystem`).
+    fn name(&self) -> &'static str;
+    /// Before the VM starts: add devices and guest settings to `plan`; `dir` is the
+    /// sandbox's state directory, where its sockets belong.
+    fn prepare(&mut self, plan: &mut BootPlan, dir: &Path) -> Result<(), ServiceError>;
+    /// After the VM has stopped: release everything. Must not block for long.
+    fn stop(&mut self);
+}
+
+/// Something worth telling an operator or a client about a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxEvent {
+    /// The guest answered the boot handshake.
+    Ready { id: String, boot_ms: u64 },
+    /// The sandbox stopped (its VM is down and its disks and sockets are removed).
+    Stopped { id: String, reason: String },
+}
+
+/// Receives a sandbox's events; must not block.
+pub type EventSink = Arc<dyn Fn(&SandboxEvent) + Send + Sync>;
+
+/// The services a sandbox runs beside its VM.
+#[derive(Default)]
+pub struct Services {
+    /// Userspace network stack, egress policy, interception (none yet: no guest NIC).
+    pub network: Option<Box<dyn Service>>,
+    /// Workspace and volume filesystem server (none yet: no shares).
+    pub filesystem: Option<Box<dyn Service>>,
+    /// Where events go (none: events are only traced).
+    pub events: Option<EventSink>,
+}
+
+impl Services {
+    fn each(&mut self) -> impl Iterator<Item = &mut Box<dyn Service>> {
+        self.network.iter_mut().chain(self.filesystem.iter_mut())
+    }
+
+    /// Lets every service add to the boot plan, in a fixed order (network, filesystem).
+    pub(crate) fn prepare(&mut self, plan: &mut BootPlan, dir: &Path) -> Result<(), ServiceError> {
+        for s in self.each() {
+            s.prepare(plan, dir)?;
+            tracing::debug!(service = s.name(), "service prepared");
+        }
+        Ok(())
+    }
+
+    /// Stops every service (after the VM is down).
+    pub(crate) fn stop(&mut self) {
+        for s in self.each() {
+            s.stop();
+            tracing::debug!(service = s.name(), "service stopped");
+        }
+    }
+
+    pub(crate) fn emit(&self, event: &SandboxEvent) {
+        tracing::debug!(?event, "sandbox event");
+        if let Some(sink) = &self.events {
+            sink(event);
+        }
+    }
+}
