@@ -241,23 +241,18 @@ fn missing_kernel_is_explained() {
     assert!(err.contains("scripts/build-kernel.sh"), "{err}");
 }
 
-#[test]
-fn guest_that_never_becomes_ready_fails_with_console_tail_and_leaves_nothing() {
-    // busybox as /init is a valid static x86_64 binary that never speaks our protocol.
-    let e = env();
+/// Runs a sandbox whose guest never answers the boot handshake (busybox as /init: a valid
+/// static binary that never speaks our protocol), with the given extra `run` flags.
+fn never_ready(e: &common::TestEnv, hostname: &str, extra: &[&str]) -> String {
     let t = Instant::now();
+    let mut args = vec!["run", "--image", common::IMAGE, "--hostname", hostname];
+    args.extend_from_slice(extra);
+    args.push("true");
     let o = e
         .cmd()
         .env("MATCHLOCK_GUEST_INIT", "/bin/busybox")
         .env("MATCHLOCK_BOOT_TIMEOUT", "8")
-        .args([
-            "run",
-            "--image",
-            common::IMAGE,
-            "--hostname",
-            "never-ready",
-            "true",
-        ])
+        .args(&args)
         .output()
         .expect("run");
     assert!(!o.status.success());
@@ -265,19 +260,40 @@ fn guest_that_never_becomes_ready_fails_with_console_tail_and_leaves_nothing() {
     assert!(err.contains("VM failed to become ready"), "{err}");
     assert!(err.contains("last lines of the VM console"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(60));
-    // The failed sandbox is recorded as not running, and no process refers to its directory.
+    err
+}
+
+/// The ids `list` shows whose recorded config has `hostname`.
+fn listed_with_hostname(e: &common::TestEnv, hostname: &str) -> Vec<String> {
     let list = ok(&e.run(&["list"]));
-    let stopped: Vec<&str> = list
-        .lines()
+    list.lines()
         .skip(1)
-        .filter(|l| !l.contains("running"))
         .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    assert!(
-        !stopped.is_empty(),
-        "the failed sandbox should be listed: {list}"
+        .filter(|id| stdout(&e.run(&["get", id])).contains(&format!("\"{hostname}\"")))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn guest_that_never_becomes_ready_fails_with_console_tail_and_leaves_nothing() {
+    let e = env();
+    // --rm (the default): the failed attempt leaves no record behind.
+    never_ready(e, "never-ready-rm", &[]);
+    assert_eq!(
+        listed_with_hostname(e, "never-ready-rm"),
+        Vec::<String>::new()
     );
-    for id in stopped {
+    // --rm=false keeps the record (stopped) for inspection, and nothing else.
+    never_ready(e, "never-ready-kept", &["--rm=false"]);
+    let kept = listed_with_hostname(e, "never-ready-kept");
+    assert_eq!(kept.len(), 1, "the failed sandbox should be listed once");
+    let list = ok(&e.run(&["list"]));
+    for id in &kept {
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with(id.as_str()) && !l.contains("running")),
+            "{list}"
+        );
         let dir = e.state_dir().join("vms").join(id);
         assert!(
             common::pids_matching(&dir.to_string_lossy()).is_empty(),
