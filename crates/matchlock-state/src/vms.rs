@@ -286,6 +286,22 @@ impl StateDb {
         Ok(())
     }
 
+    /// Waits until the owner of VM `id` has exited (it stops the VM and cleans up before it
+    /// exits); false if it is still alive after `timeout`.
+    pub fn wait_stopped(&self, id: &str, timeout: std::time::Duration) -> Result<bool, StateError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let rec = self.get(id)?;
+            if !self.is_owner_alive(&rec) {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Removes VM `id`: its directory, its row and its lifecycle history. Refuses while the
     /// owner is alive ([`StateError::RemoveRunning`]). If lifecycle records exist and are not
     /// `cleaned`, reconciles first and refuses ([`StateError::CleanupIncomplete`]) when some

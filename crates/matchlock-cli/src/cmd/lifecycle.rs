@@ -137,24 +137,38 @@ pub fn inspect(a: IdArg) -> anyhow::Result<()> {
 pub fn kill(a: KillArgs) -> anyhow::Result<()> {
     let paths = common::paths()?;
     let state = common::state(&paths)?;
+    let mut killed = Vec::new();
     if a.all {
         for r in state.list()? {
             if r.status != VmStatus::Running {
                 continue;
             }
             match state.kill(&r.id) {
-                Ok(()) => println!("Killed {}", r.id),
+                Ok(()) => killed.push(r.id),
                 Err(e) => eprintln!("Failed to kill {}: {e}", r.id),
             }
         }
-        return Ok(());
+    } else {
+        let id =
+            a.id.ok_or_else(|| anyhow::anyhow!("VM ID required (or use --all)"))?;
+        state.kill(&id)?;
+        killed.push(id);
     }
-    let id =
-        a.id.ok_or_else(|| anyhow::anyhow!("VM ID required (or use --all)"))?;
-    state.kill(&id)?;
-    println!("Killed {id}");
+    // Return once each sandbox has stopped, so `kill` followed by `rm` just works.
+    for id in killed {
+        if !state.wait_stopped(&id, KILL_WAIT)? {
+            eprintln!(
+                "warning: {id} is still stopping after {}s (its owner got SIGTERM)",
+                KILL_WAIT.as_secs()
+            );
+        }
+        println!("Killed {id}");
+    }
     Ok(())
 }
+
+/// How long `kill` waits for a sandbox to finish its clean shutdown.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn remove_one(state: &matchlock_state::StateDb, id: &str) -> anyhow::Result<()> {
     let report = state.reconcile(id, false)?;
