@@ -563,16 +563,24 @@ fn other_processes_left() -> bool {
     })
 }
 
+/// Polls until no process but PID 1 and kernel threads is left, or `timeout` passes.
+fn wait_for_others(timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while other_processes_left() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Stops every process, flushes and detaches disks, then resets the VM (QEMU exits).
 fn power_off(teardown: &Mutex<Teardown>) -> ! {
     console("powering off");
     let all = Pid::from_raw(-1);
     let _ = kill(all, Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while other_processes_left() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_others(Duration::from_secs(1));
     let _ = kill(all, Signal::SIGKILL);
+    // Commands hold copies of the mounts in their own namespaces until they have exited;
+    // give SIGKILL a moment so the unmounts below release the filesystems for real.
+    wait_for_others(Duration::from_millis(500));
     nix::unistd::sync();
     let td = teardown.lock().unwrap_or_else(PoisonError::into_inner);
     for m in td.extra_mounts.iter().rev() {
