@@ -18,6 +18,11 @@
 //! (e.g. one that called `setsid` itself) still holds the pipes. A gate flag taken with every
 //! output frame guarantees no output frame follows `Exit`.
 //!
+//! Unless the VM is privileged, the child hardens itself between fork and exec
+//! ([`sys::install_child_setup`]): its own mount namespace with `/proc/sys` and `/sys`
+//! read-only, a smaller capability bounding set, `no_new_privs` and a seccomp filter (no
+//! ptrace, no kexec, no `AF_VSOCK` sockets).
+//!
 //! Spawn failures are reported like a shell would: a message on `Stderr`, then `Exit` with
 //! 127 (not found, unknown user, bad working directory) or 126 (not executable). Protocol
 //! misuse (bad JSON, empty argv) gets an `Error` frame.
