@@ -2,7 +2,7 @@
 //!
 //! # Design
 //! Threads and blocking I/O, one session per connection:
-//! - the session thread spawns the command (through the [`reaper`](crate::reaper), never
+//! - the session thread spawns the command (through the [`reaper`], never
 //!   `Child::wait`), sends `Started`, waits for the exit, drains output and sends `Exit`;
 //! - one pump thread per output fd (stdout/stderr pipes, or the PTY master) sends `Stdout` /
 //!   `Stderr` frames through one shared [`FrameWriter`], so frames never interleave;
