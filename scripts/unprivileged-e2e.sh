@@ -26,10 +26,18 @@ check() { # name, expected substring, command...
   if [[ $rc -eq 0 && "$out" == *"$want"* ]]; then pass=$((pass+1)); echo "ok   $name"
   else fail=$((fail+1)); echo "FAIL $name (rc=$rc): $out"; fi
 }
-check "runs as non-root" "uid=$(id -u "$user")" id
+check_exact() { # name, expected stdout (whole, without the trailing newline), command...
+  local name=$1 want=$2; shift 2
+  local errf; errf=$(mktemp)
+  local out; out=$(as_user "$@" 2>"$errf"); local rc=$?
+  if [[ $rc -eq 0 && "$out" == "$want" ]]; then pass=$((pass+1)); echo "ok   $name"
+  else fail=$((fail+1)); echo "FAIL $name (rc=$rc): stdout=[$out] stderr=[$(cat "$errf")], want [$want]"; fi
+  rm -f "$errf"
+}
+check_exact "runs as non-root" "$(id -u "$user")" id -u
 check "image import" "Imported: busybox:local" sh -c "matchlock image import busybox:local < $share/busybox.tar"
 check "run" "hello-unprivileged" matchlock run --image busybox:local -- echo hello-unprivileged
-check "guest root is root inside" "0" matchlock run --image busybox:local -- id -u
+check_exact "guest root is root inside" "0" matchlock run --image busybox:local -- id -u
 id=$(as_user matchlock run --image busybox:local -d 2>&1 | tail -n1)
 check "detach + exec" "from-exec" matchlock exec "$id" -- echo from-exec
 check "kill" "Killed" matchlock kill "$id"

@@ -6,8 +6,15 @@
 //! [`serve`] knows about vsock. Power-off is a callback supplied by `init`, so the agent
 //! itself never reboots the machine (and tests can observe the request).
 //!
+//! Only the host may connect: [`serve`] closes any connection whose peer CID is not
+//! [`HOST_CID`] before reading a byte, and logs it. The guest kernel has no vsock loopback
+//! transport and unprivileged commands cannot open `AF_VSOCK` sockets (seccomp), so this is
+//! the last of three layers; it is what stops a `--privileged` command (or a sibling VM)
+//! that reaches the listener through the device with the guest's own CID.
+//!
 //! # Limitations
-//! No limit on concurrent connections: the host is trusted to pace itself.
+//! No limit on concurrent connections: the host is trusted to pace itself. The peer CID is
+//! what the vsock device reports; the device (on the host) is trusted.
 
 #![forbid(unsafe_code)]
 
@@ -112,11 +119,50 @@ pub fn handle<C: Conn>(mut conn: C, agent: &Agent) -> Result<(), AgentError> {
     }
 }
 
-/// Accept loop: one thread per connection. Returns only if the listener fails.
+/// The CID `vhost-device-vsock` (like the kernel's vhost-vsock) puts as the source of every
+/// host-initiated connection. Anything else reached the listener from inside the VM (its own
+/// CID through the device) or from a sibling VM.
+pub const HOST_CID: u32 = 2;
+
+/// Whether a connection from `peer_cid` may talk to the agent: only the host may.
+pub fn admits(peer_cid: u32) -> bool {
+    peer_cid == HOST_CID
+}
+
+/// Counts refused connections and says which to log: the first few, then powers of two, so a
+/// process that loops on connect cannot flood the console log.
+#[derive(Default)]
+struct Refusals {
+    count: u64,
+}
+
+impl Refusals {
+    /// Records one refusal; true if this one should be logged.
+    fn record(&mut self) -> bool {
+        self.count += 1;
+        self.count <= 16 || self.count.is_power_of_two()
+    }
+}
+
+/// Accept loop: one thread per connection from the host; connections from any other peer are
+/// closed unread and logged (console). Returns only if the listener fails.
 pub fn serve(listener: vsock::VsockListener, agent: Arc<Agent>) {
+    let mut refusals = Refusals::default();
     loop {
         let stream = match listener.accept() {
-            Ok((s, _)) => s,
+            Ok((s, peer)) if admits(peer.cid()) => s,
+            Ok((s, peer)) => {
+                if refusals.record() {
+                    tracing::warn!(
+                        peer_cid = peer.cid(),
+                        peer_port = peer.port(),
+                        refused = refusals.count,
+                        "refused agent connection: not from the host (cid {HOST_CID})"
+                    );
+                }
+                drop(s);
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -486,6 +532,23 @@ mod tests {
         );
         h.join().expect("join").expect("session");
         assert!(flag.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn only_the_host_cid_is_admitted() {
+        assert!(admits(2));
+        // VMADDR_CID_ANY, hypervisor, local (loopback), this guest, a sibling guest.
+        for cid in [u32::MAX, 0, 1, 3, 4] {
+            assert!(!admits(cid), "cid {cid} admitted");
+        }
+    }
+
+    #[test]
+    fn refusal_logging_is_bounded() {
+        let mut r = Refusals::default();
+        let logged = (0..100_000).filter(|_| r.record()).count();
+        // 16 first ones, then 32, 64, ..., 65536.
+        assert_eq!(logged, 16 + 12);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! # Design
 //! Threads and blocking I/O, one session per connection:
-//! - the session thread spawns the command (through the [`reaper`](crate::reaper), never
+//! - the session thread spawns the command (through the [`reaper`], never
 //!   `Child::wait`), sends `Started`, waits for the exit, drains output and sends `Exit`;
 //! - one pump thread per output fd (stdout/stderr pipes, or the PTY master) sends `Stdout` /
 //!   `Stderr` frames through one shared [`FrameWriter`], so frames never interleave;
@@ -17,6 +17,11 @@
 //! pumps then drain to EOF, bounded by [`DRAIN_TIMEOUT`] in case a process outside the group
 //! (e.g. one that called `setsid` itself) still holds the pipes. A gate flag taken with every
 //! output frame guarantees no output frame follows `Exit`.
+//!
+//! Unless the VM is privileged, the child hardens itself between fork and exec
+//! ([`sys::install_child_setup`]): its own mount namespace with `/proc/sys` and `/sys`
+//! read-only, a smaller capability bounding set, `no_new_privs` and a seccomp filter (no
+//! ptrace, no kexec, no `AF_VSOCK` sockets).
 //!
 //! Spawn failures are reported like a shell would: a message on `Stderr`, then `Exit` with
 //! 127 (not found, unknown user, bad working directory) or 126 (not executable). Protocol
@@ -209,110 +214,54 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), nix::Error> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
 }
 
+/// Why a session ends before its command runs.
+enum Refusal {
+    /// Protocol misuse: an `Error` frame.
+    Protocol(&'static str),
+    /// What a shell would say: the message on `Stderr`, then `Exit` with the code.
+    Exit(String, i32),
+}
+
+impl Refusal {
+    fn send<C: Conn>(self, out: &Output<C>) -> Result<(), ExecError> {
+        match self {
+            Refusal::Protocol(msg) => send_error(out, msg),
+            Refusal::Exit(msg, code) => fail_early(out, msg, code),
+        }
+    }
+}
+
+/// Parent-side ends of the child's stdio: output sources, stdin sink, pty master.
+struct Wiring {
+    sources: Vec<(FrameType, File)>,
+    stdin_sink: Option<File>,
+    master: Option<Arc<File>>,
+}
+
+/// The threads of a started session and what the session thread shares with them.
+struct Running {
+    done: Arc<Done>,
+    stop: Arc<AtomicBool>,
+    /// One message per pump that reached EOF.
+    pumps_done: Receiver<()>,
+    n_pumps: usize,
+    master: Option<Arc<File>>,
+}
+
 fn run_inner<C: Conn>(
     reader: C,
     out: &Arc<Output<C>>,
     req: ExecRequest,
     ctx: &ExecContext,
 ) -> Result<(), ExecError> {
-    let Some(argv0) = req.argv.first().cloned() else {
-        return send_error(out, "exec: empty argv");
+    let (mut cmd, argv0, ident) = match build_command(&req, ctx) {
+        Ok(x) => x,
+        Err(refusal) => return refusal.send(out),
     };
-    if argv0.is_empty() {
-        return send_error(out, "exec: empty argv[0]");
+    let wiring = wire_stdio(&mut cmd, &req)?;
+    if let Err(refusal) = apply_child_setup(&mut cmd, &ident, req.tty.is_some(), ctx) {
+        return refusal.send(out);
     }
-    let ident = match user::resolve_in(&req.user, &ctx.root) {
-        Ok(i) => i,
-        Err(e) => {
-            return fail_early(
-                out,
-                format!("matchlock: resolve user {:?}: {e}\n", req.user),
-                127,
-            )
-        }
-    };
-    let cwd = if req.cwd.is_empty() { "/" } else { &req.cwd };
-    if !Path::new(cwd).is_dir() {
-        return fail_early(
-            out,
-            format!("matchlock: chdir {cwd:?}: no such directory\n"),
-            127,
-        );
-    }
-
-    let mut cmd = Command::new(&argv0);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .envs(&req.env)
-        .current_dir(cwd);
-    if !req.env.contains_key("HOME") {
-        cmd.env("HOME", ident.home.as_deref().unwrap_or("/"));
-    }
-
-    // Parent-side ends: output sources, stdin sink, pty master.
-    let mut sources: Vec<(FrameType, File)> = Vec::new();
-    let mut stdin_sink: Option<File> = None;
-    let mut master: Option<Arc<File>> = None;
-    if let Some(size) = req.tty {
-        let pty = nix::pty::openpty(Some(&to_winsize(size)), None).map_err(ExecError::OpenPty)?;
-        let slave = File::from(pty.slave);
-        let m = File::from(pty.master);
-        cmd.stdin(Stdio::from(
-            slave.try_clone().map_err(ExecError::DupMaster)?,
-        ))
-        .stdout(Stdio::from(
-            slave.try_clone().map_err(ExecError::DupMaster)?,
-        ))
-        .stderr(Stdio::from(slave));
-        sources.push((
-            FrameType::Stdout,
-            m.try_clone().map_err(ExecError::DupMaster)?,
-        ));
-        stdin_sink = Some(m.try_clone().map_err(ExecError::DupMaster)?);
-        master = Some(Arc::new(m));
-    } else {
-        let (out_r, out_w) = pipe().map_err(|source| ExecError::Pipe {
-            what: "stdout",
-            source,
-        })?;
-        let (err_r, err_w) = pipe().map_err(|source| ExecError::Pipe {
-            what: "stderr",
-            source,
-        })?;
-        cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
-        sources.push((FrameType::Stdout, File::from(out_r)));
-        sources.push((FrameType::Stderr, File::from(err_r)));
-        if req.stdin {
-            let (in_r, in_w) = pipe().map_err(|source| ExecError::Pipe {
-                what: "stdin",
-                source,
-            })?;
-            cmd.stdin(Stdio::from(in_r));
-            stdin_sink = Some(File::from(in_w));
-        } else {
-            cmd.stdin(Stdio::null());
-        }
-    }
-    let seccomp = if ctx.privileged {
-        None
-    } else {
-        match sys::seccomp_program() {
-            Ok(p) => Some(p),
-            Err(e) => return fail_early(out, format!("matchlock: seccomp filter: {e}\n"), 126),
-        }
-    };
-    sys::install_child_setup(
-        &mut cmd,
-        ChildSetup {
-            controlling_tty: req.tty.is_some(),
-            drop_caps: !ctx.privileged,
-            uid: ident.uid,
-            gid: ident.gid,
-            groups: ident.all_groups(),
-            seccomp,
-        },
-    );
-
     let spawned = reaper::global().spawn(&mut cmd, true);
     // Close our copies of the child's ends (pipe write sides, pty slave) right away.
     drop(cmd);
@@ -331,12 +280,136 @@ fn run_inner<C: Conn>(
         })?;
     // If the host is already gone the reader notices and cancels; keep going.
     let _ = out.send(&started);
+    let running = start_threads(reader, out, pid, wiring, req.tty.is_some())?;
+    finish(out, pid, &exit_rx, running)
+}
 
+/// Validates the request and builds the command (argv, environment, working directory),
+/// resolving the user it runs as.
+fn build_command(
+    req: &ExecRequest,
+    ctx: &ExecContext,
+) -> Result<(Command, String, user::Identity), Refusal> {
+    let Some(argv0) = req.argv.first().cloned() else {
+        return Err(Refusal::Protocol("exec: empty argv"));
+    };
+    if argv0.is_empty() {
+        return Err(Refusal::Protocol("exec: empty argv[0]"));
+    }
+    let ident = user::resolve_in(&req.user, &ctx.root).map_err(|e| {
+        Refusal::Exit(
+            format!("matchlock: resolve user {:?}: {e}\n", req.user),
+            127,
+        )
+    })?;
+    let cwd = if req.cwd.is_empty() { "/" } else { &req.cwd };
+    if !Path::new(cwd).is_dir() {
+        return Err(Refusal::Exit(
+            format!("matchlock: chdir {cwd:?}: no such directory\n"),
+            127,
+        ));
+    }
+    let mut cmd = Command::new(&argv0);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .envs(&req.env)
+        .current_dir(cwd);
+    if !req.env.contains_key("HOME") {
+        cmd.env("HOME", ident.home.as_deref().unwrap_or("/"));
+    }
+    Ok((cmd, argv0, ident))
+}
+
+/// Connects the child's stdio to a new pty or to pipes.
+fn wire_stdio(cmd: &mut Command, req: &ExecRequest) -> Result<Wiring, ExecError> {
+    match req.tty {
+        Some(size) => wire_pty(cmd, size),
+        None => wire_pipes(cmd, req.stdin),
+    }
+}
+
+/// stdin, stdout and stderr on one pty slave; the master is both the output and input side.
+fn wire_pty(cmd: &mut Command, size: WinSize) -> Result<Wiring, ExecError> {
+    let pty = nix::pty::openpty(Some(&to_winsize(size)), None).map_err(ExecError::OpenPty)?;
+    let slave = File::from(pty.slave);
+    let master = File::from(pty.master);
+    let dup = |f: &File| f.try_clone().map_err(ExecError::DupMaster);
+    cmd.stdin(Stdio::from(dup(&slave)?))
+        .stdout(Stdio::from(dup(&slave)?))
+        .stderr(Stdio::from(slave));
+    Ok(Wiring {
+        sources: vec![(FrameType::Stdout, dup(&master)?)],
+        stdin_sink: Some(dup(&master)?),
+        master: Some(Arc::new(master)),
+    })
+}
+
+/// One pipe per output stream; stdin is a pipe only if the host sends input.
+fn wire_pipes(cmd: &mut Command, stdin: bool) -> Result<Wiring, ExecError> {
+    let pipe_for = |what: &'static str| pipe().map_err(|source| ExecError::Pipe { what, source });
+    let (out_r, out_w) = pipe_for("stdout")?;
+    let (err_r, err_w) = pipe_for("stderr")?;
+    cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
+    let stdin_sink = if stdin {
+        let (in_r, in_w) = pipe_for("stdin")?;
+        cmd.stdin(Stdio::from(in_r));
+        Some(File::from(in_w))
+    } else {
+        cmd.stdin(Stdio::null());
+        None
+    };
+    Ok(Wiring {
+        sources: vec![
+            (FrameType::Stdout, File::from(out_r)),
+            (FrameType::Stderr, File::from(err_r)),
+        ],
+        stdin_sink,
+        master: None,
+    })
+}
+
+/// Session, user and (unless privileged) the hardening the child applies to itself.
+fn apply_child_setup(
+    cmd: &mut Command,
+    ident: &user::Identity,
+    tty: bool,
+    ctx: &ExecContext,
+) -> Result<(), Refusal> {
+    let seccomp = if ctx.privileged {
+        None
+    } else {
+        let program = sys::seccomp_program()
+            .map_err(|e| Refusal::Exit(format!("matchlock: seccomp filter: {e}\n"), 126))?;
+        Some(program)
+    };
+    sys::install_child_setup(
+        cmd,
+        ChildSetup {
+            controlling_tty: tty,
+            readonly_kernel_fs: !ctx.privileged,
+            drop_caps: !ctx.privileged,
+            uid: ident.uid,
+            gid: ident.gid,
+            groups: ident.all_groups(),
+            seccomp,
+        },
+    );
+    Ok(())
+}
+
+/// Starts one pump per output source, the stdin writer and the host reader.
+fn start_threads<C: Conn>(
+    reader: C,
+    out: &Arc<Output<C>>,
+    pid: i32,
+    wiring: Wiring,
+    tty: bool,
+) -> Result<Running, ExecError> {
     let done = Arc::new(Done::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let (pump_tx, pump_rx) = mpsc::channel::<()>();
-    let n_pumps = sources.len();
-    for (kind, src) in sources {
+    let (pump_tx, pumps_done) = mpsc::channel::<()>();
+    let n_pumps = wiring.sources.len();
+    for (kind, src) in wiring.sources {
         let out = Arc::clone(out);
         let stop = Arc::clone(&stop);
         let tx = pump_tx.clone();
@@ -352,36 +425,56 @@ fn run_inner<C: Conn>(
             })?;
     }
     drop(pump_tx);
-
-    let stdin_tx = match stdin_sink {
-        Some(sink) => Some(spawn_stdin(sink, req.tty.is_some())?),
+    let stdin_tx = match wiring.stdin_sink {
+        Some(sink) => Some(spawn_stdin(sink, tty)?),
         None => None,
     };
-    {
-        let done = Arc::clone(&done);
-        let master = master.clone();
-        std::thread::Builder::new()
-            .name("exec-reader".into())
-            .spawn(move || read_host(reader, pid, &done, stdin_tx, master.as_deref()))
-            .map_err(|source| ExecError::Thread {
-                what: "reader",
-                source,
-            })?;
-    }
+    let reader_done = Arc::clone(&done);
+    let reader_master = wiring.master.clone();
+    std::thread::Builder::new()
+        .name("exec-reader".into())
+        .spawn(move || {
+            read_host(
+                reader,
+                pid,
+                &reader_done,
+                stdin_tx,
+                reader_master.as_deref(),
+            )
+        })
+        .map_err(|source| ExecError::Thread {
+            what: "reader",
+            source,
+        })?;
+    Ok(Running {
+        done,
+        stop,
+        pumps_done,
+        n_pumps,
+        master: wiring.master,
+    })
+}
 
+/// Waits for the exit, drains output (bounded by [`DRAIN_TIMEOUT`]) and sends `Exit`.
+fn finish<C: Conn>(
+    out: &Output<C>,
+    pid: i32,
+    exit_rx: &Receiver<reaper::Exit>,
+    running: Running,
+) -> Result<(), ExecError> {
     let exit = exit_rx.recv().map_err(|_| ExecError::LostExit { pid })?;
-    done.set();
+    running.done.set();
     // The reaper already SIGKILLed the rest of the group; drain what they wrote.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
-    for _ in 0..n_pumps {
+    for _ in 0..running.n_pumps {
         let left = deadline.saturating_duration_since(Instant::now());
-        if pump_rx.recv_timeout(left).is_err() {
+        if running.pumps_done.recv_timeout(left).is_err() {
             tracing::debug!(pid, "output still held open after exit; not waiting");
             break;
         }
     }
-    stop.store(true, Ordering::SeqCst);
-    drop(master);
+    running.stop.store(true, Ordering::SeqCst);
+    drop(running.master);
     tracing::debug!(pid, ?exit, "command exited");
     if let Err(e) = send_exit(out, exit.to_status()) {
         // Normal after a cancellation: the host closed the connection first.
@@ -670,6 +763,37 @@ mod tests {
         assert_eq!(nnp(&status(true)), nnp(&own));
     }
 
+    #[test]
+    fn unprivileged_commands_see_kernel_interfaces_read_only() {
+        // Rewriting the current value is harmless if the protection were missing.
+        let script = "cat /proc/sys/kernel/hostname > /proc/sys/kernel/hostname && echo wrote; \
+                      grep -E ' /(proc/sys|sys|sys/fs/cgroup) ' /proc/self/mountinfo";
+        let (mut host, h) = start_with(req(&["sh", "-c", script]), false);
+        let o = collect(&mut host);
+        h.join().expect("join").expect("session");
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!out.contains("wrote"), "{out}");
+        assert!(err.contains("Read-only file system"), "{err}");
+        let mounts: Vec<&str> = out.lines().collect();
+        assert!(mounts.iter().any(|l| l.contains(" /proc/sys ")), "{out}");
+        assert!(mounts.iter().any(|l| l.contains(" /sys ")), "{out}");
+        for line in mounts {
+            // Field 6 holds the per-mount options.
+            let opts = line.split(' ').nth(5).unwrap_or_default();
+            assert!(opts.split(',').any(|o| o == "ro"), "not read-only: {line}");
+        }
+        // The agent's own view (and privileged commands') stays writable.
+        let own = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let proc_sys_bound = own
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/proc/sys"));
+        assert!(
+            !proc_sys_bound,
+            "the bind mount leaked into the parent namespace"
+        );
+    }
+
     fn code(o: &Outcome) -> i32 {
         o.exit.expect("exit").code
     }
@@ -824,8 +948,28 @@ mod tests {
         assert!(alive(pid) && alive(bg));
         drop(host);
         h.join().expect("join").expect("session");
-        assert!(!alive(pid), "main process {pid} still exists");
-        assert!(!alive(bg), "background process {bg} still exists");
+        // The session returns once the leader is reaped; the reaper SIGKILLs the rest of the
+        // group at that moment, but the kernel may take a little while to tear it down.
+        assert!(
+            gone_within(pid, Duration::from_secs(10)),
+            "main process {pid} still exists"
+        );
+        assert!(
+            gone_within(bg, Duration::from_secs(10)),
+            "background process {bg} still exists"
+        );
+    }
+
+    /// Polls [`alive`] until `pid` is gone or `timeout` passes; true if it is gone.
+    fn gone_within(pid: i32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while alive(pid) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 
     #[test]
@@ -901,6 +1045,9 @@ mod tests {
             .pid;
         drop(host);
         h.join().expect("join").expect("session");
-        assert!(!alive(pid));
+        assert!(
+            gone_within(pid, Duration::from_secs(10)),
+            "{pid} still exists"
+        );
     }
 }

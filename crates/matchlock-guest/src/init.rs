@@ -37,12 +37,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vsock::{VsockListener, VsockStream, VMADDR_CID_ANY};
 
-use crate::agent::{self, Agent};
+use crate::agent::{self, Agent, HOST_CID};
 use crate::etc;
 use crate::exec::ExecContext;
 use crate::reaper;
 
-const HOST_CID: u32 = 2;
 const DIAL_RETRY: Duration = Duration::from_millis(20);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const DISK_WAIT: Duration = Duration::from_secs(3);
@@ -295,7 +294,33 @@ fn boot(
     boot_conn: &mut Option<VsockStream>,
     teardown: &Arc<Mutex<Teardown>>,
 ) -> Result<(), BootError> {
-    let none = MsFlags::empty();
+    early_setup();
+    let conn = boot_conn.insert(dial_host()?);
+    let cfg = handshake(conn)?;
+    let serials: Vec<&str> = cfg.disks.iter().map(|d| d.serial.as_str()).collect();
+    let devices = find_disks(&serials)?;
+    let plan = plan_root(&cfg.disks, &devices)?;
+    assemble_overlay(&plan, teardown)?;
+    switch_root()?;
+    mount_base_filesystems();
+    limit_cpus(cfg.cpus);
+
+    let hostname = etc::effective_hostname(&cfg.hostname).to_string();
+    if let Err(e) = nix::unistd::sethostname(&hostname) {
+        tracing::warn!(error = %e, "sethostname failed");
+    }
+    etc::write_identity_files(Path::new("/"), &hostname, &cfg.add_hosts, &cfg.dns_servers)
+        .map_err(BootError::EtcFiles)?;
+    mount_extras(plan.extras, teardown)?;
+    start_agent(cfg.privileged, teardown)?;
+    write_frame(conn, &Frame::empty(FrameType::Ready)).map_err(BootError::Ready)?;
+    *boot_conn = None;
+    tracing::info!(hostname = %hostname, "ready");
+    Ok(())
+}
+
+/// Initramfs proc/sys/dev, the benchmark's power-off switch, `lo` and the reaper.
+fn early_setup() {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_tolerant("proc", Path::new("/proc"), "proc", nosuid, None);
     mount_tolerant("sysfs", Path::new("/sys"), "sysfs", nosuid, None);
@@ -320,8 +345,10 @@ fn boot(
     }
     // Start reaping before anything can fork.
     let _ = reaper::global();
+}
 
-    let conn = boot_conn.insert(dial_host()?);
+/// Sends `Hello`, reads the `BootConfig`, sets the clock and validates the hosts entries.
+fn handshake(conn: &mut VsockStream) -> Result<BootConfig, BootError> {
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -333,12 +360,12 @@ fn boot(
         .map_err(BootError::ReadConfig)?;
     set_clock(cfg.now_unix);
     etc::validate_hosts(&cfg.add_hosts).map_err(BootError::Hosts)?;
+    Ok(cfg)
+}
 
-    let serials: Vec<&str> = cfg.disks.iter().map(|d| d.serial.as_str()).collect();
-    let devices = find_disks(&serials)?;
-    let plan = plan_root(&cfg.disks, &devices)?;
-
-    // Assemble overlay(lowers, upper) in the initramfs.
+/// Mounts the lowers and the upper and assembles the overlay at [`MERGED_DIR`], keeping an
+/// `O_PATH` descriptor to the upper for power-off.
+fn assemble_overlay(plan: &RootPlan, teardown: &Mutex<Teardown>) -> Result<(), BootError> {
     for (dev, fs, dir) in &plan.lowers {
         mkdir_p(dir, 0o755)?;
         do_mount(&dev.to_string_lossy(), dir, fs, MsFlags::MS_RDONLY, None)?;
@@ -351,7 +378,7 @@ fn boot(
         &plan.upper.to_string_lossy(),
         upper_dir,
         "ext4",
-        none,
+        MsFlags::empty(),
         Some("noinit_itable"),
     )?;
     mkdir_p(&upper_dir.join("upper"), 0o755)?;
@@ -371,33 +398,35 @@ fn boot(
         "overlay",
         merged,
         "overlay",
-        none,
+        MsFlags::empty(),
         Some(&plan.overlay_options),
-    )?;
+    )
+}
 
-    // Switch root.
+/// Unmounts the initramfs' proc/sys/dev, moves the overlay onto `/` and enters it.
+fn switch_root() -> Result<(), BootError> {
     for old in ["/dev", "/sys", "/proc"] {
         let _ = umount2(old, MntFlags::MNT_DETACH);
     }
-    nix::unistd::chdir(merged).map_err(BootError::ChdirRoot)?;
+    nix::unistd::chdir(Path::new(MERGED_DIR)).map_err(BootError::ChdirRoot)?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(BootError::MoveRoot)?;
     nix::unistd::chroot(".").map_err(BootError::Chroot)?;
-    nix::unistd::chdir("/").map_err(BootError::ChdirRoot)?;
+    nix::unistd::chdir("/").map_err(BootError::ChdirRoot)
+}
 
-    mount_base_filesystems();
-    limit_cpus(cfg.cpus);
-
-    let hostname = etc::effective_hostname(&cfg.hostname).to_string();
-    if let Err(e) = nix::unistd::sethostname(&hostname) {
-        tracing::warn!(error = %e, "sethostname failed");
-    }
-    etc::write_identity_files(Path::new("/"), &hostname, &cfg.add_hosts, &cfg.dns_servers)
-        .map_err(BootError::EtcFiles)?;
-
-    for (dev, target, readonly) in plan.extras {
+/// Mounts the extra disks (ext4) at their mount points, recording them for power-off.
+fn mount_extras(
+    extras: Vec<(PathBuf, PathBuf, bool)>,
+    teardown: &Mutex<Teardown>,
+) -> Result<(), BootError> {
+    for (dev, target, readonly) in extras {
         mkdir_p(&target, 0o755)?;
-        let flags = if readonly { MsFlags::MS_RDONLY } else { none };
+        let flags = if readonly {
+            MsFlags::MS_RDONLY
+        } else {
+            MsFlags::empty()
+        };
         do_mount(&dev.to_string_lossy(), &target, "ext4", flags, None)?;
         teardown
             .lock()
@@ -405,7 +434,11 @@ fn boot(
             .extra_mounts
             .push(target);
     }
+    Ok(())
+}
 
+/// Binds the agent's listener and starts serving it on its own thread.
+fn start_agent(privileged: bool, teardown: &Arc<Mutex<Teardown>>) -> Result<(), BootError> {
     let listener =
         VsockListener::bind_with_cid_port(VMADDR_CID_ANY, SERVICE_PORT).map_err(|source| {
             BootError::Listen {
@@ -417,7 +450,7 @@ fn boot(
     let agent = Arc::new(Agent {
         exec: ExecContext {
             root: PathBuf::from("/"),
-            privileged: cfg.privileged,
+            privileged,
         },
         on_shutdown: Box::new(move || power_off(&shutdown_state)),
     });
@@ -425,9 +458,6 @@ fn boot(
         .name("agent".into())
         .spawn(move || agent::serve(listener, agent))
         .map_err(BootError::AgentThread)?;
-    write_frame(conn, &Frame::empty(FrameType::Ready)).map_err(BootError::Ready)?;
-    *boot_conn = None;
-    tracing::info!(hostname = %hostname, "ready");
     Ok(())
 }
 
@@ -533,16 +563,24 @@ fn other_processes_left() -> bool {
     })
 }
 
+/// Polls until no process but PID 1 and kernel threads is left, or `timeout` passes.
+fn wait_for_others(timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while other_processes_left() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Stops every process, flushes and detaches disks, then resets the VM (QEMU exits).
 fn power_off(teardown: &Mutex<Teardown>) -> ! {
     console("powering off");
     let all = Pid::from_raw(-1);
     let _ = kill(all, Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while other_processes_left() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_others(Duration::from_secs(1));
     let _ = kill(all, Signal::SIGKILL);
+    // Commands hold copies of the mounts in their own namespaces until they have exited;
+    // give SIGKILL a moment so the unmounts below release the filesystems for real.
+    wait_for_others(Duration::from_millis(500));
     nix::unistd::sync();
     let td = teardown.lock().unwrap_or_else(PoisonError::into_inner);
     for m in td.extra_mounts.iter().rev() {

@@ -112,43 +112,77 @@ const DENIED_SYSCALLS: [libc::c_long; 5] = [
     libc::SYS_kexec_file_load,
 ];
 
+/// Address families whose `socket(2)` unprivileged commands get `EPERM` for: `AF_VSOCK`, the
+/// transport of the guest agent (and of the host's listeners), which only PID 1 needs.
+const DENIED_SOCKET_FAMILIES: [libc::c_int; 1] = [libc::AF_VSOCK];
+
+type Program = std::sync::Arc<Vec<libc::sock_filter>>;
+
+fn build_seccomp_program() -> Result<Program, seccompiler::BackendError> {
+    use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition};
+    let mut rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        DENIED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
+    let family_rules = DENIED_SOCKET_FAMILIES
+        .iter()
+        .map(|family| {
+            // The domain is an int: compare the low 32 bits only.
+            let cond = SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                u64::from(family.unsigned_abs()),
+            )?;
+            seccompiler::SeccompRule::new(vec![cond])
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_socket, family_rules);
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM.unsigned_abs()),
+        seccompiler::TargetArch::x86_64,
+    )?;
+    let prog: seccompiler::BpfProgram = filter.try_into()?;
+    Ok(std::sync::Arc::new(
+        prog.iter()
+            .map(|i| libc::sock_filter {
+                code: i.code,
+                jt: i.jt,
+                jf: i.jf,
+                k: i.k,
+            })
+            .collect(),
+    ))
+}
+
 /// The seccomp program for unprivileged commands, compiled once (before any fork, since the
 /// child may not allocate) with rust-vmm's `seccompiler`.
-pub fn seccomp_program() -> io::Result<std::sync::Arc<Vec<libc::sock_filter>>> {
+pub fn seccomp_program() -> io::Result<Program> {
     use std::sync::OnceLock;
-    static PROGRAM: OnceLock<Result<std::sync::Arc<Vec<libc::sock_filter>>, String>> =
-        OnceLock::new();
-    let built = PROGRAM.get_or_init(|| {
-        let rules = DENIED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
-        let filter = seccompiler::SeccompFilter::new(
-            rules,
-            seccompiler::SeccompAction::Allow,
-            seccompiler::SeccompAction::Errno(libc::EPERM as u32),
-            seccompiler::TargetArch::x86_64,
-        )
-        .map_err(|e| e.to_string())?;
-        let prog: seccompiler::BpfProgram = filter
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| e.to_string())?;
-        Ok(std::sync::Arc::new(
-            prog.iter()
-                .map(|i| libc::sock_filter {
-                    code: i.code,
-                    jt: i.jt,
-                    jf: i.jf,
-                    k: i.k,
-                })
-                .collect(),
-        ))
-    });
+    static PROGRAM: OnceLock<Result<Program, String>> = OnceLock::new();
+    let built = PROGRAM.get_or_init(|| build_seccomp_program().map_err(|e| e.to_string()));
     built.clone().map_err(io::Error::other)
 }
+
+/// Kernel interfaces that unprivileged commands see read-only (Docker's `readonlyPaths`
+/// for `/proc`, plus all of `/sys`): writes there change the whole VM (`kernel.hostname`,
+/// `kernel.poweroff_cmd`, `vm.drop_caches`, cgroup limits, ...). Missing ones are skipped.
+const READONLY_KERNEL_PATHS: [&std::ffi::CStr; 6] = [
+    c"/proc/sys",
+    c"/proc/sysrq-trigger",
+    c"/proc/irq",
+    c"/proc/bus",
+    c"/proc/fs",
+    c"/sys",
+];
 
 /// What the child does to itself between fork and exec.
 #[derive(Debug, Clone)]
 pub struct ChildSetup {
     /// Make fd 0 (a PTY slave) the controlling terminal of the new session.
     pub controlling_tty: bool,
+    /// Enter a private mount namespace where [`READONLY_KERNEL_PATHS`] are read-only.
+    pub readonly_kernel_fs: bool,
     /// Drop [`DROPPED_CAPS`] from the bounding set.
     pub drop_caps: bool,
     pub uid: u32,
@@ -156,60 +190,184 @@ pub struct ChildSetup {
     /// All groups including `gid`.
     pub groups: Vec<u32>,
     /// Set `no_new_privs` and install this seccomp program, last (after the user switch).
-    pub seccomp: Option<std::sync::Arc<Vec<libc::sock_filter>>>,
+    pub seccomp: Option<Program>,
 }
 
-/// Installs the pre-exec hook: new session, optional controlling tty, capability drop, then
-/// groups, gid and uid (in that order, while still root).
+/// New session, and the PTY on fd 0 as its controlling terminal if asked.
+fn enter_session(controlling_tty: bool) -> io::Result<()> {
+    // SAFETY: setsid has no memory effects; the child is not a group leader after fork.
+    check(unsafe { libc::setsid() })?;
+    if controlling_tty {
+        // SAFETY: fd 0 is the PTY slave installed by Command; TIOCSCTTY takes an int arg.
+        check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })?;
+    }
+    Ok(())
+}
+
+/// `mount(2)` with no data argument; every pointer is a `'static` C string or null.
+fn mount_raw(
+    source: Option<&'static std::ffi::CStr>,
+    target: &'static std::ffi::CStr,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
+    let source = source.map_or(std::ptr::null(), std::ffi::CStr::as_ptr);
+    // SAFETY: all pointers are null or NUL-terminated strings that outlive the call.
+    check(unsafe {
+        libc::mount(
+            source,
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// Sets `MOUNT_ATTR_RDONLY` on `path` and every mount below it, in this mount namespace only.
+fn make_readonly_recursive(path: &'static std::ffi::CStr) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `size_of::<mount_attr>()` bytes from the live `attr` and
+    // the NUL-terminated `path`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Moves the child into its own mount namespace (receiving, never sending, propagation) and
+/// makes [`READONLY_KERNEL_PATHS`] read-only there. `/proc` entries are not mount points,
+/// so each is bind-mounted onto itself first; `/sys` is (sysfs, cgroup2 below it).
+fn protect_kernel_fs() -> io::Result<()> {
+    // SAFETY: unshare takes flags only; the child is single-threaded after fork.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+    mount_raw(None, c"/", libc::MS_REC | libc::MS_SLAVE)?;
+    for path in READONLY_KERNEL_PATHS {
+        if path != c"/sys" {
+            match mount_raw(Some(path), path, libc::MS_BIND | libc::MS_REC) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                other => other?,
+            }
+        }
+        make_readonly_recursive(path)?;
+    }
+    Ok(())
+}
+
+fn drop_bounding_caps() -> io::Result<()> {
+    for cap in DROPPED_CAPS {
+        // SAFETY: prctl with integer arguments only.
+        let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        // EINVAL: capability unknown to this kernel; nothing to drop.
+        if ret < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Groups, gid, then uid (while still root).
+fn switch_user(uid: u32, gid: u32, groups: &[libc::gid_t]) -> io::Result<()> {
+    // SAFETY: `groups` was allocated before fork and is borrowed for the call.
+    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+    // SAFETY: plain syscalls with integer arguments.
+    check(unsafe { libc::setgid(gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setuid(uid) })
+}
+
+/// `no_new_privs`, then the filter (which the kernel copies).
+fn apply_seccomp(prog: &[libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        // The kernel only reads the program; the cast satisfies the C signature.
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    // SAFETY: `fprog` points at `prog`, allocated before fork and alive for the call.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &fprog as *const libc::sock_fprog,
+        )
+    })
+}
+
+/// Installs the pre-exec hook: new session, optional controlling tty, read-only kernel
+/// filesystems, capability drop, then groups, gid and uid, then seccomp.
 pub fn install_child_setup(cmd: &mut Command, setup: ChildSetup) {
     let groups: Vec<libc::gid_t> = setup.groups.clone();
     let hook = move || -> io::Result<()> {
-        // SAFETY: setsid has no memory effects; the child is not a group leader after fork.
-        check(unsafe { libc::setsid() })?;
-        if setup.controlling_tty {
-            // SAFETY: fd 0 is the PTY slave installed by Command; TIOCSCTTY takes an int arg.
-            check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })?;
+        enter_session(setup.controlling_tty)?;
+        if setup.readonly_kernel_fs {
+            protect_kernel_fs()?;
         }
         if setup.drop_caps {
-            for cap in DROPPED_CAPS {
-                // SAFETY: prctl with integer arguments only.
-                let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-                // EINVAL: capability unknown to this kernel; nothing to drop.
-                if ret < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-                    return Err(io::Error::last_os_error());
-                }
-            }
+            drop_bounding_caps()?;
         }
         if setup.uid != 0 || setup.gid != 0 || groups.len() > 1 {
-            // SAFETY: `groups` was allocated before fork and lives in this closure.
-            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
-            // SAFETY: plain syscalls with integer arguments.
-            check(unsafe { libc::setgid(setup.gid) })?;
-            // SAFETY: as above.
-            check(unsafe { libc::setuid(setup.uid) })?;
+            switch_user(setup.uid, setup.gid, &groups)?;
         }
         if let Some(prog) = &setup.seccomp {
-            let fprog = libc::sock_fprog {
-                len: u16::try_from(prog.len())
-                    .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
-                // The kernel only reads the program; the cast satisfies the C signature.
-                filter: prog.as_ptr().cast_mut(),
-            };
-            // SAFETY: prctl with integer arguments only.
-            check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
-            // SAFETY: `fprog` points at `prog`, allocated before fork and alive for the call.
-            check(unsafe {
-                libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    &fprog as *const libc::sock_fprog,
-                )
-            })?;
+            apply_seccomp(prog)?;
         }
         Ok(())
     };
     // SAFETY: the hook only makes async-signal-safe syscalls on pre-allocated data.
     unsafe {
         cmd.pre_exec(hook);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `socket(family, SOCK_STREAM)` on a thread that installed the command filter (filters
+    /// and `no_new_privs` are per thread, so the rest of the test process is unaffected).
+    fn socket_errno_under_filter(families: Vec<libc::c_int>) -> Vec<Option<i32>> {
+        let prog = seccomp_program().expect("program");
+        std::thread::spawn(move || {
+            apply_seccomp(&prog).expect("install filter");
+            families
+                .into_iter()
+                .map(|family| {
+                    // SAFETY: socket takes integers; a returned fd is closed right away.
+                    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM, 0) };
+                    if fd >= 0 {
+                        // SAFETY: `fd` was just returned by socket and is owned here.
+                        unsafe { libc::close(fd) };
+                        None
+                    } else {
+                        io::Error::last_os_error().raw_os_error()
+                    }
+                })
+                .collect()
+        })
+        .join()
+        .expect("filter thread")
+    }
+
+    #[test]
+    fn filter_denies_vsock_sockets_only() {
+        let got = socket_errno_under_filter(vec![libc::AF_VSOCK, libc::AF_UNIX, libc::AF_INET]);
+        assert_eq!(got, vec![Some(libc::EPERM), None, None]);
     }
 }

@@ -1,6 +1,7 @@
 //! Dev-only fixtures shared by the workspace's tests: polling with a deadline, builders for
-//! `docker save` and OCI-layout archives from in-memory layer specs, and a realistic busybox
-//! base image built from Debian's `busybox-static`.
+//! `docker save` and OCI-layout archives from in-memory layer specs, a realistic busybox
+//! base image built from Debian's `busybox-static`, and static test binaries to put in guest
+//! images (`vsock-probe`).
 //!
 //! # Design
 //! - Archives are built in memory (test images are small) with the `tar` crate, but entry
@@ -20,10 +21,12 @@
 mod archive;
 mod busybox;
 mod registry;
+mod static_bin;
 
 pub use archive::{layer_tar, ConfigSpec, Entry, ImageSpec, Kind, RegistryParts};
 pub use busybox::{busybox_image, busybox_spec};
 pub use registry::{FaultProxy, Faults, Registry, REGISTRY_BIN};
+pub use static_bin::vsock_probe_binary;
 
 use std::time::{Duration, Instant};
 
