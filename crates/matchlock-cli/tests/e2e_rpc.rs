@@ -249,7 +249,9 @@ fn protocol_errors_without_a_vm() {
             "not available",
         ),
         (
-            json!({"image": "no-such:image"}),
+            // A registry reference on a closed loopback port: the pull fails at once and
+            // nothing leaves the machine.
+            json!({"image": "127.0.0.1:1/no-such:image"}),
             -32000,
             "failed to build rootfs",
         ),

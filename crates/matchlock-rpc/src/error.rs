@@ -68,10 +68,12 @@ pub enum Failure {
     Resources(#[source] matchlock_api::ConfigError),
     #[error("failed to build rootfs: open image store")]
     ImageStore(#[source] matchlock_image::StoreError),
-    #[error("failed to build rootfs")]
-    ImageLookup(#[source] matchlock_image::StoreError),
-    #[error("failed to build rootfs: image {0:?} not found locally (import it with `matchlock image import {0} < image.tar`)")]
-    ImageMissing(String),
+    #[error("failed to build rootfs: image {tag:?} is not stored locally and pulling it failed (import it with `matchlock image import {tag} < image.tar`)")]
+    ImagePull {
+        tag: String,
+        #[source]
+        source: Box<matchlock_image::PullError>,
+    },
     #[error("image lookup task failed")]
     ImageJoin(#[source] tokio::task::JoinError),
     #[error("create sandbox")]
@@ -123,8 +125,7 @@ impl Failure {
             | NoInterception
             | Resources(_)
             | ImageStore(_)
-            | ImageLookup(_)
-            | ImageMissing(_)
+            | ImagePull { .. }
             | ImageJoin(_)
             | Create(_)
             | EntrypointExit(_)

@@ -27,7 +27,7 @@ pub async fn create(s: &Arc<Shared>, p: Value) -> Result<Value, Failure> {
         .resources
         .validate_for_host()
         .map_err(Failure::Resources)?;
-    let record = local_image(s, &plan.config.image).await?;
+    let record = resolve_image(s, &plan.config.image).await?;
     let overrides = plan
         .config
         .image_config
@@ -83,16 +83,21 @@ fn refuse_unavailable(cfg: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The image from the local store (tags and earlier pulls).
-async fn local_image(s: &Shared, tag: &str) -> Result<matchlock_image::ImageRecord, Failure> {
+/// The image as `run` finds it (spec §6.1): a local tag, an earlier pull of the same
+/// reference, else a pull from its registry (quietly: stdout is the RPC stream).
+async fn resolve_image(s: &Shared, tag: &str) -> Result<matchlock_image::ImageRecord, Failure> {
     let root = s.opts.paths.images();
     let tag = tag.to_string();
     tokio::task::spawn_blocking(move || {
         let store = matchlock_image::ImageStore::open(&root).map_err(Failure::ImageStore)?;
-        store
-            .get(&tag)
-            .map_err(Failure::ImageLookup)?
-            .ok_or(Failure::ImageMissing(tag))
+        let opts = matchlock_image::PullOptions::from_env();
+        match store.resolve(&tag, &opts) {
+            Ok(r) => Ok(r.record),
+            Err(e) => Err(Failure::ImagePull {
+                tag,
+                source: Box::new(e),
+            }),
+        }
     })
     .await
     .map_err(Failure::ImageJoin)?
