@@ -44,6 +44,7 @@ fn dependency_edges_point_down() {
             &["matchlock-api", "matchlock-guest-proto"][..],
         ),
         ("matchlock-state", &["matchlock-api"][..]),
+        ("matchlock-net", &["matchlock-api"][..]),
         ("matchlock-guest", &["matchlock-guest-proto"][..]),
         (
             "matchlock-sandbox",
@@ -53,6 +54,7 @@ fn dependency_edges_point_down() {
                 "matchlock-image",
                 "matchlock-vm",
                 "matchlock-state",
+                "matchlock-net",
             ][..],
         ),
         (
