@@ -34,6 +34,11 @@ while IFS= read -r line; do
   opt=${line%%=*}
   if ! grep -qx "$line" .config; then echo "warning: $opt=y did not survive olddefconfig" >&2; missing=1; fi
 done < <(grep -E '^CONFIG_[A-Z0-9_]+=y' "$config")
+# Options the fragment turns off are security properties (e.g. VSOCKETS_LOOPBACK lets a guest
+# command reach the agent): one that some dependency turned back on fails the build.
+while IFS= read -r opt; do
+  if grep -qE "^$opt=[ym]" .config; then echo "error: $opt must stay off but olddefconfig enabled it" >&2; exit 1; fi
+done < <(sed -nE 's/^# (CONFIG_[A-Z0-9_]+) is not set$/\1/p' "$config")
 echo "guest kernel: compiling with -j$(nproc)"
 make -s ARCH=x86_64 -j"$(nproc)" vmlinux 2>&1 | grep -vE '^\s*$' | tail -n 20 || true
 [[ -s vmlinux ]] || { echo "error: kernel build produced no vmlinux" >&2; exit 1; }
