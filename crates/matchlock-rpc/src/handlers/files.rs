@@ -131,11 +131,38 @@ fn log_path(s: &Shared) -> Result<std::path::PathBuf, Failure> {
     s.last_log().ok_or(Failure::NoVm)
 }
 
+/// Most bytes a `log` reply carries: the end of the log (the whole log is at most twice the
+/// console cap on disk, but one JSON line should stay small).
+pub const LOG_REPLY_MAX: u64 = 4 << 20;
+/// Most bytes `log_stream` reads per poll.
+const LOG_CHUNK: usize = 64 * 1024;
+
+/// Reads up to `max` bytes of `path` from `offset`; `None` if the file does not exist.
+async fn read_from(
+    path: &std::path::Path,
+    offset: u64,
+    max: usize,
+) -> std::io::Result<Option<(Vec<u8>, u64)>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata().await?.len();
+    f.seek(std::io::SeekFrom::Start(offset.min(len))).await?;
+    let mut buf = Vec::new();
+    (&mut f).take(max as u64).read_to_end(&mut buf).await?;
+    Ok(Some((buf, len)))
+}
+
 pub async fn log(s: &Shared) -> Result<Value, Failure> {
     let path = log_path(s)?;
-    let data = match tokio::fs::read(&path).await {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+    let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(LOG_REPLY_MAX);
+    let max = usize::try_from(LOG_REPLY_MAX).unwrap_or(usize::MAX);
+    let data = match read_from(&path, start, max).await {
+        Ok(d) => d.map(|(d, _)| d).unwrap_or_default(),
         Err(source) => {
             return Err(Failure::Log {
                 path: path.display().to_string(),
@@ -148,6 +175,8 @@ pub async fn log(s: &Shared) -> Result<Value, Failure> {
     }))
 }
 
+/// Streams the log from the start, then follows it by offset (reading only new bytes); a
+/// log that shrank was rotated and is followed from its new start.
 pub async fn log_stream(
     s: &Shared,
     id: Option<&Value>,
@@ -159,24 +188,27 @@ pub async fn log_stream(
     let path = log_path(s)?;
     let mut offset: u64 = 0;
     loop {
-        if let Ok(data) = tokio::fs::read(&path).await {
-            let len = data.len() as u64;
+        if cancel.is_cancelled() || s.closing.is_cancelled() {
+            return Err(Failure::Cancelled);
+        }
+        if let Ok(Some((data, len))) = read_from(&path, offset, LOG_CHUNK).await {
             if len < offset {
                 offset = 0;
+                continue;
             }
-            if len > offset {
-                let start = usize::try_from(offset).unwrap_or(0);
-                for chunk in data[start..].chunks(64 * 1024) {
-                    let params = StreamData {
-                        id: id.clone(),
-                        data: b64::encode(chunk),
-                    };
-                    s.send(envelope::notification(
-                        Notice::LogStreamData,
-                        to_value(&params),
-                    ));
+            if !data.is_empty() {
+                offset += data.len() as u64;
+                let params = StreamData {
+                    id: id.clone(),
+                    data: b64::encode(&data),
+                };
+                s.send(envelope::notification(
+                    Notice::LogStreamData,
+                    to_value(&params),
+                ));
+                if data.len() == LOG_CHUNK {
+                    continue;
                 }
-                offset = len;
             }
         }
         tokio::select! {
