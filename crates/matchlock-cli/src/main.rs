@@ -4,6 +4,9 @@
 //! One module per subcommand under `cmd/`. Errors are `anyhow` chains printed once, here, as
 //! `a: b: c` on stderr with exit code 1; a command that must exit with another code (the
 //! guest's exit status) returns [`ExitWith`], which is honoured without printing anything.
+//! Command-line usage errors exit 1 too (not clap's 2); help, version, and a group command
+//! (`image`, `volume`, `allow-list`) given without its subcommand print help and exit 0.
+//! Completion scripts and man pages are generated from these same definitions.
 
 #![forbid(unsafe_code)]
 
