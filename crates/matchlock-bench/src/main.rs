@@ -7,8 +7,9 @@
 //! - warm exec: `exec true` into a running sandbox (in-process, through the exec relay
 //!   socket, through `matchlock rpc` (JSON-RPC, what the SDKs use) and via the `matchlock
 //!   exec` CLI) vs. a raw vsock round trip on an open connection;
-//! - pull (only when asked for: needs `skopeo` and `docker-registry`): `matchlock pull` of a
-//!   ~100 MB image from a local registry vs. `skopeo copy` plus the conversion alone.
+//! - pull (only when asked for: needs `skopeo`, `docker-registry` and squashfs-tools-ng):
+//!   `matchlock pull` of a ~100 MB image from a local registry vs. an independent baseline,
+//!   `skopeo copy` to an OCI layout plus a `tar` unpack (whiteouts applied) and `tar2sqfs`.
 //!
 //! Needs the kernel and guest runtime (`MATCHLOCK_KERNEL`, `MATCHLOCK_GUEST_INIT` or the
 //! standard locations) and the `matchlock` binary (`MATCHLOCK_BIN`, default: next to this one).

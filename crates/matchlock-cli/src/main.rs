@@ -4,6 +4,9 @@
 //! One module per subcommand under `cmd/`. Errors are `anyhow` chains printed once, here, as
 //! `a: b: c` on stderr with exit code 1; a command that must exit with another code (the
 //! guest's exit status) returns [`ExitWith`], which is honoured without printing anything.
+//! Command-line usage errors exit 1 too (not clap's 2); help, version, and a group command
+//! (`image`, `volume`, `allow-list`) given without its subcommand print help and exit 0.
+//! Completion scripts and man pages are generated from these same definitions.
 
 #![forbid(unsafe_code)]
 
@@ -11,9 +14,10 @@ mod cmd;
 mod output;
 mod term;
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Exit with this code without printing (the guest command's status, or an already reported
 /// failure).
@@ -41,7 +45,8 @@ matchlock run --image <image> -- echo hello\n\n\
 Images are pulled from registries (`matchlock pull alpine:latest`) or imported with\n\
 `matchlock image import` (docker save / OCI archives).\n\
 Run `matchlock diagnose` if a sandbox does not start.",
-    propagate_version = true
+    propagate_version = true,
+    arg_required_else_help = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,26 +59,37 @@ enum Command {
     Exec(cmd::exec::ExecArgs),
     #[command(alias = "ls")]
     List(cmd::lifecycle::ListArgs),
+    /// Print a sandbox's state and configuration (JSON).
     Get(cmd::lifecycle::IdArg),
+    /// Print a sandbox's state, configuration and lifecycle history (JSON).
     #[command(alias = "stat")]
     Inspect(cmd::lifecycle::IdArg),
     Kill(cmd::lifecycle::KillArgs),
     #[command(alias = "remove")]
     Rm(cmd::lifecycle::RmArgs),
+    /// Remove every stopped or crashed sandbox.
     Prune,
     Gc(cmd::lifecycle::GcArgs),
     Log(cmd::lifecycle::LogArgs),
-    #[command(subcommand)]
+    /// Manage local images (list, remove, import, gc).
+    #[command(subcommand, arg_required_else_help = true)]
     Image(cmd::image::ImageCmd),
     Pull(cmd::pull::PullArgs),
     Build(cmd::unavailable::BuildArgs),
-    Volume(cmd::unavailable::VolumeArgs),
+    /// Manage named raw ext4 volumes (not available yet).
+    #[command(subcommand, arg_required_else_help = true)]
+    Volume(cmd::unavailable::VolumeCmd),
     #[command(name = "port-forward")]
     PortForward(cmd::port_forward::PortForwardArgs),
-    #[command(subcommand, name = "allow-list")]
+    /// Change the egress allow-list of a running sandbox.
+    #[command(subcommand, name = "allow-list", arg_required_else_help = true)]
     AllowList(cmd::allow_list::AllowListCmd),
     Rpc(cmd::rpc::RpcArgs),
     Diagnose(cmd::diagnose::DiagnoseArgs),
+    Completion(cmd::completion::CompletionArgs),
+    #[command(hide = true)]
+    Man(cmd::completion::ManArgs),
+    /// Print the version, commit and build time.
     Version,
 }
 
@@ -87,7 +103,10 @@ fn main() -> ExitCode {
         .without_time()
         .with_target(false)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_exit(&e),
+    };
     let result = match cli.command {
         Command::Run(a) => cmd::run::run(*a),
         Command::Exec(a) => cmd::exec::exec(a),
@@ -102,11 +121,13 @@ fn main() -> ExitCode {
         Command::Image(c) => cmd::image::image(c),
         Command::Pull(a) => cmd::pull::pull(a),
         Command::Build(a) => cmd::unavailable::build(a),
-        Command::Volume(a) => cmd::unavailable::volume(a),
+        Command::Volume(c) => cmd::unavailable::volume(c),
         Command::PortForward(a) => cmd::port_forward::port_forward(a),
         Command::AllowList(c) => cmd::allow_list::allow_list(c),
         Command::Rpc(a) => cmd::rpc::rpc(a),
         Command::Diagnose(a) => cmd::diagnose::diagnose(a),
+        Command::Completion(a) => cmd::completion::completion(a, Cli::command()),
+        Command::Man(a) => cmd::completion::man(a, Cli::command()),
         Command::Version => {
             println!(
                 "matchlock {VERSION} (commit: {}, built: {})",
@@ -126,6 +147,32 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exit for a command line clap did not turn into a command: help and version requests
+/// (including a group command such as `image` given without its subcommand) print to stdout
+/// and succeed; usage errors print to stderr and exit 1, as every other error does (the
+/// reference's convention, instead of clap's 2).
+fn usage_exit(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            // A closed stdout (`matchlock --help | head -1`) is not a failure.
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // clap sends this help to stderr; the reference prints it to stdout.
+            let text = e.render().to_string();
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let _ = e.print();
             ExitCode::from(1)
         }
     }

@@ -214,3 +214,116 @@ fn port_forward_and_allow_list_argument_errors() {
         assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// The names and one-line summaries of the `Commands:` section of a `--help` text.
+fn command_summaries(help: &str) -> Vec<(String, String)> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| {
+            let l = l.trim();
+            let (name, summary) = l.split_once(' ').unwrap_or((l, ""));
+            (name.to_string(), summary.trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_command_has_a_summary() {
+    let top = ok(&bare().arg("--help").output().expect("run"));
+    let cmds = command_summaries(&top);
+    for c in ["prune", "version", "get", "inspect", "completion", "volume"] {
+        assert!(cmds.iter().any(|(n, _)| n == c), "{c} missing:\n{top}");
+    }
+    for group in ["image", "volume", "allow-list"] {
+        let help = ok(&bare().args([group, "--help"]).output().expect("run"));
+        let subs = command_summaries(&help);
+        assert!(subs.len() >= 3, "{group} --help lists no commands:\n{help}");
+        for (name, summary) in subs {
+            assert!(
+                !summary.is_empty(),
+                "`{group} {name}` has no summary:\n{help}"
+            );
+        }
+    }
+    for (name, summary) in &cmds {
+        assert!(!summary.is_empty(), "`{name}` has no summary:\n{top}");
+        assert!(
+            !summary.starts_with("A sandbox ID"),
+            "`{name}` is summarised by its argument's doc: {summary}"
+        );
+    }
+}
+
+#[test]
+fn long_help_keeps_examples() {
+    // Per-variant summaries must not replace the commands' own long help.
+    for c in ["run", "exec", "port-forward", "rpc", "completion", "man"] {
+        let help = ok(&bare().args([c, "--help"]).output().expect("run"));
+        assert!(
+            help.contains("Example"),
+            "{c} --help lost its examples:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_1() {
+    let home = tempfile::tempdir().expect("tmp");
+    for args in [
+        &["run", "--", "true"][..],
+        &["no-such-command"],
+        &["list", "--no-such-flag"],
+        &["image", "no-such-subcommand"],
+        &["completion", "no-such-shell"],
+        &["get"],
+    ] {
+        let o = bare()
+            .env("HOME", home.path())
+            .args(args)
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("error:"), "{args:?}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{args:?}: {}", stdout(&o));
+    }
+    let o = bare().args(["run", "--", "true"]).output().expect("run");
+    assert!(stderr(&o).contains("--image"), "{}", stderr(&o));
+}
+
+#[test]
+fn group_commands_without_subcommand_print_help() {
+    for (group, subs) in [
+        ("image", &["ls", "rm", "import", "gc"][..]),
+        ("volume", &["create", "ls", "rm", "cp"]),
+        ("allow-list", &["add", "delete"]),
+    ] {
+        let o = bare().arg(group).output().expect("run");
+        assert_eq!(o.status.code(), Some(0), "{group}: {}", stderr(&o));
+        let out = stdout(&o);
+        assert!(
+            out.contains(&format!("Usage: matchlock {group} <COMMAND>")),
+            "{group}: {out}"
+        );
+        for s in subs {
+            assert!(
+                command_summaries(&out).iter().any(|(n, _)| n == s),
+                "{group} help lacks {s}: {out}"
+            );
+        }
+    }
+    let o = bare().output().expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Usage: matchlock <COMMAND>"));
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["--version"],
+        &["image", "--help"],
+    ] {
+        let o = bare().args(args).output().expect("run");
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        assert!(!stdout(&o).is_empty(), "{args:?}");
+    }
+}

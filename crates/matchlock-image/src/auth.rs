@@ -242,9 +242,27 @@ fn lookup_with(
         path: shown.clone(),
         source,
     })?;
+    match resolve(&bytes, registry, &shown)? {
+        Source::Helper(helper) => run_helper(&helper, registry, helper_dir),
+        Source::Config(creds) => Ok(creds),
+    }
+}
+
+/// Where a registry's credentials come from, decided from the config alone.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Ask `docker-credential-<name>`.
+    Helper(String),
+    /// Found in the config (`None`: anonymous).
+    Config(Option<Credentials>),
+}
+
+/// Parses a Docker config document and decides where `registry`'s credentials come from;
+/// `shown` names the file in errors. Pure: runs no helper (the fuzz target's entry point).
+pub(crate) fn resolve(bytes: &[u8], registry: &str, shown: &str) -> Result<Source, AuthError> {
     let cfg: DockerConfig =
-        serde_json::from_slice(&bytes).map_err(|source| AuthError::ParseConfig {
-            path: shown.clone(),
+        serde_json::from_slice(bytes).map_err(|source| AuthError::ParseConfig {
+            path: shown.to_owned(),
             source,
         })?;
     if let Some((_, helper)) = cfg
@@ -252,7 +270,7 @@ fn lookup_with(
         .iter()
         .find(|(k, _)| same_registry(k, registry))
     {
-        return run_helper(helper, registry, helper_dir);
+        return Ok(Source::Helper(helper.clone()));
     }
     // Prefer an exact key over an alias (several Hub spellings may be present).
     let mut entries: Vec<(&String, &AuthEntry)> = cfg
@@ -262,39 +280,51 @@ fn lookup_with(
         .collect();
     entries.sort_by_key(|(k, _)| (key_host(k) != registry, k.as_str()));
     for (key, e) in entries {
-        if let Some(auth) = e.auth.as_deref().filter(|a| !a.is_empty()) {
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(auth.trim())
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok());
-            let Some((u, p)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
-                return Err(AuthError::BadAuthField {
-                    path: shown,
-                    host: key.clone(),
-                });
-            };
-            return Ok(Some(Credentials {
-                username: u.to_owned(),
-                password: p.to_owned(),
-            }));
-        }
-        if let (Some(u), Some(p)) = (&e.username, &e.password) {
-            return Ok(Some(Credentials {
-                username: u.clone(),
-                password: p.clone(),
-            }));
-        }
-        if let Some(t) = e.identity_token.as_deref().filter(|t| !t.is_empty()) {
-            return Ok(Some(Credentials {
-                username: "<token>".to_owned(),
-                password: t.to_owned(),
-            }));
+        if let Some(creds) = entry_credentials(key, e, shown)? {
+            return Ok(Source::Config(Some(creds)));
         }
     }
-    match cfg.creds_store.as_deref().filter(|s| !s.is_empty()) {
-        Some(store) => run_helper(store, registry, helper_dir),
-        None => Ok(None),
+    Ok(match cfg.creds_store.filter(|s| !s.is_empty()) {
+        Some(store) => Source::Helper(store),
+        None => Source::Config(None),
+    })
+}
+
+/// The credentials one `auths` entry holds, if any.
+fn entry_credentials(
+    key: &str,
+    e: &AuthEntry,
+    shown: &str,
+) -> Result<Option<Credentials>, AuthError> {
+    if let Some(auth) = e.auth.as_deref().filter(|a| !a.is_empty()) {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok());
+        let Some((u, p)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
+            return Err(AuthError::BadAuthField {
+                path: shown.to_owned(),
+                host: key.to_owned(),
+            });
+        };
+        return Ok(Some(Credentials {
+            username: u.to_owned(),
+            password: p.to_owned(),
+        }));
     }
+    if let (Some(u), Some(p)) = (&e.username, &e.password) {
+        return Ok(Some(Credentials {
+            username: u.clone(),
+            password: p.clone(),
+        }));
+    }
+    Ok(e.identity_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(|t| Credentials {
+            username: "<token>".to_owned(),
+            password: t.to_owned(),
+        }))
 }
 
 /// A parsed `WWW-Authenticate` challenge.

@@ -37,6 +37,9 @@
 mod archive;
 mod auth;
 mod flatten;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod import;
 mod layers;
 mod manifest;

@@ -18,7 +18,7 @@ pub struct ListArgs {
     pub running: bool,
 }
 
-/// A sandbox ID.
+/// The sandbox a command acts on.
 #[derive(Args)]
 pub struct IdArg {
     /// Sandbox ID (vm-xxxxxxxx).

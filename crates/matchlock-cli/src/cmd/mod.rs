@@ -2,6 +2,7 @@
 
 pub mod allow_list;
 pub mod common;
+pub mod completion;
 pub mod diagnose;
 pub mod exec;
 pub mod image;
