@@ -31,6 +31,8 @@ pub enum Failure {
     LineTooLong { max: usize },
     #[error("Method not found")]
     MethodNotFound,
+    #[error("Invalid Request: id {0} is already in flight; reuse an id only after its answer")]
+    DuplicateId(String),
     #[error("{0} requires a request id")]
     IdRequired(&'static str),
     #[error("invalid params")]
@@ -92,8 +94,18 @@ pub enum Failure {
     FileConnect(#[source] SandboxError),
     #[error("exec failed")]
     Exec(#[source] SandboxError),
-    #[error("command output exceeds {0} bytes")]
-    OutputTooLarge(usize),
+    #[error(
+        "command output exceeds the sandbox's {} MiB capture budget (shared by its concurrent \
+         exec requests; use exec_stream for large output)",
+        .0 >> 20
+    )]
+    CaptureBudget(usize),
+    #[error(
+        "{method}: more than {} MiB of stdin is queued that the guest has not taken; send \
+         input no faster than the command reads it (or use write_file for bulk data)",
+        .limit >> 20
+    )]
+    StdinBacklog { method: &'static str, limit: usize },
     #[error("guest file operation")]
     File(#[source] FileError),
     #[error("read VM log {path}")]
@@ -114,7 +126,9 @@ impl Failure {
         use Failure::*;
         match self {
             Parse => PARSE_ERROR,
-            InvalidRequest(_) | LineTooLong { .. } | IdRequired(_) => INVALID_REQUEST,
+            InvalidRequest(_) | DuplicateId(_) | LineTooLong { .. } | IdRequired(_) => {
+                INVALID_REQUEST
+            }
             MethodNotFound => METHOD_NOT_FOUND,
             Params(_) | Missing(_) | ImageRequired | IdInternal | Config(_) | Vfs(_) | Base64
             | Spec(_) | Address(_) => INVALID_PARAMS,
@@ -134,7 +148,7 @@ impl Failure {
             | Forward(_)
             | CloseJoin(_) => VM_FAILED,
             Exec(SandboxError::Exec(ExecError::Cancelled)) | Cancelled => CANCELLED,
-            Connect(_) | Exec(_) | OutputTooLarge(_) => EXEC_FAILED,
+            Connect(_) | Exec(_) | CaptureBudget(_) | StdinBacklog { .. } => EXEC_FAILED,
             File(_) | FileConnect(_) | Log { .. } => FILE_FAILED,
         }
     }
@@ -191,5 +205,11 @@ mod tests {
         assert_eq!(e.message(), "guest file operation: read /x: No such file");
         assert_eq!(Failure::NoInterception.message(), NO_INTERCEPTION);
         assert_eq!(INTERNAL, -32603);
+        let e = Failure::CaptureBudget(64 << 20);
+        assert_eq!(e.code(), -32001);
+        assert!(e
+            .message()
+            .starts_with("command output exceeds the sandbox's 64 MiB capture budget"));
+        assert_eq!(Failure::DuplicateId("7".into()).code(), -32600);
     }
 }

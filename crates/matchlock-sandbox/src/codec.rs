@@ -2,9 +2,19 @@
 //! stream. The frame format and its bounds live in `matchlock-guest-proto` (shared with the
 //! guest, which is synchronous); every host module that talks to the guest (exec, files,
 //! port forwards, the relay, the benchmark) uses these two functions.
+//!
+//! [`REPLY_TIMEOUT`] is the one deadline for a guest agent's reply to a request (exec
+//! `Started`, a port forward's `Ok`, every frame of a file session): a wedged or hostile
+//! agent becomes an error naming the step, never a hang.
+
+use std::time::Duration;
 
 use matchlock_guest_proto::{Frame, ProtoError, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// How long the host waits for the guest agent to answer a request, or to accept a frame
+/// of it. Generous for TCG on a loaded host: the agent answers as soon as it has acted.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads one frame; `Ok(None)` on EOF at a frame boundary. Length is bounded by the codec.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ProtoError> {

@@ -5,6 +5,13 @@
 //! the caller's sinks and ends at `Exit`; the writer half forwards stdin, window resizes and
 //! signals. Cancellation drops the connection, which makes the guest kill the command's whole
 //! process group, in every mode.
+//!
+//! Output is written to the caller's sinks with back-pressure: while a sink is not ready
+//! (a slow JSON-RPC client, a full terminal), no more frames are read from the guest, so the
+//! guest's pipe fills and the command blocks; host memory stays at one frame per command.
+//! A cancel also ends a write that is waiting. The guest must accept the request and answer
+//! it (`Started` or `Error`) within [`REPLY_TIMEOUT`]; a wedged agent is an error naming
+//! that step.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +20,8 @@ use matchlock_guest_proto::{
     ExecRequest, ExitStatus, Frame, FrameType, ProtoError, Started, WinSize, CHUNK,
 };
 
-use crate::codec::{read_frame, write_frame};
+use crate::codec::{read_frame, write_frame, REPLY_TIMEOUT};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +33,10 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 pub enum ExecError {
     #[error("send request to the guest")]
     SendRequest(#[source] ProtoError),
+    #[error("the guest did not accept the exec request within {0:?}")]
+    SendTimeout(Duration),
+    #[error("the guest did not start the command within {0:?}")]
+    StartTimeout(Duration),
     #[error("guest connection failed")]
     Receive(#[source] ProtoError),
     #[error("write command output")]
@@ -77,9 +89,13 @@ where
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let frame = Frame::json(FrameType::Exec, req).map_err(ExecError::SendRequest)?;
-    write_frame(&mut wr, &frame)
-        .await
-        .map_err(ExecError::SendRequest)?;
+    tokio::select! {
+        r = tokio::time::timeout(REPLY_TIMEOUT, write_frame(&mut wr, &frame)) => match r {
+            Ok(r) => r.map_err(ExecError::SendRequest)?,
+            Err(_) => return Err(ExecError::SendTimeout(REPLY_TIMEOUT)),
+        },
+        () = io.cancel.cancelled() => return Err(ExecError::Cancelled),
+    }
     let ExecIo {
         mut stdout,
         mut stderr,
@@ -94,33 +110,23 @@ where
     let pump = tokio::spawn(input_pump(wr, stdin, resize, signals, pump_cancel.clone()));
 
     let result = async {
+        let mut answered = false;
         loop {
             let frame = tokio::select! {
-                f = read_frame(&mut rd) => f.map_err(ExecError::Receive)?,
+                f = next_frame(&mut rd, answered) => f?,
                 () = cancel.cancelled() => return Err(ExecError::Cancelled),
             };
             let Some(frame) = frame else {
                 return Err(ExecError::ClosedEarly);
             };
+            answered = true;
             match frame.kind {
                 FrameType::Started => {
                     let s: Started = frame.parse("started").map_err(ExecError::Receive)?;
                     tracing::debug!(pid = s.pid, "guest command started");
                 }
-                FrameType::Stdout => {
-                    stdout
-                        .write_all(&frame.payload)
-                        .await
-                        .map_err(ExecError::Output)?;
-                    stdout.flush().await.map_err(ExecError::Output)?;
-                }
-                FrameType::Stderr => {
-                    stderr
-                        .write_all(&frame.payload)
-                        .await
-                        .map_err(ExecError::Output)?;
-                    stderr.flush().await.map_err(ExecError::Output)?;
-                }
+                FrameType::Stdout => deliver(&mut stdout, &frame.payload, &cancel).await?,
+                FrameType::Stderr => deliver(&mut stderr, &frame.payload, &cancel).await?,
                 FrameType::Exit => {
                     return frame
                         .parse::<ExitStatus>("exit")
@@ -141,6 +147,34 @@ where
     // command had not finished, the guest kills its process group.
     let _ = pump.await;
     result
+}
+
+/// The next frame from the guest; the first one (its answer to the request) within
+/// [`REPLY_TIMEOUT`].
+async fn next_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    answered: bool,
+) -> Result<Option<Frame>, ExecError> {
+    if answered {
+        return read_frame(rd).await.map_err(ExecError::Receive);
+    }
+    match tokio::time::timeout(REPLY_TIMEOUT, read_frame(rd)).await {
+        Ok(r) => r.map_err(ExecError::Receive),
+        Err(_) => Err(ExecError::StartTimeout(REPLY_TIMEOUT)),
+    }
+}
+
+/// Writes one chunk of output, waiting as long as the sink needs (back-pressure), unless
+/// the command is cancelled meanwhile.
+async fn deliver<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    data: &[u8],
+    cancel: &CancellationToken,
+) -> Result<(), ExecError> {
+    tokio::select! {
+        r = async { w.write_all(data).await?; w.flush().await } => r.map_err(ExecError::Output),
+        () = cancel.cancelled() => Err(ExecError::Cancelled),
+    }
 }
 
 async fn input_pump<W: AsyncWrite + Unpin>(
@@ -332,5 +366,84 @@ mod tests {
         ));
         // The guest sees EOF: that is what makes it kill the process group.
         assert!(read_frame(&mut g).await.expect("eof").is_none());
+    }
+
+    /// A wedged agent that reads the request but never answers: an error naming the step
+    /// after REPLY_TIMEOUT, not a hang.
+    #[tokio::test(start_paused = true)]
+    async fn unanswered_request_times_out() {
+        let (host, mut guest) = tokio::net::UnixStream::pair().expect("pair");
+        let g = tokio::spawn(async move {
+            read_frame(&mut guest)
+                .await
+                .expect("read")
+                .expect("exec frame");
+            // Keep the connection open and say nothing.
+            std::future::pending::<()>().await;
+        });
+        let req = ExecRequest {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        let io = ExecIo::new(
+            Box::new(tokio::io::sink()),
+            Box::new(tokio::io::sink()),
+            CancellationToken::new(),
+        );
+        let r = tokio::time::timeout(REPLY_TIMEOUT * 6, run_exec(host, &req, io))
+            .await
+            .expect("run_exec hung past its deadline");
+        let e = r.expect_err("no answer");
+        assert!(matches!(e, ExecError::StartTimeout(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "the guest did not start the command within 10s"
+        );
+        g.abort();
+    }
+
+    /// While the output sink is not ready, no more frames are read from the guest (its
+    /// writes stall), and a cancel still ends the command promptly.
+    #[tokio::test]
+    async fn slow_sink_back_pressures_the_guest_and_cancel_still_acts() {
+        let (host, mut guest) = tokio::net::UnixStream::pair().expect("pair");
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let s2 = sent.clone();
+        let g = tokio::spawn(async move {
+            read_frame(&mut guest)
+                .await
+                .expect("read")
+                .expect("exec frame");
+            let started = Frame::json(FrameType::Started, &Started { pid: 1 }).expect("j");
+            write_frame(&mut guest, &started).await.expect("w");
+            let chunk = Frame::new(FrameType::Stdout, vec![0u8; CHUNK]);
+            // An endless producer: `cat /dev/zero`.
+            while write_frame(&mut guest, &chunk).await.is_ok() {
+                s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        // A sink that accepts 1 KiB and is never read.
+        let (out_w, _out_r) = tokio::io::duplex(1024);
+        let cancel = CancellationToken::new();
+        let req = ExecRequest {
+            argv: vec!["cat".into()],
+            ..Default::default()
+        };
+        let io = ExecIo::new(Box::new(out_w), Box::new(tokio::io::sink()), cancel.clone());
+        let task = tokio::spawn(async move { run_exec(host, &req, io).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let a = sent.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let b = sent.load(std::sync::atomic::Ordering::SeqCst);
+        // Only what the socket buffers hold was accepted, and nothing more since.
+        assert_eq!(a, b, "the host kept reading from the guest");
+        assert!(a < 64, "{a} chunks accepted without a reader");
+        cancel.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("cancel did not end a blocked write")
+            .expect("join");
+        assert!(matches!(r, Err(ExecError::Cancelled)), "{r:?}");
+        g.await.expect("guest");
     }
 }

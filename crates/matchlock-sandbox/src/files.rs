@@ -6,7 +6,9 @@
 //! chunks + `DataEnd` answered by `Ok`; `ReadFile` answered by `FileInfo` + `Data` +
 //! `DataEnd`; `ListFiles` answered by `FileList`. The guest's `Error` frame becomes
 //! [`FileError::Guest`]. Reads are bounded by [`MAX_READ_FILE`] on this side as well, so a
-//! misbehaving guest cannot make the host buffer more than that.
+//! misbehaving guest cannot make the host buffer more than that. Every frame the guest must
+//! accept or send arrives within [`REPLY_TIMEOUT`], so a wedged agent is an error naming the
+//! step, never a hang.
 //!
 //! # Limitations
 //! Whole-file transfers only (no offsets or streaming to a sink); that is what the RPC and
@@ -18,7 +20,7 @@ use matchlock_guest_proto::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::codec::{read_frame, write_frame};
+use crate::codec::{read_frame, write_frame, REPLY_TIMEOUT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -30,6 +32,10 @@ pub enum FileError {
     },
     #[error("read the guest's reply")]
     Receive(#[source] ProtoError),
+    #[error("the guest did not accept the {what} within {REPLY_TIMEOUT:?}")]
+    SendTimeout { what: &'static str },
+    #[error("the guest did not send the {what} within {REPLY_TIMEOUT:?}")]
+    ReplyTimeout { what: &'static str },
     #[error("guest closed the connection before replying")]
     Closed,
     #[error("{0}")]
@@ -45,14 +51,16 @@ async fn send<S: AsyncWrite + Unpin>(
     f: &Frame,
     what: &'static str,
 ) -> Result<(), FileError> {
-    write_frame(s, f)
+    tokio::time::timeout(REPLY_TIMEOUT, write_frame(s, f))
         .await
+        .map_err(|_| FileError::SendTimeout { what })?
         .map_err(|source| FileError::Send { what, source })
 }
 
-async fn recv<S: AsyncRead + Unpin>(s: &mut S) -> Result<Frame, FileError> {
-    let f = read_frame(s)
+async fn recv<S: AsyncRead + Unpin>(s: &mut S, what: &'static str) -> Result<Frame, FileError> {
+    let f = tokio::time::timeout(REPLY_TIMEOUT, read_frame(s))
         .await
+        .map_err(|_| FileError::ReplyTimeout { what })?
         .map_err(FileError::Receive)?
         .ok_or(FileError::Closed)?;
     if f.kind == FrameType::Error {
@@ -82,7 +90,7 @@ where
         send(&mut s, &Frame::new(FrameType::Data, chunk.to_vec()), "data").await?;
     }
     send(&mut s, &Frame::empty(FrameType::DataEnd), "data end").await?;
-    match recv(&mut s).await? {
+    match recv(&mut s, "write reply").await? {
         f if f.kind == FrameType::Ok => Ok(()),
         f => Err(FileError::Unexpected(f.kind)),
     }
@@ -104,14 +112,14 @@ where
         source,
     })?;
     send(&mut s, &req, "read request").await?;
-    let info: FileInfo = recv(&mut s)
+    let info: FileInfo = recv(&mut s, "file info")
         .await?
         .expect(FrameType::FileInfo, "file info")
         .map_err(FileError::Receive)?;
     let cap = usize::try_from(info.size.min(MAX_READ_FILE)).unwrap_or(0);
     let mut data = Vec::with_capacity(cap);
     loop {
-        let f = recv(&mut s).await?;
+        let f = recv(&mut s, "file data").await?;
         match f.kind {
             FrameType::Data => {
                 if (data.len() + f.payload.len()) as u64 > MAX_READ_FILE {
@@ -141,7 +149,7 @@ where
         source,
     })?;
     send(&mut s, &req, "list request").await?;
-    let list: FileList = recv(&mut s)
+    let list: FileList = recv(&mut s, "file list")
         .await?
         .expect(FrameType::FileList, "file list")
         .map_err(FileError::Receive)?;
@@ -205,5 +213,52 @@ mod tests {
         });
         let e = list_files(host, "/nope").await.expect_err("guest error");
         assert!(e.to_string().contains("No such file"), "{e}");
+    }
+
+    /// A wedged agent that reads requests and never answers: each operation fails after
+    /// REPLY_TIMEOUT with the step it was waiting for.
+    #[tokio::test(start_paused = true)]
+    async fn unanswered_requests_time_out() {
+        async fn silent() -> tokio::net::UnixStream {
+            let (host, mut guest) = tokio::net::UnixStream::pair().expect("pair");
+            tokio::spawn(async move { while let Ok(Some(_)) = read_frame(&mut guest).await {} });
+            host
+        }
+        let limit = REPLY_TIMEOUT * 6;
+        let e = tokio::time::timeout(limit, read_file(silent().await, "/a"))
+            .await
+            .expect("read_file hung")
+            .expect_err("no answer");
+        assert_eq!(
+            e.to_string(),
+            "the guest did not send the file info within 10s"
+        );
+        let e = tokio::time::timeout(limit, list_files(silent().await, "/"))
+            .await
+            .expect("list_files hung")
+            .expect_err("no answer");
+        assert_eq!(
+            e.to_string(),
+            "the guest did not send the file list within 10s"
+        );
+        let e = tokio::time::timeout(limit, write_file(silent().await, "/a", b"x", 0))
+            .await
+            .expect("write_file hung")
+            .expect_err("no answer");
+        assert_eq!(
+            e.to_string(),
+            "the guest did not send the write reply within 10s"
+        );
+        // An agent that stops reading: the data it does not accept times out too.
+        let (host, _guest) = tokio::net::UnixStream::pair().expect("pair");
+        let big = vec![0u8; 8 << 20];
+        let e = tokio::time::timeout(limit, write_file(host, "/a", &big, 0))
+            .await
+            .expect("write_file hung")
+            .expect_err("not read");
+        assert_eq!(
+            e.to_string(),
+            "the guest did not accept the data within 10s"
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! # Design
 //! Every accepted connection gets its own guest connection (from a caller-supplied
 //! [`Dial`], so the same code serves in-process sandboxes and relay clients), sends
-//! `PortForward{host: 127.0.0.1, port, framed}` and waits for `Ok`. The tunnel is framed
+//! `PortForward{host: 127.0.0.1, port, framed}` and waits for `Ok` (at most
+//! [`REPLY_TIMEOUT`], so a wedged agent fails the connection instead of holding it). The tunnel is framed
 //! (`Data`, then `DataEnd` for a half-close) rather than a raw pipe, because the hybrid vsock
 //! socket turns a unix-socket half-close into a full close; framing carries half-close in
 //! both directions, so request/EOF/response protocols work. No guest NIC is needed. All listeners are bound before any is served, so a bind
@@ -26,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{read_frame, write_frame};
+use crate::codec::{read_frame, write_frame, REPLY_TIMEOUT};
 
 /// Opens a fresh connection to the guest agent (directly or through an exec relay).
 pub type Dial =
@@ -72,6 +73,8 @@ pub enum ForwardError {
     Reply(#[source] ProtoError),
     #[error("guest closed the connection before replying")]
     Closed,
+    #[error("the guest did not answer the port-forward request within {REPLY_TIMEOUT:?}")]
+    ReplyTimeout,
     #[error("{0}")]
     Guest(String),
     #[error("unexpected {0:?} frame from the guest")]
@@ -314,11 +317,18 @@ where
     Ok(())
 }
 
-/// Sends the `PortForward` request and waits for the guest's `Ok`.
+/// Sends the `PortForward` request and waits for the guest's `Ok` (within
+/// [`REPLY_TIMEOUT`]).
 pub async fn open(guest: &mut UnixStream, remote: u16) -> Result<(), ForwardError> {
     if remote == 0 {
         return Err(ForwardError::RemotePortZero);
     }
+    tokio::time::timeout(REPLY_TIMEOUT, request(guest, remote))
+        .await
+        .map_err(|_| ForwardError::ReplyTimeout)?
+}
+
+async fn request(guest: &mut UnixStream, remote: u16) -> Result<(), ForwardError> {
     let req = PortForwardRequest {
         host: "127.0.0.1".into(),
         port: remote,
@@ -470,5 +480,21 @@ mod tests {
         )
         .await;
         assert!(matches!(r, Err(ForwardError::Duplicate(_))));
+    }
+
+    /// A wedged agent that never answers the port-forward request: an error naming the
+    /// step after REPLY_TIMEOUT, not a hang.
+    #[tokio::test(start_paused = true)]
+    async fn unanswered_request_times_out() {
+        let (mut host, mut guest) = UnixStream::pair().expect("pair");
+        tokio::spawn(async move { while let Ok(Some(_)) = read_frame(&mut guest).await {} });
+        let e = tokio::time::timeout(REPLY_TIMEOUT * 6, open(&mut host, 80))
+            .await
+            .expect("open hung")
+            .expect_err("no answer");
+        assert_eq!(
+            e.to_string(),
+            "the guest did not answer the port-forward request within 10s"
+        );
     }
 }

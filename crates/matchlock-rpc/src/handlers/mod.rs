@@ -26,6 +26,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Failure;
+use crate::io::Hold;
 use crate::shared::Shared;
 
 pub use exec::input;
@@ -65,6 +66,18 @@ fn params<T: DeserializeOwned + Default>(p: Value) -> Result<T, Failure> {
     decode_params(p).map_err(Failure::Params)
 }
 
+/// A method's result, with what must stay reserved until it has been written.
+pub struct Reply {
+    pub value: Value,
+    pub hold: Option<Hold>,
+}
+
+impl From<Value> for Reply {
+    fn from(value: Value) -> Self {
+        Reply { value, hold: None }
+    }
+}
+
 /// Runs a [`Lane::Task`] method.
 pub async fn call(
     s: &Arc<Shared>,
@@ -72,10 +85,20 @@ pub async fn call(
     p: Value,
     id: Option<&Value>,
     cancel: CancellationToken,
-) -> Result<Value, Failure> {
+) -> Result<Reply, Failure> {
     if let Some(mode) = ExecMode::from_method(method) {
         return exec::exec(s, params(p)?, mode, id, cancel).await;
     }
+    call_other(s, method, p, id, cancel).await.map(Reply::from)
+}
+
+async fn call_other(
+    s: &Arc<Shared>,
+    method: Method,
+    p: Value,
+    id: Option<&Value>,
+    cancel: CancellationToken,
+) -> Result<Value, Failure> {
     match method {
         Method::WriteFile => files::write_file(s, params(p)?, cancel).await,
         Method::ReadFile => files::read_file(s, params(p)?, cancel).await,
