@@ -202,10 +202,16 @@ pub async fn log_stream(
                     id: id.clone(),
                     data: b64::encode(&data),
                 };
-                s.send(envelope::notification(
-                    Notice::LogStreamData,
-                    to_value(&params),
-                ));
+                // The data path: a client that reads slowly slows this loop, not memory.
+                let line = envelope::notification(Notice::LogStreamData, to_value(&params));
+                let sent = tokio::select! {
+                    ok = s.send_data(line.into()) => ok,
+                    () = cancel.cancelled() => false,
+                    () = s.closing.cancelled() => false,
+                };
+                if !sent {
+                    return Err(Failure::Cancelled);
+                }
                 if data.len() == LOG_CHUNK {
                     continue;
                 }
