@@ -106,9 +106,12 @@ pub struct PortForwardBinding {
 
 type Notification = (Notice, Value);
 
+/// Output notifications queued per streaming call before the reader waits for the consumer.
+const NOTES_QUEUE: usize = 64;
+
 struct Pending {
     done: oneshot::Sender<Result<Value, SdkError>>,
-    notify: Option<mpsc::UnboundedSender<Notification>>,
+    notify: Option<mpsc::Sender<Notification>>,
 }
 
 struct Inner {
@@ -144,7 +147,7 @@ struct Call {
     inner: Arc<Inner>,
     id: u64,
     done: Option<oneshot::Receiver<Result<Value, SdkError>>>,
-    notes: Option<mpsc::UnboundedReceiver<Notification>>,
+    notes: Option<mpsc::Receiver<Notification>>,
     finished: bool,
 }
 
@@ -248,7 +251,7 @@ impl Client {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let (ntx, nrx) = if with_notes {
-            let (a, b) = mpsc::unbounded_channel();
+            let (a, b) = mpsc::channel(NOTES_QUEUE);
             (Some(a), Some(b))
         } else {
             (None, None)
@@ -760,11 +763,12 @@ async fn read_loop(inner: Arc<Inner>, stdout: tokio::process::ChildStdout) {
                 target: Some(target),
                 params,
             }) => {
-                if let Some(tx) = lock(&inner.pending)
+                let tx = lock(&inner.pending)
                     .get(&target)
-                    .and_then(|p| p.notify.clone())
-                {
-                    let _ = tx.send((notice, params));
+                    .and_then(|p| p.notify.clone());
+                if let Some(tx) = tx {
+                    // Waiting here passes a slow consumer's back-pressure on to the server.
+                    let _ = tx.send((notice, params)).await;
                 }
             }
             _ => {}
