@@ -158,7 +158,10 @@ async fn read_from(
 
 pub async fn log(s: &Shared) -> Result<Value, Failure> {
     let path = log_path(s)?;
-    let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+    let len = tokio::fs::metadata(&path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
     let start = len.saturating_sub(LOG_REPLY_MAX);
     let max = usize::try_from(LOG_REPLY_MAX).unwrap_or(usize::MAX);
     let data = match read_from(&path, start, max).await {
