@@ -26,7 +26,10 @@
 //!
 //! File sessions: `WriteFile` header then `Data` chunks then `DataEnd`; the guest replies `Ok`
 //! or `Error`. `ReadFile` -> `FileInfo`, `Data` chunks, `DataEnd` (or `Error`). `ListFiles` ->
-//! `FileList` (or `Error`).
+//! zero or more `FileList` frames, each a batch of entries of at most [`LIST_CHUNK`] payload
+//! bytes, then `FileListEnd`; an `Error` may replace any of them and ends the session. A
+//! listing can be much larger than one frame, so it is streamed; the receiver bounds how
+//! much it accumulates (protocol version 2; version 1 sent one `FileList` frame).
 //!
 //! # Limitations
 //! Payloads are bounded by [`MAX_PAYLOAD`]; larger data is chunked by the sender.
@@ -39,7 +42,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version exchanged in [`Hello`]; bump on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// vsock port the guest listens on for service connections (host -> guest).
 pub const SERVICE_PORT: u32 = 5000;
 /// vsock port the host listens on for the guest's boot handshake (guest -> host).
@@ -52,6 +55,8 @@ pub const MAX_PAYLOAD: u32 = 1 << 20;
 pub const CHUNK: usize = 64 * 1024;
 /// Grace period between SIGTERM and SIGKILL when a command is cancelled.
 pub const KILL_GRACE_MS: u64 = 2000;
+/// Payload budget of one `FileList` frame (a batch of a streamed directory listing).
+pub const LIST_CHUNK: usize = CHUNK;
 /// Largest file `ReadFile` will return.
 pub const MAX_READ_FILE: u64 = 16 << 20;
 
@@ -158,10 +163,12 @@ frame_types! {
     DataEnd = 34,
     /// G->H: JSON [`FileInfo`], before the `Data` of a read.
     FileInfo = 35,
-    /// G->H: JSON [`FileList`].
+    /// G->H: JSON [`FileList`], one batch of a listing (at most [`LIST_CHUNK`] bytes).
     FileList = 36,
     /// G->H: empty; the request succeeded.
     Ok = 37,
+    /// G->H: empty; the last frame of a complete listing.
+    FileListEnd = 38,
     /// H->G: JSON [`PortForwardRequest`]; on success the guest answers `Ok` and the
     /// connection becomes a raw byte pipe to the TCP peer.
     PortForward = 40,
@@ -477,6 +484,8 @@ pub struct FileEntry {
     pub is_dir: bool,
 }
 
+/// One batch of a directory listing; a listing is the concatenation of its batches, in no
+/// particular order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileList {
     pub files: Vec<FileEntry>,

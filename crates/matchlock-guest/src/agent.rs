@@ -316,11 +316,16 @@ mod tests {
             &Frame::json(FrameType::ListFiles, &pr).expect("json"),
         )
         .expect("w");
-        let list: FileList = read_frame_required(&mut host)
+        let mut list: FileList = read_frame_required(&mut host)
             .expect("list")
             .expect(FrameType::FileList, "list")
             .expect("json");
+        assert_eq!(
+            read_frame_required(&mut host).expect("end").kind,
+            FrameType::FileListEnd
+        );
         h.join().expect("join").expect("session");
+        list.files.sort_by(|a, b| a.name.cmp(&b.name));
         let names: Vec<_> = list
             .files
             .iter()

@@ -4,15 +4,18 @@
 //! Each call takes a fresh connection (to the guest's service port, or to an exec relay,
 //! which forwards file sessions unchanged) and runs one session on it: `WriteFile` + `Data`
 //! chunks + `DataEnd` answered by `Ok`; `ReadFile` answered by `FileInfo` + `Data` +
-//! `DataEnd`; `ListFiles` answered by `FileList`. The guest's `Error` frame becomes
-//! [`FileError::Guest`]. Reads are bounded by [`MAX_READ_FILE`] on this side as well, so a
-//! misbehaving guest cannot make the host buffer more than that. Every frame the guest must
-//! accept or send arrives within [`REPLY_TIMEOUT`], so a wedged agent is an error naming the
-//! step, never a hang.
+//! `DataEnd`; `ListFiles` answered by `FileList` batches then `FileListEnd`. The guest's
+//! `Error` frame becomes [`FileError::Guest`]. Reads are bounded by [`MAX_READ_FILE`] on this
+//! side as well, so a misbehaving guest cannot make the host buffer more than that; a listing
+//! is bounded by [`MAX_LIST_ENTRIES`] entries and [`MAX_LIST_BYTES`] bytes of batches (the
+//! connection is dropped past either), and sorted here, since the guest streams entries in
+//! `readdir` order. Every frame the guest must accept or send arrives within
+//! [`REPLY_TIMEOUT`], so a wedged agent is an error naming the step, never a hang.
 //!
 //! # Limitations
 //! Whole-file transfers only (no offsets or streaming to a sink); that is what the RPC and
-//! the SDKs need.
+//! the SDKs need. Likewise a listing is returned whole, so a directory of more than
+//! [`MAX_LIST_ENTRIES`] entries cannot be listed.
 
 use matchlock_guest_proto::{
     FileEntry, FileInfo, FileList, Frame, FrameType, PathRequest, ProtoError, WriteFileRequest,
@@ -21,6 +24,13 @@ use matchlock_guest_proto::{
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::codec::{read_frame, write_frame, REPLY_TIMEOUT};
+
+/// Most entries [`list_files`] accumulates; past it the listing fails and the connection is
+/// dropped, so a hostile guest cannot grow host memory without bound.
+pub const MAX_LIST_ENTRIES: usize = 1_000_000;
+/// Most `FileList` payload bytes [`list_files`] accepts for one listing (names may be long,
+/// so the entry count alone does not bound memory).
+pub const MAX_LIST_BYTES: usize = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -44,6 +54,12 @@ pub enum FileError {
     Unexpected(FrameType),
     #[error("guest sent more than {MAX_READ_FILE} bytes")]
     TooLarge,
+    #[error("guest closed the connection before the end of the listing")]
+    ListTruncated,
+    #[error("guest listed more than {0} entries, the limit of a listing")]
+    TooManyEntries(usize),
+    #[error("guest sent more than {0} bytes of listing, the limit of a listing")]
+    ListTooLarge(usize),
 }
 
 async fn send<S: AsyncWrite + Unpin>(
@@ -133,8 +149,21 @@ where
     }
 }
 
-/// Lists a directory (not recursive), sorted by name.
-pub async fn list_files<S>(mut s: S, path: &str) -> Result<Vec<FileEntry>, FileError>
+/// Lists a directory (not recursive), sorted by name; at most [`MAX_LIST_ENTRIES`] entries.
+pub async fn list_files<S>(s: S, path: &str) -> Result<Vec<FileEntry>, FileError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    list_files_bounded(s, path, MAX_LIST_ENTRIES, MAX_LIST_BYTES).await
+}
+
+/// [`list_files`] with explicit bounds (the tests use small ones).
+async fn list_files_bounded<S>(
+    mut s: S,
+    path: &str,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Result<Vec<FileEntry>, FileError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -149,11 +178,31 @@ where
         source,
     })?;
     send(&mut s, &req, "list request").await?;
-    let list: FileList = recv(&mut s, "file list")
-        .await?
-        .expect(FrameType::FileList, "file list")
-        .map_err(FileError::Receive)?;
-    Ok(list.files)
+    let (mut files, mut bytes) = (Vec::new(), 0usize);
+    loop {
+        let f = match recv(&mut s, "file list").await {
+            // Some batches arrived: the guest went away mid-listing.
+            Err(FileError::Closed) if bytes > 0 => return Err(FileError::ListTruncated),
+            r => r?,
+        };
+        match f.kind {
+            FrameType::FileList => {
+                bytes = bytes.saturating_add(f.payload.len());
+                if bytes > max_bytes {
+                    return Err(FileError::ListTooLarge(max_bytes));
+                }
+                let batch: FileList = f.parse("file list").map_err(FileError::Receive)?;
+                if files.len().saturating_add(batch.files.len()) > max_entries {
+                    return Err(FileError::TooManyEntries(max_entries));
+                }
+                files.extend(batch.files);
+            }
+            FrameType::FileListEnd => break,
+            other => return Err(FileError::Unexpected(other)),
+        }
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
 }
 
 #[cfg(test)]
@@ -260,5 +309,133 @@ mod tests {
             e.to_string(),
             "the guest did not accept the data within 10s"
         );
+    }
+
+    fn entry(name: &str) -> FileEntry {
+        FileEntry {
+            name: name.into(),
+            size: 1,
+            mode: 0o100644,
+            is_dir: false,
+        }
+    }
+
+    fn batch(names: &[&str]) -> Frame {
+        let files = names.iter().map(|n| entry(n)).collect();
+        Frame::json(FrameType::FileList, &FileList { files }).expect("json")
+    }
+
+    /// A scripted guest answering a `ListFiles` request with `frames`.
+    fn scripted(frames: Vec<Frame>) -> tokio::net::UnixStream {
+        let (host, mut guest) = tokio::net::UnixStream::pair().expect("pair");
+        tokio::spawn(async move {
+            let f = read_frame(&mut guest).await.expect("r").expect("f");
+            let req: PathRequest = f.expect(FrameType::ListFiles, "list").expect("json");
+            assert_eq!(req.path, "/d");
+            for f in frames {
+                write_frame(&mut guest, &f).await.expect("w");
+            }
+        });
+        host
+    }
+
+    #[tokio::test]
+    async fn listing_in_several_batches_is_joined_and_sorted() {
+        let host = scripted(vec![
+            batch(&["c", "a"]),
+            batch(&["e"]),
+            batch(&["b", "d"]),
+            Frame::empty(FrameType::FileListEnd),
+        ]);
+        let names: Vec<String> = list_files(host, "/d")
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["a", "b", "c", "d", "e"]);
+
+        let host = scripted(vec![Frame::empty(FrameType::FileListEnd)]);
+        assert!(list_files(host, "/d").await.expect("empty").is_empty());
+    }
+
+    #[tokio::test]
+    async fn incomplete_or_malformed_listings_fail() {
+        // Closed after a batch, without the end frame: not a silently short listing.
+        let host = scripted(vec![batch(&["a"])]);
+        let e = list_files(host, "/d").await.expect_err("truncated");
+        assert!(matches!(e, FileError::ListTruncated), "{e}");
+        // An error after some batches wins.
+        let msg = b"list /d: Input/output error".to_vec();
+        let host = scripted(vec![batch(&["a"]), Frame::new(FrameType::Error, msg)]);
+        let e = list_files(host, "/d").await.expect_err("guest error");
+        assert!(e.to_string().contains("Input/output"), "{e}");
+        let host = scripted(vec![batch(&["a"]), Frame::empty(FrameType::DataEnd)]);
+        let e = list_files(host, "/d").await.expect_err("unexpected");
+        assert!(
+            matches!(e, FileError::Unexpected(FrameType::DataEnd)),
+            "{e}"
+        );
+        let host = scripted(vec![Frame::new(FrameType::FileList, b"{".to_vec())]);
+        let e = list_files(host, "/d").await.expect_err("bad json");
+        assert!(matches!(e, FileError::Receive(_)), "{e}");
+    }
+
+    /// A guest that never ends its listing: the host stops at [`MAX_LIST_ENTRIES`] with an
+    /// error naming the limit, and drops the connection (the guest's next write fails).
+    #[tokio::test]
+    async fn endless_listing_is_refused_at_the_entry_limit() {
+        let (host, mut guest) = tokio::net::UnixStream::pair().expect("pair");
+        // ~55 bytes per entry: a batch stays under the frame limit.
+        const PER_FRAME: usize = 10_000;
+        let names: Vec<String> = (0..PER_FRAME).map(|i| format!("{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let frame = batch(&refs);
+        let g = tokio::spawn(async move {
+            read_frame(&mut guest).await.expect("r").expect("f");
+            let mut sent = 0usize;
+            loop {
+                if write_frame(&mut guest, &frame).await.is_err() {
+                    return sent;
+                }
+                sent += PER_FRAME;
+            }
+        });
+        let e = list_files(host, "/d").await.expect_err("over the limit");
+        assert!(
+            matches!(e, FileError::TooManyEntries(MAX_LIST_ENTRIES)),
+            "{e}"
+        );
+        assert!(e.to_string().contains("1000000 entries"), "{e}");
+        let sent = tokio::time::timeout(std::time::Duration::from_secs(30), g)
+            .await
+            .expect("the guest's writes fail once the host has dropped the connection")
+            .expect("guest task");
+        assert!(sent > MAX_LIST_ENTRIES, "{sent}");
+    }
+
+    #[tokio::test]
+    async fn listing_bytes_are_bounded() {
+        let long = "n".repeat(1000);
+        let long = long.as_str();
+        let host = scripted(vec![batch(&[long, long]), batch(&[long, long])]);
+        let e = list_files_bounded(host, "/d", 10, 3000)
+            .await
+            .expect_err("over the byte limit");
+        assert!(matches!(e, FileError::ListTooLarge(3000)), "{e}");
+        assert!(e.to_string().contains("3000 bytes"), "{e}");
+        // The same listing within the limits is accepted.
+        let host = scripted(vec![
+            batch(&[long, long]),
+            batch(&[long, long]),
+            Frame::empty(FrameType::FileListEnd),
+        ]);
+        let got = list_files_bounded(host, "/d", 4, 5000).await.expect("list");
+        assert_eq!(got.len(), 4);
+        let host = scripted(vec![batch(&["a", "b"]), batch(&["c", "d", "e"])]);
+        let e = list_files_bounded(host, "/d", 4, 5000)
+            .await
+            .expect_err("over the entry limit");
+        assert!(matches!(e, FileError::TooManyEntries(4)), "{e}");
     }
 }
