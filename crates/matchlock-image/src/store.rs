@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::{ImageConfig, ImageRecord, Scope};
+use crate::{ImageConfig, ImageLimits, ImageRecord, Scope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -85,6 +85,8 @@ pub enum StoreError {
     },
     #[error("image database mutex poisoned")]
     Poisoned,
+    #[error("{var}={value:?} is not a positive whole number")]
+    BadLimit { var: &'static str, value: String },
 }
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[(
@@ -106,6 +108,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 pub struct ImageStore {
     pub(crate) root: PathBuf,
     db: Mutex<Connection>,
+    limits: ImageLimits,
 }
 
 /// What `save` writes (everything but the timestamps).
@@ -139,8 +142,9 @@ impl Drop for StoreLock {
 }
 
 impl ImageStore {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root`, with [`ImageLimits::from_env`].
     pub fn open(root: &Path) -> Result<ImageStore, StoreError> {
+        let limits = ImageLimits::from_env()?;
         for dir in [
             root.to_path_buf(),
             root.join("layers/sha256"),
@@ -168,7 +172,19 @@ impl ImageStore {
         Ok(ImageStore {
             root: root.to_path_buf(),
             db: Mutex::new(conn),
+            limits,
         })
+    }
+
+    /// Replaces the caps imports and pulls through this store obey.
+    pub fn with_limits(mut self, limits: ImageLimits) -> ImageStore {
+        self.limits = limits;
+        self
+    }
+
+    /// The caps imports and pulls through this store obey.
+    pub fn limits(&self) -> ImageLimits {
+        self.limits
     }
 
     /// The store's root directory.
