@@ -8,6 +8,10 @@
 //! - Pruning deletes layer and rootfs files no row references, and temp files. It runs under
 //!   the exclusive store lock (see the crate docs).
 //!
+//! - The store is private to its user: the root, its subdirectories and the directory
+//!   holding the root (the Matchlock cache directory) are created 0700, and tightened to 0700
+//!   on open if an older version or a loose umask left them readable by others.
+//!
 //! # Limitations
 //! - One connection per store guarded by a mutex: fine for a CLI, not a high-QPS server.
 
@@ -145,13 +149,20 @@ impl ImageStore {
     /// Opens (creating if needed) the store at `root`, with [`ImageLimits::from_env`].
     pub fn open(root: &Path) -> Result<ImageStore, StoreError> {
         let limits = ImageLimits::from_env()?;
-        for dir in [
+        let mut dirs = vec![
             root.to_path_buf(),
+            root.join("layers"),
             root.join("layers/sha256"),
             root.join("rootfs"),
             root.join("tmp"),
-        ] {
-            std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir {
+        ];
+        dirs.extend(
+            root.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(Path::to_path_buf),
+        );
+        for dir in dirs {
+            private_dir(&dir).map_err(|source| StoreError::CreateDir {
                 path: dir.display().to_string(),
                 source,
             })?;
@@ -507,6 +518,21 @@ impl ImageStore {
     }
 }
 
+/// Creates `dir` (and missing parents) 0700, or sets an existing one to 0700 if it grants
+/// group or other users anything. A symlinked directory is left alone.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Deletes regular files in `dir` matching `pred`; returns how many.
 fn remove_where(dir: &Path, pred: impl Fn(&Path) -> bool) -> Result<usize, StoreError> {
     let rd_err = |source| StoreError::ReadDir {
@@ -633,6 +659,32 @@ mod tests {
             Err(StoreError::NotFound { .. })
         ));
         assert!(!reg.rootfs.exists());
+    }
+
+    #[test]
+    fn open_creates_private_dirs_and_tightens_loose_ones() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("cache/matchlock");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        drop(ImageStore::open(&cache.join("images")).expect("open"));
+        for d in [
+            "",
+            "images",
+            "images/layers/sha256",
+            "images/rootfs",
+            "images/tmp",
+        ] {
+            assert_eq!(mode(&cache.join(d)), 0o700, "{d}");
+        }
+        for d in ["", "images", "images/tmp"] {
+            std::fs::set_permissions(cache.join(d), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        drop(ImageStore::open(&cache.join("images")).expect("reopen"));
+        for d in ["", "images", "images/tmp"] {
+            assert_eq!(mode(&cache.join(d)), 0o700, "{d} tightened");
+        }
     }
 
     #[test]
