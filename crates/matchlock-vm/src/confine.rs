@@ -7,8 +7,11 @@
 //!   - QEMU's own seccomp filter, `-sandbox on,obsolete=deny,elevateprivileges=deny,
 //!     spawn=deny,resourcecontrol=deny` ([`QEMU_SANDBOX`]): no exec/fork of new programs,
 //!     no set*id, no scheduler/affinity changes, no obsolete syscalls. Whether a QEMU build
-//!     supports it is probed once per binary by starting it with the option, `-machine none`
-//!     and a QMP `quit` (~0.1 s); builds without seccomp run without it (one warning).
+//!     supports it is probed by starting it with the option, `-machine none` and a QMP
+//!     `quit` (~0.1 s, too much to pay on every cold start), so the answer is cached in
+//!     memory and on disk (`<cache>/probes/`), keyed by the binary's path, device, inode,
+//!     size and mtime: a replaced QEMU is probed again. Builds without seccomp run without
+//!     it (one warning).
 //!   - A Landlock ruleset ([`Rules`], built in the owner with the `landlock` crate, enforced
 //!     in the child between fork and exec by the spawner, which also sets `no_new_privs`).
 //!     Everything the filesystem offers is denied except: read+execute on the system
@@ -151,11 +154,63 @@ pub(crate) fn qemu_supports_sandbox(qemu: &Path) -> Result<(), String> {
     if let Some(r) = cache.lock().ok().and_then(|c| c.get(qemu).cloned()) {
         return r;
     }
-    let r = probe_sandbox(qemu);
+    let marker = probe_marker(qemu);
+    let r = match marker
+        .as_ref()
+        .and_then(|m| std::fs::read_to_string(m).ok())
+    {
+        Some(s) if s == "ok" => Ok(()),
+        Some(s) if !s.is_empty() => Err(s),
+        _ => {
+            let r = probe_sandbox(qemu);
+            if let Some(m) = &marker {
+                save_marker(m, &r);
+            }
+            r
+        }
+    };
     if let Ok(mut c) = cache.lock() {
         c.insert(qemu.to_owned(), r.clone());
     }
     r
+}
+
+/// `<cache>/probes/qemu-sandbox-<hash of the binary's identity>`, `None` if it cannot stat.
+fn probe_marker(qemu: &Path) -> Option<PathBuf> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(qemu).ok()?;
+    let key = format!(
+        "{}\n{}\n{}\n{}\n{}.{}\n{QEMU_SANDBOX}",
+        qemu.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    );
+    let hash = hex::encode(Sha256::digest(key.as_bytes()));
+    Some(
+        crate::assets::cache_root()
+            .join("probes")
+            .join(format!("qemu-sandbox-{}", &hash[..16])),
+    )
+}
+
+/// Best effort: a probe that cannot be cached is simply run again next time.
+fn save_marker(marker: &Path, r: &Result<(), String>) {
+    let Some(dir) = marker.parent() else { return };
+    if crate::assets::private_dir(dir).is_err() {
+        return;
+    }
+    let body = match r {
+        Ok(()) => "ok",
+        Err(e) => e.as_str(),
+    };
+    let tmp = marker.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, body).is_ok() && std::fs::rename(&tmp, marker).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
 }
 
 /// Starts `qemu -machine none -sandbox ...` with QMP on stdio and asks it to quit.
@@ -293,5 +348,10 @@ mod tests {
         assert_eq!(host_confinement(None).qemu_seccomp, Ok(()));
         let bad = qemu_supports_sandbox(Path::new("/bin/false"));
         assert!(bad.is_err());
+        // The disk cache holds the answer under the binary's identity.
+        let marker = probe_marker(Path::new("/usr/bin/qemu-system-x86_64")).expect("marker");
+        assert_eq!(std::fs::read_to_string(&marker).expect("cached"), "ok");
+        let other = probe_marker(Path::new("/bin/false")).expect("marker");
+        assert_ne!(marker, other);
     }
 }
