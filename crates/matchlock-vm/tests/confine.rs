@@ -87,6 +87,23 @@ fn status_field(pid: u32, field: &str) -> String {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// Host TSC kHz (TCG guests may hang calibrating the TSC without `tsc_early_khz`).
+fn host_khz() -> u64 {
+    let info = fs::read_to_string("/proc/cpuinfo").expect("cpuinfo");
+    let mhz: f64 = info
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cpu MHz")?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("cpu MHz in /proc/cpuinfo");
+    (mhz * 1000.0) as u64
+}
+
 #[test]
 fn this_host_confines_helpers() {
     let c = host_confinement(None);
@@ -169,24 +186,43 @@ fn real_qemu_under_the_vm_ruleset_cannot_open_a_kernel_elsewhere() {
     fs::copy(&cfg.kernel, &outside).expect("copy kernel");
     let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
     let rules = Rules::for_vm(&cfg, &qemu, Accel::Tcg);
-    let mut cmd = Command::new(&qemu);
-    cmd.args([
-        "-M",
-        "microvm",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-    ])
-    .args(["-accel", "tcg", "-m", "64M", "-kernel"])
-    .arg(&outside);
-    let out = run_confined(&rules, cmd).expect("run qemu");
+    // Without an initramfs the kernel panics; `panic=-1 reboot=t` + `-no-reboot` then end
+    // QEMU with status 0, so a QEMU that could open the kernel exits successfully.
+    // `timeout` (itself under the ruleset) bounds a guest that hangs anyway.
+    let append = format!("panic=-1 reboot=t tsc_early_khz={}", host_khz());
+    let boot = |kernel: &Path| {
+        let mut cmd = Command::new("timeout");
+        cmd.arg("60")
+            .arg(&qemu)
+            .args(["-M", "microvm", "-nodefaults", "-no-user-config"])
+            .args([
+                "-display",
+                "none",
+                "-no-reboot",
+                "-accel",
+                "tcg",
+                "-m",
+                "64M",
+            ])
+            .args(["-append", &append])
+            .arg("-kernel")
+            .arg(kernel);
+        run_confined(&rules, cmd).expect("run qemu")
+    };
+    let out = boot(&outside);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
         "QEMU booted a kernel outside its ruleset"
     );
     assert!(err.contains("Permission denied"), "{err}");
+    // The same binary and ruleset boot the VM's own kernel.
+    let out = boot(&cfg.kernel);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
