@@ -524,12 +524,20 @@ fn gzip_bomb_and_entry_flood_refused_on_pull_and_nothing_stored() {
         .map(|i| Entry::file(&format!("f{i}"), "x"))
         .collect()]);
     reg.push("flood", "v", &flood).expect("push flood");
+    // Two layers under the per-layer cap whose sum is over the per-image cap; downloaded in
+    // parallel, they share one budget.
+    let mut big = ImageSpec::new(vec![
+        vec![Entry::file("a", vec![1u8; 600 << 10])],
+        vec![Entry::file("b", vec![2u8; 600 << 10])],
+    ]);
+    big.zstd = true;
+    reg.push("big", "v", &big).expect("push big");
 
     let f = fixture();
     let store = f.store.with_limits(ImageLimits {
         max_layer_bytes: 1 << 20,
+        max_image_bytes: (1 << 20) + (64 << 10),
         max_entries: 32,
-        ..ImageLimits::default()
     });
     let e = store
         .pull(&format!("{}/bomb:v", reg.addr), &f.opts)
@@ -564,6 +572,20 @@ fn gzip_bomb_and_entry_flood_refused_on_pull_and_nothing_stored() {
         "{e:?}"
     );
     assert!(anyhow_chain(&e).contains("MATCHLOCK_MAX_IMAGE_ENTRIES"));
+    let e = store
+        .pull(&format!("{}/big:v", reg.addr), &f.opts)
+        .expect_err("over the image cap");
+    assert!(
+        matches!(
+            &e,
+            PullError::Layer {
+                source: LayerError::ImageTooLarge { limit: 1114112, .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(anyhow_chain(&e).contains("MATCHLOCK_MAX_IMAGE_BYTES"));
     assert!(store.list().expect("list").is_empty());
     for d in ["layers/sha256", "rootfs", "tmp"] {
         assert_eq!(file_count(&f.root.join(d)), 0, "{d} not empty");
