@@ -8,9 +8,11 @@
 //! - Pruning deletes layer and rootfs files no row references, and temp files. It runs under
 //!   the exclusive store lock (see the crate docs).
 //!
-//! - The store is private to its user: the root, its subdirectories and the directory
-//!   holding the root (the Matchlock cache directory) are created 0700, and tightened to 0700
-//!   on open if an older version or a loose umask left them readable by others.
+//! - The store is private to its user: the root, its subdirectories and, when it is named
+//!   `matchlock`, the directory holding the root (the Matchlock cache directory) are created
+//!   0700, and tightened to 0700 on open if an older version or a loose umask left them
+//!   readable by others. Directories owned by someone else and shared sticky directories
+//!   (`/tmp`) are never changed.
 //!
 //! # Limitations
 //! - One connection per store guarded by a mutex: fine for a CLI, not a high-QPS server.
@@ -149,23 +151,28 @@ impl ImageStore {
     /// Opens (creating if needed) the store at `root`, with [`ImageLimits::from_env`].
     pub fn open(root: &Path) -> Result<ImageStore, StoreError> {
         let limits = ImageLimits::from_env()?;
-        let mut dirs = vec![
+        let dirs = vec![
             root.to_path_buf(),
             root.join("layers"),
             root.join("layers/sha256"),
             root.join("rootfs"),
             root.join("tmp"),
         ];
-        dirs.extend(
-            root.parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .map(Path::to_path_buf),
-        );
         for dir in dirs {
             private_dir(&dir).map_err(|source| StoreError::CreateDir {
                 path: dir.display().to_string(),
                 source,
             })?;
+        }
+        // The Matchlock cache directory holding the store (`~/.cache/matchlock/images`):
+        // best effort, and only when it is really ours (see `private_dir`).
+        if let Some(cache) = root
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "matchlock"))
+        {
+            if let Err(e) = private_dir(cache) {
+                tracing::warn!(path = %cache.display(), error = %e, "cannot make the cache directory private");
+            }
         }
         let db_path = root.join("metadata.db");
         let open_err = |source| StoreError::OpenDb {
@@ -519,15 +526,18 @@ impl ImageStore {
 }
 
 /// Creates `dir` (and missing parents) 0700, or sets an existing one to 0700 if it grants
-/// group or other users anything. A symlinked directory is left alone.
+/// group or other users anything. Left alone: symlinks, directories owned by another user
+/// and shared sticky directories such as `/tmp` (never ours to tighten, even as root).
 fn private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o077 != 0 {
+    let mode = meta.permissions().mode();
+    let ours = meta.uid() == rustix::process::geteuid().as_raw();
+    if ours && !meta.file_type().is_symlink() && mode & 0o1000 == 0 && mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
@@ -685,6 +695,18 @@ mod tests {
         for d in ["", "images", "images/tmp"] {
             assert_eq!(mode(&cache.join(d)), 0o700, "{d} tightened");
         }
+        // A store directly in a shared sticky directory (like /tmp) leaves that alone, and
+        // a parent not named `matchlock` is not touched.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        drop(ImageStore::open(&shared).expect("open in sticky dir"));
+        assert_eq!(mode(&shared) | 0o1000, 0o1777);
+        let parent = dir.path().join("other");
+        std::fs::create_dir(&parent).expect("mkdir");
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        drop(ImageStore::open(&parent.join("images")).expect("open"));
+        assert_eq!(mode(&parent), 0o755);
     }
 
     #[test]

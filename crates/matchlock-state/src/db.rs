@@ -174,15 +174,19 @@ pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
-/// Sets `mode` on `path` if it grants group or other users anything; symlinks and vanished
-/// paths are left alone.
+/// Sets `mode` on `path` if it grants group or other users anything. Left alone: symlinks,
+/// vanished paths, paths owned by another user and shared sticky directories like `/tmp`
+/// (never ours to tighten, even as root).
 fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    if meta.file_type().is_symlink() || meta.permissions().mode() & 0o077 == 0 {
+    let current = meta.permissions().mode();
+    let ours = meta.uid() == rustix::process::geteuid().as_raw();
+    if !ours || meta.file_type().is_symlink() || current & 0o1000 != 0 || current & 0o077 == 0 {
         return Ok(());
     }
     tracing::info!(path = %path.display(), from = format!("{:o}", meta.permissions().mode() & 0o7777), to = format!("{mode:o}"), "tightening permissions");
@@ -411,6 +415,15 @@ mod tests {
             }
         }
         assert_eq!(mode(&outside), 0o644, "symlink target left alone");
+        // A state root in a shared sticky directory is not tightened (like `/tmp`).
+        let sticky = tmp.path().join("sticky");
+        fs::create_dir(&sticky).expect("mkdir");
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).expect("chmod");
+        drop(StateDb::open(&sticky).expect("open"));
+        assert_eq!(
+            fs::metadata(&sticky).expect("meta").permissions().mode() & 0o7777,
+            0o1777
+        );
     }
 
     #[test]

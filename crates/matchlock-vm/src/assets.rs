@@ -267,6 +267,10 @@ pub fn initramfs_for(guest_binary: &Path, cache_root: &Path) -> Result<PathBuf, 
     if path.is_file() {
         return Ok(path);
     }
+    private_dir(cache_root).map_err(|source| AssetError::CreateCacheDir {
+        path: cache_root.to_owned(),
+        source,
+    })?;
     let entries = vec![
         Entry::dir("dev", 0o755),
         Entry::char_dev("dev/console", 0o600, 5, 1),
