@@ -11,6 +11,9 @@
 //!   ids), copying file data from the layer files by offset. Hard links are resolved to the
 //!   *content* they share when they are read, so they survive their original name being
 //!   deleted by a later layer; each group is written as one file plus links to it.
+//! - Memory is bounded by a cap on the entries read over all layers (`max_entries`, from
+//!   [`crate::ImageLimits`]), checked as each entry is read, so a layer of millions of tiny
+//!   entries fails with an error naming the limit before the index grows past it.
 //! - Hostile input is rejected, never repaired: `..` components, hard links to missing,
 //!   non-file or escaping targets, entries below a symlink or non-directory in the tree,
 //!   extension headers over 1 MiB, unsupported entry types. Nothing here touches the host
@@ -32,6 +35,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::archive::SliceReader;
+use crate::ENV_MAX_IMAGE_ENTRIES;
 
 /// Extension headers (PAX, GNU long names) larger than this are rejected.
 pub(crate) const MAX_EXT_HEADER: u64 = 1 << 20;
@@ -101,6 +105,11 @@ pub enum FlattenError {
     },
     #[error("layer {layer}: pax value too large in {path:?}")]
     PaxValueTooLarge { layer: usize, path: String },
+    #[error(
+        "layer {layer}: image has more than {limit} tar entries; \
+         raise {ENV_MAX_IMAGE_ENTRIES} if the image is genuine"
+    )]
+    TooManyEntries { layer: usize, limit: u64 },
     #[error("write flattened entry {path:?}")]
     Write {
         path: String,
@@ -246,13 +255,30 @@ struct RawEntry {
     node: Node,
 }
 
-fn read_layer(file: &File, layer: usize) -> Result<Vec<RawEntry>, FlattenError> {
+/// Entries one image may still index, and the cap for errors.
+struct EntryBudget {
+    left: u64,
+    limit: u64,
+}
+
+fn read_layer(
+    file: &File,
+    layer: usize,
+    budget: &mut EntryBudget,
+) -> Result<Vec<RawEntry>, FlattenError> {
     prescan(file, layer)?;
     let read_err = |source| FlattenError::ReadLayer { layer, source };
     let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 16, file));
     let mut out = Vec::new();
     for entry in ar.entries_with_seek().map_err(read_err)? {
         let mut entry = entry.map_err(read_err)?;
+        budget.left = budget
+            .left
+            .checked_sub(1)
+            .ok_or(FlattenError::TooManyEntries {
+                layer,
+                limit: budget.limit,
+            })?;
         let raw_path = entry.path_bytes().into_owned();
         let link = entry.link_name_bytes().map(|l| l.into_owned());
         if raw_path.len() > MAX_PATH || link.as_ref().is_some_and(|l| l.len() > MAX_PATH) {
@@ -457,15 +483,20 @@ impl Tree {
         Ok(())
     }
 
-    /// Builds the flattened tree from layer tars, base first.
-    pub(crate) fn build(layers: &[&Path]) -> Result<Tree, FlattenError> {
+    /// Builds the flattened tree from layer tars, base first, reading at most
+    /// `max_entries` entries over all layers.
+    pub(crate) fn build(layers: &[&Path], max_entries: u64) -> Result<Tree, FlattenError> {
         let mut tree = Tree::default();
+        let mut budget = EntryBudget {
+            left: max_entries,
+            limit: max_entries,
+        };
         for (i, p) in layers.iter().enumerate() {
             let f = File::open(p).map_err(|source| FlattenError::OpenLayer {
                 path: p.display().to_string(),
                 source,
             })?;
-            let entries = read_layer(&f, i)?;
+            let entries = read_layer(&f, i, &mut budget)?;
             tree.apply_layer(i, entries)?;
         }
         Ok(tree)
@@ -593,7 +624,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-        let t = Tree::build(&refs)?;
+        let t = Tree::build(&refs, u64::MAX)?;
         Ok((t, dir, paths))
     }
 

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::archive::{ArchiveError, OuterArchive, RawConfig};
 use crate::flatten::{FlattenError, Tree};
-use crate::layers::{store_layer, LayerError};
+use crate::layers::{store_layer, Caps, ImageBudget, LayerError};
 use crate::squash::{build_squashfs, SquashError};
 use crate::store::{ImageStore, NewImage, StoreError};
 use crate::{ImageConfig, ImageRecord, Scope};
@@ -66,6 +66,17 @@ pub enum ImportError {
     },
 }
 
+impl ImportError {
+    /// True when the input was refused for exceeding an [`crate::ImageLimits`] cap.
+    pub fn is_limit(&self) -> bool {
+        match self {
+            ImportError::Layer { source, .. } => source.is_limit(),
+            ImportError::Flatten(e) => matches!(e, FlattenError::TooManyEntries { .. }),
+            _ => false,
+        }
+    }
+}
+
 /// `sha256("matchlock-squash-v1\n" + "sha256:<diff>\n"...)`, hex.
 pub(crate) fn squash_id(diff_ids: &[String]) -> String {
     let mut h = Sha256::new();
@@ -98,18 +109,49 @@ pub(crate) fn image_config(raw: RawConfig) -> ImageConfig {
 impl ImageStore {
     /// Imports a `docker save` or OCI-layout archive (optionally gzip'd) as local `tag`,
     /// replacing any existing local image with that tag.
+    /// Input over [`crate::ImageLimits`] fails with an error naming the limit, and the
+    /// layers stored for it are pruned (unless another import is running; `gc` then does).
     pub fn import_archive(&self, tag: &str, input: impl Read) -> Result<ImageRecord, ImportError> {
         if tag.is_empty() {
             return Err(ImportError::EmptyTag);
         }
+        let res = self.import_locked(tag, input);
+        match &res {
+            Err(e) if e.is_limit() => self.prune_after_limit(),
+            Ok(rec) => {
+                tracing::info!(tag, digest = %rec.digest, layers = rec.layers.len(), size = rec.size_bytes, "imported image");
+                // A replaced tag may have left its old rootfs unreferenced.
+                if let Err(e) = self.prune_if_idle() {
+                    tracing::warn!(error = %e, "prune after import failed; `image gc` will retry");
+                }
+            }
+            Err(_) => {}
+        }
+        res
+    }
+
+    /// Removes what an import or pull refused for a limit left behind.
+    pub(crate) fn prune_after_limit(&self) {
+        if let Err(e) = self.prune_if_idle() {
+            tracing::warn!(error = %e, "prune after a refused image failed; `image gc` will retry");
+        }
+    }
+
+    fn import_locked(&self, tag: &str, input: impl Read) -> Result<ImageRecord, ImportError> {
         let lock = self.lock_shared().map_err(ImportError::Lock)?;
         let tmp_dir = self.tmp_dir();
         let layers_dir = self.layers_dir();
         let archive = OuterArchive::spool(&tmp_dir, input)?;
         let image = archive.resolve(tag)?;
+        let limits = self.limits();
+        let budget = ImageBudget::new(limits.max_image_bytes);
+        let caps = Caps {
+            layer: limits.max_layer_bytes,
+            image: &budget,
+        };
         let mut stored = Vec::with_capacity(image.layers.len());
         for (index, src) in image.layers.iter().enumerate() {
-            let layer = store_layer(archive.file(), src, &tmp_dir, &layers_dir)
+            let layer = store_layer(archive.file(), src, &tmp_dir, &layers_dir, &caps)
                 .map_err(|source| ImportError::Layer { index, source })?;
             stored.push(layer);
         }
@@ -152,16 +194,11 @@ impl ImageStore {
                 source,
             })?;
         drop(lock);
-        tracing::info!(tag, digest = %rec.digest, layers = layers.len(), size, "imported image");
-        // A replaced tag may have left its old rootfs unreferenced.
-        if let Err(e) = self.prune_if_idle() {
-            tracing::warn!(error = %e, "prune after import failed; `image gc` will retry");
-        }
         Ok(rec)
     }
 
     pub(crate) fn build_rootfs(&self, layers: &[&Path], rootfs: &Path) -> Result<(), ImportError> {
-        let tree = Tree::build(layers).map_err(ImportError::Flatten)?;
+        let tree = Tree::build(layers, self.limits().max_entries).map_err(ImportError::Flatten)?;
         tracing::debug!(entries = tree.len(), "flattened layers");
         let tmp_dir = self.tmp_dir();
         let tmp = tempfile::Builder::new()

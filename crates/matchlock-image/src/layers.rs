@@ -6,6 +6,10 @@
 //!   lie in the wild), sha256 of the uncompressed bytes, into a temp file in the store.
 //!   Both digests are checked before the temp file is fsynced and renamed into place, so a
 //!   layer file's name always matches its content.
+//! - Uncompressed bytes are capped while they are written ([`Caps`]): per layer, and per
+//!   image through a budget shared by all layers of one import or pull (pull downloads
+//!   several layers at once). A layer that hits a cap fails with an error naming the limit
+//!   and its environment variable; its temp file is dropped, so nothing is installed.
 //! - Existing layer files are reused (dedup across images); a same-named file of a different
 //!   size is treated as damaged and replaced.
 //!
@@ -17,10 +21,12 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
 use crate::archive::{LayerSource, SliceReader};
+use crate::{ENV_MAX_IMAGE_BYTES, ENV_MAX_LAYER_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
@@ -58,12 +64,32 @@ pub enum LayerError {
         expected: String,
         actual: String,
     },
+    #[error(
+        "layer {path:?} inflates past the per-layer limit of {limit} bytes; \
+         raise {ENV_MAX_LAYER_BYTES} if the image is genuine"
+    )]
+    LayerTooLarge { path: String, limit: u64 },
+    #[error(
+        "image inflates past the per-image limit of {limit} bytes (at layer {path:?}); \
+         raise {ENV_MAX_IMAGE_BYTES} if the image is genuine"
+    )]
+    ImageTooLarge { path: String, limit: u64 },
     #[error("install layer file {path}")]
     Persist {
         path: String,
         #[source]
         source: io::Error,
     },
+}
+
+impl LayerError {
+    /// True when the layer was refused for exceeding a size cap.
+    pub fn is_limit(&self) -> bool {
+        matches!(
+            self,
+            LayerError::LayerTooLarge { .. } | LayerError::ImageTooLarge { .. }
+        )
+    }
 }
 
 /// A layer stored in the blob store.
@@ -95,15 +121,80 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-struct HashingWriter<W> {
+/// Uncompressed bytes charged against one image's cap, shared by all its layers.
+pub(crate) struct ImageBudget {
+    used: AtomicU64,
+    max: u64,
+}
+
+impl ImageBudget {
+    pub(crate) fn new(max: u64) -> ImageBudget {
+        ImageBudget {
+            used: AtomicU64::new(0),
+            max,
+        }
+    }
+
+    /// Charges `n` bytes; on `false` (over the cap) nothing stays charged.
+    pub(crate) fn charge(&self, n: u64) -> bool {
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.max {
+            self.refund(n);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn max(&self) -> u64 {
+        self.max
+    }
+
+    pub(crate) fn refund(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// The caps one layer write obeys.
+pub(crate) struct Caps<'a> {
+    /// Uncompressed bytes of this layer.
+    pub layer: u64,
+    pub image: &'a ImageBudget,
+}
+
+/// Which cap a write hit.
+#[derive(Clone, Copy)]
+enum Exceeded {
+    Layer,
+    Image,
+}
+
+struct HashingWriter<'a, W> {
     inner: W,
     hasher: Sha256,
     count: u64,
+    caps: &'a Caps<'a>,
+    exceeded: Option<Exceeded>,
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+impl<W: Write> Write for HashingWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
+        let want = buf.len() as u64;
+        if self.count.saturating_add(want) > self.caps.layer {
+            self.exceeded = Some(Exceeded::Layer);
+            return Err(io::Error::other("layer size limit reached"));
+        }
+        if !self.caps.image.charge(want) {
+            self.exceeded = Some(Exceeded::Image);
+            return Err(io::Error::other("image size limit reached"));
+        }
+        let n = match self.inner.write(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                self.caps.image.refund(want);
+                return Err(e);
+            }
+        };
+        self.caps.image.refund(want - n as u64);
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
         Ok(n)
@@ -157,6 +248,7 @@ pub(crate) fn store_layer(
     src: &LayerSource,
     tmp_dir: &Path,
     layers_dir: &Path,
+    caps: &Caps<'_>,
 ) -> Result<StoredLayer, LayerError> {
     let reader = SliceReader::new(archive, src.member.offset, src.member.size);
     let expected = Expected {
@@ -165,17 +257,44 @@ pub(crate) fn store_layer(
         blob_size: src.blob_size,
         diff_id: &src.diff_id,
     };
-    store_stream(reader, &expected, tmp_dir, layers_dir, false)
+    store_stream(reader, &expected, tmp_dir, layers_dir, false, caps)
 }
 
 /// Streams a (possibly compressed) layer blob into the store, verifying blob digest, blob
 /// size and diff id before anything is installed. `replace` overwrites an existing file.
+/// The layer's bytes stay charged to `caps.image` only if it is stored.
 pub(crate) fn store_stream(
     reader: impl Read,
     exp: &Expected<'_>,
     tmp_dir: &Path,
     layers_dir: &Path,
     replace: bool,
+    caps: &Caps<'_>,
+) -> Result<StoredLayer, LayerError> {
+    let mut charged = 0;
+    let res = store_capped(
+        reader,
+        exp,
+        tmp_dir,
+        layers_dir,
+        replace,
+        caps,
+        &mut charged,
+    );
+    if res.is_err() {
+        caps.image.refund(charged);
+    }
+    res
+}
+
+fn store_capped(
+    reader: impl Read,
+    exp: &Expected<'_>,
+    tmp_dir: &Path,
+    layers_dir: &Path,
+    replace: bool,
+    caps: &Caps<'_>,
+    charged: &mut u64,
 ) -> Result<StoredLayer, LayerError> {
     let mut tmp = tempfile::Builder::new()
         .prefix("layer-")
@@ -189,12 +308,28 @@ pub(crate) fn store_stream(
         inner: io::BufWriter::with_capacity(1 << 16, tmp.as_file_mut()),
         hasher: Sha256::new(),
         count: 0,
+        caps,
+        exceeded: None,
     };
-    let (blob_hex, blob_size) =
-        decompress_into(reader, &mut w).map_err(|source| LayerError::Decompress {
-            path: exp.name.to_owned(),
-            source,
-        })?;
+    let decompressed = decompress_into(reader, &mut w);
+    *charged = w.count;
+    let path = exp.name.to_owned();
+    let (blob_hex, blob_size) = match (decompressed, w.exceeded) {
+        (Ok(v), _) => v,
+        (Err(_), Some(Exceeded::Layer)) => {
+            return Err(LayerError::LayerTooLarge {
+                path,
+                limit: caps.layer,
+            })
+        }
+        (Err(_), Some(Exceeded::Image)) => {
+            return Err(LayerError::ImageTooLarge {
+                path,
+                limit: caps.image.max,
+            })
+        }
+        (Err(source), None) => return Err(LayerError::Decompress { path, source }),
+    };
     w.flush().map_err(LayerError::WriteTemp)?;
     let diff_hex = hex::encode(w.hasher.finalize_reset());
     let size = w.count;

@@ -29,8 +29,15 @@
 //!   share one rootfs file. Registry pulls write `Scope::Registry` rows with the same
 //!   layer and rootfs stores, so pulled and imported images share layers.
 //!
+//! - Archive and registry input is hostile: [`ImageLimits`] caps the uncompressed bytes of
+//!   each layer and of the whole image (checked while decompressing, so a gzip bomb stops at
+//!   the cap) and the number of tar entries the flattener indexes (its memory is proportional
+//!   to entries). A layer over a cap is never installed, and files an aborted import left
+//!   unreferenced are pruned at once.
+//!
 //! # Limitations
 //! - Layers are kept uncompressed on disk next to the squashfs (about 2x the image size).
+//! - The caps bound disk and memory per image; several concurrent pulls each get their own.
 
 #![forbid(unsafe_code)]
 
@@ -62,6 +69,64 @@ pub use reference::{Reference, ReferenceError};
 pub use registry::{is_loopback, RegistryError, RetryPolicy};
 pub use squash::SquashError;
 pub use store::{ImageStore, StoreError};
+
+/// Environment variable overriding [`ImageLimits::max_layer_bytes`].
+pub const ENV_MAX_LAYER_BYTES: &str = "MATCHLOCK_MAX_LAYER_BYTES";
+/// Environment variable overriding [`ImageLimits::max_image_bytes`].
+pub const ENV_MAX_IMAGE_BYTES: &str = "MATCHLOCK_MAX_IMAGE_BYTES";
+/// Environment variable overriding [`ImageLimits::max_entries`].
+pub const ENV_MAX_IMAGE_ENTRIES: &str = "MATCHLOCK_MAX_IMAGE_ENTRIES";
+
+/// Caps on what one image import or pull may unpack. Defaults are generous for real images
+/// (the largest common images are a few GiB and well under 1M files); each is overridable
+/// with an environment variable read by [`ImageStore::open`] (plain decimal bytes/count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Uncompressed bytes of one layer tar (`MATCHLOCK_MAX_LAYER_BYTES`, default 10 GiB).
+    pub max_layer_bytes: u64,
+    /// Uncompressed bytes of all layers of one image (`MATCHLOCK_MAX_IMAGE_BYTES`,
+    /// default 20 GiB).
+    pub max_image_bytes: u64,
+    /// Tar entries indexed over all layers of one image (`MATCHLOCK_MAX_IMAGE_ENTRIES`,
+    /// default 1,000,000).
+    pub max_entries: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_layer_bytes: 10 << 30,
+            max_image_bytes: 20 << 30,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+impl ImageLimits {
+    /// Defaults overridden by the `MATCHLOCK_MAX_*` variables in the process environment.
+    pub fn from_env() -> Result<ImageLimits, StoreError> {
+        ImageLimits::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Defaults overridden by whatever `lookup` returns for each variable name.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<ImageLimits, StoreError> {
+        let d = ImageLimits::default();
+        let get = |var: &'static str, default: u64| -> Result<u64, StoreError> {
+            match lookup(var) {
+                None => Ok(default),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(StoreError::BadLimit { var, value: v }),
+                },
+            }
+        };
+        Ok(ImageLimits {
+            max_layer_bytes: get(ENV_MAX_LAYER_BYTES, d.max_layer_bytes)?,
+            max_image_bytes: get(ENV_MAX_IMAGE_BYTES, d.max_image_bytes)?,
+            max_entries: get(ENV_MAX_IMAGE_ENTRIES, d.max_entries)?,
+        })
+    }
+}
 
 /// Which namespace a tag lives in: local imports/tags, or the registry pull cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,4 +167,26 @@ pub struct ImageRecord {
     /// Layer diff ids (`sha256:<hex>`), base first.
     pub layers: Vec<String>,
     pub config: ImageConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_from_lookup_defaults_overrides_and_rejects_garbage() {
+        assert_eq!(
+            ImageLimits::from_lookup(|_| None).expect("defaults"),
+            ImageLimits::default()
+        );
+        let l = ImageLimits::from_lookup(|k| (k == ENV_MAX_IMAGE_ENTRIES).then(|| "42".into()))
+            .expect("override");
+        assert_eq!(l.max_entries, 42);
+        assert_eq!(l.max_layer_bytes, 10 << 30);
+        for bad in ["", "0", "-1", "1GiB", "x"] {
+            let err = ImageLimits::from_lookup(|k| (k == ENV_MAX_LAYER_BYTES).then(|| bad.into()))
+                .expect_err(bad);
+            assert!(err.to_string().contains(ENV_MAX_LAYER_BYTES), "{err}");
+        }
+    }
 }

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use crate::archive::{RawConfig, MAX_JSON, MAX_LAYERS};
 use crate::auth::{AuthError, Credentials};
 use crate::import::{image_config, squash_id, ImportError};
-use crate::layers::{layer_path, store_stream, Expected, LayerError};
+use crate::layers::{layer_path, store_stream, Caps, Expected, ImageBudget, LayerError};
 use crate::manifest::{self, Descriptor, Manifest, ManifestError};
 use crate::reference::{Reference, ReferenceError};
 use crate::registry::{Client, RegistryError, RetryPolicy};
@@ -130,6 +130,17 @@ pub enum PullError {
         #[source]
         source: StoreError,
     },
+}
+
+impl PullError {
+    /// True when the image was refused for exceeding an [`crate::ImageLimits`] cap.
+    pub fn is_limit(&self) -> bool {
+        match self {
+            PullError::Layer { source, .. } => source.is_limit(),
+            PullError::Rootfs(e) => e.is_limit(),
+            _ => false,
+        }
+    }
 }
 
 /// Reports pull progress (all methods default to no-ops). Called from download threads.
@@ -265,8 +276,24 @@ impl ImageStore {
     }
 
     /// Pulls `reference` from its registry into the `registry` scope (key: `reference` as
-    /// typed), replacing an earlier pull of the same reference.
+    /// typed), replacing an earlier pull of the same reference. An image over
+    /// [`crate::ImageLimits`] fails with an error naming the limit and its layers are pruned.
     pub fn pull(&self, reference: &str, opts: &PullOptions) -> Result<ImageRecord, PullError> {
+        let res = self.pull_locked(reference, opts);
+        match &res {
+            Err(e) if e.is_limit() => self.prune_after_limit(),
+            Ok(rec) => {
+                tracing::info!(reference, digest = %rec.digest, layers = rec.layers.len(), size = rec.size_bytes, "pulled image");
+                if let Err(e) = self.prune_if_idle() {
+                    tracing::warn!(error = %e, "prune after pull failed; `image gc` will retry");
+                }
+            }
+            Err(_) => {}
+        }
+        res
+    }
+
+    fn pull_locked(&self, reference: &str, opts: &PullOptions) -> Result<ImageRecord, PullError> {
         let r = Reference::parse(reference)?;
         let creds = self.credentials(&r, opts)?;
         let insecure = opts.insecure_registries.contains(&r.registry);
@@ -316,10 +343,6 @@ impl ImageStore {
                 source,
             })?;
         drop(lock);
-        tracing::info!(reference, %digest, layers = layer_rows.len(), size, "pulled image");
-        if let Err(e) = self.prune_if_idle() {
-            tracing::warn!(error = %e, "prune after pull failed; `image gc` will retry");
-        }
         Ok(rec)
     }
 
@@ -376,6 +399,12 @@ impl ImageStore {
         let results: Mutex<Vec<Option<LayerResult>>> =
             Mutex::new((0..layers.len()).map(|_| None).collect());
         let workers = opts.concurrency.clamp(1, 8).min(layers.len());
+        let limits = self.limits();
+        let budget = ImageBudget::new(limits.max_image_bytes);
+        let caps = Caps {
+            layer: limits.max_layer_bytes,
+            image: &budget,
+        };
         std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| loop {
@@ -383,7 +412,7 @@ impl ImageStore {
                     if i >= layers.len() || stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let res = self.fetch_layer(client, i, &layers[i], &diff_ids[i], opts);
+                    let res = self.fetch_layer(client, i, &layers[i], &diff_ids[i], opts, &caps);
                     if res.is_err() {
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -421,12 +450,14 @@ impl ImageStore {
         desc: &Descriptor,
         diff_id: &str,
         opts: &PullOptions,
+        caps: &Caps<'_>,
     ) -> Result<(PathBuf, u64), PullError> {
         let layers_dir = self.layers_dir();
         let path = layer_path(&layers_dir, diff_id);
         if !opts.force {
             if let Ok(m) = std::fs::metadata(&path) {
                 if m.len() > 0 {
+                    charge_cached(&desc.digest, m.len(), caps)?;
                     opts.progress.layer_done(index, true);
                     return Ok((path, m.len()));
                 }
@@ -462,6 +493,7 @@ impl ImageStore {
                 &self.tmp_dir(),
                 &layers_dir,
                 opts.force,
+                caps,
             ) {
                 Ok(l) => {
                     opts.progress.layer_done(index, false);
@@ -510,6 +542,27 @@ impl ImageStore {
         }
         Err(PullError::Cancelled)
     }
+}
+
+/// Counts an already-stored layer against the caps (it may predate lower limits).
+fn charge_cached(digest: &str, size: u64, caps: &Caps<'_>) -> Result<(), PullError> {
+    let err = |source| PullError::Layer {
+        digest: digest.to_owned(),
+        source,
+    };
+    if size > caps.layer {
+        return Err(err(LayerError::LayerTooLarge {
+            path: digest.to_owned(),
+            limit: caps.layer,
+        }));
+    }
+    if !caps.image.charge(size) {
+        return Err(err(LayerError::ImageTooLarge {
+            path: digest.to_owned(),
+            limit: caps.image.max(),
+        }));
+    }
+    Ok(())
 }
 
 /// Fetches the manifest (and the platform manifest, for an index); returns the image

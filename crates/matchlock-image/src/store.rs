@@ -8,6 +8,12 @@
 //! - Pruning deletes layer and rootfs files no row references, and temp files. It runs under
 //!   the exclusive store lock (see the crate docs).
 //!
+//! - The store is private to its user: the root, its subdirectories and, when it is named
+//!   `matchlock`, the directory holding the root (the Matchlock cache directory) are created
+//!   0700, and tightened to 0700 on open if an older version or a loose umask left them
+//!   readable by others. Directories owned by someone else and shared sticky directories
+//!   (`/tmp`) are never changed.
+//!
 //! # Limitations
 //! - One connection per store guarded by a mutex: fine for a CLI, not a high-QPS server.
 
@@ -19,7 +25,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::{ImageConfig, ImageRecord, Scope};
+use crate::{ImageConfig, ImageLimits, ImageRecord, Scope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -85,6 +91,8 @@ pub enum StoreError {
     },
     #[error("image database mutex poisoned")]
     Poisoned,
+    #[error("{var}={value:?} is not a positive whole number")]
+    BadLimit { var: &'static str, value: String },
 }
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[(
@@ -106,6 +114,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 pub struct ImageStore {
     pub(crate) root: PathBuf,
     db: Mutex<Connection>,
+    limits: ImageLimits,
 }
 
 /// What `save` writes (everything but the timestamps).
@@ -139,18 +148,31 @@ impl Drop for StoreLock {
 }
 
 impl ImageStore {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root`, with [`ImageLimits::from_env`].
     pub fn open(root: &Path) -> Result<ImageStore, StoreError> {
-        for dir in [
+        let limits = ImageLimits::from_env()?;
+        let dirs = vec![
             root.to_path_buf(),
+            root.join("layers"),
             root.join("layers/sha256"),
             root.join("rootfs"),
             root.join("tmp"),
-        ] {
-            std::fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir {
+        ];
+        for dir in dirs {
+            private_dir(&dir).map_err(|source| StoreError::CreateDir {
                 path: dir.display().to_string(),
                 source,
             })?;
+        }
+        // The Matchlock cache directory holding the store (`~/.cache/matchlock/images`):
+        // best effort, and only when it is really ours (see `private_dir`).
+        if let Some(cache) = root
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "matchlock"))
+        {
+            if let Err(e) = private_dir(cache) {
+                tracing::warn!(path = %cache.display(), error = %e, "cannot make the cache directory private");
+            }
         }
         let db_path = root.join("metadata.db");
         let open_err = |source| StoreError::OpenDb {
@@ -168,7 +190,19 @@ impl ImageStore {
         Ok(ImageStore {
             root: root.to_path_buf(),
             db: Mutex::new(conn),
+            limits,
         })
+    }
+
+    /// Replaces the caps imports and pulls through this store obey.
+    pub fn with_limits(mut self, limits: ImageLimits) -> ImageStore {
+        self.limits = limits;
+        self
+    }
+
+    /// The caps imports and pulls through this store obey.
+    pub fn limits(&self) -> ImageLimits {
+        self.limits
     }
 
     /// The store's root directory.
@@ -489,6 +523,24 @@ impl ImageStore {
     }
 }
 
+/// Creates `dir` (and missing parents) 0700, or sets an existing one to 0700 if it grants
+/// group or other users anything. Left alone: symlinks, directories owned by another user
+/// and shared sticky directories such as `/tmp` (never ours to tighten, even as root).
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let mode = meta.permissions().mode();
+    let ours = meta.uid() == rustix::process::geteuid().as_raw();
+    if ours && !meta.file_type().is_symlink() && mode & 0o1000 == 0 && mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Deletes regular files in `dir` matching `pred`; returns how many.
 fn remove_where(dir: &Path, pred: impl Fn(&Path) -> bool) -> Result<usize, StoreError> {
     let rd_err = |source| StoreError::ReadDir {
@@ -662,6 +714,44 @@ mod tests {
             Err(StoreError::NotFound { .. })
         ));
         assert!(!reg.rootfs.exists());
+    }
+
+    #[test]
+    fn open_creates_private_dirs_and_tightens_loose_ones() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("cache/matchlock");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        drop(ImageStore::open(&cache.join("images")).expect("open"));
+        for d in [
+            "",
+            "images",
+            "images/layers/sha256",
+            "images/rootfs",
+            "images/tmp",
+        ] {
+            assert_eq!(mode(&cache.join(d)), 0o700, "{d}");
+        }
+        for d in ["", "images", "images/tmp"] {
+            std::fs::set_permissions(cache.join(d), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        drop(ImageStore::open(&cache.join("images")).expect("reopen"));
+        for d in ["", "images", "images/tmp"] {
+            assert_eq!(mode(&cache.join(d)), 0o700, "{d} tightened");
+        }
+        // A store directly in a shared sticky directory (like /tmp) leaves that alone, and
+        // a parent not named `matchlock` is not touched.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        drop(ImageStore::open(&shared).expect("open in sticky dir"));
+        assert_eq!(mode(&shared) | 0o1000, 0o1777);
+        let parent = dir.path().join("other");
+        std::fs::create_dir(&parent).expect("mkdir");
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        drop(ImageStore::open(&parent.join("images")).expect("open"));
+        assert_eq!(mode(&parent), 0o755);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use matchlock_image::{
-    ArchiveError, FlattenError, ImageStore, ImportError, LayerError, StoreError,
+    ArchiveError, FlattenError, ImageLimits, ImageStore, ImportError, LayerError, StoreError,
 };
 use matchlock_test_support::{busybox_image, ConfigSpec, Entry, ImageSpec};
 
@@ -634,4 +634,126 @@ fn concurrent_imports_and_gc_share_the_store() {
     let b = s.get("b").expect("get").expect("b present");
     assert_eq!(a.rootfs, b.rootfs);
     check_rich(&a.rootfs);
+}
+
+/// A store whose caps are tiny, so bombs are cheap to build.
+fn capped_store(limits: ImageLimits) -> (tempfile::TempDir, ImageStore) {
+    let (d, s) = store();
+    (d, s.with_limits(limits))
+}
+
+/// 8 MiB of zeros: a ~8 KiB gzip layer.
+fn bomb_layer() -> Vec<Entry> {
+    vec![Entry::file("bomb", vec![0u8; 8 << 20])]
+}
+
+#[test]
+fn gzip_bomb_layer_stops_at_the_layer_cap_and_stores_nothing() {
+    let (_d, s) = capped_store(ImageLimits {
+        max_layer_bytes: 1 << 20,
+        ..ImageLimits::default()
+    });
+    let mut spec = ImageSpec::new(vec![vec![Entry::file("ok", "small")], bomb_layer()]);
+    spec.gzip = true;
+    let archive = spec.docker_save();
+    assert!(archive.len() < 64 << 10, "the bomb is small compressed");
+    let err = s
+        .import_archive("bomb", archive.as_slice())
+        .expect_err("bomb must be refused");
+    assert!(err.is_limit(), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ImportError::Layer {
+                index: 1,
+                source: LayerError::LayerTooLarge { limit: 1048576, .. }
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = format!(
+        "{err}: {}",
+        std::error::Error::source(&err).expect("source")
+    );
+    assert!(msg.contains("MATCHLOCK_MAX_LAYER_BYTES"), "{msg}");
+    assert!(msg.contains("1048576"), "{msg}");
+    assert_nothing_stored(&s, "bomb");
+    assert_eq!(
+        files_in(&s.root().join("layers/sha256")),
+        0,
+        "the small layer stored before the bomb is pruned"
+    );
+}
+
+#[test]
+fn image_cap_counts_all_layers() {
+    // Each layer passes the per-layer cap; together they exceed the per-image cap.
+    let layer = |name: &str| vec![Entry::file(name, vec![7u8; 600 << 10])];
+    let (_d, s) = capped_store(ImageLimits {
+        max_layer_bytes: 1 << 20,
+        max_image_bytes: 1 << 20,
+        ..ImageLimits::default()
+    });
+    let mut spec = ImageSpec::new(vec![layer("a"), layer("b")]);
+    spec.zstd = true;
+    let err = s
+        .import_archive("big", spec.docker_save().as_slice())
+        .expect_err("over the image cap");
+    assert!(
+        matches!(
+            &err,
+            ImportError::Layer {
+                index: 1,
+                source: LayerError::ImageTooLarge { .. }
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = std::error::Error::source(&err).expect("source").to_string();
+    assert!(msg.contains("MATCHLOCK_MAX_IMAGE_BYTES"), "{msg}");
+    assert_nothing_stored(&s, "big");
+    assert_eq!(files_in(&s.root().join("layers/sha256")), 0);
+    // The same image imports under the default caps.
+    let (_d2, s2) = store();
+    s2.import_archive("big", spec.docker_save().as_slice())
+        .expect("fits the defaults");
+}
+
+#[test]
+fn too_many_entries_refused_with_the_limit_named() {
+    let entries: Vec<Entry> = (0..50)
+        .map(|i| Entry::file(&format!("f{i}"), "x"))
+        .collect();
+    let spec = ImageSpec::new(vec![entries.clone(), vec![Entry::file("g", "y")]]);
+    let (_d, s) = capped_store(ImageLimits {
+        max_entries: 50,
+        ..ImageLimits::default()
+    });
+    let err = s
+        .import_archive("many", spec.docker_save().as_slice())
+        .expect_err("51 entries over a cap of 50");
+    assert!(
+        matches!(
+            &err,
+            ImportError::Flatten(FlattenError::TooManyEntries {
+                layer: 1,
+                limit: 50
+            })
+        ),
+        "{err:?}"
+    );
+    let msg = std::error::Error::source(&err).expect("source").to_string();
+    assert!(msg.contains("MATCHLOCK_MAX_IMAGE_ENTRIES"), "{msg}");
+    assert_nothing_stored(&s, "many");
+    assert_eq!(files_in(&s.root().join("layers/sha256")), 0);
+    // Exactly at the cap is fine.
+    let (_d2, s2) = capped_store(ImageLimits {
+        max_entries: 50,
+        ..ImageLimits::default()
+    });
+    s2.import_archive(
+        "fifty",
+        ImageSpec::new(vec![entries]).docker_save().as_slice(),
+    )
+    .expect("50 entries fit");
 }

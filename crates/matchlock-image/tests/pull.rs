@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use matchlock_image::{
-    ImageStore, LayerError, ManifestError, PullError, PullOptions, RegistryError, RetryPolicy,
-    Scope,
+    FlattenError, ImageLimits, ImageStore, ImportError, LayerError, ManifestError, PullError,
+    PullOptions, RegistryError, RetryPolicy, Scope,
 };
 use matchlock_test_support::{ConfigSpec, Entry, FaultProxy, Faults, ImageSpec, Registry};
 
@@ -509,4 +509,85 @@ fn progress_reports_bytes_per_layer() {
     let layer_bytes: u64 = parts.blobs[..2].iter().map(|(_, b)| b.len() as u64).sum();
     assert_eq!(counter.0.load(Ordering::Relaxed), layer_bytes);
     assert_eq!(counter.1.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn gzip_bomb_and_entry_flood_refused_on_pull_and_nothing_stored() {
+    let reg = Registry::start().expect("registry");
+    let mut bomb = ImageSpec::new(vec![
+        vec![Entry::file("ok", "small")],
+        vec![Entry::file("bomb", vec![0u8; 8 << 20])],
+    ]);
+    bomb.gzip = true;
+    reg.push("bomb", "v", &bomb).expect("push bomb");
+    let flood = ImageSpec::new(vec![(0..64)
+        .map(|i| Entry::file(&format!("f{i}"), "x"))
+        .collect()]);
+    reg.push("flood", "v", &flood).expect("push flood");
+    // Two layers under the per-layer cap whose sum is over the per-image cap; downloaded in
+    // parallel, they share one budget.
+    let mut big = ImageSpec::new(vec![
+        vec![Entry::file("a", vec![1u8; 600 << 10])],
+        vec![Entry::file("b", vec![2u8; 600 << 10])],
+    ]);
+    big.zstd = true;
+    reg.push("big", "v", &big).expect("push big");
+
+    let f = fixture();
+    let store = f.store.with_limits(ImageLimits {
+        max_layer_bytes: 1 << 20,
+        max_image_bytes: (1 << 20) + (64 << 10),
+        max_entries: 32,
+    });
+    let e = store
+        .pull(&format!("{}/bomb:v", reg.addr), &f.opts)
+        .expect_err("bomb");
+    assert!(e.is_limit(), "{e:?}");
+    assert!(
+        matches!(
+            &e,
+            PullError::Layer {
+                source: LayerError::LayerTooLarge { limit: 1048576, .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        anyhow_chain(&e).contains("MATCHLOCK_MAX_LAYER_BYTES"),
+        "{}",
+        anyhow_chain(&e)
+    );
+    let e = store
+        .pull(&format!("{}/flood:v", reg.addr), &f.opts)
+        .expect_err("flood");
+    assert!(
+        matches!(
+            &e,
+            PullError::Rootfs(ImportError::Flatten(FlattenError::TooManyEntries {
+                limit: 32,
+                ..
+            }))
+        ),
+        "{e:?}"
+    );
+    assert!(anyhow_chain(&e).contains("MATCHLOCK_MAX_IMAGE_ENTRIES"));
+    let e = store
+        .pull(&format!("{}/big:v", reg.addr), &f.opts)
+        .expect_err("over the image cap");
+    assert!(
+        matches!(
+            &e,
+            PullError::Layer {
+                source: LayerError::ImageTooLarge { limit: 1114112, .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(anyhow_chain(&e).contains("MATCHLOCK_MAX_IMAGE_BYTES"));
+    assert!(store.list().expect("list").is_empty());
+    for d in ["layers/sha256", "rootfs", "tmp"] {
+        assert_eq!(file_count(&f.root.join(d)), 0, "{d} not empty");
+    }
 }

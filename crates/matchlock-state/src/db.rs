@@ -1,4 +1,15 @@
 //! Opening the database: directory, init lock, pragmas, migrations; shared helpers.
+//!
+//! # Design
+//! - Everything under the state root is owner-only: directories 0700, files 0600. The root
+//!   holds sandbox configs, exec sockets and logs, which other local users must not read.
+//!   Opening the database creates the root 0700 and tightens what an older version, a
+//!   different umask or a user left looser: the root and its files, `vms/`, each VM
+//!   directory, its `logs/` and the log files in it. Symlinks are never followed or changed.
+//!
+//! # Limitations
+//! - Tightening is by mode bits only (no ACLs); files deeper in a VM directory (disks,
+//!   sockets) are created private by their owners and not revisited.
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -86,10 +97,11 @@ impl StateDb {
     /// mode and a 15 s busy timeout, and applies pending migrations under an exclusive flock on
     /// `<root>/state.db.init.lock`.
     pub fn open(root: &Path) -> Result<StateDb, StateError> {
-        create_private_dir(root).map_err(|source| StateError::CreateRoot {
+        StateDb::ensure_private_dir(root).map_err(|source| StateError::CreateRoot {
             path: root.to_path_buf(),
             source,
         })?;
+        tighten_state_tree(root);
         let db_path = root.join("state.db");
         let lock_path = root.join("state.db.init.lock");
         let lock = OpenOptions::new()
@@ -128,6 +140,13 @@ impl StateDb {
         })
     }
 
+    /// Creates `path` (and missing parents) 0700; an existing directory that grants group or
+    /// other users anything is set to 0700. A symlink is left alone.
+    pub fn ensure_private_dir(path: &Path) -> std::io::Result<()> {
+        create_private_dir(path)?;
+        tighten(path, 0o700)
+    }
+
     /// The state root given to [`StateDb::open`].
     pub fn root(&self) -> &Path {
         &self.root
@@ -153,6 +172,58 @@ impl StateDb {
 /// Creates `path` (and missing parents) with mode 0700; an existing directory is fine.
 pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+/// Sets `mode` on `path` if it grants group or other users anything. Left alone: symlinks,
+/// vanished paths, paths owned by another user and shared sticky directories like `/tmp`
+/// (never ours to tighten, even as root).
+fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let current = meta.permissions().mode();
+    let ours = meta.uid() == rustix::process::geteuid().as_raw();
+    if !ours || meta.file_type().is_symlink() || current & 0o1000 != 0 || current & 0o077 == 0 {
+        return Ok(());
+    }
+    tracing::info!(path = %path.display(), from = format!("{:o}", meta.permissions().mode() & 0o7777), to = format!("{mode:o}"), "tightening permissions");
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// Directories 0700 and files 0600 for `dir`'s direct entries (sockets keep their mode).
+fn tighten_entries(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut subdirs = Vec::new();
+    for entry in rd.flatten() {
+        let path = entry.path();
+        let Ok(ft) = entry.file_type() else { continue };
+        let res = if ft.is_dir() {
+            subdirs.push(path.clone());
+            tighten(&path, 0o700)
+        } else if ft.is_file() {
+            tighten(&path, 0o600)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = res {
+            tracing::warn!(path = %path.display(), error = %e, "cannot tighten permissions");
+        }
+    }
+    subdirs
+}
+
+/// Tightens the root's files, `vms/`, every VM directory, its `logs/` and the logs in it.
+fn tighten_state_tree(root: &Path) {
+    tighten_entries(root);
+    for vm in tighten_entries(&root.join("vms")) {
+        tighten_entries(&vm);
+        tighten_entries(&vm.join("logs"));
+    }
 }
 
 fn configure(conn: &Connection) -> Result<(), StateError> {
@@ -301,6 +372,58 @@ mod tests {
         drop(db);
         let db = StateDb::open(&root).expect("reopen");
         assert_eq!(count(&db), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn open_tightens_loose_root_files_and_logs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join(".matchlock");
+        let vm = root.join("vms/vm-0000abcd");
+        let logs = vm.join("logs");
+        fs::create_dir_all(&logs).expect("mkdir");
+        let loose_dirs = [root.clone(), root.join("vms"), vm.clone(), logs.clone()];
+        for d in &loose_dirs {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let loose_files = [
+            root.join("state.db"),
+            root.join("detach-42.log"),
+            logs.join("vm.log"),
+        ];
+        for f in &loose_files {
+            fs::write(f, b"").expect("write");
+            fs::set_permissions(f, fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        // A symlink in the tree is not followed: its target keeps its mode.
+        let outside = tmp.path().join("outside.txt");
+        fs::write(&outside, b"x").expect("write");
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::os::unix::fs::symlink(&outside, logs.join("link.log")).expect("symlink");
+
+        let _db = StateDb::open(&root).expect("open");
+        let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        for d in &loose_dirs {
+            assert_eq!(mode(d), 0o700, "{}", d.display());
+        }
+        for f in &loose_files {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+        for f in ["state.db-wal", "state.db-shm", "state.db.init.lock"] {
+            let p = root.join(f);
+            if p.exists() {
+                assert_eq!(mode(&p), 0o600, "{}", p.display());
+            }
+        }
+        assert_eq!(mode(&outside), 0o644, "symlink target left alone");
+        // A state root in a shared sticky directory is not tightened (like `/tmp`).
+        let sticky = tmp.path().join("sticky");
+        fs::create_dir(&sticky).expect("mkdir");
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).expect("chmod");
+        drop(StateDb::open(&sticky).expect("open"));
+        assert_eq!(
+            fs::metadata(&sticky).expect("meta").permissions().mode() & 0o7777,
+            0o1777
+        );
     }
 
     #[test]

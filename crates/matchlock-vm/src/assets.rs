@@ -10,9 +10,16 @@
 //!   everything else comes from disks. It is cached by the binary's SHA-256 and written to a
 //!   temporary file then renamed, so concurrent sandboxes never see a partial archive.
 //!
+//! - The guest binary must be a static x86_64 ELF: the initramfs has no dynamic loader, so a
+//!   dynamically linked `/init` makes the kernel panic with "Failed to execute /init (error
+//!   -2)". The check reads the ELF header and the program header table (bounded: at most
+//!   1024 entries) and refuses any binary with a `PT_INTERP` header. A plain
+//!   `cargo build --release` leaves such a dynamic `matchlock-guest` next to `matchlock`, so
+//!   the lookup skips dynamic candidates (with a warning) and also looks where
+//!   `scripts/build-guest.sh` builds the static one.
+//!
 //! # Limitations
-//! The ELF check only looks at the header (64-bit, little-endian, x86_64); a dynamically
-//! linked binary passes it and then fails in the guest. Old initramfs files are never removed.
+//! Old initramfs files are never removed.
 
 use std::fs;
 use std::io::Write;
@@ -34,7 +41,7 @@ const GUEST_BINARY: &str = "matchlock-guest";
 pub enum AssetError {
     #[error("guest binary from $MATCHLOCK_GUEST_INIT not found at {path}")]
     GuestFromEnvMissing { path: PathBuf },
-    #[error("guest binary matchlock-guest not found (looked at {tried}); build it or set $MATCHLOCK_GUEST_INIT")]
+    #[error("static guest binary matchlock-guest not found (looked at {tried}); build it with scripts/build-guest.sh or set $MATCHLOCK_GUEST_INIT")]
     GuestNotFound { tried: String },
     #[error("read guest binary {path}")]
     ReadGuest {
@@ -44,6 +51,11 @@ pub enum AssetError {
     },
     #[error("guest binary {path} is not an x86_64 ELF executable")]
     GuestNotX86_64 { path: PathBuf },
+    #[error(
+        "guest binary {path} is dynamically linked and cannot run as the VM's /init; \
+         build the static guest with scripts/build-guest.sh"
+    )]
+    GuestDynamic { path: PathBuf },
     #[error("create initramfs cache directory {path}")]
     CreateCacheDir {
         path: PathBuf,
@@ -109,17 +121,19 @@ fn default_kernel_path() -> PathBuf {
         .join("vmlinux")
 }
 
-/// Finds the static guest binary: `$MATCHLOCK_GUEST_INIT` (must be an x86_64 ELF), else the
-/// first x86_64 ELF among `matchlock-guest` next to the running executable,
-/// `~/.cache/matchlock/guest/matchlock-guest` and, as root under sudo, the same path in
-/// `$SUDO_USER`'s home. Candidates of another architecture are skipped with a warning.
+/// Finds the static guest binary: `$MATCHLOCK_GUEST_INIT` (must be a static x86_64 ELF),
+/// else the first static x86_64 ELF among `matchlock-guest` next to the running executable,
+/// where `scripts/build-guest.sh` puts it relative to a cargo `target/<profile>/` directory
+/// (`target/x86_64-unknown-linux-gnu/release/`), `~/.cache/matchlock/guest/matchlock-guest`
+/// and, as root under sudo, the same path in `$SUDO_USER`'s home. Other candidates (another
+/// architecture, dynamically linked) are skipped with a warning.
 pub fn find_guest_binary() -> Result<PathBuf, AssetError> {
     if let Some(p) = std::env::var_os("MATCHLOCK_GUEST_INIT").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(p);
         if !path.is_file() {
             return Err(AssetError::GuestFromEnvMissing { path });
         }
-        check_x86_64_elf(&path)?;
+        check_static_x86_64_elf(&path)?;
         return Ok(path);
     }
     let mut tried = Vec::new();
@@ -128,6 +142,13 @@ pub fn find_guest_binary() -> Result<PathBuf, AssetError> {
         .and_then(|e| e.parent().map(Path::to_path_buf))
     {
         tried.push(dir.join(GUEST_BINARY));
+        if let Some(target) = dir.parent() {
+            tried.push(
+                target
+                    .join("x86_64-unknown-linux-gnu/release")
+                    .join(GUEST_BINARY),
+            );
+        }
     }
     tried.push(cache_root().join("guest").join(GUEST_BINARY));
     // Run through sudo, the invoking user's cache is where `setup` put the binary.
@@ -141,51 +162,97 @@ pub fn find_guest_binary() -> Result<PathBuf, AssetError> {
             tried.push(home.join(".cache/matchlock/guest").join(GUEST_BINARY));
         }
     }
+    let mut described = Vec::new();
     for path in &tried {
         if !path.is_file() {
+            described.push(format!("{} (missing)", path.display()));
             continue;
         }
-        match check_x86_64_elf(path) {
+        match check_static_x86_64_elf(path) {
             Ok(()) => return Ok(path.clone()),
-            // As the reference does: a wrong-architecture candidate is skipped, not fatal.
+            // As the reference does: an unusable candidate is skipped, not fatal.
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "skipping guest binary candidate")
+                tracing::warn!(path = %path.display(), error = %e, "skipping guest binary candidate");
+                let why = match e {
+                    AssetError::GuestDynamic { .. } => "dynamically linked",
+                    AssetError::GuestNotX86_64 { .. } => "not an x86_64 ELF",
+                    _ => "unreadable",
+                };
+                described.push(format!("{} ({why})", path.display()));
             }
         }
     }
     Err(AssetError::GuestNotFound {
-        tried: tried
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        tried: described.join(", "),
     })
 }
 
-fn check_x86_64_elf(path: &Path) -> Result<(), AssetError> {
-    use std::io::Read;
-    let mut header = [0u8; 20];
-    let mut f = fs::File::open(path).map_err(|source| AssetError::ReadGuest {
+/// Checks `path` is an x86_64 ELF executable without an ELF interpreter.
+pub fn check_static_x86_64_elf(path: &Path) -> Result<(), AssetError> {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(path).map_err(|source| AssetError::ReadGuest {
         path: path.to_owned(),
         source,
     })?;
-    let ok = f.read_exact(&mut header).is_ok() && is_x86_64_elf(&header);
-    if ok {
-        Ok(())
-    } else {
-        Err(AssetError::GuestNotX86_64 {
-            path: path.to_owned(),
-        })
-    }
+    elf_verdict(path, |off, buf| f.read_exact_at(buf, off).is_ok())
 }
 
-fn is_x86_64_elf(header: &[u8]) -> bool {
+/// What an ELF image is, read through `read_at(offset, buf) -> filled completely`.
+fn elf_verdict(path: &Path, read_at: impl Fn(u64, &mut [u8]) -> bool) -> Result<(), AssetError> {
     const EM_X86_64: u16 = 62;
-    header.len() >= 20
-        && header[..4] == *b"\x7fELF"
-        && header[4] == 2 // ELFCLASS64
-        && header[5] == 1 // little-endian
-        && u16::from_le_bytes([header[18], header[19]]) == EM_X86_64
+    const PT_INTERP: u32 = 3;
+    const PHENT_SIZE: u16 = 56;
+    const MAX_PHNUM: u16 = 1024;
+    let not_x86 = || AssetError::GuestNotX86_64 {
+        path: path.to_owned(),
+    };
+    let mut eh = [0u8; 64];
+    let ok = read_at(0, &mut eh)
+        && eh[..4] == *b"\x7fELF"
+        && eh[4] == 2 // ELFCLASS64
+        && eh[5] == 1 // little-endian
+        && u16::from_le_bytes([eh[18], eh[19]]) == EM_X86_64;
+    if !ok {
+        return Err(not_x86());
+    }
+    let le16 = |i: usize| u16::from_le_bytes([eh[i], eh[i + 1]]);
+    let mut phoff = [0u8; 8];
+    phoff.copy_from_slice(&eh[32..40]);
+    let phoff = u64::from_le_bytes(phoff);
+    let (phentsize, phnum) = (le16(54), le16(56));
+    if phnum == 0 || phnum > MAX_PHNUM || phentsize != PHENT_SIZE {
+        return Err(not_x86());
+    }
+    let mut table = vec![0u8; usize::from(phnum) * usize::from(PHENT_SIZE)];
+    if !read_at(phoff, &mut table) {
+        return Err(not_x86());
+    }
+    let interp = table
+        .chunks_exact(usize::from(PHENT_SIZE))
+        .any(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP);
+    if interp {
+        return Err(AssetError::GuestDynamic {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// [`elf_verdict`] over bytes in memory.
+fn bytes_verdict(path: &Path, bytes: &[u8]) -> Result<(), AssetError> {
+    elf_verdict(path, |off, buf| {
+        let start = usize::try_from(off).ok();
+        let slice = start
+            .and_then(|s| Some(s..s.checked_add(buf.len())?))
+            .and_then(|r| bytes.get(r));
+        match slice {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    })
 }
 
 /// Returns `<cache_root>/initramfs-<hash16>.cpio` for `guest_binary`, building it if missing:
@@ -195,15 +262,15 @@ pub fn initramfs_for(guest_binary: &Path, cache_root: &Path) -> Result<PathBuf, 
         path: guest_binary.to_owned(),
         source,
     })?;
-    if !is_x86_64_elf(&binary) {
-        return Err(AssetError::GuestNotX86_64 {
-            path: guest_binary.to_owned(),
-        });
-    }
+    bytes_verdict(guest_binary, &binary)?;
     let path = cache_root.join(format!("initramfs-{}.cpio", short_hash(&binary)));
     if path.is_file() {
         return Ok(path);
     }
+    private_dir(cache_root).map_err(|source| AssetError::CreateCacheDir {
+        path: cache_root.to_owned(),
+        source,
+    })?;
     let entries = vec![
         Entry::dir("dev", 0o755),
         Entry::char_dev("dev/console", 0o600, 5, 1),
@@ -221,8 +288,23 @@ pub fn write_initramfs(entries: &[Entry], path: &Path) -> Result<(), AssetError>
     write_atomically(entries, dir, path)
 }
 
+/// Creates `dir` (and missing parents) 0700, or sets an existing one to 0700 if it grants
+/// group or other users anything. A symlinked directory is left alone.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 fn write_atomically(entries: &[Entry], dir: &Path, path: &Path) -> Result<(), AssetError> {
-    fs::create_dir_all(dir).map_err(|source| AssetError::CreateCacheDir {
+    private_dir(dir).map_err(|source| AssetError::CreateCacheDir {
         path: dir.to_owned(),
         source,
     })?;
@@ -291,13 +373,58 @@ mod tests {
 
     #[test]
     fn elf_check() {
-        assert!(check_x86_64_elf(Path::new("/bin/busybox")).is_ok());
+        // busybox-static is static; /bin/true is a dynamically linked distribution binary.
+        assert!(check_static_x86_64_elf(Path::new("/bin/busybox")).is_ok());
+        let dynamic = check_static_x86_64_elf(Path::new("/bin/true"));
+        assert!(
+            matches!(dynamic, Err(AssetError::GuestDynamic { .. })),
+            "{dynamic:?}"
+        );
+        assert!(dynamic
+            .expect_err("dynamic")
+            .to_string()
+            .contains("scripts/build-guest.sh"));
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("script");
         fs::write(&f, "#!/bin/sh\necho not an elf at all\n").expect("write");
         assert!(matches!(
-            check_x86_64_elf(&f),
+            check_static_x86_64_elf(&f),
             Err(AssetError::GuestNotX86_64 { .. })
+        ));
+        // A truncated ELF (header only, program headers cut off) is refused, not read past.
+        let bytes = fs::read("/bin/busybox").expect("read busybox");
+        let cut = dir.path().join("cut");
+        fs::write(&cut, &bytes[..64]).expect("write");
+        assert!(matches!(
+            check_static_x86_64_elf(&cut),
+            Err(AssetError::GuestNotX86_64 { .. })
+        ));
+        assert!(bytes_verdict(&cut, &bytes[..64]).is_err());
+        assert!(bytes_verdict(&cut, &bytes).is_ok());
+    }
+
+    #[test]
+    fn built_guests_static_and_dynamic() {
+        // The real guest as scripts/build-guest.sh builds it is static; a plain workspace
+        // build of the same crate (when present) is dynamic and refused.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new("bash")
+            .arg(root.join("scripts/build-guest.sh"))
+            .output()
+            .expect("run build-guest.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let guest = PathBuf::from(stdout.lines().last().expect("path line").trim());
+        check_static_x86_64_elf(&guest).expect("the built guest is static");
+        let initramfs_dir = tempfile::tempdir().expect("tempdir");
+        initramfs_for(&guest, initramfs_dir.path()).expect("initramfs of the static guest");
+        assert!(matches!(
+            initramfs_for(Path::new("/bin/true"), initramfs_dir.path()),
+            Err(AssetError::GuestDynamic { .. })
         ));
     }
 
@@ -315,8 +442,15 @@ mod tests {
             fs::metadata(&b).and_then(|m| m.modified()).expect("mtime"),
             mtime
         );
-        // Only the archive is left in the cache (no temporary files).
+        // Only the archive is left in the cache (no temporary files), in a private directory.
         assert_eq!(fs::read_dir(&cache).expect("readdir").count(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = || fs::metadata(&cache).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(), 0o700);
+        fs::set_permissions(&cache, fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::remove_file(&a).expect("rm");
+        initramfs_for(&bin, &cache).expect("rebuild");
+        assert_eq!(mode(), 0o700, "a loose cache directory is tightened");
 
         let out = Command::new("cpio")
             .args(["-itv", "--quiet", "-F"])

@@ -13,7 +13,8 @@
 //!   it counts as unusable and `auto` falls back to TCG with a one-line reason.
 //! - Every host process a VM needs (QEMU, `vhost-device-vsock`) is a child of the owner that
 //!   dies with it (`PR_SET_PDEATHSIG`), lives in its own process group, and is reaped by a
-//!   waiter thread; see [`qemu`] and the `spawn` module.
+//!   waiter thread; see [`qemu`] and the `spawn` module. Both run confined (QEMU's seccomp
+//!   sandbox and a Landlock ruleset limiting them to the VM's own files); see [`confine`].
 //! - The guest vsock is reached through the hybrid (Firecracker) protocol on a unix socket in
 //!   the VM's state directory ([`hybrid`]), which `vhost-device-vsock` speaks.
 //!
@@ -25,6 +26,7 @@
 
 pub mod accel;
 pub mod assets;
+pub mod confine;
 pub mod cpio;
 pub mod hybrid;
 pub mod qemu;
@@ -36,6 +38,7 @@ use std::time::Duration;
 
 pub use accel::{detect_accel, Accel, AccelChoice, ParseAccelError};
 pub use assets::AssetError;
+pub use confine::{host_confinement, Confinement};
 pub use qemu::{qemu_version, vsock_backend_path};
 
 /// A block device given to the guest as a `virtio-blk` device.
@@ -168,6 +171,12 @@ pub enum VmError {
     VsockBackendExited { status: String },
     #[error("vhost-device-vsock did not create {socket} within {timeout:?}")]
     VsockBackendTimeout { socket: PathBuf, timeout: Duration },
+    #[error("build the Landlock ruleset for {what}")]
+    Landlock {
+        what: &'static str,
+        #[source]
+        source: landlock::RulesetError,
+    },
     #[error("spawn QEMU {binary}")]
     SpawnQemu {
         binary: PathBuf,

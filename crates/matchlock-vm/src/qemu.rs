@@ -41,7 +41,7 @@
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,6 +52,8 @@ use std::time::{Duration, Instant};
 use matchlock_guest_proto::GUEST_CID;
 
 use crate::accel::{detect_accel, kvm_usable, Accel};
+use crate::assets::private_dir;
+use crate::confine::{landlock_for, qemu_supports_sandbox, Rules, QEMU_SANDBOX};
 use crate::spawn::{spawn_tied, Supervised};
 use crate::{hybrid, Backend, Machine, VmConfig, VmError};
 
@@ -141,7 +143,7 @@ pub fn vsock_backend_path(bin: Option<&Path>) -> Result<PathBuf, VmError> {
     Err(VmError::VsockBackendNotFound)
 }
 
-fn qemu_path(bin: Option<&Path>) -> Result<PathBuf, VmError> {
+pub(crate) fn qemu_path(bin: Option<&Path>) -> Result<PathBuf, VmError> {
     match bin {
         Some(b) if is_executable(b) => Ok(b.to_owned()),
         Some(b) => Err(VmError::MissingFile {
@@ -330,6 +332,24 @@ fn validate(cfg: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The Landlock ruleset for helper `what` (binary `bin`) of `cfg`.
+fn confined(
+    what: &'static str,
+    cfg: &VmConfig,
+    bin: &Path,
+    accel: Accel,
+) -> Result<Option<std::os::fd::OwnedFd>, VmError> {
+    landlock_for(&Rules::for_vm(cfg, bin, accel))
+        .map_err(|source| VmError::Landlock { what, source })
+}
+
+fn warn_once_no_seccomp(why: &str) {
+    static WARNED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    WARNED.get_or_init(|| {
+        tracing::warn!(reason = why, "QEMU runs without its seccomp sandbox");
+    });
+}
+
 fn remove_stale(path: &Path) -> Result<(), VmError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -380,7 +400,7 @@ impl QemuMachine {
             None
         };
 
-        fs::create_dir_all(&cfg.state_dir).map_err(|source| VmError::CreateStateDir {
+        private_dir(&cfg.state_dir).map_err(|source| VmError::CreateStateDir {
             path: cfg.state_dir.clone(),
             source,
         })?;
@@ -388,16 +408,30 @@ impl QemuMachine {
         let vsock_path = cfg.state_dir.join(VSOCK_SOCKET);
         remove_stale(&vhost_socket)?;
         remove_stale(&vsock_path)?;
-        let args = qemu_args(cfg, accel, tsc_khz, &vhost_socket)?;
+        let mut args = qemu_args(cfg, accel, tsc_khz, &vhost_socket)?;
+        match qemu_supports_sandbox(&qemu_bin) {
+            Ok(()) => args.extend([OsString::from("-sandbox"), OsString::from(QEMU_SANDBOX)]),
+            Err(why) => warn_once_no_seccomp(&why),
+        }
 
         let console_err = |source| VmError::CreateConsoleLog {
             path: cfg.console_log.clone(),
             source,
         };
         if let Some(parent) = cfg.console_log.parent() {
-            fs::create_dir_all(parent).map_err(console_err)?;
+            private_dir(parent).map_err(console_err)?;
         }
-        fs::File::create(&cfg.console_log).map_err(console_err)?;
+        // Guest console output is private: 0600, also when an older run left it looser.
+        let log = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&cfg.console_log)
+            .map_err(console_err)?;
+        log.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(console_err)?;
+        drop(log);
         let append = || {
             OpenOptions::new()
                 .append(true)
@@ -413,7 +447,8 @@ impl QemuMachine {
             utf8(&vsock_path, "vsock socket")?
         ));
         cmd.stdout(Stdio::null()).stderr(append()?);
-        let child = spawn_tied(cmd).map_err(|source| VmError::SpawnVsockBackend {
+        let fd = confined("vhost-device-vsock", cfg, &vsock_bin, accel)?;
+        let child = spawn_tied(cmd, fd).map_err(|source| VmError::SpawnVsockBackend {
             binary: vsock_bin.clone(),
             source,
         })?;
@@ -449,7 +484,14 @@ impl QemuMachine {
             }
         };
         tracing::debug!(id = %cfg.id, ?args, "starting QEMU");
-        let child = match spawn_tied(cmd) {
+        let fd = match confined("qemu", cfg, &qemu_bin, accel) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = vsock.signal();
+                return Err(e);
+            }
+        };
+        let child = match spawn_tied(cmd, fd) {
             Ok(c) => c,
             Err(source) => {
                 let _ = vsock.signal();

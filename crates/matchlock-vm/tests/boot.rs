@@ -168,13 +168,43 @@ fn kill_stops_qemu_and_helper() {
 
 #[test]
 fn explicit_kvm_fails_when_unusable() {
+    // What this asserts depends on the host, decided by the same probe `--accel auto` uses:
+    // with usable KVM the VM must boot under KVM; without (a PVM-backed /dev/kvm, no
+    // vmx/svm, no access) the start must be refused with the probe's reason.
+    let probe = matchlock_vm::detect_accel(Accel::Kvm);
+    let usable = matchlock_vm::detect_accel(Accel::Auto).accel == Accel::Kvm;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), "/bin/busybox reboot -f");
+    let mut cfg = config(
+        dir.path(),
+        &format!("/bin/busybox echo {MARKER}\n/bin/busybox reboot -f"),
+    );
     cfg.accel = Accel::Kvm;
-    match backend("qemu").expect("backend").start(&cfg) {
-        Err(VmError::KvmUnusable { reason }) => assert!(!reason.is_empty()),
-        Err(e) => panic!("unexpected error: {e}"),
-        Ok(_) => panic!("KVM is PVM-backed here and must be refused"),
+    match (usable, backend("qemu").expect("backend").start(&cfg)) {
+        (false, Err(VmError::KvmUnusable { reason })) => {
+            assert!(!reason.is_empty());
+            assert!(
+                probe.reason.contains(&reason),
+                "{} vs {reason}",
+                probe.reason
+            );
+        }
+        (false, Err(e)) => panic!("unexpected error: {e}"),
+        (false, Ok(_)) => panic!(
+            "KVM is unusable here ({}) and must be refused",
+            probe.reason
+        ),
+        (true, Ok(vm)) => {
+            assert!(
+                vm.wait_exit(Duration::from_secs(30)),
+                "{}",
+                vm.console_tail(30)
+            );
+            assert!(console(&cfg).contains(MARKER), "{}", console(&cfg));
+        }
+        (true, Err(e)) => panic!(
+            "KVM is usable here ({}) but start failed: {e}",
+            probe.reason
+        ),
     }
 }
 

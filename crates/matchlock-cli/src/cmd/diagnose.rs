@@ -1,5 +1,14 @@
 //! `matchlock diagnose`: checks that this host can run sandboxes, and says how to fix what
 //! is missing.
+//!
+//! # Design
+//! - `guest-runtime` fails unless the guest binary found is a static x86_64 ELF (a dynamic
+//!   one panics the guest kernel at boot), naming `scripts/build-guest.sh` as the fix.
+//! - `confinement` reports whether VM helpers get QEMU's seccomp sandbox and Landlock (with
+//!   the kernel's ABI); missing confinement is a warning, not a failure, because sandboxes
+//!   still run (the VM stays the boundary).
+//! - The state and cache directories are created 0700 (and tightened if looser), like every
+//!   other path that creates them.
 
 use clap::Args;
 use serde::Serialize;
@@ -94,10 +103,11 @@ pub fn diagnose(a: DiagnoseArgs) -> anyhow::Result<()> {
             .map_err(|e| {
                 (
                     format!("{e:#}"),
-                    "scripts/setup.sh (builds matchlock-guest next to matchlock)".to_string(),
+                    "scripts/build-guest.sh (builds the static matchlock-guest), or set MATCHLOCK_GUEST_INIT to a static build".to_string(),
                 )
             }),
     ));
+    checks.push(confinement());
     checks.push(check(
         "mke2fs",
         matchlock_sandbox::disk::find_mkfs()
@@ -165,9 +175,31 @@ fn which(tool: &str) -> Option<String> {
         .map(|p| p.display().to_string())
 }
 
+/// Whether VM helpers run under QEMU's seccomp sandbox and Landlock on this host.
+fn confinement() -> Check {
+    let c = matchlock_vm::host_confinement(None);
+    let seccomp = match &c.qemu_seccomp {
+        Ok(()) => "QEMU seccomp sandbox: yes".to_owned(),
+        Err(why) => format!("QEMU seccomp sandbox: no ({why})"),
+    };
+    let landlock = match c.landlock_abi {
+        Some(abi) => format!("Landlock: ABI {abi}"),
+        None => "Landlock: not available".to_owned(),
+    };
+    let full = c.qemu_seccomp.is_ok() && c.landlock_abi.is_some();
+    Check {
+        name: "confinement",
+        status: if full { "pass" } else { "warn" },
+        message: format!("{seccomp}; {landlock}"),
+        fix: (!full).then(|| {
+            "use a QEMU built with seccomp (Debian's is) and a kernel with Landlock enabled (Linux 5.13+, lsm=landlock)".to_owned()
+        }),
+    }
+}
+
 fn writable(dir: &std::path::Path) -> Result<String, (String, String)> {
     let probe = dir.join(format!(".diagnose-{}", std::process::id()));
-    std::fs::create_dir_all(dir)
+    matchlock_state::StateDb::ensure_private_dir(dir)
         .and_then(|()| std::fs::write(&probe, b""))
         .and_then(|()| std::fs::remove_file(&probe))
         .map(|()| format!("{} is writable", dir.display()))
