@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 
 use anyhow::Context;
@@ -514,11 +515,18 @@ fn detach() -> anyhow::Result<()> {
     args.insert(pos, "--detach=false".into());
     let paths = common::paths()?;
     let state = common::state(&paths)?;
-    std::fs::create_dir_all(&paths.state).context("create state directory")?;
+    matchlock_state::StateDb::ensure_private_dir(&paths.state)
+        .context("create state directory")?;
     let errlog_path = paths
         .state
         .join(format!("detach-{}.log", std::process::id()));
-    let errlog = std::fs::File::create(&errlog_path).context("create detach log")?;
+    let errlog = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&errlog_path)
+        .context("create detach log")?;
     let mut child = std::process::Command::new(exe)
         .args(&args)
         .env("MATCHLOCK_QUIET_ACCEL", "1")
