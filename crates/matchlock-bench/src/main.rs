@@ -113,6 +113,7 @@ impl Bench {
             memory_mb: 512,
             disks: Vec::new(),
             console_log: dir.path().join("console.log"),
+            console_max_bytes: matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES,
             accel: matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel,
             extra_cmdline: vec!["matchlock.poweroff=1".into()],
             qemu_binary: None,

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use matchlock_vm::console::ConsoleWriter;
 use tokio::io::AsyncWrite;
 
 /// Renders rows as left-aligned columns separated by at least two spaces.
@@ -36,15 +37,15 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Writes to `inner` and appends the same bytes to a log file (best effort: a log write
-/// failure never fails the command's output).
+/// Writes to `inner` and appends the same bytes to the sandbox's console log (capped and
+/// rotated with it; best effort: a log write never fails the command's output).
 pub struct Tee<W> {
     inner: W,
-    log: Option<std::fs::File>,
+    log: Option<ConsoleWriter>,
 }
 
 impl<W> Tee<W> {
-    pub fn new(inner: W, log: Option<std::fs::File>) -> Self {
+    pub fn new(inner: W, log: Option<ConsoleWriter>) -> Self {
         Tee { inner, log }
     }
 }

@@ -32,6 +32,8 @@ use matchlock_state::StateDb;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use matchlock_vm::console::ConsoleWriter;
+
 use crate::exec::ExecIo;
 use crate::forward::{Binding, ForwardError, Forwarder, OnError, PortMapping};
 use crate::paths::Paths;
@@ -163,6 +165,11 @@ impl RunningSandbox {
         self.sandbox.console_log()
     }
 
+    /// A writer into the console log that shares its cap and rotation.
+    pub fn console_writer(&self) -> Option<ConsoleWriter> {
+        self.sandbox.console_writer()
+    }
+
     pub fn boot_time(&self) -> Duration {
         self.sandbox.boot_time
     }
@@ -188,20 +195,10 @@ impl RunningSandbox {
         &self,
         argv: Vec<String>,
     ) -> JoinHandle<Result<ExitStatus, SandboxError>> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.console_log());
         type Sink = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
-        let (out, err): (Sink, Sink) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
-            Ok((a, b)) => (
-                Box::new(tokio::fs::File::from_std(a)),
-                Box::new(tokio::fs::File::from_std(b)),
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "VM log not writable; background output discarded");
-                (Box::new(tokio::io::sink()), Box::new(tokio::io::sink()))
-            }
+        let (out, err): (Sink, Sink) = match self.console_writer() {
+            Some(w) => (Box::new(LogSink(w.clone())), Box::new(LogSink(w))),
+            None => (Box::new(tokio::io::sink()), Box::new(tokio::io::sink())),
         };
         let req = ExecRequest {
             argv,
@@ -281,5 +278,30 @@ impl RunningSandbox {
     /// Removes the sandbox's state (row and directory) after [`RunningSandbox::close`].
     pub fn remove(&self) -> Result<(), matchlock_state::StateError> {
         self.sandbox.remove()
+    }
+}
+
+/// Command output into the console log (an in-memory append; never waits, never fails).
+struct LogSink(ConsoleWriter);
+
+impl tokio::io::AsyncWrite for LogSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(std::io::Write::write(&mut self.0, buf))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }

@@ -328,6 +328,7 @@ impl Sandbox {
             memory_mb: u32::try_from(res.memory_mb).unwrap_or(u32::MAX),
             disks,
             console_log: self.console_log(),
+            console_max_bytes: matchlock_vm::console::console_max_bytes(),
             accel: spec.accel,
             extra_cmdline: Vec::new(),
             qemu_binary: None,
@@ -399,6 +400,12 @@ impl Sandbox {
 
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("logs").join("vm.log")
+    }
+
+    /// A writer into the console log that shares its cap and rotation (`None` before the
+    /// VM has started).
+    pub fn console_writer(&self) -> Option<matchlock_vm::console::ConsoleWriter> {
+        self.machine.console().map(|c| c.writer())
     }
 
     /// A fresh guest connection for `req`, with the sandbox's exec defaults applied to it

@@ -307,6 +307,7 @@ mod tests {
                 },
             ],
             console_log: dir.join("logs/vm.log"),
+            console_max_bytes: crate::console::DEFAULT_CONSOLE_MAX_BYTES,
             accel: Accel::Tcg,
             extra_cmdline: Vec::new(),
             qemu_binary: None,

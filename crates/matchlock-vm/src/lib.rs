@@ -27,6 +27,7 @@
 pub mod accel;
 pub mod assets;
 pub mod confine;
+pub mod console;
 pub mod cpio;
 pub mod hybrid;
 pub mod qemu;
@@ -71,6 +72,8 @@ pub struct VmConfig {
     pub disks: Vec<Disk>,
     /// Truncated at start; receives the guest serial console and QEMU's stderr.
     pub console_log: PathBuf,
+    /// Cap of the console log in bytes; one rotated copy is kept (see [`console`]).
+    pub console_max_bytes: u64,
     /// Requested acceleration.
     pub accel: Accel,
     /// Extra kernel command-line words, appended after ours.
@@ -108,6 +111,11 @@ pub trait Machine: Send + Sync {
     fn kill(&self) -> Result<(), VmError>;
     /// The last `lines` lines of the console log (guest serial and VMM stderr).
     fn console_tail(&self, lines: usize) -> String;
+    /// The console log, for other writers that must share its cap (`None` if this machine
+    /// has none).
+    fn console(&self) -> Option<std::sync::Arc<console::ConsoleLog>> {
+        None
+    }
 }
 
 /// Returns the backend called `kind` (`"qemu"`).

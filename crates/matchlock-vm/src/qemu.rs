@@ -26,22 +26,20 @@
 //!
 //! So ACPI stays on ([`MICROVM_ACPI_OFF`] is false). `pci=off` made no measurable difference.
 //!
-//! The serial console goes to the console log through a `file` chardev in append mode, and
-//! the stderr of QEMU and of `vhost-device-vsock` is appended to the same file, so a boot
-//! failure report shows all three. When QEMU exits (guest power-off, panic, kill), its waiter
+//! The serial console is a `stdio` chardev: QEMU's stdout, its stderr and the stderr of
+//! `vhost-device-vsock` share one pipe that the owner copies into the capped, rotating
+//! console log (`console.rs`), so a boot failure report shows all three. When QEMU exits (guest power-off, panic, kill), its waiter
 //! SIGKILLs the vsock helper, which has nothing left to serve.
 //!
 //! # Limitations
 //! Paths passed to QEMU and `vhost-device-vsock` must be UTF-8; commas are escaped for QEMU
 //! but rejected in the state directory (the `--vm` option of `vhost-device-vsock` cannot
 //! escape them). Disk serials are limited to 20 bytes (virtio-blk). No network device yet.
-//! The console log is neither rotated nor capped; a guest that floods its serial console
-//! grows it (serial output under TCG is slow, which bounds the rate).
 
 use std::ffi::OsString;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -54,6 +52,7 @@ use matchlock_guest_proto::GUEST_CID;
 use crate::accel::{detect_accel, kvm_usable, Accel};
 use crate::assets::private_dir;
 use crate::confine::{landlock_for, qemu_supports_sandbox, Rules, QEMU_SANDBOX};
+use crate::console::ConsoleLog;
 use crate::spawn::{spawn_tied, Supervised};
 use crate::{hybrid, Backend, Machine, VmConfig, VmError};
 
@@ -251,11 +250,10 @@ fn qemu_args(
         cfg.vcpus.to_string(),
         "-m".into(),
         format!("{mem}M"),
+        // The serial console is QEMU's stdout, a pipe the owner copies into the capped
+        // console log (see `console.rs`).
         "-chardev".into(),
-        format!(
-            "file,id=con,path={},append=on",
-            qemu_escape(utf8(&cfg.console_log, "console log")?)
-        ),
+        "stdio,id=con,signal=off".into(),
         "-serial".into(),
         "chardev:con".into(),
         "-kernel".into(),
@@ -366,6 +364,7 @@ pub struct QemuMachine {
     id: String,
     vsock_path: PathBuf,
     console_log: PathBuf,
+    console: Arc<ConsoleLog>,
     qemu: Arc<Supervised>,
     vsock: Arc<Supervised>,
 }
@@ -421,23 +420,13 @@ impl QemuMachine {
         if let Some(parent) = cfg.console_log.parent() {
             private_dir(parent).map_err(console_err)?;
         }
-        // Guest console output is private: 0600, also when an older run left it looser.
-        let log = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&cfg.console_log)
-            .map_err(console_err)?;
-        log.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(console_err)?;
-        drop(log);
-        let append = || {
-            OpenOptions::new()
-                .append(true)
-                .open(&cfg.console_log)
-                .map_err(console_err)
-        };
+        // Guest console output is private (0600) and capped: QEMU's stdout and stderr and
+        // the helper's stderr go through one pipe into the rotating log.
+        let console =
+            ConsoleLog::create(&cfg.console_log, cfg.console_max_bytes).map_err(console_err)?;
+        let (pipe_r, pipe_w) = io::pipe().map_err(console_err)?;
+        console.pump(pipe_r).map_err(console_err)?;
+        let append = || pipe_w.try_clone().map_err(console_err);
 
         // 1. vhost-device-vsock.
         let mut cmd = Command::new(&vsock_bin);
@@ -475,14 +464,16 @@ impl QemuMachine {
 
         // 2. QEMU; when it exits the helper has nothing left to serve.
         let mut cmd = Command::new(&qemu_bin);
-        cmd.args(&args).stdout(Stdio::null());
-        match append() {
-            Ok(f) => cmd.stderr(f),
+        cmd.args(&args);
+        match append().and_then(|out| Ok((out, append()?))) {
+            Ok((out, err)) => cmd.stdout(out).stderr(err),
             Err(e) => {
                 let _ = vsock.signal();
                 return Err(e);
             }
         };
+        // Only the children hold the pipe now: its end is the end of both processes.
+        drop(pipe_w);
         tracing::debug!(id = %cfg.id, ?args, "starting QEMU");
         let fd = match confined("qemu", cfg, &qemu_bin, accel) {
             Ok(fd) => fd,
@@ -521,6 +512,7 @@ impl QemuMachine {
             id: cfg.id.clone(),
             vsock_path,
             console_log: cfg.console_log.clone(),
+            console,
             qemu,
             vsock,
         })
@@ -589,7 +581,15 @@ impl Machine for QemuMachine {
     }
 
     fn console_tail(&self, lines: usize) -> String {
+        if self.has_exited().is_some() {
+            // Let the copier write the VM's last words before reading them.
+            self.console.wait_drained(Duration::from_secs(1));
+        }
         tail_lines(&self.console_log, lines)
+    }
+
+    fn console(&self) -> Option<Arc<ConsoleLog>> {
+        Some(self.console.clone())
     }
 }
 
@@ -645,6 +645,7 @@ mod tests {
                 },
             ],
             console_log: dir.join("console.log"),
+            console_max_bytes: crate::console::DEFAULT_CONSOLE_MAX_BYTES,
             accel: Accel::Tcg,
             extra_cmdline: vec!["matchlock.debug=1".into()],
             qemu_binary: None,
@@ -676,9 +677,7 @@ mod tests {
             s.contains("-accel tcg -cpu max,-erms,-fsrm -smp 1 -m 256M"),
             "{s}"
         );
-        assert!(
-            s.contains("-chardev file,id=con,path=/s/console.log,append=on -serial chardev:con")
-        );
+        assert!(s.contains("-chardev stdio,id=con,signal=off -serial chardev:con"));
         assert!(s.contains("-kernel /s/vmlinux -initrd /s/initrd"));
         assert!(s.contains(
             "-chardev socket,id=vs,path=/s/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vs"

@@ -63,6 +63,7 @@ fn config_with(dir: &Path, initramfs: PathBuf) -> VmConfig {
         memory_mb: 256,
         disks: Vec::new(),
         console_log: dir.join("console.log"),
+        console_max_bytes: matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES,
         accel: Accel::Auto,
         extra_cmdline: Vec::new(),
         qemu_binary: None,

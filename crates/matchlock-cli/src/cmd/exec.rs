@@ -101,7 +101,7 @@ pub async fn drive(
     target: Target<'_>,
     mut req: ExecRequest,
     mode: Mode,
-    log: Option<std::fs::File>,
+    log: Option<matchlock_vm::console::ConsoleWriter>,
     deadline: CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
     let cancel = CancellationToken::new();
@@ -136,16 +136,16 @@ pub async fn drive(
         }
     }
     let stdout: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &log {
-        Some(f) => Box::new(crate::output::Tee::new(
+        Some(w) => Box::new(crate::output::Tee::new(
             tokio::io::stdout(),
-            f.try_clone().ok(),
+            Some(w.clone()),
         )),
         None => Box::new(tokio::io::stdout()),
     };
     let stderr: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &log {
-        Some(f) => Box::new(crate::output::Tee::new(
+        Some(w) => Box::new(crate::output::Tee::new(
             tokio::io::stderr(),
-            f.try_clone().ok(),
+            Some(w.clone()),
         )),
         None => Box::new(tokio::io::stderr()),
     };

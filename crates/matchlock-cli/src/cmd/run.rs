@@ -468,13 +468,11 @@ async fn run_command(a: &RunArgs, plan: &Plan, sandbox: &Arc<RunningSandbox>) ->
         argv,
         ..Default::default()
     };
+    // Command output is also kept in the sandbox's (capped) console log, except on a TTY.
     let log = if plan.mode == Mode::Tty {
         None
     } else {
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(sandbox.console_log())
-            .ok()
+        sandbox.console_writer()
     };
     let deadline = CancellationToken::new();
     let expiry = {
@@ -515,8 +513,7 @@ fn detach() -> anyhow::Result<()> {
     args.insert(pos, "--detach=false".into());
     let paths = common::paths()?;
     let state = common::state(&paths)?;
-    matchlock_state::StateDb::ensure_private_dir(&paths.state)
-        .context("create state directory")?;
+    matchlock_state::StateDb::ensure_private_dir(&paths.state).context("create state directory")?;
     let errlog_path = paths
         .state
         .join(format!("detach-{}.log", std::process::id()));
