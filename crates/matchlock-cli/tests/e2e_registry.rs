@@ -111,66 +111,26 @@ fn pull_errors_are_clear() {
     assert!(!e.run(&["pull"]).status.success());
 }
 
-/// Sends one JSON-RPC request on `input` and returns its response, skipping notifications.
-fn rpc_call(
-    input: &mut impl std::io::Write,
-    output: &mut impl std::io::BufRead,
-    id: u64,
-    method: &str,
-    params: serde_json::Value,
-) -> serde_json::Value {
-    let line = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
-    writeln!(input, "{line}").expect("write request");
-    input.flush().expect("flush");
-    loop {
-        let mut l = String::new();
-        assert!(output.read_line(&mut l).expect("read") > 0, "rpc exited");
-        let v: serde_json::Value = serde_json::from_str(&l).expect("json line");
-        if v["id"] == id {
-            return v;
-        }
-    }
-}
-
 /// RPC `create` of an image that is only in a registry pulls it, as `run` does (issue 8
 /// item 15).
 #[test]
 fn rpc_create_pulls_like_run() {
-    use std::io::BufReader;
     let e = env();
     let reg = Registry::start().expect("start docker-registry");
     let spec = busybox_spec().expect("busybox");
     reg.push("rpc/busybox", "2.0", &spec).expect("push");
     let reference = format!("{}/rpc/busybox:2.0", reg.addr);
-    let mut child = e
-        .cmd()
-        .arg("rpc")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn rpc");
-    let mut input = child.stdin.take().expect("stdin");
-    let mut output = BufReader::new(child.stdout.take().expect("stdout"));
-    let r = rpc_call(
-        &mut input,
-        &mut output,
-        1,
-        "create",
-        serde_json::json!({"image": reference}),
-    );
-    assert!(r["result"]["id"].is_string(), "{r}");
-    let r = rpc_call(
-        &mut input,
-        &mut output,
-        2,
+    let mut rpc = common::rpc::Rpc::start();
+    let r = rpc.call("create", serde_json::json!({"image": reference}), 1);
+    assert!(r["id"].is_string(), "{r}");
+    let r = rpc.call(
         "exec",
         serde_json::json!({"command": "cat /etc/os-release"}),
+        2,
     );
-    assert_eq!(r["result"]["exit_code"], 0, "{r}");
+    assert_eq!(r["exit_code"], 0, "{r}");
     let ls = ok(&e.run(&["image", "ls"]));
     assert!(ls.contains("rpc/busybox"), "{ls}");
-    let r = rpc_call(&mut input, &mut output, 3, "close", serde_json::json!({}));
-    assert!(r.get("error").is_none(), "{r}");
-    drop(input);
-    assert!(child.wait().expect("wait").success());
+    rpc.call("close", serde_json::json!({}), 3);
+    assert!(rpc.finish().success());
 }
