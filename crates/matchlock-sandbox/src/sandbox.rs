@@ -332,6 +332,7 @@ impl Sandbox {
             extra_cmdline: Vec::new(),
             qemu_binary: None,
             vsock_binary: None,
+            net: None,
         };
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()
@@ -359,6 +360,7 @@ impl Sandbox {
                 i64::try_from(now.as_secs()).unwrap_or(0),
                 now.subsec_nanos(),
             ),
+            net: None,
         };
         BootPlan { vm, guest }
     }
