@@ -48,7 +48,7 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
-    IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -307,9 +307,18 @@ enum Event {
         result: Result<TcpStream, String>,
     },
     Dns {
-        meta: udp::UdpMetadata,
+        client: IpEndpoint,
+        seq: u64,
         reply: Option<Vec<u8>>,
     },
+}
+
+/// A guest DNS query being answered.
+struct DnsSlot {
+    seq: u64,
+    meta: udp::UdpMetadata,
+    /// `Some` once answered (`Some(None)`: dropped, nothing to send).
+    reply: Option<Option<Vec<u8>>>,
 }
 
 /// An open flow's host side.
@@ -338,6 +347,8 @@ impl Drop for Flow {
 struct Engine {
     cfg: StackConfig,
     sock: UnixDatagram,
+    /// Whether `sock` is connected to QEMU's socket.
+    connected: bool,
     iface: Interface,
     dev: Queues,
     sockets: SocketSet<'static>,
@@ -347,6 +358,11 @@ struct Engine {
     pending: HashMap<FlowKey, Vec<u8>>,
     dns: SocketHandle,
     dns_in_flight: usize,
+    /// Queries per guest socket, answered in arrival order: clients such as busybox's
+    /// `nslookup` send A and AAAA with the same ID and take the first reply for the first
+    /// question.
+    dns_queue: HashMap<IpEndpoint, VecDeque<DnsSlot>>,
+    dns_seq: u64,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     wake: Arc<Notify>,
@@ -391,6 +407,7 @@ impl Engine {
         Engine {
             cfg,
             sock,
+            connected: false,
             iface,
             dev,
             sockets,
@@ -399,6 +416,8 @@ impl Engine {
             pending: HashMap::new(),
             dns,
             dns_in_flight: 0,
+            dns_queue: HashMap::new(),
+            dns_seq: 0,
             events_tx,
             events_rx,
             wake: Arc::new(Notify::new()),
@@ -473,12 +492,27 @@ impl Engine {
         self.flush();
     }
 
+    /// Sends queued frames to QEMU. The socket is connected to QEMU's once that exists:
+    /// only then does "writable" mean the peer has room (Linux reports an unconnected
+    /// datagram socket as always writable), and only QEMU can send us frames.
     fn flush(&mut self) {
+        if !self.connected {
+            if self.dev.tx.is_empty() {
+                return;
+            }
+            if let Err(e) = self.sock.connect(&self.cfg.peer) {
+                // QEMU is not up yet: the frames are lost, as on a wire.
+                tracing::trace!(error = %e, "QEMU's netdev socket not ready");
+                self.dev.tx.clear();
+                return;
+            }
+            self.connected = true;
+        }
         while let Some(frame) = self.dev.tx.front() {
-            match self.sock.try_send_to(frame, &self.cfg.peer) {
+            match self.sock.try_send(frame) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                // QEMU not up yet or gone: the frame is lost, as on a wire.
+                // QEMU gone: the frame is lost.
                 Err(e) => tracing::trace!(error = %e, "frame to QEMU dropped"),
             }
             self.dev.tx.pop_front();
@@ -547,15 +581,7 @@ impl Engine {
                     }
                 }
             }
-            Event::Dns { meta, reply } => {
-                self.dns_in_flight = self.dns_in_flight.saturating_sub(1);
-                if let Some(reply) = reply {
-                    let s = self.sockets.get_mut::<udp::Socket>(self.dns);
-                    if let Err(e) = s.send_slice(&reply, meta) {
-                        tracing::debug!(error = %e, "DNS reply dropped");
-                    }
-                }
-            }
+            Event::Dns { client, seq, reply } => self.dns_answered(client, seq, reply),
         }
     }
 
@@ -641,13 +667,59 @@ impl Engine {
                 continue;
             }
             self.dns_in_flight += 1;
+            self.dns_seq += 1;
+            let (client, seq) = (meta.endpoint, self.dns_seq);
+            self.dns_queue
+                .entry(client)
+                .or_default()
+                .push_back(DnsSlot {
+                    seq,
+                    meta,
+                    reply: None,
+                });
             let query = data.to_vec();
             let policy = self.cfg.policy.clone();
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
+                let t = std::time::Instant::now();
                 let reply = crate::dns::answer(&query, &policy).await;
-                let _ = tx.send(Event::Dns { meta, reply }).await;
+                tracing::debug!(
+                    ms = t.elapsed().as_millis(),
+                    answered = reply.is_some(),
+                    "DNS query"
+                );
+                let _ = tx.send(Event::Dns { client, seq, reply }).await;
             });
+        }
+    }
+
+    /// Records a finished query and sends the client's replies that are due, in order.
+    fn dns_answered(&mut self, client: IpEndpoint, seq: u64, reply: Option<Vec<u8>>) {
+        self.dns_in_flight = self.dns_in_flight.saturating_sub(1);
+        let Some(queue) = self.dns_queue.get_mut(&client) else {
+            return;
+        };
+        if let Some(slot) = queue.iter_mut().find(|q| q.seq == seq) {
+            slot.reply = Some(reply);
+        }
+        let s = self.sockets.get_mut::<udp::Socket>(self.dns);
+        while queue.front().is_some_and(|q| q.reply.is_some()) {
+            let Some(DnsSlot {
+                meta,
+                reply: Some(reply),
+                ..
+            }) = queue.pop_front()
+            else {
+                break;
+            };
+            if let Some(reply) = reply {
+                if let Err(e) = s.send_slice(&reply, meta) {
+                    tracing::debug!(error = %e, "DNS reply dropped");
+                }
+            }
+        }
+        if queue.is_empty() {
+            self.dns_queue.remove(&client);
         }
     }
 }

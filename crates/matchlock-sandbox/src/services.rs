@@ -12,8 +12,9 @@
 //! [`EventSink`].
 //!
 //! # Limitations
-//! No network or filesystem service exists yet: both slots are empty until those
-//! subsystems land, and the guest has no NIC and no shares.
+//! No filesystem service exists yet. The network service ([`crate::network`]) is
+//! experimental and only filled in by `matchlock run` under `MATCHLOCK_EXPERIMENTAL_NET=1`;
+//! otherwise the guest has no NIC and no shares.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -61,7 +62,7 @@ pub type EventSink = Arc<dyn Fn(&SandboxEvent) + Send + Sync>;
 /// The services a sandbox runs beside its VM.
 #[derive(Default)]
 pub struct Services {
-    /// Userspace network stack, egress policy, interception (none yet: no guest NIC).
+    /// Userspace network stack and egress policy (none: no guest NIC).
     pub network: Option<Box<dyn Service>>,
     /// Workspace and volume filesystem server (none yet: no shares).
     pub filesystem: Option<Box<dyn Service>>,
