@@ -337,6 +337,11 @@ fn open_egress_still_blocks_private_ranges() {
     assert!(!okk && text.contains("refused"), "{text}");
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert!(!read(&net.log("http.log")).contains("open-private"));
+    // ICMP echo: the gateway answers; nothing else does (no fake reachability).
+    let (okk, text, _) = guest(&id, "ping -c 1 -W 5 10.0.2.2");
+    assert!(okk, "{text}");
+    let (okk, text, _) = guest(&id, "ping -c 1 -W 2 198.51.100.2");
+    assert!(!okk, "{text}");
     e.kill_and_rm(&id);
 }
 

@@ -27,7 +27,11 @@
 //!
 //! UDP to port 53 at any address is answered by [`crate::dns`]; other UDP gets smoltcp's
 //! ICMP port-unreachable (nothing leaves the host). ICMP echo is answered for the gateway
-//! address only.
+//! address only; ICMP to any other address is dropped (no fake reachability).
+//!
+//! Memory is bounded per sandbox: at most [`MAX_FLOWS`] flows of two [`SOCKET_BUFFER`]s
+//! plus 2 × 4 × 16 KiB of channel each (about 64 MiB in the worst case), 1024 queued frames
+//! each way, and 64 DNS queries in flight.
 //!
 //! # Limitations
 //! IPv4 only (no IPv6 on the guest NIC). Raw TCP flows carry no name, so under an allow-list
@@ -59,7 +63,7 @@ use tokio::task::AbortHandle;
 use crate::policy::Policy;
 
 /// Most TCP flows (open and pending) per sandbox; more SYNs are refused with an RST.
-pub const MAX_FLOWS: usize = 512;
+pub const MAX_FLOWS: usize = 256;
 /// Receive and send buffer of each guest-side TCP socket (the guest's window).
 pub const SOCKET_BUFFER: usize = 64 * 1024;
 /// Largest chunk moved between a flow and its host socket.
@@ -262,12 +266,19 @@ pub struct FlowKey {
 pub enum Ingress {
     /// A TCP SYN (without ACK) from the guest.
     Syn(FlowKey),
+    /// Dropped before smoltcp: ICMP to any address but the gateway (smoltcp's any-IP mode
+    /// would otherwise answer echo requests for every address, faking reachability), and
+    /// frames larger than the link allows.
+    Drop,
     /// Anything else: smoltcp handles it.
     Other,
 }
 
 /// Classifies a guest frame without trusting any of it (every layer is length-checked).
-pub fn classify(frame: &[u8]) -> Ingress {
+pub fn classify(frame: &[u8], gateway: Ipv4Addr, mtu: u16) -> Ingress {
+    if frame.len() > usize::from(mtu) + 14 {
+        return Ingress::Drop;
+    }
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Ingress::Other;
     };
@@ -277,6 +288,9 @@ pub fn classify(frame: &[u8]) -> Ingress {
     let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
         return Ingress::Other;
     };
+    if ip.next_header() == IpProtocol::Icmp && ip.dst_addr() != gateway {
+        return Ingress::Drop;
+    }
     if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
         return Ingress::Other;
     }
@@ -520,8 +534,9 @@ impl Engine {
     }
 
     fn ingress(&mut self, frame: &[u8]) {
-        match classify(frame) {
+        match classify(frame, self.cfg.gateway, self.cfg.mtu) {
             Ingress::Syn(key) if !self.by_key.contains_key(&key) => self.syn(key, frame),
+            Ingress::Drop => {}
             _ => self.feed(frame.to_vec(), false),
         }
     }

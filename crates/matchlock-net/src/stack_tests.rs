@@ -322,8 +322,8 @@ fn dns_to_any_address_is_answered_locally() {
 
 #[test]
 fn classify_reads_only_well_formed_syns() {
-    assert_eq!(classify(&[]), Ingress::Other);
-    assert_eq!(classify(&[0u8; 13]), Ingress::Other);
+    assert_eq!(classify(&[], GW, 1500), Ingress::Other);
+    assert_eq!(classify(&[0u8; 13], GW, 1500), Ingress::Other);
     let mut frame = vec![0u8; 14 + 20 + 20];
     frame[12] = 0x08; // IPv4
     frame[14] = 0x45;
@@ -336,17 +336,23 @@ fn classify_reads_only_well_formed_syns() {
     frame[46] = 0x50; // data offset 5
     frame[47] = 0x02; // SYN
     assert_eq!(
-        classify(&frame),
+        classify(&frame, GW, 1500),
         Ingress::Syn(FlowKey {
             src: (GUEST, 40000),
             dst: (Ipv4Addr::new(198, 51, 100, 2), 80)
         })
     );
     frame[47] = 0x12; // SYN+ACK
-    assert_eq!(classify(&frame), Ingress::Other);
+    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
     frame[47] = 0x02;
     frame[16..18].copy_from_slice(&400u16.to_be_bytes()); // longer than the frame
-    assert_eq!(classify(&frame), Ingress::Other);
+    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
+    frame[16..18].copy_from_slice(&40u16.to_be_bytes());
+    frame[23] = 1; // ICMP: only the gateway's is answered
+    assert_eq!(classify(&frame, GW, 1500), Ingress::Drop);
+    frame[30..34].copy_from_slice(&GW.octets());
+    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
+    assert_eq!(classify(&vec![0u8; 1515], GW, 1500), Ingress::Drop);
 }
 
 #[test]
