@@ -12,8 +12,8 @@
 //! # Limitations
 //! Experimental: only enabled by `MATCHLOCK_EXPERIMENTAL_NET=1` for `matchlock run`
 //! ([`experimental_from_env`]); the CLI flags and RPC options for networking still refuse.
-//! No HTTP/TLS interception, secrets or events yet. The socket files are removed on stop;
-//! a crashed owner leaves them in its state directory, which `rm` deletes.
+//! No HTTP/TLS interception, secrets or events yet. The socket files are recorded in the
+//! state DB before they are created (so `gc` finds them after a crash) and removed on stop.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -96,6 +96,10 @@ fn remove_stale(path: &Path) -> Result<(), ServiceError> {
 impl Service for NetworkService {
     fn name(&self) -> &'static str {
         "network"
+    }
+
+    fn host_files(&self, dir: &Path) -> Vec<PathBuf> {
+        vec![dir.join(STACK_SOCKET), dir.join(QEMU_SOCKET)]
     }
 
     fn prepare(&mut self, plan: &mut BootPlan, dir: &Path) -> Result<(), ServiceError> {

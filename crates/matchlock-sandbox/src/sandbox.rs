@@ -260,6 +260,10 @@ impl Sandbox {
         let upper = self.create_upper_disk(spec.config.resources.disk_size_mb)?;
         let (ready, ready_path) = self.bind_ready_socket()?;
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper);
+        let files = lock(&self.services).host_files(&self.dir);
+        for f in files {
+            self.record("service socket", Resource::File(f))?;
+        }
         lock(&self.services)
             .prepare(&mut plan, &self.dir)
             .map_err(SandboxError::Service)?;

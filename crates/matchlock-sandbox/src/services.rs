@@ -40,6 +40,11 @@ pub struct ServiceError {
 pub trait Service: Send {
     /// Short name for errors and logs (`network`, `filesystem`).
     fn name(&self) -> &'static str;
+    /// The host files [`Service::prepare`] will create in `dir`; the sandbox records them in
+    /// the state DB first, so reclamation finds them after any crash.
+    fn host_files(&self, _dir: &Path) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
     /// Before the VM starts: add devices and guest settings to `plan`; `dir` is the
     /// sandbox's state directory, where its sockets belong.
     fn prepare(&mut self, plan: &mut BootPlan, dir: &Path) -> Result<(), ServiceError>;
@@ -73,6 +78,11 @@ pub struct Services {
 impl Services {
     fn each(&mut self) -> impl Iterator<Item = &mut Box<dyn Service>> {
         self.network.iter_mut().chain(self.filesystem.iter_mut())
+    }
+
+    /// Every host file the services will create in `dir`.
+    pub(crate) fn host_files(&mut self, dir: &Path) -> Vec<std::path::PathBuf> {
+        self.each().flat_map(|s| s.host_files(dir)).collect()
     }
 
     /// Lets every service add to the boot plan, in a fixed order (network, filesystem).
