@@ -457,6 +457,13 @@ impl Engine {
                 .map(|d| Duration::from_micros(d.total_micros()))
                 .unwrap_or(Duration::from_secs(1));
             let has_tx = !self.dev.tx.is_empty();
+            // With the frame queue to QEMU full, smoltcp has work it cannot do yet and
+            // reports it as due now: wait for QEMU (writable) instead of spinning.
+            let delay = if self.dev.tx.len() >= MAX_QUEUED_FRAMES {
+                delay.max(Duration::from_millis(5))
+            } else {
+                delay
+            };
             let turn = tokio::select! {
                 _ = &mut shutdown => Turn::Stop,
                 r = self.sock.recv(&mut buf) => Turn::Frame(r),
