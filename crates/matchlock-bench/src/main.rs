@@ -118,6 +118,7 @@ impl Bench {
             extra_cmdline: vec!["matchlock.poweroff=1".into()],
             qemu_binary: None,
             vsock_binary: None,
+            net: None,
         };
         let t = Instant::now();
         let m = matchlock_vm::backend("qemu")?.start(&cfg)?;

@@ -384,6 +384,20 @@ pub struct BootConfig {
     /// Wall-clock time (Unix seconds, nanoseconds) to set, since the guest has no RTC sync.
     #[serde(default)]
     pub now_unix: (i64, u32),
+    /// The guest NIC's IPv4 settings (`eth0`); absent when the VM has no NIC.
+    #[serde(default)]
+    pub net: Option<GuestNet>,
+}
+
+/// Static IPv4 settings of the guest's only NIC (no DHCP: they come with the boot config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNet {
+    pub address: std::net::Ipv4Addr,
+    /// Prefix length of the guest's subnet (1..=30).
+    pub prefix_len: u8,
+    /// Default gateway (the host's stack); also the guest's DNS server.
+    pub gateway: std::net::Ipv4Addr,
+    pub mtu: u16,
 }
 
 /// Window size of a TTY.

@@ -94,6 +94,8 @@ pub enum BootError {
     Chroot(#[source] nix::Error),
     #[error("writing /etc files")]
     EtcFiles(#[source] etc::EtcError),
+    #[error("configuring eth0 from the boot config")]
+    Network(#[source] std::io::Error),
     #[error("listening on vsock port {port}")]
     Listen {
         port: u32,
@@ -304,6 +306,11 @@ fn boot(
     switch_root()?;
     mount_base_filesystems();
     limit_cpus(cfg.cpus);
+    if let Some(n) = cfg.net {
+        crate::sys::configure_ipv4("eth0", n.address, n.prefix_len, n.gateway, n.mtu)
+            .map_err(BootError::Network)?;
+        tracing::info!(address = %n.address, gateway = %n.gateway, "eth0 configured");
+    }
 
     let hostname = etc::effective_hostname(&cfg.hostname).to_string();
     if let Err(e) = nix::unistd::sethostname(&hostname) {

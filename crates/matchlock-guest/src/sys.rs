@@ -34,25 +34,83 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 
 /// Sets `IFF_UP` on the interface `name` (e.g. `lo`).
 pub fn interface_up(name: &str) -> io::Result<()> {
-    let bytes = name.as_bytes();
-    if bytes.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    }
+    let mut req = ifreq_for(name)?;
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| {
         // No IPv4 address may be configured yet; an unbound datagram socket is enough.
         std::net::UdpSocket::bind("[::]:0")
     })?;
-    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
     // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of a valid, owned `ifreq`.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
     // SAFETY: the kernel just filled the `ifru_flags` member of the union.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: SIOCSIFFLAGS reads a valid, owned `ifreq`.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })
+}
+
+/// An `ifreq` naming `name`, everything else zero.
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// A `sockaddr` holding the IPv4 address `ip` (port 0).
+fn sockaddr_v4(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sockaddr_in` and `sockaddr` have the same size (16 bytes) on Linux and both
+    // are plain old data; the kernel reads the former through the latter for AF_INET.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Gives interface `name` the IPv4 address `addr/prefix_len` and the MTU `mtu`, brings it
+/// up and adds a default route via `gateway` (classic `SIOC*` ioctls, no netlink).
+pub fn configure_ipv4(
+    name: &str,
+    addr: std::net::Ipv4Addr,
+    prefix_len: u8,
+    gateway: std::net::Ipv4Addr,
+    mtu: u16,
+) -> io::Result<()> {
+    if !(1..=30).contains(&prefix_len) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let fd = sock.as_raw_fd();
+    let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix_len)));
+    let mut req = ifreq_for(name)?;
+    req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    // SAFETY: SIOCSIFADDR reads a valid, owned `ifreq` whose address member is set.
+    check(unsafe { libc::ioctl(fd, libc::SIOCSIFADDR, &req) })?;
+    req.ifr_ifru.ifru_netmask = sockaddr_v4(mask);
+    // SAFETY: SIOCSIFNETMASK reads a valid, owned `ifreq` whose netmask member is set.
+    check(unsafe { libc::ioctl(fd, libc::SIOCSIFNETMASK, &req) })?;
+    req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+    // SAFETY: SIOCSIFMTU reads a valid, owned `ifreq` whose MTU member is set.
+    check(unsafe { libc::ioctl(fd, libc::SIOCSIFMTU, &req) })?;
+    interface_up(name)?;
+    // SAFETY: `rtentry` is plain old data; all-zero is a valid value (null device pointer:
+    // the kernel picks the interface from the gateway).
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_genmask = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_gateway = sockaddr_v4(gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: SIOCADDRT reads a valid, owned `rtentry`.
+    check(unsafe { libc::ioctl(fd, libc::SIOCADDRT, &rt) })
 }
 
 /// Sets the window size of a terminal (normally a PTY master).

@@ -11,11 +11,18 @@
 //! on the host, only toward the secret's hosts, and a placeholder headed anywhere else is
 //! refused.
 //!
+//! [`stack`] is that userspace stack (smoltcp on the VM's virtio-net through a QEMU unix
+//! datagram netdev): it terminates every guest TCP flow and re-originates it from the host
+//! only after the policy allows the address; [`dns`] answers the guest's DNS queries.
+//!
 //! # Limitations
-//! This crate is the policy only: the userspace TCP/IP stack, DNS, HTTP/TLS interception and
-//! hook rules that enforce it are not built yet, so no sandbox has a network today.
+//! HTTP/TLS interception, secret substitution in flight and hook rules are not built yet;
+//! the stack is only enabled behind the experimental `MATCHLOCK_EXPERIMENTAL_NET=1` gate
+//! (see `docs/architecture.md`), so by default no sandbox has a network.
 
 #![forbid(unsafe_code)]
 
+pub mod dns;
 pub mod policy;
 pub mod secrets;
+pub mod stack;

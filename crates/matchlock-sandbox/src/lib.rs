@@ -29,6 +29,7 @@ pub mod disk;
 pub mod exec;
 pub mod files;
 pub mod forward;
+pub mod network;
 pub mod paths;
 pub mod relay;
 mod running;

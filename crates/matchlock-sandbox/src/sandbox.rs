@@ -260,6 +260,10 @@ impl Sandbox {
         let upper = self.create_upper_disk(spec.config.resources.disk_size_mb)?;
         let (ready, ready_path) = self.bind_ready_socket()?;
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper);
+        let files = lock(&self.services).host_files(&self.dir);
+        for f in files {
+            self.record("service socket", Resource::File(f))?;
+        }
         lock(&self.services)
             .prepare(&mut plan, &self.dir)
             .map_err(SandboxError::Service)?;
@@ -333,6 +337,7 @@ impl Sandbox {
             extra_cmdline: Vec::new(),
             qemu_binary: None,
             vsock_binary: None,
+            net: None,
         };
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()
@@ -360,6 +365,7 @@ impl Sandbox {
                 i64::try_from(now.as_secs()).unwrap_or(0),
                 now.subsec_nanos(),
             ),
+            net: None,
         };
         BootPlan { vm, guest }
     }

@@ -12,8 +12,9 @@
 //! [`EventSink`].
 //!
 //! # Limitations
-//! No network or filesystem service exists yet: both slots are empty until those
-//! subsystems land, and the guest has no NIC and no shares.
+//! No filesystem service exists yet. The network service ([`crate::network`]) is
+//! experimental and only filled in by `matchlock run` under `MATCHLOCK_EXPERIMENTAL_NET=1`;
+//! otherwise the guest has no NIC and no shares.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +40,11 @@ pub struct ServiceError {
 pub trait Service: Send {
     /// Short name for errors and logs (`network`, `filesystem`).
     fn name(&self) -> &'static str;
+    /// The host files [`Service::prepare`] will create in `dir`; the sandbox records them in
+    /// the state DB first, so reclamation finds them after any crash.
+    fn host_files(&self, _dir: &Path) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
     /// Before the VM starts: add devices and guest settings to `plan`; `dir` is the
     /// sandbox's state directory, where its sockets belong.
     fn prepare(&mut self, plan: &mut BootPlan, dir: &Path) -> Result<(), ServiceError>;
@@ -61,7 +67,7 @@ pub type EventSink = Arc<dyn Fn(&SandboxEvent) + Send + Sync>;
 /// The services a sandbox runs beside its VM.
 #[derive(Default)]
 pub struct Services {
-    /// Userspace network stack, egress policy, interception (none yet: no guest NIC).
+    /// Userspace network stack and egress policy (none: no guest NIC).
     pub network: Option<Box<dyn Service>>,
     /// Workspace and volume filesystem server (none yet: no shares).
     pub filesystem: Option<Box<dyn Service>>,
@@ -72,6 +78,11 @@ pub struct Services {
 impl Services {
     fn each(&mut self) -> impl Iterator<Item = &mut Box<dyn Service>> {
         self.network.iter_mut().chain(self.filesystem.iter_mut())
+    }
+
+    /// Every host file the services will create in `dir`.
+    pub(crate) fn host_files(&mut self, dir: &Path) -> Vec<std::path::PathBuf> {
+        self.each().flat_map(|s| s.host_files(dir)).collect()
     }
 
     /// Lets every service add to the boot plan, in a fixed order (network, filesystem).

@@ -308,6 +308,7 @@ mod tests {
             ],
             console_log: dir.join("logs/vm.log"),
             console_max_bytes: crate::console::DEFAULT_CONSOLE_MAX_BYTES,
+            net: None,
             accel: Accel::Tcg,
             extra_cmdline: Vec::new(),
             qemu_binary: None,

@@ -82,6 +82,20 @@ pub struct VmConfig {
     pub qemu_binary: Option<PathBuf>,
     /// Override for `vhost-device-vsock` (default: `PATH`, then `~/.cargo/bin`).
     pub vsock_binary: Option<PathBuf>,
+    /// A virtio-net device, when the sandbox has a network (none: no NIC at all).
+    pub net: Option<NetDevice>,
+}
+
+/// A virtio-net device whose Ethernet frames travel as unix datagrams (`-netdev dgram`, one
+/// frame per datagram) between QEMU and the host's userspace network stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    /// The socket QEMU binds (its end); must not exist yet.
+    pub local: PathBuf,
+    /// The socket the network stack has bound before QEMU starts; QEMU sends frames there.
+    pub remote: PathBuf,
+    /// The guest NIC's MAC address.
+    pub mac: [u8; 6],
 }
 
 /// A way to run VMs (QEMU today).

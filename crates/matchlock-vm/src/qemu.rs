@@ -280,8 +280,29 @@ fn qemu_args(
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=d{i},serial={}", d.serial));
     }
+    if let Some(n) = &cfg.net {
+        a.extend(netdev_args(n)?);
+    }
     a.extend(["-device".into(), "virtio-rng-device".into()]);
     Ok(a.into_iter().map(OsString::from).collect())
+}
+
+/// `-netdev dgram` over unix sockets and the microvm virtio-net device on it.
+fn netdev_args(n: &crate::NetDevice) -> Result<[String; 4], VmError> {
+    let m = n.mac;
+    Ok([
+        "-netdev".into(),
+        format!(
+            "dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+            qemu_escape(utf8(&n.local, "netdev socket")?),
+            qemu_escape(utf8(&n.remote, "network stack socket")?)
+        ),
+        "-device".into(),
+        format!(
+            "virtio-net-device,netdev=net0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        ),
+    ])
 }
 
 fn validate(cfg: &VmConfig) -> Result<(), VmError> {
@@ -650,7 +671,33 @@ mod tests {
             extra_cmdline: vec!["matchlock.debug=1".into()],
             qemu_binary: None,
             vsock_binary: None,
+            net: None,
         }
+    }
+
+    #[test]
+    fn netdev_argv_only_when_configured() {
+        let d = Path::new("/s");
+        let mut c = cfg(d);
+        let none = joined(&qemu_args(&c, Accel::Tcg, None, &d.join("v.sock")).expect("args"));
+        assert!(
+            !none.contains("-netdev") && !none.contains("virtio-net"),
+            "{none}"
+        );
+        c.net = Some(crate::NetDevice {
+            local: d.join("net-qemu.sock"),
+            remote: d.join("net,stack.sock"),
+            mac: [0x02, 0x4d, 0x4c, 0, 0, 0x0f],
+        });
+        let s = joined(&qemu_args(&c, Accel::Tcg, None, &d.join("v.sock")).expect("args"));
+        assert!(
+            s.contains(
+                "-netdev dgram,id=net0,local.type=unix,local.path=/s/net-qemu.sock,\
+                 remote.type=unix,remote.path=/s/net,,stack.sock \
+                 -device virtio-net-device,netdev=net0,mac=02:4d:4c:00:00:0f"
+            ),
+            "{s}"
+        );
     }
 
     fn joined(args: &[OsString]) -> String {

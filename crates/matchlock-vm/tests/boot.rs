@@ -68,6 +68,7 @@ fn config_with(dir: &Path, initramfs: PathBuf) -> VmConfig {
         extra_cmdline: Vec::new(),
         qemu_binary: None,
         vsock_binary: None,
+        net: None,
     }
 }
 

@@ -398,7 +398,13 @@ async fn own(
             image_config: plan.image_config.clone(),
             accel,
             owner_pid: std::process::id(),
-            services: Services::default(),
+            // Experimental guest network, only with MATCHLOCK_EXPERIMENTAL_NET=1 (issue 9).
+            services: Services {
+                network: (!a.no_network)
+                    .then(matchlock_sandbox::network::experimental_from_env)
+                    .flatten(),
+                ..Services::default()
+            },
         },
         lifetime: a.timeout.map(Duration::from_secs),
         remove_on_failure: a.rm,

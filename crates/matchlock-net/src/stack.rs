@@ -1,0 +1,851 @@
+//! The guest's network: a userspace TCP/IP stack (smoltcp) on the VM's virtio-net device,
+//! which terminates every guest flow and re-originates it from the host after the policy.
+//!
+//! # Design
+//! QEMU's `-netdev dgram` sends each Ethernet frame of the guest NIC as one unix datagram to
+//! the socket [`Stack::start`] binds (before QEMU starts), and receives ours on its own
+//! socket. One thread per sandbox runs a single-threaded tokio runtime whose loop owns the
+//! smoltcp interface. The interface is the guest's gateway and accepts packets for every
+//! destination address (smoltcp "any IP"), so a guest TCP connection to `a.b.c.d:p` ends in
+//! a smoltcp socket listening on exactly `a.b.c.d:p`.
+//!
+//! A guest SYN for a new flow is held back, not given to smoltcp: the policy is asked first
+//! ([`Policy::check_connect`] on the address about to be connected to), then the host
+//! connects with tokio. Only when that connection is up is a listening socket created and the
+//! held SYN fed to it, so the guest's handshake completes iff the upstream one did; a refused
+//! or failed flow gets the SYN fed with no listener, and smoltcp answers it with an RST
+//! (never a fake accept). Retransmitted SYNs of a pending flow replace the held one.
+//!
+//! Each flow has bounded buffers end to end: smoltcp socket buffers (the guest sees real
+//! windows) and two bounded channels to the tasks that write to and read from the host
+//! socket. The loop never blocks: it moves guest data only into channel capacity it has
+//! reserved and host data only into socket buffer space, so one slow flow fills its own
+//! buffers and closes its own window, and no other. A guest FIN becomes a host-side
+//! `shutdown(Write)` after the data before it is written, a host EOF becomes a FIN to the
+//! guest after the data before it is sent (half-close both ways); host errors become an RST
+//! to the guest.
+//!
+//! UDP to port 53 at any address is answered by [`crate::dns`]; other UDP gets smoltcp's
+//! ICMP port-unreachable (nothing leaves the host). ICMP echo is answered for the gateway
+//! address only; ICMP to any other address is dropped (no fake reachability).
+//!
+//! Memory is bounded per sandbox: at most [`MAX_FLOWS`] flows of two [`SOCKET_BUFFER`]s
+//! plus 2 × 4 × 16 KiB of channel each (about 64 MiB in the worst case), 1024 queued frames
+//! each way, and 64 DNS queries in flight.
+//!
+//! # Limitations
+//! IPv4 only (no IPv6 on the guest NIC). Raw TCP flows carry no name, so under an allow-list
+//! they are judged by their IP literal (names are enforced on DNS only until HTTP/TLS
+//! interception lands). A guest RST closes the host socket gracefully (FIN), not with an RST.
+//! UDP other than DNS is not forwarded.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::net::UnixDatagram as StdUnixDatagram;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
+    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, UnixDatagram};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::AbortHandle;
+
+use crate::policy::Policy;
+
+/// Most TCP flows (open and pending) per sandbox; more SYNs are refused with an RST.
+pub const MAX_FLOWS: usize = 256;
+/// Receive and send buffer of each guest-side TCP socket (the guest's window).
+pub const SOCKET_BUFFER: usize = 64 * 1024;
+/// Largest chunk moved between a flow and its host socket.
+const CHUNK: usize = 16 * 1024;
+/// Chunks buffered per direction between the loop and a flow's host tasks.
+const CHANNEL_CHUNKS: usize = 4;
+/// How long the host may take to connect upstream before the guest gets an RST.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// DNS queries being resolved at once; more are dropped (the guest retries).
+const MAX_DNS_IN_FLIGHT: usize = 64;
+/// Frames waiting for smoltcp or for QEMU; more are dropped (TCP retransmits).
+const MAX_QUEUED_FRAMES: usize = 1024;
+/// Largest datagram read from QEMU (a frame is at most MTU + 14 bytes).
+const MAX_DATAGRAM: usize = 65_536;
+/// Datagrams read from QEMU per loop turn before smoltcp runs.
+const INGRESS_BATCH: usize = 64;
+
+/// Settings of one sandbox's stack.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// The socket the stack binds; QEMU sends the guest's frames there.
+    pub socket: PathBuf,
+    /// QEMU's socket (`-netdev dgram` `local.path`); the stack sends frames there.
+    pub peer: PathBuf,
+    /// The gateway's address (the stack's own address on the guest link).
+    pub gateway: Ipv4Addr,
+    /// The guest's address.
+    pub guest: Ipv4Addr,
+    /// Prefix length of the guest link.
+    pub prefix_len: u8,
+    /// IP MTU of the guest link.
+    pub mtu: u16,
+    /// The gateway's MAC address.
+    pub gateway_mac: [u8; 6],
+    /// Egress policy, shared with whoever changes it at run time.
+    pub policy: Arc<Policy>,
+}
+
+/// Failures starting the stack.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("invalid network settings: {reason}")]
+    Invalid { reason: String },
+    #[error("bind the network stack socket {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("make the network stack socket non-blocking")]
+    NonBlocking(#[source] std::io::Error),
+    #[error("build the network stack runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("start the network stack thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl StackConfig {
+    fn validate(&self) -> Result<(), StackError> {
+        let invalid = |reason: &str| {
+            Err(StackError::Invalid {
+                reason: reason.to_string(),
+            })
+        };
+        if !(1..=30).contains(&self.prefix_len) {
+            return invalid("prefix length must be 1..=30");
+        }
+        if !(576..=9000).contains(&self.mtu) {
+            return invalid("MTU must be 576..=9000");
+        }
+        let mask = u32::MAX << (32 - u32::from(self.prefix_len));
+        if u32::from(self.gateway) & mask != u32::from(self.guest) & mask {
+            return invalid("guest and gateway must share the subnet");
+        }
+        if self.gateway == self.guest {
+            return invalid("guest and gateway must differ");
+        }
+        if self.gateway_mac[0] & 1 != 0 {
+            return invalid("gateway MAC must be unicast");
+        }
+        Ok(())
+    }
+}
+
+/// A running stack; stopped on [`Stack::stop`] or drop.
+pub struct Stack {
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stack {
+    /// Binds `cfg.socket` (so QEMU can start right after) and starts the stack's thread.
+    pub fn start(cfg: StackConfig) -> Result<Stack, StackError> {
+        cfg.validate()?;
+        let sock = StdUnixDatagram::bind(&cfg.socket).map_err(|source| StackError::Bind {
+            path: cfg.socket.clone(),
+            source,
+        })?;
+        sock.set_nonblocking(true)
+            .map_err(StackError::NonBlocking)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StackError::Runtime)?;
+        let (tx, rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("matchlock-net".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    match UnixDatagram::from_std(sock) {
+                        Ok(sock) => Engine::new(cfg, sock).run(rx).await,
+                        Err(e) => tracing::error!(error = %e, "network stack socket unusable"),
+                    }
+                });
+                // Pending resolver lookups run on blocking threads; do not wait for them.
+                rt.shutdown_timeout(Duration::from_millis(100));
+            })
+            .map_err(StackError::Thread)?;
+        Ok(Stack {
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the loop and closes every flow (host sockets are dropped).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Frame queues between the loop and smoltcp.
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(
+        &mut self,
+        _: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let frame = self.rx.pop_front()?;
+        Some((Rx(frame), Tx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        (self.tx.len() < MAX_QUEUED_FRAMES).then_some(Tx(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = self.mtu + 14;
+        c
+    }
+}
+
+/// A guest TCP flow: guest address and port, destination address and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+}
+
+/// What an incoming frame is to the loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ingress {
+    /// A TCP SYN (without ACK) from the guest.
+    Syn(FlowKey),
+    /// Dropped before smoltcp: ICMP to any address but the gateway (smoltcp's any-IP mode
+    /// would otherwise answer echo requests for every address, faking reachability), and
+    /// frames larger than the link allows.
+    Drop,
+    /// Anything else: smoltcp handles it.
+    Other,
+}
+
+/// Classifies a guest frame without trusting any of it (every layer is length-checked).
+pub fn classify(frame: &[u8], gateway: Ipv4Addr, mtu: u16) -> Ingress {
+    if frame.len() > usize::from(mtu) + 14 {
+        return Ingress::Drop;
+    }
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return Ingress::Other;
+    };
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return Ingress::Other;
+    }
+    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+        return Ingress::Other;
+    };
+    if ip.next_header() == IpProtocol::Icmp && ip.dst_addr() != gateway {
+        return Ingress::Drop;
+    }
+    if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+        return Ingress::Other;
+    }
+    let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+        return Ingress::Other;
+    };
+    if tcp.syn() && !tcp.ack() && !tcp.rst() {
+        Ingress::Syn(FlowKey {
+            src: (ip.src_addr(), tcp.src_port()),
+            dst: (ip.dst_addr(), tcp.dst_port()),
+        })
+    } else {
+        Ingress::Other
+    }
+}
+
+/// Host data for the guest, from a flow's reader task.
+enum HostData {
+    Data(Vec<u8>),
+    Eof,
+    Failed,
+}
+
+/// Results of tasks, back to the loop.
+enum Event {
+    Connected {
+        key: FlowKey,
+        result: Result<TcpStream, String>,
+    },
+    Dns {
+        client: IpEndpoint,
+        seq: u64,
+        reply: Option<Vec<u8>>,
+    },
+}
+
+/// A guest DNS query being answered.
+struct DnsSlot {
+    seq: u64,
+    meta: udp::UdpMetadata,
+    /// `Some` once answered (`Some(None)`: dropped, nothing to send).
+    reply: Option<Option<Vec<u8>>>,
+}
+
+/// An open flow's host side.
+struct Flow {
+    key: FlowKey,
+    /// Guest data toward the host writer; `None` once the guest's FIN was passed on.
+    to_host: Option<mpsc::Sender<Vec<u8>>>,
+    from_host: mpsc::Receiver<HostData>,
+    /// Host data not yet accepted by the smoltcp socket.
+    out: Vec<u8>,
+    out_off: usize,
+    host_done: bool,
+    fin_sent: bool,
+    write_failed: Arc<AtomicBool>,
+    tasks: [AbortHandle; 2],
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct Engine {
+    cfg: StackConfig,
+    sock: UnixDatagram,
+    /// Whether `sock` is connected to QEMU's socket.
+    connected: bool,
+    iface: Interface,
+    dev: Queues,
+    sockets: SocketSet<'static>,
+    flows: HashMap<SocketHandle, Flow>,
+    by_key: HashMap<FlowKey, SocketHandle>,
+    /// Held SYN frames of flows waiting for the host's connect.
+    pending: HashMap<FlowKey, Vec<u8>>,
+    dns: SocketHandle,
+    dns_in_flight: usize,
+    /// Queries per guest socket, answered in arrival order: clients such as busybox's
+    /// `nslookup` send A and AAAA with the same ID and take the first reply for the first
+    /// question.
+    dns_queue: HashMap<IpEndpoint, VecDeque<DnsSlot>>,
+    dns_seq: u64,
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
+    wake: Arc<Notify>,
+    epoch: std::time::Instant,
+}
+
+enum Turn {
+    Stop,
+    Frame(std::io::Result<usize>),
+    Event(Option<Event>),
+    Wake,
+}
+
+impl Engine {
+    fn new(cfg: StackConfig, sock: UnixDatagram) -> Engine {
+        let mut dev = Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            mtu: usize::from(cfg.mtu),
+        };
+        let hw = HardwareAddress::Ethernet(EthernetAddress(cfg.gateway_mac));
+        let mut config = Config::new(hw);
+        config.random_seed = rand::random();
+        let epoch = std::time::Instant::now();
+        let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::ZERO);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(cfg.gateway), cfg.prefix_len));
+        });
+        iface.set_any_ip(true);
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut dns = udp::Socket::new(
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 * 1024]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 * 1024]),
+        );
+        // Port 53 on any address: the any-IP interface hands every destination to it.
+        let _ = dns.bind(IpListenEndpoint {
+            addr: None,
+            port: 53,
+        });
+        let dns = sockets.add(dns);
+        let (events_tx, events_rx) = mpsc::channel(MAX_FLOWS + MAX_DNS_IN_FLIGHT);
+        Engine {
+            cfg,
+            sock,
+            connected: false,
+            iface,
+            dev,
+            sockets,
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            pending: HashMap::new(),
+            dns,
+            dns_in_flight: 0,
+            dns_queue: HashMap::new(),
+            dns_seq: 0,
+            events_tx,
+            events_rx,
+            wake: Arc::new(Notify::new()),
+            epoch,
+        }
+    }
+
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(
+            i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX),
+        )
+    }
+
+    async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
+        tracing::debug!(gateway = %self.cfg.gateway, guest = %self.cfg.guest, "network stack running");
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let wake = self.wake.clone();
+        loop {
+            self.turn();
+            let delay = self
+                .iface
+                .poll_delay(self.now(), &self.sockets)
+                .map(|d| Duration::from_micros(d.total_micros()))
+                .unwrap_or(Duration::from_secs(1));
+            let has_tx = !self.dev.tx.is_empty();
+            // With the frame queue to QEMU full, smoltcp has work it cannot do yet and
+            // reports it as due now: wait for QEMU (writable) instead of spinning.
+            let delay = if self.dev.tx.len() >= MAX_QUEUED_FRAMES {
+                delay.max(Duration::from_millis(5))
+            } else {
+                delay
+            };
+            let turn = tokio::select! {
+                _ = &mut shutdown => Turn::Stop,
+                r = self.sock.recv(&mut buf) => Turn::Frame(r),
+                ev = self.events_rx.recv() => Turn::Event(ev),
+                _ = wake.notified() => Turn::Wake,
+                _ = tokio::time::sleep(delay) => Turn::Wake,
+                _ = self.sock.writable(), if has_tx => Turn::Wake,
+            };
+            match turn {
+                Turn::Stop => break,
+                Turn::Frame(Ok(n)) => {
+                    self.ingress(buf.get(..n).unwrap_or_default());
+                    self.drain_socket(&mut buf);
+                }
+                Turn::Frame(Err(e)) => {
+                    tracing::warn!(error = %e, "network stack socket receive failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Turn::Event(Some(ev)) => self.event(ev),
+                Turn::Event(None) | Turn::Wake => {}
+            }
+        }
+        tracing::debug!(flows = self.flows.len(), "network stack stopped");
+    }
+
+    /// Reads the datagrams already queued (up to a batch) without waiting.
+    fn drain_socket(&mut self, buf: &mut [u8]) {
+        for _ in 0..INGRESS_BATCH {
+            match self.sock.try_recv(buf) {
+                Ok(n) => self.ingress(buf.get(..n).unwrap_or_default()),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// One pass: smoltcp, the flows and DNS, smoltcp again, then frames out to QEMU.
+    fn turn(&mut self) {
+        while let Ok(ev) = self.events_rx.try_recv() {
+            self.event(ev);
+        }
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.service_flows();
+        self.service_dns();
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.flush();
+    }
+
+    /// Sends queued frames to QEMU. The socket is connected to QEMU's once that exists:
+    /// only then does "writable" mean the peer has room (Linux reports an unconnected
+    /// datagram socket as always writable), and only QEMU can send us frames.
+    fn flush(&mut self) {
+        if !self.connected {
+            if self.dev.tx.is_empty() {
+                return;
+            }
+            if let Err(e) = self.sock.connect(&self.cfg.peer) {
+                // QEMU is not up yet: the frames are lost, as on a wire.
+                tracing::trace!(error = %e, "QEMU's netdev socket not ready");
+                self.dev.tx.clear();
+                return;
+            }
+            self.connected = true;
+        }
+        while let Some(frame) = self.dev.tx.front() {
+            match self.sock.try_send(frame) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // QEMU gone: the frame is lost.
+                Err(e) => tracing::trace!(error = %e, "frame to QEMU dropped"),
+            }
+            self.dev.tx.pop_front();
+        }
+    }
+
+    fn ingress(&mut self, frame: &[u8]) {
+        match classify(frame, self.cfg.gateway, self.cfg.mtu) {
+            Ingress::Syn(key) if !self.by_key.contains_key(&key) => self.syn(key, frame),
+            Ingress::Drop => {}
+            _ => self.feed(frame.to_vec(), false),
+        }
+    }
+
+    fn feed(&mut self, frame: Vec<u8>, front: bool) {
+        if self.dev.rx.len() >= MAX_QUEUED_FRAMES {
+            return;
+        }
+        if front {
+            self.dev.rx.push_front(frame);
+        } else {
+            self.dev.rx.push_back(frame);
+        }
+    }
+
+    /// A SYN for a flow with no socket: hold it, ask the policy, connect from the host.
+    fn syn(&mut self, key: FlowKey, frame: &[u8]) {
+        if let Some(held) = self.pending.get_mut(&key) {
+            *held = frame.to_vec();
+            return;
+        }
+        if self.pending.len() + self.flows.len() >= MAX_FLOWS {
+            tracing::warn!(?key, "too many flows: refused");
+            return self.feed(frame.to_vec(), true);
+        }
+        let ip = IpAddr::V4(key.dst.0);
+        if let Err(denied) = self.cfg.policy.check_connect(&ip.to_string(), ip) {
+            tracing::info!(dst = %SocketAddr::new(ip, key.dst.1), reason = %denied, "guest connection refused by policy");
+            // No listener: smoltcp answers the SYN with an RST.
+            return self.feed(frame.to_vec(), true);
+        }
+        self.pending.insert(key, frame.to_vec());
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let addr = SocketAddr::new(ip, key.dst.1);
+            let result = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+            {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("connect timed out".to_string()),
+            };
+            let _ = tx.send(Event::Connected { key, result }).await;
+        });
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Connected { key, result } => {
+                let Some(syn) = self.pending.remove(&key) else {
+                    return;
+                };
+                match result {
+                    Ok(stream) => self.open(key, stream, syn),
+                    Err(reason) => {
+                        tracing::info!(dst = %SocketAddr::from(key.dst), %reason, "upstream connect failed: RST to guest");
+                        self.feed(syn, true);
+                    }
+                }
+            }
+            Event::Dns { client, seq, reply } => self.dns_answered(client, seq, reply),
+        }
+    }
+
+    /// The upstream connection is up: a socket listening on the flow's destination gets the
+    /// held SYN (smoltcp runs at once, so no other flow's SYN can reach this listener).
+    fn open(&mut self, key: FlowKey, stream: TcpStream, syn: Vec<u8>) {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
+        );
+        s.set_nagle_enabled(false);
+        let endpoint = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(key.dst.0)),
+            port: key.dst.1,
+        };
+        if s.listen(endpoint).is_err() {
+            return self.feed(syn, true);
+        }
+        let h = self.sockets.add(s);
+        self.feed(syn, true);
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        let s = self.sockets.get::<tcp::Socket>(h);
+        let remote_ok = s
+            .remote_endpoint()
+            .is_some_and(|r| r.addr == IpAddress::Ipv4(key.src.0) && r.port == key.src.1);
+        if s.state() != tcp::State::SynReceived || !remote_ok {
+            tracing::debug!(?key, state = %s.state(), "held SYN not accepted");
+            self.sockets.remove(h);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let (to_host, to_host_rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let (from_host_tx, from_host) = mpsc::channel(CHANNEL_CHUNKS);
+        let write_failed = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(host_reader(rd, from_host_tx, self.wake.clone()));
+        let writer = tokio::spawn(host_writer(
+            wr,
+            to_host_rx,
+            write_failed.clone(),
+            self.wake.clone(),
+        ));
+        tracing::debug!(dst = %SocketAddr::from(key.dst), "flow open");
+        self.flows.insert(
+            h,
+            Flow {
+                key,
+                to_host: Some(to_host),
+                from_host,
+                out: Vec::new(),
+                out_off: 0,
+                host_done: false,
+                fin_sent: false,
+                write_failed,
+                tasks: [reader.abort_handle(), writer.abort_handle()],
+            },
+        );
+        self.by_key.insert(key, h);
+    }
+
+    fn service_flows(&mut self) {
+        let mut closed = Vec::new();
+        for (h, flow) in self.flows.iter_mut() {
+            let s = self.sockets.get_mut::<tcp::Socket>(*h);
+            if service_flow(s, flow) {
+                closed.push(*h);
+            }
+        }
+        for h in closed {
+            if let Some(flow) = self.flows.remove(&h) {
+                self.by_key.remove(&flow.key);
+                tracing::debug!(dst = %SocketAddr::from(flow.key.dst), "flow closed");
+            }
+            self.sockets.remove(h);
+        }
+    }
+
+    fn service_dns(&mut self) {
+        let s = self.sockets.get_mut::<udp::Socket>(self.dns);
+        while let Ok((data, meta)) = s.recv() {
+            if self.dns_in_flight >= MAX_DNS_IN_FLIGHT {
+                continue;
+            }
+            self.dns_in_flight += 1;
+            self.dns_seq += 1;
+            let (client, seq) = (meta.endpoint, self.dns_seq);
+            self.dns_queue
+                .entry(client)
+                .or_default()
+                .push_back(DnsSlot {
+                    seq,
+                    meta,
+                    reply: None,
+                });
+            let query = data.to_vec();
+            let policy = self.cfg.policy.clone();
+            let tx = self.events_tx.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                let reply = crate::dns::answer(&query, &policy).await;
+                tracing::debug!(
+                    ms = t.elapsed().as_millis(),
+                    answered = reply.is_some(),
+                    "DNS query"
+                );
+                let _ = tx.send(Event::Dns { client, seq, reply }).await;
+            });
+        }
+    }
+
+    /// Records a finished query and sends the client's replies that are due, in order.
+    fn dns_answered(&mut self, client: IpEndpoint, seq: u64, reply: Option<Vec<u8>>) {
+        self.dns_in_flight = self.dns_in_flight.saturating_sub(1);
+        let Some(queue) = self.dns_queue.get_mut(&client) else {
+            return;
+        };
+        if let Some(slot) = queue.iter_mut().find(|q| q.seq == seq) {
+            slot.reply = Some(reply);
+        }
+        let s = self.sockets.get_mut::<udp::Socket>(self.dns);
+        while queue.front().is_some_and(|q| q.reply.is_some()) {
+            let Some(DnsSlot {
+                meta,
+                reply: Some(reply),
+                ..
+            }) = queue.pop_front()
+            else {
+                break;
+            };
+            if let Some(reply) = reply {
+                if let Err(e) = s.send_slice(&reply, meta) {
+                    tracing::debug!(error = %e, "DNS reply dropped");
+                }
+            }
+        }
+        if queue.is_empty() {
+            self.dns_queue.remove(&client);
+        }
+    }
+}
+
+/// Moves data both ways for one flow without blocking; true when the flow is finished.
+fn service_flow(s: &mut tcp::Socket<'_>, f: &mut Flow) -> bool {
+    use tcp::State;
+    // Guest -> host, only into reserved channel capacity.
+    if let Some(tx) = &f.to_host {
+        while s.can_recv() {
+            let Ok(permit) = tx.try_reserve() else { break };
+            let mut chunk = vec![0; CHUNK];
+            match s.recv_slice(&mut chunk) {
+                Ok(n) if n > 0 => {
+                    chunk.truncate(n);
+                    permit.send(chunk);
+                }
+                _ => break,
+            }
+        }
+        let guest_fin = matches!(
+            s.state(),
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait | State::Closed
+        );
+        if guest_fin && s.recv_queue() == 0 {
+            f.to_host = None; // the writer shuts the host socket's write side down
+        }
+    }
+    if f.write_failed.load(Ordering::Relaxed) {
+        s.abort();
+    }
+    // Host -> guest, only into socket buffer space.
+    loop {
+        if f.out_off < f.out.len() {
+            match s.send_slice(&f.out[f.out_off..]) {
+                Ok(n) => f.out_off += n,
+                Err(_) => break,
+            }
+            if f.out_off < f.out.len() {
+                break;
+            }
+        }
+        if f.host_done {
+            break;
+        }
+        match f.from_host.try_recv() {
+            Ok(HostData::Data(v)) => {
+                f.out = v;
+                f.out_off = 0;
+            }
+            Ok(HostData::Eof) | Err(mpsc::error::TryRecvError::Disconnected) => f.host_done = true,
+            Ok(HostData::Failed) => {
+                f.host_done = true;
+                s.abort();
+            }
+            Err(mpsc::error::TryRecvError::Empty) => break,
+        }
+    }
+    if f.host_done && f.out_off >= f.out.len() && !f.fin_sent {
+        s.close();
+        f.fin_sent = true;
+    }
+    s.state() == State::Closed
+}
+
+async fn host_reader(mut rd: OwnedReadHalf, tx: mpsc::Sender<HostData>, wake: Arc<Notify>) {
+    loop {
+        let Ok(permit) = tx.reserve().await else {
+            return;
+        };
+        let mut buf = vec![0; CHUNK];
+        let (msg, done) = match rd.read(&mut buf).await {
+            Ok(0) => (HostData::Eof, true),
+            Ok(n) => {
+                buf.truncate(n);
+                (HostData::Data(buf), false)
+            }
+            Err(_) => (HostData::Failed, true),
+        };
+        permit.send(msg);
+        wake.notify_one();
+        if done {
+            return;
+        }
+    }
+}
+
+async fn host_writer(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    failed: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+) {
+    while let Some(chunk) = rx.recv().await {
+        wake.notify_one(); // capacity freed: the loop may take more from the guest
+        if wr.write_all(&chunk).await.is_err() {
+            failed.store(true, Ordering::Relaxed);
+            wake.notify_one();
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+#[path = "stack_tests.rs"]
+mod tests;

@@ -1,0 +1,398 @@
+//! The stack against a "guest" that is a second smoltcp interface on the other end of the
+//! datagram socket pair, as QEMU would be: real frames, real TCP, upstreams on loopback.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::Instant;
+
+use super::*;
+
+const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
+struct Guest {
+    iface: Interface,
+    dev: Queues,
+    sockets: SocketSet<'static>,
+    sock: StdUnixDatagram,
+    stack_path: PathBuf,
+    epoch: Instant,
+    _stack: Stack,
+    _dir: tempfile::TempDir,
+}
+
+impl Guest {
+    fn new(policy: Policy) -> Guest {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stack_path = dir.path().join("net.sock");
+        let peer = dir.path().join("qemu.sock");
+        let sock = StdUnixDatagram::bind(&peer).expect("bind guest end");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let stack = Stack::start(StackConfig {
+            socket: stack_path.clone(),
+            peer,
+            gateway: GW,
+            guest: GUEST,
+            prefix_len: 24,
+            mtu: 1500,
+            gateway_mac: [0x02, 0, 0, 0, 0, 0x02],
+            policy: Arc::new(policy),
+        })
+        .expect("start stack");
+        let mut dev = Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            mtu: 1500,
+        };
+        let cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress([
+            0x02, 0, 0, 0, 0, 0x0f,
+        ])));
+        let mut iface = Interface::new(cfg, &mut dev, smoltcp::time::Instant::ZERO);
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(GUEST), 24))
+                .expect("addr");
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(GW)
+            .expect("route");
+        Guest {
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            sock,
+            stack_path,
+            epoch: Instant::now(),
+            _stack: stack,
+            _dir: dir,
+        }
+    }
+
+    fn poll(&mut self) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            self.dev.rx.push_back(buf[..n].to_vec());
+        }
+        let now = smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64);
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        // Like QEMU, keep frames the stack's socket has no room for yet.
+        while let Some(f) = self.dev.tx.front() {
+            match self.sock.send_to(f, &self.stack_path) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                _ => self.dev.tx.pop_front(),
+            };
+        }
+    }
+
+    /// Polls until `done` holds or `secs` pass; returns whether it held.
+    fn until(&mut self, secs: u64, mut done: impl FnMut(&mut Guest) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            self.poll();
+            if done(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    fn connect(&mut self, port: u16, local_port: u16) -> SocketHandle {
+        let s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+        );
+        let h = self.sockets.add(s);
+        let cx = self.iface.context();
+        self.sockets
+            .get_mut::<tcp::Socket>(h)
+            .connect(cx, (IpAddress::v4(127, 0, 0, 1), port), local_port)
+            .expect("connect");
+        h
+    }
+
+    fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+}
+
+/// Upstream that reads until EOF, answers `got:<data>` and closes.
+fn upstream_echo() -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().expect("accept");
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("read to EOF");
+        c.write_all(b"got:").expect("write");
+        c.write_all(&got).expect("write");
+        got
+    });
+    (port, t)
+}
+
+/// Sends `data`, half-closes, and collects the reply until the upstream's FIN.
+fn exchange(g: &mut Guest, h: SocketHandle, data: &[u8]) -> Vec<u8> {
+    let mut reply = Vec::new();
+    let mut sent = 0;
+    let ok = g.until(10, |g| {
+        let s = g.tcp(h);
+        if s.may_send() && sent < data.len() {
+            sent += s.send_slice(&data[sent..]).unwrap_or(0);
+            if sent == data.len() {
+                s.close();
+            }
+        }
+        while s.can_recv() {
+            let mut b = [0u8; 4096];
+            let n = s.recv_slice(&mut b).unwrap_or(0);
+            reply.extend_from_slice(&b[..n]);
+        }
+        sent == data.len() && !s.may_recv() && s.state() != tcp::State::SynSent
+    });
+    assert!(
+        ok,
+        "exchange timed out; state {}, sent {sent}, reply {}",
+        g.tcp(h).state(),
+        reply.len()
+    );
+    reply
+}
+
+#[test]
+fn tcp_round_trip_with_half_close() {
+    let mut g = Guest::new(Policy::new(std::iter::empty(), false));
+    let (port, upstream) = upstream_echo();
+    let h = g.connect(port, 40001);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let reply = exchange(&mut g, h, &data);
+    assert_eq!(upstream.join().expect("upstream"), data);
+    assert_eq!(&reply[..4], b"got:");
+    assert_eq!(&reply[4..], &data[..]);
+}
+
+#[test]
+fn blocked_destination_gets_rst_and_never_connects() {
+    let mut g = Guest::new(Policy::new(std::iter::empty(), true));
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    l.set_nonblocking(true).expect("nonblocking");
+    let port = l.local_addr().expect("addr").port();
+    let h = g.connect(port, 40002);
+    let t = Instant::now();
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST: state {}",
+        g.tcp(h).state()
+    );
+    // An RST, not a SYN retransmission timeout (smoltcp retries after 1 s).
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(l.accept().is_err(), "a refused flow reached the upstream");
+}
+
+#[test]
+fn closed_upstream_port_gets_rst() {
+    let mut g = Guest::new(Policy::new(std::iter::empty(), false));
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+        l.local_addr().expect("addr").port()
+    };
+    let h = g.connect(port, 40003);
+    assert!(g.until(3, |g| g.tcp(h).state() == tcp::State::Closed));
+}
+
+#[test]
+fn slow_flow_does_not_stall_another() {
+    let mut g = Guest::new(Policy::new(std::iter::empty(), false));
+    // Upstream A accepts and never reads.
+    let la = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let pa = la.local_addr().expect("addr").port();
+    let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let (_c, _) = la.accept().expect("accept");
+        let _ = hold_rx.recv();
+    });
+    let a = g.connect(pa, 40004);
+    let chunk = vec![7u8; 64 * 1024];
+    let mut pushed = 0usize;
+    let mut full_since: Option<Instant> = None;
+    // Push into A until its window has stayed closed for 500 ms (host kernel buffers full
+    // too): from then on the guest's send buffer stays full.
+    let stalled = g.until(60, |g| {
+        let s = g.tcp(a);
+        if s.may_send() {
+            pushed += s.send_slice(&chunk).unwrap_or(0);
+        }
+        let full = s.state() == tcp::State::Established && s.send_queue() == s.send_capacity();
+        match (full, full_since) {
+            (false, _) => full_since = None,
+            (true, None) => full_since = Some(Instant::now()),
+            (true, Some(t)) => return t.elapsed() > Duration::from_millis(500),
+        }
+        false
+    });
+    assert!(stalled, "flow A never filled up after {pushed} bytes");
+    eprintln!("flow A stalled after {pushed} bytes");
+    // B must work end to end while the guest keeps A's window full.
+    let (pb, upstream) = upstream_echo();
+    let b = g.connect(pb, 40005);
+    let mut reply = Vec::new();
+    let mut sent = false;
+    let done = g.until(10, |g| {
+        let sa = g.tcp(a);
+        if sa.may_send() {
+            pushed += sa.send_slice(&chunk).unwrap_or(0);
+        }
+        let sb = g.tcp(b);
+        if !sent && sb.may_send() {
+            sent = sb.send_slice(b"ping").unwrap_or(0) == 4;
+            sb.close();
+        }
+        while sb.can_recv() {
+            let mut buf = [0u8; 64];
+            let n = sb.recv_slice(&mut buf).unwrap_or(0);
+            reply.extend_from_slice(&buf[..n]);
+        }
+        sent && !sb.may_recv() && sb.state() != tcp::State::SynSent
+    });
+    assert!(done, "B stalled behind A; B state {}", g.tcp(b).state());
+    assert_eq!(reply, b"got:ping");
+    assert_eq!(upstream.join().expect("upstream"), b"ping");
+    // A is still backed up (its upstream never read).
+    assert!(g.tcp(a).send_queue() > 0, "A drained");
+    assert_eq!(g.tcp(a).state(), tcp::State::Established);
+    let _ = hold_tx.send(());
+    let _ = holder.join();
+}
+
+fn dns_query(g: &mut Guest, server: Ipv4Addr, name: &str) -> Vec<u8> {
+    use simple_dns::{Name, Packet, Question, CLASS, QCLASS, QTYPE, TYPE};
+    let mut p = Packet::new_query(7);
+    p.questions.push(Question::new(
+        Name::new_unchecked(name),
+        QTYPE::TYPE(TYPE::A),
+        QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    let q = p.build_bytes_vec().expect("query");
+    let mut s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+    );
+    s.bind(5353).expect("bind");
+    let h = g.sockets.add(s);
+    g.sockets
+        .get_mut::<udp::Socket>(h)
+        .send_slice(&q, (IpAddress::Ipv4(server), 53))
+        .expect("send");
+    let mut reply = None;
+    assert!(g.until(5, |g| {
+        if let Ok((d, meta)) = g.sockets.get_mut::<udp::Socket>(h).recv() {
+            assert_eq!(meta.endpoint.addr, IpAddress::Ipv4(server), "reply source");
+            reply = Some(d.to_vec());
+        }
+        reply.is_some()
+    }));
+    g.sockets.remove(h);
+    reply.expect("reply")
+}
+
+#[test]
+fn dns_to_any_address_is_answered_locally() {
+    use simple_dns::{rdata::RData, Packet, RCODE};
+    let mut g = Guest::new(Policy::new(["localhost"], true));
+    let server = Ipv4Addr::new(192, 0, 2, 53);
+    let r = dns_query(&mut g, server, "localhost");
+    let p = Packet::parse(&r).expect("parse");
+    assert_eq!(p.rcode(), RCODE::NoError);
+    assert!(p.answers.iter().any(|a| matches!(
+        a.rdata,
+        RData::A(ref x) if x.address == u32::from(Ipv4Addr::LOCALHOST)
+    )));
+    let r = dns_query(&mut g, GW, "exfil.attacker.test");
+    assert_eq!(Packet::parse(&r).expect("parse").rcode(), RCODE::NameError);
+}
+
+#[test]
+fn classify_reads_only_well_formed_syns() {
+    assert_eq!(classify(&[], GW, 1500), Ingress::Other);
+    assert_eq!(classify(&[0u8; 13], GW, 1500), Ingress::Other);
+    let mut frame = vec![0u8; 14 + 20 + 20];
+    frame[12] = 0x08; // IPv4
+    frame[14] = 0x45;
+    frame[16..18].copy_from_slice(&40u16.to_be_bytes());
+    frame[23] = 6; // TCP
+    frame[26..30].copy_from_slice(&[10, 0, 2, 15]);
+    frame[30..34].copy_from_slice(&[198, 51, 100, 2]);
+    frame[34..36].copy_from_slice(&40000u16.to_be_bytes());
+    frame[36..38].copy_from_slice(&80u16.to_be_bytes());
+    frame[46] = 0x50; // data offset 5
+    frame[47] = 0x02; // SYN
+    assert_eq!(
+        classify(&frame, GW, 1500),
+        Ingress::Syn(FlowKey {
+            src: (GUEST, 40000),
+            dst: (Ipv4Addr::new(198, 51, 100, 2), 80)
+        })
+    );
+    frame[47] = 0x12; // SYN+ACK
+    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
+    frame[47] = 0x02;
+    frame[16..18].copy_from_slice(&400u16.to_be_bytes()); // longer than the frame
+    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
+    frame[16..18].copy_from_slice(&40u16.to_be_bytes());
+    frame[23] = 1; // ICMP: only the gateway's is answered
+    assert_eq!(classify(&frame, GW, 1500), Ingress::Drop);
+    frame[30..34].copy_from_slice(&GW.octets());
+    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
+    assert_eq!(classify(&vec![0u8; 1515], GW, 1500), Ingress::Drop);
+}
+
+#[test]
+fn dns_replies_keep_the_order_of_the_queries() {
+    use simple_dns::{Name, Packet, Question, CLASS, QCLASS, QTYPE, TYPE};
+    let mut g = Guest::new(Policy::new(std::iter::empty(), true));
+    // Like busybox nslookup: same ID, sent back to back; the first (A) needs the host
+    // resolver, the second (TXT) is answered at once.
+    let q = |t: TYPE| {
+        let mut p = Packet::new_query(42);
+        p.questions.push(Question::new(
+            Name::new_unchecked("localhost"),
+            QTYPE::TYPE(t),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        p.build_bytes_vec().expect("query")
+    };
+    let mut s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+    );
+    s.bind(5354).expect("bind");
+    let h = g.sockets.add(s);
+    for t in [TYPE::A, TYPE::TXT] {
+        g.sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(&q(t), (IpAddress::Ipv4(GW), 53))
+            .expect("send");
+    }
+    let mut replies = Vec::new();
+    assert!(g.until(5, |g| {
+        while let Ok((d, _)) = g.sockets.get_mut::<udp::Socket>(h).recv() {
+            replies.push(d.to_vec());
+        }
+        replies.len() == 2
+    }));
+    let types: Vec<QTYPE> = replies
+        .iter()
+        .map(|r| Packet::parse(r).expect("parse").questions[0].qtype)
+        .collect();
+    assert_eq!(types, [QTYPE::TYPE(TYPE::A), QTYPE::TYPE(TYPE::TXT)]);
+}
