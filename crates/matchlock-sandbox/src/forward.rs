@@ -28,6 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{read_frame, write_frame, REPLY_TIMEOUT};
+use crate::sandbox::error_chain;
 
 /// Opens a fresh connection to the guest agent (directly or through an exec relay).
 pub type Dial =
@@ -240,17 +241,6 @@ async fn accept_loop(
     }
     drop(listener);
     conns.shutdown().await;
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 async fn connect_and_tunnel(
