@@ -227,6 +227,11 @@ impl RunningSandbox {
         Ok(bindings)
     }
 
+    /// How long the sandbox may run (from readiness), if limited.
+    pub fn lifetime(&self) -> Option<Duration> {
+        self.lifetime
+    }
+
     /// Resolves when the lifetime has passed (never, without a lifetime).
     pub async fn expired(&self) -> Duration {
         match self.lifetime {

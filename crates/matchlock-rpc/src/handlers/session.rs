@@ -147,6 +147,10 @@ async fn launch_entrypoint(sandbox: &RunningSandbox, argv: Vec<String>) -> Resul
 /// Enforces `resources.timeout_seconds`: when the sandbox's lifetime passes, in-flight
 /// requests are cancelled, the sandbox is closed and later requests are told why.
 fn watch_lifetime(s: &Arc<Shared>, sandbox: &Arc<RunningSandbox>) {
+    // Without a lifetime the watcher would wait forever holding the sandbox.
+    if sandbox.lifetime().is_none() {
+        return;
+    }
     let weak = Arc::downgrade(s);
     let sandbox = sandbox.clone();
     tokio::spawn(async move {
