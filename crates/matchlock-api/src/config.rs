@@ -158,13 +158,16 @@ pub struct Secret {
     pub hosts: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The guest network. Absent (or `no_network: false`) means a network with open egress
+/// except blocked address ranges; `block_private_ips` defaults to true when omitted (the
+/// reference defaulted it to false, leaving private ranges reachable).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NetworkConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub add_hosts: Vec<HostMapping>,
-    #[serde(default)]
+    #[serde(default = "default_true")]
     pub block_private_ips: bool,
     #[serde(default, skip_serializing_if = "is_false")]
     pub no_network: bool,
@@ -184,6 +187,27 @@ pub struct NetworkConfig {
 
 fn is_zero(v: &u32) -> bool {
     *v == 0
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for NetworkConfig {
+    fn default() -> NetworkConfig {
+        NetworkConfig {
+            allowed_hosts: Vec::new(),
+            add_hosts: Vec::new(),
+            block_private_ips: true,
+            no_network: false,
+            intercept: false,
+            interception: None,
+            secrets: BTreeMap::new(),
+            dns_servers: Vec::new(),
+            hostname: String::new(),
+            mtu: 0,
+        }
+    }
 }
 
 impl NetworkConfig {

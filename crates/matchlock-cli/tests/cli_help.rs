@@ -159,8 +159,21 @@ fn argument_errors() {
         "{}",
         stderr(&o)
     );
-    let o = run(&["run", "--image", "x", "--allow-host", "a.com", "true"]);
+    let o = run(&["run", "--image", "x", "-v", "/tmp:/w", "true"]);
     assert!(stderr(&o).contains("not supported yet"), "{}", stderr(&o));
+    // Network settings are checked before any image is looked up.
+    let o = run(&["run", "--image", "x", "--mtu", "100", "true"]);
+    assert!(
+        stderr(&o).contains("invalid network mtu 100: must be between 576 and 9000"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["run", "--image", "x", "--secret", "TOKEN=abc", "true"]);
+    assert!(
+        stderr(&o).contains("invalid secret \"TOKEN=abc\": missing @hosts"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&["image", "rm", "nonexistent:tag"]);
     assert!(!o.status.success());
     assert!(!run(&["image", "rm"]).status.success());

@@ -1,4 +1,4 @@
-//! End to end: the experimental guest network (`MATCHLOCK_EXPERIMENTAL_NET=1`) with the
+//! End to end: the guest network (on by default; `--allow-host` for an allow-list) with the
 //! sandbox owner inside a network namespace that holds only loopback and a veth to a test
 //! host in a second namespace, so no packet can leave this machine.
 //!
@@ -228,9 +228,7 @@ fn guest_network_through_the_owner_stack() {
     let e = env();
     let net = Net::new();
     let mut run = e.cmd();
-    run.args(["run", "--image", common::IMAGE, "-d"])
-        .env("MATCHLOCK_EXPERIMENTAL_NET", "1")
-        .env("MATCHLOCK_EXPERIMENTAL_ALLOW", ALLOW)
+    run.args(["run", "--image", common::IMAGE, "-d", "--allow-host", ALLOW])
         .env("MATCHLOCK_LOG", "warn,matchlock_net=debug");
     let out = net.wrap(run).output().expect("run -d");
     let id = ok(&out).trim().to_string();
@@ -316,9 +314,7 @@ fn open_egress_still_blocks_private_ranges() {
     let e = env();
     let net = Net::new();
     let mut run = e.cmd();
-    run.args(["run", "--image", common::IMAGE, "-d"])
-        .env("MATCHLOCK_EXPERIMENTAL_NET", "1")
-        .env_remove("MATCHLOCK_EXPERIMENTAL_ALLOW");
+    run.args(["run", "--image", common::IMAGE, "-d"]);
     let id = ok(&net.wrap(run).output().expect("run -d"))
         .trim()
         .to_string();
@@ -346,9 +342,9 @@ fn open_egress_still_blocks_private_ranges() {
 }
 
 #[test]
-fn without_the_gate_there_is_no_nic() {
+fn no_network_means_no_nic() {
     let e = env();
-    let out = e.sandbox(&["--rm", "--", "sh", "-c", "ls /sys/class/net"]);
+    let out = e.sandbox(&["--no-network", "--", "sh", "-c", "ls /sys/class/net"]);
     let text = ok(&out);
     assert!(!text.contains("eth0"), "{text}");
 }

@@ -88,9 +88,9 @@ fn protocol_errors_without_a_vm() {
             "must be within workspace",
         ),
         (
-            json!({"image": "x", "network": {"allowed_hosts": ["a.com"]}}),
+            json!({"image": "x", "network": {"allowed_hosts": ["a.com"], "mtu": 100}}),
             -32000,
-            "not available",
+            "invalid network mtu 100: must be between 576 and 9000",
         ),
         (
             // A registry reference on a closed loopback port: the pull fails at once and

@@ -180,6 +180,13 @@ frame_types! {
     Ping = 60,
     /// G->H: the payload of the `Ping` it answers.
     Pong = 61,
+    /// Client->relay only (never sent to a guest): JSON [`AllowListUpdate`]; add hosts to the
+    /// sandbox's allow-list. Answered `AllowList` or `Error`.
+    AllowListAdd = 70,
+    /// Client->relay only: JSON [`AllowListUpdate`]; remove hosts.
+    AllowListDelete = 71,
+    /// Relay->client: JSON [`AllowListResult`].
+    AllowList = 72,
 }
 
 /// One decoded frame.
@@ -387,6 +394,10 @@ pub struct BootConfig {
     /// The guest NIC's IPv4 settings (`eth0`); absent when the VM has no NIC.
     #[serde(default)]
     pub net: Option<GuestNet>,
+    /// PEM of the host's interception CA, installed into the guest's trust (absent: no
+    /// interception).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 /// Static IPv4 settings of the guest's only NIC (no DHCP: they come with the boot config).
@@ -476,6 +487,21 @@ pub struct WriteFileRequest {
     /// Owner as in [`ExecRequest::user`]; empty means root.
     #[serde(default)]
     pub user: String,
+}
+
+/// An allow-list change sent to a sandbox's owner through its relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowListUpdate {
+    pub hosts: Vec<String>,
+}
+
+/// The owner's answer to an [`AllowListUpdate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowListResult {
+    /// Hosts added or removed, in order.
+    pub changed: Vec<String>,
+    /// The allow-list now (empty: every host allowed).
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -119,6 +119,68 @@ pub fn write_identity_files(
     write(resolv, &render_resolv(dns))
 }
 
+/// Where the interception CA is written, relative to the root.
+pub const CA_FILE: &str = "etc/ssl/certs/matchlock-ca.crt";
+/// The image's system bundle plus the CA, for `SSL_CERT_FILE` and friends.
+pub const CA_BUNDLE: &str = "etc/ssl/certs/matchlock-bundle.crt";
+/// System bundles the CA is appended to, in the order looked for (Debian/Alpine, Fedora).
+const SYSTEM_BUNDLES: [&str; 2] = [
+    "etc/ssl/certs/ca-certificates.crt",
+    "etc/pki/tls/certs/ca-bundle.crt",
+];
+/// Largest system bundle read (real ones are ~200 KiB).
+const MAX_BUNDLE: u64 = 16 << 20;
+
+/// Installs the host's interception CA: [`CA_FILE`], appended to the image's system bundle
+/// when it has one (so tools that ignore the environment trust it too), and [`CA_BUNDLE`]
+/// (system bundle + CA), which the exec environment points `SSL_CERT_FILE` at so TLS that
+/// is not intercepted still verifies against the image's roots.
+pub fn install_ca(root: &Path, pem: &str) -> Result<(), EtcError> {
+    let dir = root.join("etc/ssl/certs");
+    std::fs::create_dir_all(&dir).map_err(|source| EtcError::MkdirEtc {
+        path: dir.clone(),
+        source,
+    })?;
+    let pem = if pem.ends_with('\n') {
+        pem.to_string()
+    } else {
+        format!("{pem}\n")
+    };
+    let mut system = String::new();
+    for b in SYSTEM_BUNDLES {
+        let path = root.join(b);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() || meta.len() > MAX_BUNDLE {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let sep = if text.is_empty() || text.ends_with('\n') {
+                ""
+            } else {
+                "\n"
+            };
+            write(path, &format!("{text}{sep}{pem}"))?;
+            system = format!("{text}{sep}");
+            break;
+        }
+    }
+    for (name, contents) in [
+        (CA_FILE, pem.clone()),
+        (CA_BUNDLE, format!("{system}{pem}")),
+    ] {
+        let path = root.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(EtcError::Remove { path, source }),
+        }
+        write(path, &contents)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +225,27 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn ca_installed_into_bundle() {
+        let base = std::env::temp_dir().join(format!("mlg-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (root, bare) = (base.join("a"), base.join("b"));
+        let certs = root.join("etc/ssl/certs");
+        std::fs::create_dir_all(&certs).expect("mkdir");
+        std::fs::write(certs.join("ca-certificates.crt"), "SYSTEM").expect("write");
+        // An image's symlink at our name must be replaced, not followed.
+        std::os::unix::fs::symlink("/nonexistent", certs.join("matchlock-ca.crt")).expect("ln");
+        install_ca(&root, "CA").expect("install");
+        let read = |n: &str| std::fs::read_to_string(certs.join(n)).expect("read");
+        assert_eq!(read("ca-certificates.crt"), "SYSTEM\nCA\n");
+        assert_eq!(read("matchlock-ca.crt"), "CA\n");
+        assert_eq!(read("matchlock-bundle.crt"), "SYSTEM\nCA\n");
+        install_ca(&bare, "CA\n").expect("install");
+        let b = bare.join("etc/ssl/certs/matchlock-bundle.crt");
+        assert_eq!(std::fs::read_to_string(b).expect("read"), "CA\n");
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

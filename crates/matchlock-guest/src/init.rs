@@ -318,6 +318,9 @@ fn boot(
     }
     etc::write_identity_files(Path::new("/"), &hostname, &cfg.add_hosts, &cfg.dns_servers)
         .map_err(BootError::EtcFiles)?;
+    if let Some(pem) = &cfg.ca_pem {
+        etc::install_ca(Path::new("/"), pem).map_err(BootError::EtcFiles)?;
+    }
     mount_extras(plan.extras, teardown)?;
     start_agent(cfg.privileged, teardown)?;
     write_frame(conn, &Frame::empty(FrameType::Ready)).map_err(BootError::Ready)?;

@@ -80,6 +80,8 @@ pub enum Failure {
     ImageJoin(#[source] tokio::task::JoinError),
     #[error("create sandbox")]
     Create(#[source] StartError),
+    #[error("create VM: network")]
+    Network(#[source] matchlock_sandbox::network::NetworkSetupError),
     #[error("start image entrypoint: exit code {0}")]
     EntrypointExit(i32),
     #[error("start image entrypoint")]
@@ -142,6 +144,7 @@ impl Failure {
             | ImagePull { .. }
             | ImageJoin(_)
             | Create(_)
+            | Network(_)
             | EntrypointExit(_)
             | Entrypoint(_)
             | EntrypointJoin(_)

@@ -215,6 +215,8 @@ async fn input_pump<W: AsyncWrite + Unpin>(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecDefaults {
     pub env: BTreeMap<String, String>,
+    /// Overrides every other environment source (secret placeholders).
+    pub forced_env: BTreeMap<String, String>,
     pub cwd: String,
     pub user: String,
 }
@@ -227,15 +229,30 @@ impl ExecDefaults {
         env.extend(config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         ExecDefaults {
             env,
+            forced_env: BTreeMap::new(),
             cwd: image.working_dir.clone(),
             user: image.user.clone(),
         }
+    }
+
+    /// Adds the network's environment: `defaults` under the image's, `forced` over all.
+    pub fn with_network(
+        mut self,
+        forced: Vec<(String, String)>,
+        defaults: Vec<(String, String)>,
+    ) -> Self {
+        for (k, v) in defaults {
+            self.env.entry(k).or_insert(v);
+        }
+        self.forced_env.extend(forced);
+        self
     }
 
     /// Fills in what `req` leaves empty; `req.env` entries override the defaults.
     pub fn apply(&self, req: &mut ExecRequest) {
         let mut env = self.env.clone();
         env.append(&mut req.env);
+        env.extend(self.forced_env.clone());
         if req.tty.is_some() && !env.contains_key("TERM") {
             env.insert("TERM".to_string(), "xterm".to_string());
         }

@@ -1,26 +1,36 @@
 //! The network service: a sandbox's userspace TCP/IP stack ([`matchlock_net::stack`]),
-//! attached to a virtio-net device in the VM and started and stopped with it.
+//! attached to a virtio-net device in the VM and started and stopped with it, and the
+//! run-time control of its policy ([`NetworkControl`]).
 //!
 //! # Design
+//! Every sandbox has a network unless its configuration says `no_network` (then the VM has
+//! no NIC at all). [`for_config`] turns the configuration into a service: the policy
+//! (allow-list plus the secrets' hosts, blocked address ranges unless `block_private_ips`
+//! is false), the secrets with their placeholders, the MTU and the DNS servers.
 //! [`NetworkService::prepare`] binds the stack's datagram socket in the sandbox's state
 //! directory before QEMU starts, adds the `-netdev dgram` device to the VM and the guest's
-//! static address, gateway and MTU to the boot configuration (no DHCP on the boot path), and
-//! points the guest's resolver at the gateway, where the stack answers DNS. The guest link is
-//! a private /24, so the gateway's own address is in a blocked range: a guest cannot reach
-//! the host's loopback services through it.
+//! static address, gateway and MTU to the boot configuration (no DHCP on the boot path),
+//! and points the guest's resolver at the gateway (or the configured servers; the stack
+//! answers DNS sent to any address). The guest link is a private /24, so the gateway's own
+//! address is in a blocked range: a guest cannot reach the host's loopback services
+//! through it.
+//!
+//! [`exec_env`] is what every command gets: secret placeholders (never the values) and,
+//! under interception, the CA bundle variables.
 //!
 //! # Limitations
-//! Experimental: only enabled by `MATCHLOCK_EXPERIMENTAL_NET=1` for `matchlock run`
-//! ([`experimental_from_env`]); the CLI flags and RPC options for networking still refuse.
-//! No HTTP/TLS interception, secrets or events yet. The socket files are recorded in the
-//! state DB before they are created (so `gc` finds them after a crash) and removed on stop.
+//! The socket files are recorded in the state DB before they are created (so `gc` finds
+//! them after a crash) and removed on stop.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use matchlock_api::NetworkConfig;
 use matchlock_guest_proto::GuestNet;
 use matchlock_net::policy::Policy;
+pub use matchlock_net::secrets::{parse_secret_spec, SecretSpec, SecretSpecError};
+use matchlock_net::secrets::{Secret, Secrets};
 use matchlock_net::stack::{Stack, StackConfig};
 use matchlock_vm::NetDevice;
 
@@ -41,46 +51,188 @@ pub const STACK_SOCKET: &str = "net.sock";
 /// QEMU's end of the netdev.
 pub const QEMU_SOCKET: &str = "net-qemu.sock";
 
-/// Enables the experimental network.
-pub const ENV_ENABLE: &str = "MATCHLOCK_EXPERIMENTAL_NET";
-/// Comma-separated allow-list for the experimental network (empty: open egress).
-pub const ENV_ALLOW: &str = "MATCHLOCK_EXPERIMENTAL_ALLOW";
+/// Where the guest finds the interception CA (written by the guest at boot).
+pub const GUEST_CA_FILE: &str = "/etc/ssl/certs/matchlock-ca.crt";
+/// The guest's trust bundle for clients: the image's system bundle (when it has one) plus
+/// the CA, so TLS that is not intercepted still verifies (the reference pointed
+/// `SSL_CERT_FILE` at the CA alone, which broke every other TLS connection).
+pub const GUEST_CA_BUNDLE: &str = "/etc/ssl/certs/matchlock-bundle.crt";
 
-/// A sandbox's network: policy and, once prepared, the running stack.
+/// A sandbox's network: policy, secrets and, once prepared, the running stack.
 pub struct NetworkService {
     policy: Arc<Policy>,
+    #[allow(dead_code)] // used by the interception proxy
+    secrets: Arc<Secrets>,
+    #[allow(dead_code)] // used by the interception proxy
+    intercepting: bool,
     mtu: u16,
+    /// `--dns-servers` (empty: the host's resolver answers).
+    dns: Vec<IpAddr>,
     stack: Option<Stack>,
     files: Vec<PathBuf>,
 }
 
-impl NetworkService {
-    /// A network with `policy` (private ranges are blocked unless the policy says otherwise).
-    pub fn new(policy: Policy) -> NetworkService {
-        NetworkService {
-            policy: Arc::new(policy),
-            mtu: DEFAULT_MTU,
-            stack: None,
-            files: Vec::new(),
+/// Failures turning a network configuration into a network service.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkSetupError {
+    #[error("invalid network mtu {0}: must be between 576 and 9000")]
+    Mtu(u32),
+    #[error("invalid dns server {0:?}: expected an IP address")]
+    DnsServer(String),
+    #[error("invalid secret name {0:?}: must be a valid environment variable name")]
+    SecretName(String),
+}
+
+/// Whether `net` asks for interception (the reference's rule, §7.1): an allow-list,
+/// secrets, `intercept` or interception rules.
+pub fn intercepting(net: &NetworkConfig) -> bool {
+    !net.no_network && net.needs_network_stack()
+}
+
+/// Builds the network service for `net` (none under `no_network`). Secret placeholders not
+/// given are generated here, into `net`, so the guest's environment and the proxy agree.
+pub fn for_config(
+    net: &mut NetworkConfig,
+) -> Result<Option<(NetworkService, Arc<NetworkControl>)>, NetworkSetupError> {
+    if net.no_network {
+        return Ok(None);
+    }
+    let mtu = match net.mtu {
+        0 => DEFAULT_MTU,
+        m => u16::try_from(m)
+            .ok()
+            .filter(|m| (576..=9000).contains(m))
+            .ok_or(NetworkSetupError::Mtu(m))?,
+    };
+    let mut dns = Vec::new();
+    for d in &net.dns_servers {
+        let ip: IpAddr = d
+            .trim()
+            .parse()
+            .map_err(|_| NetworkSetupError::DnsServer(d.clone()))?;
+        dns.push(ip);
+    }
+    let mut secrets = Vec::new();
+    for (name, s) in net.secrets.iter_mut() {
+        let valid = !name.is_empty()
+            && !name.contains(['=', '\0'])
+            && !name.chars().any(char::is_whitespace);
+        if !valid {
+            return Err(NetworkSetupError::SecretName(name.clone()));
+        }
+        let secret = Secret::new(name, &s.value, &s.hosts, &s.placeholder);
+        s.placeholder = secret.placeholder.clone();
+        secrets.push(secret);
+    }
+    let secrets = Secrets::new(secrets);
+    let mut hosts: Vec<&str> = net.allowed_hosts.iter().map(String::as_str).collect();
+    hosts.extend(secrets.hosts());
+    let policy = Arc::new(Policy::new(hosts, net.block_private_ips));
+    let control = Arc::new(NetworkControl {
+        policy: policy.clone(),
+        intercepting: intercepting(net),
+    });
+    let service = NetworkService {
+        policy,
+        secrets: Arc::new(secrets),
+        intercepting: control.intercepting,
+        mtu,
+        dns,
+        stack: None,
+        files: Vec::new(),
+    };
+    Ok(Some((service, control)))
+}
+
+/// Checks `net` the way [`for_config`] will, without changing it (callers validate before
+/// resolving images or booting).
+pub fn validate(net: &NetworkConfig) -> Result<(), NetworkSetupError> {
+    for_config(&mut net.clone()).map(|_| ())
+}
+
+/// Environment variables, in order.
+pub type EnvList = Vec<(String, String)>;
+
+/// Environment every command of a sandbox with `net` gets: `forced` overrides image,
+/// config and request environment (secret placeholders, as the reference); `defaults` sits
+/// under the image's environment (the CA bundle for common TLS clients).
+pub fn exec_env(net: &NetworkConfig) -> (EnvList, EnvList) {
+    if net.no_network {
+        return (Vec::new(), Vec::new());
+    }
+    let forced = net
+        .secrets
+        .iter()
+        .map(|(k, s)| (k.clone(), s.placeholder.clone()))
+        .collect();
+    let mut defaults = Vec::new();
+    if intercepting(net) {
+        for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+            defaults.push((k.to_string(), GUEST_CA_BUNDLE.to_string()));
+        }
+        defaults.push(("NODE_EXTRA_CA_CERTS".to_string(), GUEST_CA_FILE.to_string()));
+    }
+    (forced, defaults)
+}
+
+/// Run-time control of a sandbox's network: the allow-list (`allow-list add|delete`, RPC
+/// `allow_list_add/delete`). Changes apply to new connections and requests at once.
+pub struct NetworkControl {
+    policy: Arc<Policy>,
+    intercepting: bool,
+}
+
+/// Why an allow-list change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AllowListError {
+    #[error("allow-list updates unavailable: sandbox was started without network interception")]
+    NoInterception,
+}
+
+/// The result of an allow-list change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowListChange {
+    /// Hosts added (or removed), in order.
+    pub changed: Vec<String>,
+    /// The allow-list now (empty: every host allowed).
+    pub allowed_hosts: Vec<String>,
+}
+
+impl NetworkControl {
+    fn check(&self) -> Result<(), AllowListError> {
+        if self.intercepting {
+            Ok(())
+        } else {
+            Err(AllowListError::NoInterception)
         }
     }
 
-    /// The policy the stack enforces (shared: allow-list changes apply to new flows).
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy.clone()
+    /// Adds hosts (trimmed, empties and known hosts skipped).
+    pub fn allow(&self, hosts: &[String]) -> Result<AllowListChange, AllowListError> {
+        self.check()?;
+        let changed = self.policy.allow.add(hosts.iter().map(String::as_str));
+        tracing::info!(added = ?changed, "allow-list changed");
+        Ok(AllowListChange {
+            changed,
+            allowed_hosts: self.policy.allow.hosts(),
+        })
     }
-}
 
-/// The experimental gate: a network service when `MATCHLOCK_EXPERIMENTAL_NET=1`, with open
-/// egress (private ranges blocked) or the allow-list in `MATCHLOCK_EXPERIMENTAL_ALLOW`.
-pub fn experimental_from_env() -> Option<Box<dyn Service>> {
-    if std::env::var(ENV_ENABLE).ok().as_deref() != Some("1") {
-        return None;
+    /// Removes hosts.
+    pub fn disallow(&self, hosts: &[String]) -> Result<AllowListChange, AllowListError> {
+        self.check()?;
+        let changed = self.policy.allow.delete(hosts.iter().map(String::as_str));
+        tracing::info!(removed = ?changed, "allow-list changed");
+        Ok(AllowListChange {
+            changed,
+            allowed_hosts: self.policy.allow.hosts(),
+        })
     }
-    let allow = std::env::var(ENV_ALLOW).unwrap_or_default();
-    let policy = Policy::new(allow.split(','), true);
-    tracing::warn!(allow = ?policy.allow.hosts(), "experimental guest network enabled");
-    Some(Box::new(NetworkService::new(policy)))
+
+    /// The allow-list now.
+    pub fn allowed_hosts(&self) -> Vec<String> {
+        self.policy.allow.hosts()
+    }
 }
 
 fn remove_stale(path: &Path) -> Result<(), ServiceError> {
@@ -135,7 +287,13 @@ impl Service for NetworkService {
             gateway: GATEWAY_ADDR,
             mtu: self.mtu,
         });
-        plan.guest.dns_servers = vec![GATEWAY_ADDR.to_string()];
+        // The stack answers DNS sent to any address; the guest lists the configured servers
+        // (as the reference) or, by default, the gateway.
+        plan.guest.dns_servers = if self.dns.is_empty() {
+            vec![GATEWAY_ADDR.to_string()]
+        } else {
+            self.dns.iter().map(ToString::to_string).collect()
+        };
         Ok(())
     }
 

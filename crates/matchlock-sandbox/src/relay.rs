@@ -9,11 +9,13 @@
 //! splices bytes both ways. So a client disconnect reaches the guest
 //! as a disconnect, which kills the command, exactly as for in-process execs. Only
 //! per-command requests pass; `Shutdown` is refused (that is the owner's decision).
+//! Allow-list changes (`matchlock allow-list`) are answered by the relay itself: the
+//! policy lives in the owner, never in the guest.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use matchlock_guest_proto::{ExecRequest, Frame, FrameType};
+use matchlock_guest_proto::{AllowListResult, AllowListUpdate, ExecRequest, Frame, FrameType};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +42,52 @@ pub enum RelayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("send the allow-list update")]
+    AllowListSend(#[source] matchlock_guest_proto::ProtoError),
+    #[error("read the allow-list answer")]
+    AllowListReply(#[source] matchlock_guest_proto::ProtoError),
+    #[error("the sandbox's owner closed the connection without answering")]
+    AllowListNoReply,
+    #[error("{0}")]
+    AllowListRefused(String),
+    #[error("unexpected {0:?} frame in answer to an allow-list update")]
+    AllowListUnexpected(FrameType),
+    #[error("decode the allow-list answer")]
+    AllowListDecode(#[source] matchlock_guest_proto::ProtoError),
+}
+
+/// Asks the owner of the sandbox in `vm_dir` to add (`add`) or remove `hosts` from its
+/// allow-list.
+pub async fn update_allow_list(
+    id: &str,
+    vm_dir: &Path,
+    add: bool,
+    hosts: Vec<String>,
+) -> Result<AllowListResult, RelayError> {
+    let mut conn = connect(id, vm_dir).await?;
+    let kind = if add {
+        FrameType::AllowListAdd
+    } else {
+        FrameType::AllowListDelete
+    };
+    let frame =
+        Frame::json(kind, &AllowListUpdate { hosts }).map_err(RelayError::AllowListDecode)?;
+    write_frame(&mut conn, &frame)
+        .await
+        .map_err(RelayError::AllowListSend)?;
+    let reply = read_frame(&mut conn)
+        .await
+        .map_err(RelayError::AllowListReply)?
+        .ok_or(RelayError::AllowListNoReply)?;
+    match reply.kind {
+        FrameType::AllowList => reply
+            .parse("allow-list answer")
+            .map_err(RelayError::AllowListDecode),
+        FrameType::Error => Err(RelayError::AllowListRefused(
+            String::from_utf8_lossy(&reply.payload).into_owned(),
+        )),
+        other => Err(RelayError::AllowListUnexpected(other)),
+    }
 }
 
 /// Binds the relay socket in `vm_dir`.
@@ -94,6 +142,9 @@ async fn handle(
                 Err(e) => Err(e),
             }
         }
+        FrameType::AllowListAdd | FrameType::AllowListDelete => {
+            return allow_list(&mut client, sandbox, &first).await;
+        }
         FrameType::WriteFile
         | FrameType::ReadFile
         | FrameType::ListFiles
@@ -114,6 +165,32 @@ async fn handle(
     };
     write_frame(&mut guest, &forward).await?;
     tokio::io::copy_bidirectional(&mut client, &mut guest).await?;
+    Ok(())
+}
+
+/// Answers an allow-list change itself (the guest never sees these frames).
+async fn allow_list(
+    client: &mut UnixStream,
+    sandbox: &Sandbox,
+    frame: &Frame,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let update: AllowListUpdate = frame.parse("allow-list update")?;
+    let result = match sandbox.network() {
+        None => Err(crate::network::AllowListError::NoInterception),
+        Some(net) if frame.kind == FrameType::AllowListAdd => net.allow(&update.hosts),
+        Some(net) => net.disallow(&update.hosts),
+    };
+    let reply = match result {
+        Ok(c) => Frame::json(
+            FrameType::AllowList,
+            &AllowListResult {
+                changed: c.changed,
+                allowed_hosts: c.allowed_hosts,
+            },
+        )?,
+        Err(e) => Frame::new(FrameType::Error, e.to_string().into_bytes()),
+    };
+    write_frame(client, &reply).await?;
     Ok(())
 }
 

@@ -157,6 +157,11 @@ impl RunningSandbox {
         &self.sandbox.id
     }
 
+    /// Run-time control of the network policy (none: the sandbox has no network).
+    pub fn network(&self) -> Option<Arc<crate::network::NetworkControl>> {
+        self.sandbox.network()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.sandbox.dir
     }

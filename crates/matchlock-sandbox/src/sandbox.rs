@@ -185,8 +185,20 @@ pub struct Sandbox {
     machine: Arc<dyn Machine>,
     link: Arc<GuestLink>,
     defaults: ExecDefaults,
+    network: Option<Arc<crate::network::NetworkControl>>,
     services: Mutex<Services>,
     pub boot_time: Duration,
+}
+
+fn exec_defaults(spec: &SandboxSpec) -> ExecDefaults {
+    let d = ExecDefaults::new(&spec.image_config, &spec.config.env);
+    match &spec.config.network {
+        Some(net) => {
+            let (forced, defaults) = crate::network::exec_env(net);
+            d.with_network(forced, defaults)
+        }
+        None => d,
+    }
 }
 
 fn process_start_time(pid: u32) -> u64 {
@@ -226,7 +238,8 @@ impl Sandbox {
             link: Arc::new(GuestLink {
                 machine: Arc::new(NoMachine),
             }),
-            defaults: ExecDefaults::new(&spec.image_config, &spec.config.env),
+            defaults: exec_defaults(&spec),
+            network: spec.services.network_control.clone(),
             services: Mutex::new(std::mem::take(&mut spec.services)),
             boot_time: Duration::ZERO,
         };
@@ -366,6 +379,7 @@ impl Sandbox {
                 now.subsec_nanos(),
             ),
             net: None,
+            ca_pem: None,
         };
         BootPlan { vm, guest }
     }
@@ -430,6 +444,11 @@ impl Sandbox {
     pub async fn exec(&self, req: ExecRequest, io: ExecIo) -> Result<ExitStatus, SandboxError> {
         let (stream, req) = self.open_exec(req).await?;
         run_exec(stream, &req, io).await.map_err(SandboxError::Exec)
+    }
+
+    /// Run-time control of the sandbox's network policy (none: no network).
+    pub fn network(&self) -> Option<Arc<crate::network::NetworkControl>> {
+        self.network.clone()
     }
 
     /// True once the VM has gone away on its own.

@@ -12,9 +12,7 @@
 //! [`EventSink`].
 //!
 //! # Limitations
-//! No filesystem service exists yet. The network service ([`crate::network`]) is
-//! experimental and only filled in by `matchlock run` under `MATCHLOCK_EXPERIMENTAL_NET=1`;
-//! otherwise the guest has no NIC and no shares.
+//! No filesystem service exists yet: the guest has no shares.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -73,9 +71,26 @@ pub struct Services {
     pub filesystem: Option<Box<dyn Service>>,
     /// Where events go (none: events are only traced).
     pub events: Option<EventSink>,
+    /// Run-time control of the network's policy (none: no network).
+    pub network_control: Option<Arc<crate::network::NetworkControl>>,
 }
 
 impl Services {
+    /// The services `config` asks for: a network unless `network.no_network` (an absent
+    /// network section means the default network). Generated secret placeholders are
+    /// written into `config`.
+    pub fn for_config(
+        config: &mut matchlock_api::Config,
+    ) -> Result<Services, crate::network::NetworkSetupError> {
+        let net = config.network.get_or_insert_with(Default::default);
+        let mut services = Services::default();
+        if let Some((service, control)) = crate::network::for_config(net)? {
+            services.network = Some(Box::new(service));
+            services.network_control = Some(control);
+        }
+        Ok(services)
+    }
+
     fn each(&mut self) -> impl Iterator<Item = &mut Box<dyn Service>> {
         self.network.iter_mut().chain(self.filesystem.iter_mut())
     }

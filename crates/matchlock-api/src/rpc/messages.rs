@@ -185,6 +185,25 @@ pub struct HostsParams {
     pub hosts: Vec<String>,
 }
 
+/// Result of `allow_list_add`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowListAddResult {
+    #[serde(default)]
+    pub added: Vec<String>,
+    /// The allow-list now (empty: every host allowed).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Result of `allow_list_delete`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowListDeleteResult {
+    #[serde(default)]
+    pub removed: Vec<String>,
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+}
+
 /// One `[LOCAL:]REMOTE` mapping (local 0 lets the OS choose).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {

@@ -1,9 +1,10 @@
 //! `matchlock allow-list add|delete`: change a running sandbox's egress allow-list.
 //!
-//! Allow-lists are enforced by the network interception proxy, which this build does not
-//! have yet; the command validates its input and the sandbox, then reports that (the
-//! reference's message for sandboxes started without interception).
+//! The change is made by the sandbox's owner (through its relay socket), which holds the
+//! policy; it applies to new connections and requests at once. Sandboxes started without
+//! interception refuse, with the reference's message.
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::common;
@@ -43,16 +44,35 @@ pub fn parse_hosts(args: &[String]) -> anyhow::Result<Vec<String>> {
 }
 
 pub fn allow_list(c: AllowListCmd) -> anyhow::Result<()> {
-    let a = match c {
-        AllowListCmd::Add(a) | AllowListCmd::Delete(a) => a,
+    let (add, a) = match c {
+        AllowListCmd::Add(a) => (true, a),
+        AllowListCmd::Delete(a) => (false, a),
     };
-    parse_hosts(&a.hosts)?;
+    let hosts = parse_hosts(&a.hosts)?;
     let paths = common::paths()?;
     let state = common::state(&paths)?;
-    common::running_vm(&state, &a.id)?;
-    anyhow::bail!(
-        "update allow-list: allow-list updates unavailable: sandbox was started without network interception"
-    )
+    let dir = common::running_vm(&state, &a.id)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let r = rt
+        .block_on(matchlock_sandbox::relay::update_allow_list(
+            &a.id, &dir, add, hosts,
+        ))
+        .context("update allow-list")?;
+    let id = &a.id;
+    match (add, r.changed.is_empty()) {
+        (true, false) => println!("Added to {id}: {}", r.changed.join(",")),
+        (true, true) => println!("No new hosts were added to {id}"),
+        (false, false) => println!("Removed from {id}: {}", r.changed.join(",")),
+        (false, true) => println!("No hosts were removed from {id}"),
+    }
+    if r.allowed_hosts.is_empty() {
+        println!("Current allow-list: (empty: all hosts allowed)");
+    } else {
+        println!("Current allow-list: {}", r.allowed_hosts.join(","));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

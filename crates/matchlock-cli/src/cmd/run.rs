@@ -68,7 +68,8 @@ pub struct RunArgs {
     /// Extra /etc/hosts entry HOST:IP. Repeatable, comma-separated lists accepted.
     #[arg(long = "add-host", value_delimiter = ',', value_name = "HOST:IP")]
     pub add_host: Vec<String>,
-    /// DNS servers written to the guest's /etc/resolv.conf (default 8.8.8.8,8.8.4.4).
+    /// DNS servers the guest's queries are forwarded to (also listed in its resolv.conf).
+    /// Default: the host's own resolver answers (/etc/hosts honoured).
     #[arg(long = "dns-servers", value_delimiter = ',', value_name = "IP")]
     pub dns_servers: Vec<String>,
     /// vCPUs; fractions become a CPU quota (0.5 = half a CPU).
@@ -104,16 +105,19 @@ pub struct RunArgs {
     /// Attach an ext4 disk image: HOST_PATH:GUEST_MOUNT[:ro]. Repeatable.
     #[arg(long = "disk", value_name = "HOST:GUEST[:ro]")]
     pub disk: Vec<String>,
-    /// No network interface in the guest (currently always the case).
+    /// No network interface in the guest at all.
     #[arg(long = "no-network")]
     pub no_network: bool,
-    /// Allow egress to these hosts (needs the network stack: not available yet).
+    /// Allow egress only to these hosts (globs: api.example.com, *.example.com). Turns on
+    /// HTTP/TLS interception; other TCP is allowed only to listed IP literals. Repeatable.
     #[arg(long = "allow-host", value_delimiter = ',')]
     pub allow_host: Vec<String>,
-    /// Inject a secret NAME=VALUE@host (needs the network stack: not available yet).
+    /// Secret NAME=VALUE@host1,host2 or NAME@hosts (value from $NAME). The guest sees only
+    /// a placeholder in $NAME; the host swaps in the value in requests to those hosts and
+    /// refuses requests carrying it anywhere else. Repeatable.
     #[arg(long)]
     pub secret: Vec<String>,
-    /// Force HTTP/TLS interception (needs the network stack: not available yet).
+    /// Intercept HTTP/TLS even without an allow-list or secrets (events for every request).
     #[arg(long = "network-intercept")]
     pub network_intercept: bool,
     /// Guest NIC MTU.
@@ -223,16 +227,11 @@ fn refuse_unavailable(a: &RunArgs) -> anyhow::Result<()> {
         }
     }
     for (set, flag) in [
-        (!a.allow_host.is_empty(), "--allow-host"),
-        (!a.secret.is_empty(), "--secret"),
-        (a.network_intercept, "--network-intercept"),
         (!a.volume.is_empty(), "-v/--volume"),
         (a.workspace.is_some(), "--workspace"),
     ] {
         if set {
-            anyhow::bail!(
-                "{flag} is not supported yet: this build has no guest network stack or workspace support"
-            );
+            anyhow::bail!("{flag} is not supported yet: this build has no workspace support");
         }
     }
     Ok(())
@@ -267,7 +266,7 @@ fn image_for(a: &RunArgs) -> anyhow::Result<(matchlock_image::ImageRecord, Image
     Ok((resolved.record, image_config))
 }
 
-/// The guest network settings the flags ask for (no NIC yet: `no_network` stays set).
+/// The guest network settings the flags ask for.
 fn network_for(a: &RunArgs) -> anyhow::Result<NetworkConfig> {
     let add_hosts = a
         .add_host
@@ -279,16 +278,39 @@ fn network_for(a: &RunArgs) -> anyhow::Result<NetworkConfig> {
             anyhow::bail!("invalid --dns-servers entry {d:?}: expected an IP address");
         }
     }
+    let mut secrets = std::collections::BTreeMap::new();
+    for spec in &a.secret {
+        let parsed =
+            matchlock_sandbox::network::parse_secret_spec(spec, &|n| std::env::var(n).ok())
+                .map_err(|e| anyhow::anyhow!("invalid secret {spec:?}: {e}"))?;
+        secrets.insert(
+            parsed.name.clone(),
+            matchlock_api::Secret {
+                value: parsed.value.clone(),
+                placeholder: String::new(),
+                hosts: parsed.hosts.clone(),
+            },
+        );
+    }
     let network = NetworkConfig {
+        allowed_hosts: a
+            .allow_host
+            .iter()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect(),
         add_hosts,
         block_private_ips: true,
-        no_network: true,
+        no_network: a.no_network,
+        intercept: a.network_intercept,
+        secrets,
         dns_servers: a.dns_servers.iter().map(|s| s.trim().to_string()).collect(),
         hostname: a.hostname.clone().unwrap_or_default(),
         mtu: u32::try_from(a.mtu).unwrap_or(matchlock_api::DEFAULT_MTU),
         ..Default::default()
     };
     network.validate()?;
+    matchlock_sandbox::network::validate(&network)?;
     Ok(network)
 }
 
@@ -306,6 +328,7 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         .validate_for_host()
         .map_err(|e| anyhow::anyhow!("--{e}"))?;
     refuse_unavailable(a)?;
+    let network = network_for(a)?;
     let accel: matchlock_vm::Accel = a
         .accel
         .parse()
@@ -338,7 +361,7 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         image: a.image.clone(),
         privileged: a.privileged,
         resources,
-        network: Some(network_for(a)?),
+        network: Some(network),
         env,
         extra_disks,
         image_config: Some(image_config.clone()),
@@ -391,20 +414,16 @@ async fn own(
 ) -> anyhow::Result<i32> {
     // Installed before booting, so a signal during boot stops the sandbox cleanly.
     let signals = ShutdownSignals::install(Hangup::Ignore)?;
+    let mut config = plan.config.clone();
+    let services = Services::for_config(&mut config)?;
     let opts = StartOptions {
         spec: SandboxSpec {
-            config: plan.config.clone(),
+            config,
             rootfs: plan.image.rootfs.clone(),
             image_config: plan.image_config.clone(),
             accel,
             owner_pid: std::process::id(),
-            // Experimental guest network, only with MATCHLOCK_EXPERIMENTAL_NET=1 (issue 9).
-            services: Services {
-                network: (!a.no_network)
-                    .then(matchlock_sandbox::network::experimental_from_env)
-                    .flatten(),
-                ..Services::default()
-            },
+            services,
         },
         lifetime: a.timeout.map(Duration::from_secs),
         remove_on_failure: a.rm,

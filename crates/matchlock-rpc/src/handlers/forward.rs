@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use matchlock_api::rpc::{
-    to_value, HostsParams, PortBinding, PortForwardParams, PortForwardResult,
+    to_value, AllowListAddResult, AllowListDeleteResult, HostsParams, PortBinding,
+    PortForwardParams, PortForwardResult,
 };
 use matchlock_sandbox::forward::{self, OnError};
 use serde_json::Value;
@@ -12,12 +13,30 @@ use serde_json::Value;
 use crate::error::Failure;
 use crate::shared::Shared;
 
-pub fn allow_list(s: &Shared, p: HostsParams) -> Result<Value, Failure> {
+/// `allow_list_add` (`add`) or `allow_list_delete`: changes apply to new connections and
+/// requests at once (spec §7.5.3).
+pub fn allow_list(s: &Shared, p: HostsParams, add: bool) -> Result<Value, Failure> {
     if p.hosts.iter().all(|h| h.trim().is_empty()) {
         return Err(Failure::Missing("hosts"));
     }
-    s.current()?;
-    Err(Failure::NoInterception)
+    let net = s.current()?.network().ok_or(Failure::NoInterception)?;
+    let change = if add {
+        net.allow(&p.hosts)
+    } else {
+        net.disallow(&p.hosts)
+    }
+    .map_err(|_| Failure::NoInterception)?;
+    Ok(if add {
+        to_value(&AllowListAddResult {
+            added: change.changed,
+            allowed_hosts: change.allowed_hosts,
+        })
+    } else {
+        to_value(&AllowListDeleteResult {
+            removed: change.changed,
+            allowed_hosts: change.allowed_hosts,
+        })
+    })
 }
 
 /// Each call replaces every previous forward (spec §2.4).

@@ -105,7 +105,8 @@ async fn call_other(
         Method::ListFiles => files::list_files(s, params(p)?, cancel).await,
         Method::Log => files::log(s).await,
         Method::LogStream => files::log_stream(s, id, cancel).await,
-        Method::AllowListAdd | Method::AllowListDelete => forward::allow_list(s, params(p)?),
+        Method::AllowListAdd => forward::allow_list(s, params(p)?, true),
+        Method::AllowListDelete => forward::allow_list(s, params(p)?, false),
         Method::PortForward => forward::port_forward(s, params(p)?).await,
         // Inline methods never reach a task.
         _ => Err(Failure::MethodNotFound),

@@ -23,6 +23,9 @@ pub async fn create(s: &Arc<Shared>, p: Value) -> Result<Value, Failure> {
         return Err(Failure::VmExists(cur.id().to_string()));
     }
     refuse_unavailable(&plan.config)?;
+    if let Some(net) = &plan.config.network {
+        matchlock_sandbox::network::validate(net).map_err(Failure::Network)?;
+    }
     plan.config
         .resources
         .validate_for_host()
@@ -58,16 +61,6 @@ pub async fn create(s: &Arc<Shared>, p: Value) -> Result<Value, Failure> {
 
 /// Configurations this build cannot honour are refused, not ignored.
 fn refuse_unavailable(cfg: &Config) -> Result<(), Failure> {
-    if cfg
-        .network
-        .as_ref()
-        .is_some_and(|n| n.needs_network_stack())
-    {
-        return Err(Failure::Unavailable {
-            what: "network interception (allowed_hosts, secrets, intercept)",
-            needs: "the guest network stack",
-        });
-    }
     if cfg
         .vfs
         .as_ref()
@@ -111,13 +104,14 @@ async fn start(
 ) -> Result<Arc<RunningSandbox>, Failure> {
     let mut config = plan.config.clone();
     config.image_config = Some(image_config.clone());
+    let services = Services::for_config(&mut config).map_err(Failure::Network)?;
     let spec = SandboxSpec {
         config,
         rootfs,
         image_config,
         accel: s.opts.accel,
         owner_pid: s.opts.owner_pid,
-        services: Services::default(),
+        services,
     };
     let opts = StartOptions {
         spec,
