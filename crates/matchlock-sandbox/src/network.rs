@@ -34,7 +34,7 @@ use matchlock_net::secrets::{Secret, Secrets};
 use matchlock_net::stack::{Stack, StackConfig};
 use matchlock_vm::NetDevice;
 
-use crate::services::{BootPlan, Service, ServiceError};
+use crate::services::{BootPlan, EventHub, Service, ServiceError};
 
 /// The guest's address on its link.
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -68,6 +68,8 @@ pub struct NetworkService {
     mtu: u16,
     /// `--dns-servers` (empty: the host's resolver answers).
     dns: Vec<IpAddr>,
+    #[allow(dead_code)] // used by the interception proxy
+    events: Arc<EventHub>,
     stack: Option<Stack>,
     files: Vec<PathBuf>,
 }
@@ -93,6 +95,7 @@ pub fn intercepting(net: &NetworkConfig) -> bool {
 /// given are generated here, into `net`, so the guest's environment and the proxy agree.
 pub fn for_config(
     net: &mut NetworkConfig,
+    events: Arc<EventHub>,
 ) -> Result<Option<(NetworkService, Arc<NetworkControl>)>, NetworkSetupError> {
     if net.no_network {
         return Ok(None);
@@ -138,6 +141,7 @@ pub fn for_config(
         intercepting: control.intercepting,
         mtu,
         dns,
+        events,
         stack: None,
         files: Vec::new(),
     };
@@ -147,7 +151,7 @@ pub fn for_config(
 /// Checks `net` the way [`for_config`] will, without changing it (callers validate before
 /// resolving images or booting).
 pub fn validate(net: &NetworkConfig) -> Result<(), NetworkSetupError> {
-    for_config(&mut net.clone()).map(|_| ())
+    for_config(&mut net.clone(), Arc::default()).map(|_| ())
 }
 
 /// Environment variables, in order.

@@ -273,6 +273,9 @@ impl Sandbox {
         let upper = self.create_upper_disk(spec.config.resources.disk_size_mb)?;
         let (ready, ready_path) = self.bind_ready_socket()?;
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper);
+        lock(&self.services)
+            .events
+            .open_log(&self.dir.join("logs").join(crate::services::EVENT_LOG));
         let files = lock(&self.services).host_files(&self.dir);
         for f in files {
             self.record("service socket", Resource::File(f))?;

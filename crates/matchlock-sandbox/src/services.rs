@@ -17,7 +17,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use matchlock_api::rpc::{EventParams, NetworkEventInfo};
 use matchlock_guest_proto::BootConfig;
+use matchlock_vm::console::ConsoleLog;
 use matchlock_vm::VmConfig;
 
 /// What a VM will boot with; services may add to it before the VM starts.
@@ -57,10 +59,90 @@ pub enum SandboxEvent {
     Ready { id: String, boot_ms: u64 },
     /// The sandbox stopped (its VM is down and its disks and sockets are removed).
     Stopped { id: String, reason: String },
+    /// A request through the interception proxy, or a connection the policy refused.
+    Network {
+        /// Unix seconds.
+        timestamp: i64,
+        event: NetworkEventInfo,
+    },
+}
+
+impl SandboxEvent {
+    /// One line of the sandbox's event log (`logs/events.jsonl`): network events in the
+    /// shape of the RPC `event` notification, lifecycle events as `{"type":"sandbox",...}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            SandboxEvent::Ready { id, boot_ms } => {
+                serde_json::json!({"type": "sandbox", "event": "ready", "id": id, "boot_ms": boot_ms, "timestamp": unix_now()})
+            }
+            SandboxEvent::Stopped { id, reason } => {
+                serde_json::json!({"type": "sandbox", "event": "stopped", "id": id, "reason": reason, "timestamp": unix_now()})
+            }
+            SandboxEvent::Network { timestamp, event } => serde_json::to_value(EventParams {
+                kind: "network".to_string(),
+                timestamp: *timestamp,
+                network: Some(event.clone()),
+            })
+            .unwrap_or_default(),
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Receives a sandbox's events; must not block.
 pub type EventSink = Arc<dyn Fn(&SandboxEvent) + Send + Sync>;
+
+/// File name of a sandbox's event log, in its `logs` directory.
+pub const EVENT_LOG: &str = "events.jsonl";
+
+/// Where a sandbox's events go: its event log (capped and rotated like the console log)
+/// and the caller's sink (the RPC server's `event` notifications). Never blocks for long:
+/// a log line is one small append; the sink must not block.
+#[derive(Default)]
+pub struct EventHub {
+    sink: Option<EventSink>,
+    log: std::sync::OnceLock<Arc<ConsoleLog>>,
+}
+
+impl EventHub {
+    pub fn new(sink: Option<EventSink>) -> Arc<EventHub> {
+        Arc::new(EventHub {
+            sink,
+            log: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Starts the event log at `path` (once; later calls are ignored).
+    pub(crate) fn open_log(&self, path: &Path) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match ConsoleLog::create(path, matchlock_vm::console::console_max_bytes()) {
+            Ok(log) => {
+                let _ = self.log.set(log);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "event log unavailable"),
+        }
+    }
+
+    pub fn emit(&self, event: &SandboxEvent) {
+        tracing::debug!(?event, "sandbox event");
+        if let Some(log) = self.log.get() {
+            let mut line = event.to_json().to_string();
+            line.push('\n');
+            log.append(line.as_bytes());
+        }
+        if let Some(sink) = &self.sink {
+            sink(event);
+        }
+    }
+}
 
 /// The services a sandbox runs beside its VM.
 #[derive(Default)]
@@ -69,8 +151,8 @@ pub struct Services {
     pub network: Option<Box<dyn Service>>,
     /// Workspace and volume filesystem server (none yet: no shares).
     pub filesystem: Option<Box<dyn Service>>,
-    /// Where events go (none: events are only traced).
-    pub events: Option<EventSink>,
+    /// Where events go (the event log, and the caller's sink if any).
+    pub events: Arc<EventHub>,
     /// Run-time control of the network's policy (none: no network).
     pub network_control: Option<Arc<crate::network::NetworkControl>>,
 }
@@ -81,10 +163,15 @@ impl Services {
     /// written into `config`.
     pub fn for_config(
         config: &mut matchlock_api::Config,
+        sink: Option<EventSink>,
     ) -> Result<Services, crate::network::NetworkSetupError> {
         let net = config.network.get_or_insert_with(Default::default);
-        let mut services = Services::default();
-        if let Some((service, control)) = crate::network::for_config(net)? {
+        let mut services = Services {
+            events: EventHub::new(sink),
+            ..Services::default()
+        };
+        if let Some((service, control)) = crate::network::for_config(net, services.events.clone())?
+        {
             services.network = Some(Box::new(service));
             services.network_control = Some(control);
         }
@@ -118,9 +205,6 @@ impl Services {
     }
 
     pub(crate) fn emit(&self, event: &SandboxEvent) {
-        tracing::debug!(?event, "sandbox event");
-        if let Some(sink) = &self.events {
-            sink(event);
-        }
+        self.events.emit(event);
     }
 }

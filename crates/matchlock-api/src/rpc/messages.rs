@@ -311,3 +311,39 @@ mod tests {
         assert_eq!(p, FileParams::default());
     }
 }
+
+/// Params of the `event` notification (spec §2.6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventParams {
+    /// `network`, `file` or `exec`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Unix seconds for network events, Unix milliseconds for file events (as the reference).
+    #[serde(default)]
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkEventInfo>,
+}
+
+/// One HTTP(S) request through the interception proxy, or one blocked connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkEventInfo {
+    #[serde(default)]
+    pub method: String,
+    #[serde(default)]
+    pub url: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub status_code: u16,
+    #[serde(default)]
+    pub request_bytes: u64,
+    #[serde(default)]
+    pub response_bytes: u64,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub blocked: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub block_reason: String,
+}

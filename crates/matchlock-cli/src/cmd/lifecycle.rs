@@ -63,6 +63,10 @@ pub struct LogArgs {
     /// Keep printing as the log grows, until interrupted.
     #[arg(short = 'f', long = "follow")]
     pub follow: bool,
+    /// Print the sandbox's structured event log instead (one JSON object per line: network
+    /// requests and blocked connections, sandbox ready and stopped).
+    #[arg(long)]
+    pub events: bool,
 }
 
 fn short_time(rfc3339: &str) -> String {
@@ -282,7 +286,12 @@ pub fn log(a: LogArgs) -> anyhow::Result<()> {
     state
         .get(&a.id)
         .map_err(|e| anyhow::anyhow!("VM not found {}: {e}", a.id))?;
-    let path = state.vm_dir(&a.id).join("logs").join("vm.log");
+    let name = if a.events {
+        matchlock_sandbox::services::EVENT_LOG
+    } else {
+        "vm.log"
+    };
+    let path = state.vm_dir(&a.id).join("logs").join(name);
     let mut out = std::io::stdout().lock();
     let mut offset = 0u64;
     let mut buf = vec![0u8; 64 * 1024];

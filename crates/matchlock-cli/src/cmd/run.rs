@@ -415,7 +415,7 @@ async fn own(
     // Installed before booting, so a signal during boot stops the sandbox cleanly.
     let signals = ShutdownSignals::install(Hangup::Ignore)?;
     let mut config = plan.config.clone();
-    let services = Services::for_config(&mut config)?;
+    let services = Services::for_config(&mut config, None)?;
     let opts = StartOptions {
         spec: SandboxSpec {
             config,

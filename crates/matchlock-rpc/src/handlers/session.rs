@@ -3,9 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use matchlock_api::rpc::{to_value, CancelParams, CancelResult, CloseParams, CreateResult, Empty};
+use matchlock_api::rpc::{
+    envelope, to_value, CancelParams, CancelResult, CloseParams, CreateResult, Empty, EventParams,
+    Notice,
+};
 use matchlock_api::{Config, ImageConfig, ImageOverrides};
-use matchlock_sandbox::services::Services;
+use matchlock_sandbox::services::{EventSink, SandboxEvent, Services};
 use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
 use serde_json::Value;
 
@@ -104,7 +107,8 @@ async fn start(
 ) -> Result<Arc<RunningSandbox>, Failure> {
     let mut config = plan.config.clone();
     config.image_config = Some(image_config.clone());
-    let services = Services::for_config(&mut config).map_err(Failure::Network)?;
+    let services =
+        Services::for_config(&mut config, Some(event_sink(s))).map_err(Failure::Network)?;
     let spec = SandboxSpec {
         config,
         rootfs,
@@ -121,6 +125,39 @@ async fn start(
     RunningSandbox::start(&s.opts.paths, s.state.clone(), opts, &s.run)
         .await
         .map_err(Failure::Create)
+}
+
+/// Events queued for the client before new ones are dropped (as the reference's 100).
+const EVENT_QUEUE: usize = 100;
+
+/// The sandbox's network events as `event` notifications. The sink never waits: events
+/// beyond [`EVENT_QUEUE`] waiting for a slow client are dropped (and counted in the log).
+fn event_sink(s: &Shared) -> EventSink {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<EventParams>(EVENT_QUEUE);
+    let data = s.data_sender();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let line = envelope::notification(Notice::Event, to_value(&ev));
+            if data.send(line.into()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let dropped = std::sync::atomic::AtomicU64::new(0);
+    Arc::new(move |ev: &SandboxEvent| {
+        let SandboxEvent::Network { timestamp, event } = ev else {
+            return;
+        };
+        let params = EventParams {
+            kind: "network".to_string(),
+            timestamp: *timestamp,
+            network: Some(event.clone()),
+        };
+        if tx.try_send(params).is_err() {
+            let n = dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            tracing::debug!(dropped = n, "event notification dropped: client too slow");
+        }
+    })
 }
 
 /// Starts the image's entrypoint in the background (output to the VM log, spec §2.5);
