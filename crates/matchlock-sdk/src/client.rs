@@ -9,9 +9,10 @@ use std::time::Duration;
 use matchlock_api::rpc::envelope::{self, Incoming};
 use matchlock_api::rpc::port::parse_port_spec;
 use matchlock_api::rpc::{
-    b64, to_value, CancelParams, CloseParams, ContentResult, CreateResult, ExecMode, ExecParams,
-    ExecResult as WireExecResult, ExecStreamResult as WireStreamResult, FileParams, InputParams,
-    ListFilesResult, Method, Notice, PortForwardParams, PortForwardResult, StreamData,
+    b64, to_value, AllowListAddResult, AllowListDeleteResult, CancelParams, CloseParams,
+    ContentResult, CreateResult, ExecMode, ExecParams, ExecResult as WireExecResult,
+    ExecStreamResult as WireStreamResult, FileParams, HostsParams, InputParams, ListFilesResult,
+    Method, Notice, PortForwardParams, PortForwardResult, StreamData,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -486,6 +487,28 @@ impl Client {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Adds hosts to the sandbox's allow-list (it must have been created with interception:
+    /// an allow-list, secrets or `intercept`); returns the hosts added and the list now.
+    pub async fn allow_list_add(&self, hosts: &[&str]) -> Result<AllowListAddResult, SdkError> {
+        let p = HostsParams {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        };
+        let r = self.call(Method::AllowListAdd, to_value(&p)).await?;
+        result(r, "allow-list")
+    }
+
+    /// Removes hosts from the sandbox's allow-list; an empty list allows every host.
+    pub async fn allow_list_delete(
+        &self,
+        hosts: &[&str],
+    ) -> Result<AllowListDeleteResult, SdkError> {
+        let p = HostsParams {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        };
+        let r = self.call(Method::AllowListDelete, to_value(&p)).await?;
+        result(r, "allow-list")
     }
 
     /// Forwards `[LOCAL:]REMOTE` ports from 127.0.0.1; replaces earlier forwards.

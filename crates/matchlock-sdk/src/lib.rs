@@ -43,6 +43,7 @@ pub use client::{
     InteractiveOptions, PortForwardBinding,
 };
 pub use matchlock_api::rpc::codes as error_codes;
+pub use matchlock_api::rpc::{AllowListAddResult, AllowListDeleteResult};
 
 /// Errors of the SDK.
 #[derive(Debug, thiserror::Error)]
