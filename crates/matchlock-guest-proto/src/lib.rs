@@ -409,6 +409,19 @@ pub struct GuestNet {
     /// Default gateway (the host's stack); also the guest's DNS server.
     pub gateway: std::net::Ipv4Addr,
     pub mtu: u16,
+    /// Static IPv6 settings of the same NIC (absent: IPv4 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<GuestNet6>,
+}
+
+/// Static IPv6 settings of the guest's NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNet6 {
+    pub address: std::net::Ipv6Addr,
+    /// Prefix length of the guest's subnet (1..=126).
+    pub prefix_len: u8,
+    /// Default gateway (the host's stack).
+    pub gateway: std::net::Ipv6Addr,
 }
 
 /// Window size of a TTY.

@@ -310,6 +310,11 @@ fn boot(
         crate::sys::configure_ipv4("eth0", n.address, n.prefix_len, n.gateway, n.mtu)
             .map_err(BootError::Network)?;
         tracing::info!(address = %n.address, gateway = %n.gateway, "eth0 configured");
+        if let Some(v6) = n.ipv6 {
+            crate::sys::configure_ipv6("eth0", v6.address, v6.prefix_len, v6.gateway)
+                .map_err(BootError::Network)?;
+            tracing::info!(address = %v6.address, gateway = %v6.gateway, "eth0 IPv6 configured");
+        }
     }
 
     let hostname = etc::effective_hostname(&cfg.hostname).to_string();

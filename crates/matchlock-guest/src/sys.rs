@@ -113,6 +113,80 @@ pub fn configure_ipv4(
     check(unsafe { libc::ioctl(fd, libc::SIOCADDRT, &rt) })
 }
 
+/// `struct in6_rtmsg` of `<linux/ipv6_route.h>` (the libc crate keeps its fields private).
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    kind: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+/// Writes `value` to `/proc/sys/net/ipv6/conf/<name>/<key>`.
+fn ipv6_conf(name: &str, key: &str, value: &str) -> io::Result<()> {
+    std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/{key}"), value)
+}
+
+/// Gives `name` the static IPv6 address `addr/prefix_len` and a default route via
+/// `gateway`, with duplicate address detection and router advertisements off (the host's
+/// stack is the only other node on the link, and the settings come with the boot config).
+pub fn configure_ipv6(
+    name: &str,
+    addr: std::net::Ipv6Addr,
+    prefix_len: u8,
+    gateway: std::net::Ipv6Addr,
+) -> io::Result<()> {
+    if !(1..=126).contains(&prefix_len) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (key, value) in [("accept_dad", "0"), ("accept_ra", "0"), ("autoconf", "0")] {
+        ipv6_conf(name, key, value)?;
+    }
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: if_nametoindex reads a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let index =
+        libc::c_int::try_from(index).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let sock = std::net::UdpSocket::bind("[::]:0")?;
+    let fd = sock.as_raw_fd();
+    let req = libc::in6_ifreq {
+        ifr6_addr: libc::in6_addr {
+            s6_addr: addr.octets(),
+        },
+        ifr6_prefixlen: u32::from(prefix_len),
+        ifr6_ifindex: index,
+    };
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads a valid, owned `in6_ifreq`.
+    check(unsafe { libc::ioctl(fd, libc::SIOCSIFADDR, &req) })?;
+    let unspecified = libc::in6_addr { s6_addr: [0; 16] };
+    let rt = In6Rtmsg {
+        dst: unspecified,
+        src: unspecified,
+        gateway: libc::in6_addr {
+            s6_addr: gateway.octets(),
+        },
+        kind: 0,
+        dst_len: 0,
+        src_len: 0,
+        metric: 1,
+        info: 0,
+        flags: u32::from(libc::RTF_UP | libc::RTF_GATEWAY),
+        ifindex: index,
+    };
+    // SAFETY: SIOCADDRT on an AF_INET6 socket reads a valid, owned `in6_rtmsg` (same layout).
+    check(unsafe { libc::ioctl(fd, libc::SIOCADDRT, &rt) })
+}
+
 /// Sets the window size of a terminal (normally a PTY master).
 pub fn set_winsize(fd: BorrowedFd<'_>, size: WinSize) -> io::Result<()> {
     let ws = libc::winsize {

@@ -290,6 +290,7 @@ impl Service for NetworkService {
             prefix_len: PREFIX_LEN,
             gateway: GATEWAY_ADDR,
             mtu: self.mtu,
+            ipv6: None,
         });
         // The stack answers DNS sent to any address; the guest lists the configured servers
         // (as the reference) or, by default, the gateway.
