@@ -13,14 +13,20 @@
 //! - nothing: the upstream body unchanged.
 //!
 //! Replacement uses `memchr`'s linear-time substring search, since the body is upstream
-//! (hostile) input and the patterns are the user's.
+//! (hostile) input and the patterns are the user's. Bodies read in full also draw on one
+//! budget per [`super::HookRules`] (that is, per sandbox), [`FULL_BODY_BUDGET`], held until
+//! the rewritten body has been sent, so a guest opening many flows to a server with large
+//! bodies cannot make the owner buffer `flows × 16 MiB`.
 //!
 //! # Limitations
 //! A non-SSE body larger than [`MAX_FULL_BODY`] (by `Content-Length`, or found while
-//! reading) is passed through **unmodified**, headers untouched, with a `warn` trace: the
-//! reference buffered without limit. Trailers of a fully read body are dropped.
+//! reading), or one that would overdraw the sandbox's budget, is passed through
+//! **unmodified**, headers untouched, with a `warn` trace: the reference buffered without
+//! limit. The budget counts bytes read, not the (possibly longer) rewritten body. Trailers
+//! of a fully read body are dropped.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -29,6 +35,7 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::sse::{SseBody, MAX_SSE_LINE};
 use super::{BodyError, Replacement};
@@ -36,17 +43,29 @@ use super::{BodyError, Replacement};
 /// Largest non-SSE body read into memory to apply replacements.
 pub const MAX_FULL_BODY: usize = 16 * 1024 * 1024;
 
+/// Bytes of response bodies one sandbox may hold in memory at once for replacements.
+pub const FULL_BODY_BUDGET: usize = 64 * 1024 * 1024;
+
 /// The response body type handed back to the proxy.
 pub type HookBody = BoxBody<Bytes, BodyError>;
 
 /// What the after rules decided for the body; see [`BodyPlan::apply`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BodyPlan {
     pub(crate) set_body: Option<Bytes>,
     pub(crate) replacements: Vec<Replacement>,
+    pub(crate) budget: Arc<Semaphore>,
 }
 
 impl BodyPlan {
+    pub(crate) fn new(budget: Arc<Semaphore>) -> BodyPlan {
+        BodyPlan {
+            set_body: None,
+            replacements: Vec::new(),
+            budget,
+        }
+    }
+
     /// Whether the body passes through untouched (the proxy may skip [`BodyPlan::apply`]).
     pub fn is_passthrough(&self) -> bool {
         self.set_body.is_none() && self.replacements.is_empty()
@@ -77,7 +96,11 @@ impl BodyPlan {
             headers.remove(TRANSFER_ENCODING);
             return Ok(SseBody::new(body, self.replacements, MAX_SSE_LINE).boxed());
         }
-        full_replace(headers, body, self.replacements, MAX_FULL_BODY).await
+        let limits = Limits {
+            max: MAX_FULL_BODY,
+            budget: self.budget,
+        };
+        full_replace(headers, body, self.replacements, limits).await
     }
 }
 
@@ -100,18 +123,27 @@ fn fixed_length(headers: &mut HeaderMap, body: Bytes) -> HookBody {
     Full::new(body).map_err(|never| match never {}).boxed()
 }
 
-/// Reads `body` (bounded by `limit`) and applies `replacements`; an over-long body comes
-/// back unmodified with `headers` untouched.
+/// Bounds on reading a body in full.
+pub(crate) struct Limits {
+    /// Largest single body.
+    pub max: usize,
+    /// The sandbox's shared budget, one permit per byte.
+    pub budget: Arc<Semaphore>,
+}
+
+/// Reads `body` (bounded by `limits`) and applies `replacements`; a body over the bounds
+/// comes back unmodified with `headers` untouched.
 pub(crate) async fn full_replace<B>(
     headers: &mut HeaderMap,
     body: B,
     replacements: Vec<Replacement>,
-    limit: usize,
+    limits: Limits,
 ) -> Result<HookBody, BodyError>
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let limit = limits.max;
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -126,26 +158,69 @@ where
     }
     let mut body = Box::pin(body);
     let mut collected = BytesMut::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Upstream(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        let fits = collected.len() + data.len() <= limit;
+        let granted = u32::try_from(data.len())
+            .ok()
+            .filter(|_| fits)
+            .and_then(|n| limits.budget.clone().try_acquire_many_owned(n).ok());
         collected.extend_from_slice(&data);
-        if collected.len() > limit {
-            tracing::warn!(
-                limit,
-                "response body too large for hook replacements; passed through unmodified"
-            );
-            let rest = Prefixed {
-                prefix: Some(collected.freeze()),
-                inner: body,
-            };
-            return Ok(rest.boxed());
+        match (granted, held.as_mut()) {
+            (Some(permit), Some(h)) => h.merge(permit),
+            (Some(permit), None) => held = Some(permit),
+            (None, _) => {
+                tracing::warn!(
+                    limit,
+                    fits,
+                    "response body over the hook replacement bounds; passed through unmodified"
+                );
+                let rest = Prefixed {
+                    prefix: Some(collected.freeze()),
+                    inner: body,
+                };
+                return Ok(rest.boxed());
+            }
         }
     }
     let out = Bytes::from(replace_all(&collected, &replacements));
-    Ok(fixed_length(headers, out))
+    drop(collected);
+    let body = fixed_length(headers, out);
+    Ok(Holding {
+        inner: body,
+        _permit: held,
+    }
+    .boxed())
+}
+
+/// A body that keeps its share of the budget until it is dropped.
+struct Holding {
+    inner: HookBody,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Body for Holding {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Go's `bytes.ReplaceAll` for each replacement in turn.
@@ -212,5 +287,71 @@ where
         }
         hint.set_lower(inner.lower().saturating_add(extra));
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http::HeaderMap;
+    use http_body_util::{BodyExt, Full};
+    use tokio::sync::Semaphore;
+
+    use super::{full_replace, Limits, Replacement};
+
+    fn repl() -> Vec<Replacement> {
+        vec![Replacement {
+            find: b"a".to_vec(),
+            replace: b"b".to_vec(),
+        }]
+    }
+
+    #[tokio::test]
+    async fn budget_is_shared_held_until_sent_and_released() {
+        let budget = Arc::new(Semaphore::new(10));
+        let limits = || Limits {
+            max: 100,
+            budget: budget.clone(),
+        };
+        let mut h1 = HeaderMap::new();
+        let first = full_replace(
+            &mut h1,
+            Full::new(Bytes::from_static(b"aaaaaa")),
+            repl(),
+            limits(),
+        )
+        .await
+        .expect("first");
+        assert_eq!(
+            budget.available_permits(),
+            4,
+            "held while the body is unsent"
+        );
+        // The second body would overdraw: passed through unmodified, headers untouched.
+        let mut h2 = HeaderMap::new();
+        let second = full_replace(
+            &mut h2,
+            Full::new(Bytes::from_static(b"aaaaaa")),
+            repl(),
+            limits(),
+        )
+        .await
+        .expect("second");
+        assert!(h2.is_empty());
+        assert_eq!(
+            &second.collect().await.expect("body").to_bytes()[..],
+            b"aaaaaa"
+        );
+        assert_eq!(
+            &first.collect().await.expect("body").to_bytes()[..],
+            b"bbbbbb"
+        );
+        assert_eq!(budget.available_permits(), 10, "released once sent");
+        assert_eq!(
+            h1.get("content-length").map(|v| v.as_bytes()),
+            Some(&b"6"[..])
+        );
     }
 }

@@ -34,6 +34,7 @@ mod sse;
 mod wire;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -41,8 +42,9 @@ use bytes::Bytes;
 use http::header::HOST;
 use http::{request, response};
 use serde::Deserialize;
+use tokio::sync::Semaphore;
 
-pub use body::{BodyPlan, HookBody, MAX_FULL_BODY};
+pub use body::{BodyPlan, HookBody, FULL_BODY_BUDGET, MAX_FULL_BODY};
 pub use callback::{CallbackError, MAX_REPLY};
 pub use pathglob::path_match;
 pub use rules::{Phase, Replacement};
@@ -105,11 +107,24 @@ pub struct Blocked {
     pub cause: BlockCause,
 }
 
-/// Compiled `network.interception` rules and the SDK's callback socket.
-#[derive(Debug, Clone, Default)]
+/// Compiled `network.interception` rules and the SDK's callback socket. Build one per
+/// sandbox and share it (`Arc`) across the sandbox's flows: it also holds the sandbox's
+/// [`FULL_BODY_BUDGET`].
+#[derive(Debug, Clone)]
 pub struct HookRules {
     rules: Vec<Rule>,
     callback_socket: Option<PathBuf>,
+    body_budget: Arc<Semaphore>,
+}
+
+impl Default for HookRules {
+    fn default() -> HookRules {
+        HookRules {
+            rules: Vec::new(),
+            callback_socket: None,
+            body_budget: Arc::new(Semaphore::new(FULL_BODY_BUDGET)),
+        }
+    }
 }
 
 impl HookRules {
@@ -138,6 +153,7 @@ impl HookRules {
         Ok(HookRules {
             rules,
             callback_socket,
+            ..HookRules::default()
         })
     }
 
@@ -187,7 +203,7 @@ impl HookRules {
     ) -> Result<BodyPlan, Blocked> {
         let host = strip_port(host);
         let path = edit::decoded_path(&req.uri);
-        let mut plan = BodyPlan::default();
+        let mut plan = BodyPlan::new(self.body_budget.clone());
         for rule in self.rules.iter().filter(|r| r.phase == Phase::After) {
             if !rule.matches(host, req.method.as_str(), &path) {
                 continue;
