@@ -429,6 +429,32 @@ async fn full_body_replacement_in_order_sets_content_length() {
 }
 
 #[tokio::test]
+async fn responses_without_a_body_keep_their_headers() {
+    let hooks = rules(json!({"rules": [
+        {"phase": "after", "body_replacements": [{"find": "a", "replace": "b"}]},
+    ]}));
+    for (method, status) in [("HEAD", 200), ("GET", 204), ("GET", 304)] {
+        let request = req(method, "/", &[]);
+        let mut r = resp(status, &[("Content-Length", "1234")]);
+        let plan = hooks
+            .after("h", &request, &mut r)
+            .await
+            .expect("not blocked");
+        assert!(plan.is_passthrough(), "{method} {status}");
+        let out = plan
+            .apply(&mut r.headers, chunks_body(&[]))
+            .await
+            .expect("apply");
+        assert!(collect(out).await.expect("body").is_empty());
+        assert_eq!(
+            header(&r.headers, "content-length"),
+            Some("1234"),
+            "{method} {status}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn full_body_over_the_limit_passes_through_unmodified() {
     let hooks = rules(json!({"rules": [
         {"phase": "after", "body_replacements": [{"find": "a", "replace": "b"}]},

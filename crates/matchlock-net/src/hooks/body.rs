@@ -10,7 +10,8 @@
 //!   transformer ([`super::sse`]), `Content-Length` and `Transfer-Encoding` removed;
 //! - replacements otherwise: the full body is read (at most [`MAX_FULL_BODY`]), every
 //!   replacement applied in order, `Content-Length` set, `Transfer-Encoding` dropped;
-//! - nothing: the upstream body unchanged.
+//! - nothing, or a response without a body (HEAD, 1xx, 204, 304; unlike the reference,
+//!   which gave a HEAD answer `Content-Length: 0`): the upstream body unchanged.
 //!
 //! Replacement uses `memchr`'s linear-time substring search, since the body is upstream
 //! (hostile) input and the patterns are the user's. Bodies read in full also draw on one
@@ -55,6 +56,8 @@ pub struct BodyPlan {
     pub(crate) set_body: Option<Bytes>,
     pub(crate) replacements: Vec<Replacement>,
     pub(crate) budget: Arc<Semaphore>,
+    /// A response that has no body by definition (HEAD, 1xx, 204, 304).
+    pub(crate) bodyless: bool,
 }
 
 impl BodyPlan {
@@ -63,12 +66,15 @@ impl BodyPlan {
             set_body: None,
             replacements: Vec::new(),
             budget,
+            bodyless: false,
         }
     }
 
-    /// Whether the body passes through untouched (the proxy may skip [`BodyPlan::apply`]).
+    /// Whether the body passes through untouched (the proxy may skip [`BodyPlan::apply`]):
+    /// nothing to do, or a response without a body (HEAD, 1xx, 204, 304), whose headers
+    /// describe a body that is not there and must not be rewritten.
     pub fn is_passthrough(&self) -> bool {
-        self.set_body.is_none() && self.replacements.is_empty()
+        self.bodyless || (self.set_body.is_none() && self.replacements.is_empty())
     }
 
     /// The replacements accumulated from rules and callbacks, in order.
@@ -83,6 +89,9 @@ impl BodyPlan {
         B: Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        if self.bodyless {
+            return Ok(body.map_err(|e| BodyError::Upstream(e.into())).boxed());
+        }
         if let Some(set) = self.set_body {
             drop(body);
             let out = Bytes::from(replace_all(&set, &self.replacements));

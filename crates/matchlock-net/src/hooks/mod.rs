@@ -224,6 +224,11 @@ impl HookRules {
             };
             apply_callback_response(rule, reply, resp, &mut plan)?;
         }
+        let status = resp.status;
+        plan.bodyless = req.method == http::Method::HEAD
+            || status.is_informational()
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED;
         Ok(plan)
     }
 
