@@ -963,7 +963,22 @@ async fn broken_callbacks_are_ignored() {
 // ---------------------------------------------------------------------------------------
 // the published Python SDK 0.2.17, unchanged
 
-const PY_SDK: &str = "/root/.cache/matchlock/py-sdk-0.2.17/bin/python";
+/// The venv's python from `scripts/python-sdk-venv.sh` (cached; installs on first use).
+fn sdk_python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python-sdk-venv.sh");
+        let out = std::process::Command::new(&script)
+            .output()
+            .expect("run scripts/python-sdk-venv.sh");
+        assert!(
+            out.status.success(),
+            "installing matchlock==0.2.17 into a virtualenv failed (needs python3-venv and PyPI):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    })
+}
 
 const PY_SCRIPT: &str = r#"
 import json, sys
@@ -1014,11 +1029,7 @@ client._stop_network_hook_server()
 
 #[tokio::test]
 async fn python_sdk_0_2_17_rules_and_callbacks_work_unchanged() {
-    assert!(
-        Path::new(PY_SDK).exists(),
-        "the Python SDK venv is required at {PY_SDK}"
-    );
-    let mut child = tokio::process::Command::new(PY_SDK)
+    let mut child = tokio::process::Command::new(sdk_python())
         .args(["-c", PY_SCRIPT])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -1152,11 +1163,7 @@ print(json.dumps({"socket": client._start_network_hook_server(local)}), flush=Tr
 sys.stdin.read()
 client._stop_network_hook_server()
 "#;
-    assert!(
-        Path::new(PY_SDK).exists(),
-        "the Python SDK venv is required at {PY_SDK}"
-    );
-    let mut child = tokio::process::Command::new(PY_SDK)
+    let mut child = tokio::process::Command::new(sdk_python())
         .args(["-c", script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
