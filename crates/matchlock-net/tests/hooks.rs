@@ -13,7 +13,8 @@ use http::{request, response, HeaderMap};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use matchlock_net::hooks::{
-    BlockCause, BodyError, HookError, HookRules, Phase, DEFAULT_CALLBACK_TIMEOUT, MAX_FULL_BODY,
+    BlockCause, BodyError, BodyPlan, HookError, HookRules, Phase, DEFAULT_CALLBACK_TIMEOUT,
+    MAX_FULL_BODY,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -93,6 +94,33 @@ async fn collect(body: matchlock_net::hooks::HookBody) -> Result<Bytes, BodyErro
 
 // ---------------------------------------------------------------------------------------
 // compilation and normalisation (§7.7.1)
+
+#[test]
+fn engine_futures_are_send_so_the_proxy_can_spawn_them() {
+    fn is_send<T: Send>(_: &T) {}
+    let hooks = HookRules::default();
+    let mut request = req("GET", "/", &[]);
+    let before = hooks.before("h", &mut request);
+    is_send(&before);
+    drop(before);
+    let mut r = resp(200, &[]);
+    let after = hooks.after("h", &request, &mut r);
+    is_send(&after);
+    drop(after);
+    let plan = plan_without_rules(&hooks, &request);
+    let mut headers = HeaderMap::new();
+    let apply = plan.apply(&mut headers, chunks_body(&[]));
+    is_send(&apply);
+}
+
+/// A plan from a rule-less engine without running a runtime.
+fn plan_without_rules(hooks: &HookRules, request: &request::Parts) -> BodyPlan {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(hooks.after("h", request, &mut resp(200, &[])))
+        .expect("no rules")
+}
 
 #[tokio::test]
 async fn compile_null_empty_and_effectless_rules_give_nothing() {

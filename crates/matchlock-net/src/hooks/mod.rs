@@ -17,13 +17,14 @@
 //! crate's, so the engine is independent of the proxy's server stack. Callback failures
 //! (socket missing, timeout, garbage, an `error` answer) are traced at `warn` and the
 //! callback is ignored, as in the reference; the request goes on with the changes earlier
-//! rules made. `Host` is outside the header map hooks can edit (see [`edit`]), so hooks
+//! rules made. `Host` is outside the header map hooks can edit (see `edit.rs`), so hooks
 //! cannot redirect a request to another upstream.
 //!
 //! # Limitations
 //! A callback's wait holds that one request (never the proxy) for at most its timeout
 //! ([`DEFAULT_CALLBACK_TIMEOUT`] when the rule gives none). Header names a callback sends
-//! that HTTP cannot carry are skipped. Body limits are in [`body`] and [`sse`].
+//! that HTTP cannot carry are skipped. Body limits: [`MAX_FULL_BODY`], [`FULL_BODY_BUDGET`],
+//! [`MAX_SSE_LINE`], [`MAX_REPLY`].
 
 mod body;
 mod callback;
