@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod hooks;
 pub mod policy;
 pub mod secrets;
 pub mod stack;
