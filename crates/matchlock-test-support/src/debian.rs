@@ -99,6 +99,8 @@ pub enum DebianImageError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error("apt could not resolve the test image's packages (empty package lists? run `apt-get update`): {stderr}")]
+    Resolve { stderr: String },
     #[error("apt resolved no packages for {0:?}")]
     EmptyResolution(Vec<String>),
     #[error("apt-get download left no .deb for {0}")]
@@ -240,7 +242,11 @@ pub fn resolve(wanted: &[&str]) -> Result<Vec<Package>, DebianImageError> {
             "Debug::NoLocking=1",
         ])
         .args(wanted)
-        .env("LC_ALL", "C"))?;
+        .env("LC_ALL", "C"))
+    .map_err(|e| match e {
+        DebianImageError::Failed { stderr, .. } => DebianImageError::Resolve { stderr },
+        other => other,
+    })?;
     let mut packages = parse_simulation(&String::from_utf8_lossy(&out));
     packages.retain(|p| !EXCLUDED.contains(&p.name.as_str()));
     packages.sort_by(|a, b| a.name.cmp(&b.name));
@@ -586,6 +592,27 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn apt_resolves_the_closure_without_package_tools() {
+        let packages = resolve(NETTEST_PACKAGES).expect("apt-get --simulate on a Debian host");
+        let names: Vec<&str> = packages.iter().map(|p| p.name.as_str()).collect();
+        for want in [
+            "curl",
+            "python3",
+            "libc6",
+            "ca-certificates",
+            "dash",
+            "libssl3",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        for unwanted in EXCLUDED {
+            assert!(!names.contains(unwanted), "{unwanted} in {names:?}");
+        }
+        let err = resolve(&["matchlock-no-such-package"]).expect_err("unknown package");
+        assert!(matches!(err, DebianImageError::Resolve { .. }), "{err:?}");
     }
 
     #[test]
