@@ -88,6 +88,17 @@ fn harness_servers_answer_in_the_owner_namespace() {
         "https://web.test:8443/",
     ]);
     assert!(!o.status.success(), "untrusted certificate accepted");
+    // The forbidden addresses are routed to the test host: a flow policy let through would
+    // arrive and be logged (the control for every "nothing arrived" assertion).
+    for addr in nethost::FORBIDDEN {
+        let url = format!("http://{addr}/forbidden-control");
+        let o = net.run_in_sandbox_ns(&["curl", "-sS", "--max-time", "10", &url]);
+        assert!(o.status.success(), "{url}: {}", common::stderr(&o));
+    }
+    assert_eq!(
+        requests_to(&net, "http", "/forbidden-control").len(),
+        nethost::FORBIDDEN.len()
+    );
     // Names the hosts file lacks go to the test host's DNS server, which logs them.
     let o = net.run_in_sandbox_ns(&["getent", "hosts", "api.test"]);
     assert!(stdout(&o).contains(HOST_IP), "{}", common::stderr(&o));
@@ -293,18 +304,23 @@ fn open_egress_with_real_clients() {
         assert!(requests_to(&net, "http", path).is_empty(), "{path} arrived");
     }
 
-    // python3 sockets: TCP echo works; UDP other than DNS is not forwarded.
+    // python3 sockets: TCP echo works; UDP other than DNS is not forwarded. The lookup sent
+    // after the datagram is the control: once the test host has logged it, the datagram,
+    // had it been forwarded, would have been logged too.
     let py = "import socket\n\
               s=socket.create_connection(('198.51.100.2',7),10); s.sendall(b'guest-echo')\n\
               print(s.recv(64).decode())\n\
-              u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); u.sendto(b'guest-udp',('198.51.100.2',9))\n";
+              u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); u.sendto(b'guest-udp',('198.51.100.2',9))\n\
+              try:\n socket.getaddrinfo('udp-control.web.test', 80)\n\
+              except OSError: pass\n";
     let (okk, text, _) = guest(e, &id, &format!("python3 -c \"{py}\""));
     assert!(okk && text.trim() == "guest-echo", "{text}");
     net.wait_log("tcp", Duration::from_secs(10), |r| {
         r["data"] == "guest-echo"
     });
-    // The datagram was sent before the echo finished: give it a moment to (not) arrive.
-    std::thread::sleep(Duration::from_millis(500));
+    net.wait_log("dns", Duration::from_secs(10), |r| {
+        r["name"] == "udp-control.web.test"
+    });
     assert!(
         !net.log_text("udp").contains("guest-udp"),
         "{}",

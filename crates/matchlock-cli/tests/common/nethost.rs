@@ -230,17 +230,14 @@ impl NetHost {
     /// Waits until a record of `name` satisfies `pred`; panics with the log after `timeout`.
     #[track_caller]
     pub fn wait_log(&self, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let t = Instant::now();
-        loop {
-            if let Some(v) = self.log(name).into_iter().find(&pred) {
-                return v;
-            }
-            assert!(
-                t.elapsed() < timeout,
-                "no matching {name} record after {timeout:?}: {}",
-                self.log_text(name)
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let mut found = None;
+        let waited = matchlock_test_support::wait_until(timeout, name, || {
+            found = self.log(name).into_iter().find(&pred);
+            found.is_some()
+        });
+        match (waited, found) {
+            (Ok(()), Some(v)) => v,
+            (w, _) => panic!("{w:?}: no matching record in {}", self.log_text(name)),
         }
     }
 
