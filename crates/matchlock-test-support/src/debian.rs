@@ -403,10 +403,21 @@ fn add_deb(tree: &mut BTreeMap<String, Entry>, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes the files, directories and symlinks of `tree` under `root` (hard links as copies).
+/// Writes the files, directories and symlinks of `tree` under `root` (hard links as copies),
+/// skipping any entry below a symlink or with a `..` component, so nothing lands outside it.
 fn write_tree(tree: &BTreeMap<String, Entry>, root: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for (path, e) in tree {
+        // Never write through a symlink of the tree (it could point outside `root`).
+        let through_link = path.match_indices('/').any(|(i, _)| {
+            matches!(
+                tree.get(&path[..i]).map(|p| &p.kind),
+                Some(Kind::Symlink(_))
+            )
+        });
+        if through_link || path.split('/').any(|c| c == ".." || c == ".") {
+            continue;
+        }
         let dest = root.join(path);
         match &e.kind {
             Kind::Dir => std::fs::create_dir_all(&dest)?,
@@ -572,6 +583,26 @@ mod tests {
             merged_path("./usr/share/docker").as_deref(),
             Some("usr/share/docker")
         );
+    }
+
+    #[test]
+    fn scratch_tree_never_writes_through_symlinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let mut tree = BTreeMap::new();
+        for e in [
+            Entry::dir("usr"),
+            Entry::file("usr/ok", "fine"),
+            Entry::symlink("usr/escape", &outside.path().to_string_lossy()),
+            Entry::file("usr/escape/planted", "bad"),
+            Entry::file("usr/../planted", "bad"),
+        ] {
+            tree.insert(e.path.clone(), e);
+        }
+        write_tree(&tree, dir.path()).expect("write tree");
+        assert!(dir.path().join("usr/ok").is_file());
+        assert!(!outside.path().join("planted").exists());
+        assert!(!dir.path().join("planted").exists());
     }
 
     #[test]
