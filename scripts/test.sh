@@ -18,6 +18,8 @@ MATCHLOCK_KERNEL=$(scripts/build-kernel.sh --print-path)
 export MATCHLOCK_GUEST_INIT MATCHLOCK_KERNEL
 [[ -s "$MATCHLOCK_KERNEL" ]] || fail "guest kernel missing: run scripts/build-kernel.sh"
 cargo build --quiet -p matchlock-cli -p matchlock-test-support || fail "build"
+echo "== network test image (built once per machine, cached in ~/.cache/matchlock/test-images)"
+cargo run --quiet -p matchlock-test-support --bin mkimage -- nettest || fail "nettest image (needs apt-get, dpkg-deb and the Debian mirror)"
 echo "== python SDK (matchlock==0.2.17 from PyPI, for the RPC compatibility tests)"
 scripts/python-sdk-venv.sh >/dev/null || fail "python SDK virtualenv (needs python3-venv and PyPI)"
 echo "== tests"

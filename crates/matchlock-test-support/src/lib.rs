@@ -1,7 +1,8 @@
 //! Dev-only fixtures shared by the workspace's tests: polling with a deadline, builders for
 //! `docker save` and OCI-layout archives from in-memory layer specs, a realistic busybox
-//! base image built from Debian's `busybox-static`, and static test binaries to put in guest
-//! images (`vsock-probe`).
+//! base image built from Debian's `busybox-static`, the `nettest` image (a minimal Debian root
+//! with curl and python3, cached per machine), static test binaries to put in guest images
+//! (`vsock-probe`), and `matchlock-testhost`, the servers the network tests talk to.
 //!
 //! # Design
 //! - Archives are built in memory (test images are small) with the `tar` crate, but entry
@@ -20,11 +21,16 @@
 
 mod archive;
 mod busybox;
+mod debian;
 mod registry;
 mod static_bin;
 
 pub use archive::{layer_tar, ConfigSpec, Entry, ImageSpec, Kind, RegistryParts};
 pub use busybox::{busybox_image, busybox_spec};
+pub use debian::{
+    nettest_image, nettest_image_in, resolve as resolve_debian_packages, test_image_cache_dir,
+    DebianImageError, Package, NETTEST_PACKAGES,
+};
 pub use registry::{FaultProxy, Faults, Registry, REGISTRY_BIN};
 pub use static_bin::vsock_probe_binary;
 

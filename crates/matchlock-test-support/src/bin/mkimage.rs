@@ -1,4 +1,6 @@
 //! `mkimage busybox > image.tar`: writes a test image archive (`docker save` format) to stdout.
+//! `mkimage nettest`: builds (once per machine, cached) the network test image and prints the
+//! path of its `docker save` archive.
 
 use anyhow::{bail, Context};
 
@@ -10,6 +12,12 @@ fn main() -> anyhow::Result<()> {
             matchlock_test_support::busybox_image(stdout).context("writing busybox image")?;
             Ok(())
         }
-        _ => bail!("usage: mkimage busybox > image.tar"),
+        "nettest" => {
+            let path =
+                matchlock_test_support::nettest_image().context("building the nettest image")?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        _ => bail!("usage: mkimage busybox > image.tar | mkimage nettest"),
     }
 }

@@ -1,0 +1,309 @@
+//! `matchlock-testhost --dir DIR [--ip IP] [--name NAME[=IP]]...`: the servers a hermetic
+//! network test talks to, run inside the test host's network namespace. Every server logs
+//! what it receives as JSON lines in `DIR/<log>.jsonl`, so tests assert what did, and did
+//! not, arrive:
+//!
+//! | port | server | log |
+//! |------|--------|-----|
+//! | 80/tcp | HTTP/1.1 and h2c: echoes method, path, query, headers, `host` (Host or `:authority`) and body as JSON; `/sse` streams 3 events 300 ms apart; `/ws` WebSocket echo | `http` |
+//! | 443/tcp | the same over TLS (test-CA leaf, ALPN `h2` and `http/1.1`) | `https` (+ one `handshake` line per connection: SNI, ALPN) |
+//! | 8443/tcp | the same with a self-signed certificate nobody trusts | `https-untrusted` |
+//! | 7/tcp | echo | `tcp` |
+//! | 9/udp | logger (no reply) | `udp` |
+//! | 53/udp, 53/tcp | DNS: `A` answers for the `--name`s (default: `--ip`), NXDOMAIN otherwise | `dns` |
+//!
+//! It writes the test CA to `DIR/ca.pem` (the tests give it to the sandbox owner through
+//! `SSL_CERT_FILE`) and, once every socket is bound, the file `DIR/ready`.
+//!
+//! # Design
+//! One tokio runtime, one task per listener and per connection; hyper's auto connection
+//! builder serves HTTP/1.1 and HTTP/2 on the same port, as real upstreams do. Every record is
+//! written (and flushed) before the response, so a test that sees the reply also sees the
+//! log line. Reads are bounded (request bodies to 1 MiB, WebSocket messages to 64 KiB).
+//!
+//! # Limitations
+//! A test fixture: no graceful shutdown (the harness kills it), IPv4 only.
+
+mod http;
+mod tls;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use simple_dns::rdata::{RData, A};
+use simple_dns::{Packet, ResourceRecord, CLASS, QTYPE, RCODE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+/// Largest DNS message over TCP accepted.
+const MAX_DNS_TCP: usize = 4096;
+
+/// Append-only JSON-lines logs, one file per server.
+#[derive(Clone)]
+pub struct Logs {
+    dir: PathBuf,
+    files: Arc<Mutex<BTreeMap<&'static str, File>>>,
+}
+
+impl Logs {
+    /// Appends `record` (plus a `ts_ms` field) to `DIR/<log>.jsonl`, flushed.
+    pub fn write(&self, log: &'static str, mut record: Value) {
+        if let Some(obj) = record.as_object_mut() {
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            obj.insert("ts_ms".into(), json!(ts));
+        }
+        let Ok(mut files) = self.files.lock() else {
+            return;
+        };
+        if !files.contains_key(log) {
+            match File::options()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(format!("{log}.jsonl")))
+            {
+                Ok(f) => {
+                    files.insert(log, f);
+                }
+                Err(e) => {
+                    eprintln!("testhost: opening log {log}: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some(f) = files.get_mut(log) {
+            let _ = writeln!(f, "{record}").and_then(|()| f.flush());
+        }
+    }
+}
+
+struct Args {
+    dir: PathBuf,
+    ip: Ipv4Addr,
+    names: Vec<(String, Ipv4Addr)>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let (mut dir, mut ip, mut raw_names) = (None, Ipv4Addr::new(198, 51, 100, 2), Vec::new());
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--dir" => dir = Some(PathBuf::from(value)),
+            "--ip" => ip = value.parse().context("--ip")?,
+            "--name" => raw_names.push(value),
+            _ => bail!("usage: matchlock-testhost --dir DIR [--ip IP] [--name NAME[=IP]]..."),
+        }
+    }
+    let names = raw_names
+        .into_iter()
+        .map(|n| match n.split_once('=') {
+            Some((name, addr)) => Ok((name.to_owned(), addr.parse().context("--name IP")?)),
+            None => Ok((n, ip)),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Args {
+        dir: dir.context("--dir is required")?,
+        ip,
+        names,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let logs = Logs {
+        dir: args.dir.clone(),
+        files: Arc::default(),
+    };
+    let mut cert_names: Vec<String> = args.names.iter().map(|(n, _)| n.clone()).collect();
+    cert_names.push(args.ip.to_string());
+    let certs = tls::TestCerts::generate(&cert_names)?;
+    std::fs::write(args.dir.join("ca.pem"), certs.ca_pem()).context("writing ca.pem")?;
+    let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let http = TcpListener::bind(any(80)).await.context("bind :80")?;
+    let https = TcpListener::bind(any(443)).await.context("bind :443")?;
+    let untrusted = TcpListener::bind(any(8443)).await.context("bind :8443")?;
+    let echo = TcpListener::bind(any(7)).await.context("bind :7")?;
+    let udp9 = UdpSocket::bind(any(9)).await.context("bind udp :9")?;
+    let dns_udp = UdpSocket::bind(any(53)).await.context("bind udp :53")?;
+    let dns_tcp = TcpListener::bind(any(53)).await.context("bind tcp :53")?;
+    let names: Arc<BTreeMap<String, Ipv4Addr>> = Arc::new(args.names.into_iter().collect());
+
+    tokio::spawn(http::serve_plain(http, logs.clone()));
+    tokio::spawn(http::serve_tls(
+        https,
+        certs.trusted()?,
+        "https",
+        logs.clone(),
+    ));
+    tokio::spawn(http::serve_tls(
+        untrusted,
+        certs.untrusted()?,
+        "https-untrusted",
+        logs.clone(),
+    ));
+    tokio::spawn(tcp_echo(echo, logs.clone()));
+    tokio::spawn(udp_logger(udp9, logs.clone()));
+    tokio::spawn(dns_over_udp(dns_udp, names.clone(), logs.clone()));
+    tokio::spawn(dns_over_tcp(dns_tcp, names, logs.clone()));
+    write_ready(&args.dir)?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+fn write_ready(dir: &Path) -> anyhow::Result<()> {
+    std::fs::write(dir.join("ready"), std::process::id().to_string()).context("writing ready")
+}
+
+async fn tcp_echo(listener: TcpListener, logs: Logs) {
+    while let Ok((mut conn, peer)) = listener.accept().await {
+        let logs = logs.clone();
+        tokio::spawn(async move {
+            logs.write("tcp", json!({"event": "connect", "peer": peer.to_string()}));
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut total = 0usize;
+            let mut data = Vec::new();
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                total += n;
+                if data.len() < 4096 {
+                    data.extend_from_slice(&buf[..n.min(4096 - data.len())]);
+                }
+            }
+            let data = String::from_utf8_lossy(&data);
+            logs.write(
+                "tcp",
+                json!({"event": "close", "peer": peer.to_string(), "bytes": total, "data": data}),
+            );
+        });
+    }
+}
+
+async fn udp_logger(sock: UdpSocket, logs: Logs) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+        let data = String::from_utf8_lossy(&buf[..n.min(4096)]);
+        logs.write(
+            "udp",
+            json!({"peer": peer.to_string(), "port": 9, "len": n, "data": data}),
+        );
+    }
+}
+
+/// The reply to one DNS query (logged with `proto`), or `None` for an unparseable message.
+fn dns_answer(
+    query: &[u8],
+    names: &BTreeMap<String, Ipv4Addr>,
+    peer: SocketAddr,
+    proto: &str,
+    logs: &Logs,
+) -> Option<Vec<u8>> {
+    let packet = match Packet::parse(query) {
+        Ok(p) => p,
+        Err(e) => {
+            logs.write(
+                "dns",
+                json!({"proto": proto, "peer": peer.to_string(), "len": query.len(), "error": e.to_string()}),
+            );
+            return None;
+        }
+    };
+    let mut reply = Packet::new_reply(packet.id());
+    for q in &packet.questions {
+        let name = q
+            .qname
+            .to_string()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let qtype = match q.qtype {
+            QTYPE::TYPE(t) => format!("{t:?}"),
+            other => format!("{other:?}"),
+        };
+        logs.write(
+            "dns",
+            json!({"proto": proto, "peer": peer.to_string(), "name": name, "type": qtype}),
+        );
+        reply.questions.push(q.clone());
+        match names.get(&name) {
+            Some(ip) if qtype == "A" => reply.answers.push(ResourceRecord::new(
+                q.qname.clone(),
+                CLASS::IN,
+                60,
+                RData::A(A {
+                    address: u32::from(*ip),
+                }),
+            )),
+            Some(_) => {}
+            None => *reply.rcode_mut() = RCODE::NameError,
+        }
+    }
+    reply.build_bytes_vec().ok()
+}
+
+async fn dns_over_udp(sock: UdpSocket, names: Arc<BTreeMap<String, Ipv4Addr>>, logs: Logs) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+        if let Some(reply) = dns_answer(&buf[..n], &names, peer, "udp", &logs) {
+            let _ = sock.send_to(&reply, peer).await;
+        }
+    }
+}
+
+async fn dns_over_tcp(listener: TcpListener, names: Arc<BTreeMap<String, Ipv4Addr>>, logs: Logs) {
+    while let Ok((conn, peer)) = listener.accept().await {
+        let (names, logs) = (names.clone(), logs.clone());
+        tokio::spawn(async move { dns_tcp_conn(conn, peer, &names, &logs).await });
+    }
+}
+
+async fn dns_tcp_conn(
+    mut conn: TcpStream,
+    peer: SocketAddr,
+    names: &BTreeMap<String, Ipv4Addr>,
+    logs: &Logs,
+) {
+    loop {
+        let Ok(len) = conn.read_u16().await else {
+            return;
+        };
+        let len = usize::from(len);
+        if len > MAX_DNS_TCP {
+            logs.write(
+                "dns",
+                json!({"proto": "tcp", "peer": peer.to_string(), "len": len, "error": "too long"}),
+            );
+            return;
+        }
+        let mut msg = vec![0u8; len];
+        if conn.read_exact(&mut msg).await.is_err() {
+            return;
+        }
+        let Some(reply) = dns_answer(&msg, names, peer, "tcp", logs) else {
+            return;
+        };
+        let Ok(reply_len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        if conn.write_u16(reply_len).await.is_err() || conn.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
