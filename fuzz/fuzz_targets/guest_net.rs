@@ -1,10 +1,12 @@
-//! What the guest sends the network stack and its DNS server, on arbitrary bytes: frame
-//! classification and DNS query decisions must return, never panic.
+//! What the guest sends the network stack and its DNS server, and what an upstream DNS
+//! server sends back, on arbitrary bytes: frame classification, DNS query decisions, reply
+//! fitting and upstream-reply validation must return, never panic.
 #![no_main]
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
+use matchlock_net::dns::{self, wire, Decision, Transport};
 use matchlock_net::policy::Policy;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,9 +15,19 @@ fuzz_target!(|data: &[u8]| {
         Policy::new(std::iter::empty(), true),
         Policy::new(["*.example.com", "a.b"], true),
     ] {
-        let _ = matchlock_net::dns::decide(data, &policy);
+        if let Some(Decision::Resolve(q)) = dns::decide(data, &policy) {
+            let limit = q.reply_limit(Transport::Udp { max_datagram: 1472 });
+            let _ = q.reply_limit(Transport::Tcp);
+            // The bytes as an upstream reply to this query, fitted to the client.
+            let _ = q.fit(data.to_vec(), limit);
+            let _ = q.fit(data.to_vec(), 12);
+        }
     }
-    let addrs = [IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7))];
-    let _ = matchlock_net::dns::resolved(data, Some(&addrs));
-    let _ = matchlock_net::dns::server_failure(data);
+    // Upstream replies: one half as the query sent, the other as the reply.
+    let (sent, reply) = data.split_at(data.len() / 2);
+    let _ = wire::answers(sent, reply);
+    let _ = wire::question(data);
+    let _ = wire::truncated(data);
+    let _ = wire::rcode(data);
+    let _ = wire::id(data);
 });
