@@ -47,6 +47,9 @@ pub(crate) fn build_squashfs(
         .unwrap_or(1);
     let mut child = Command::new("tar2sqfs")
         .args(["--quiet", "--no-skip", "--force", "--compressor", "zstd"])
+        // zstd level 3 instead of tar2sqfs' default (15): ~30x faster to build (a 24 MB
+        // Debian root: 11 s -> 0.34 s) for ~15% more disk; decompression speed is the same.
+        .args(["--comp-extra", "level=3"])
         .args(["--defaults", "uid=0,gid=0,mode=0755,mtime=0"])
         .args(["--num-jobs", &jobs.to_string()])
         .arg(out)
