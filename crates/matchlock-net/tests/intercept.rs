@@ -493,8 +493,11 @@ async fn http2_on_both_sides_by_alpn() {
         .await;
     assert_eq!(g.alpn.as_deref(), Some(&b"h2"[..]), "guest side speaks h2");
     let a = local(up.port);
+    let mut req = g.request(Method::GET, &a, "/one", full(Bytes::new()));
+    req.headers_mut()
+        .insert(header::TE, "trailers".parse().expect("value"));
     assert_eq!(
-        g.get(&a, "/one").await,
+        text(g.send(req).await).await,
         (StatusCode::OK, "GET /one 0".into())
     );
     assert_eq!(

@@ -354,6 +354,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
             h.remove(n);
         }
     }
+    // `TE: trailers` is the one TE value that survives a hop (gRPC needs it on HTTP/2).
+    let te_trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in [
         header::CONNECTION,
         header::TE,
@@ -366,6 +370,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
     for n in ["keep-alive", "proxy-connection"] {
         h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
