@@ -243,14 +243,14 @@ struct Setup {
 
 impl Setup {
     fn new(ca: &TestCa, secrets: Vec<Secret>, block_private: bool) -> Setup {
-        Setup::build(ca, secrets, block_private, None)
+        Setup::build(ca, secrets, block_private, |i| i)
     }
 
     fn build(
         ca: &TestCa,
         secrets: Vec<Secret>,
         block_private: bool,
-        idle: Option<Duration>,
+        tune: impl FnOnce(Interceptor) -> Interceptor,
     ) -> Setup {
         let events = Arc::new(Mutex::new(Vec::new()));
         let ev = events.clone();
@@ -262,12 +262,8 @@ impl Setup {
             upstream_roots: Some(ca.roots()),
         })
         .expect("interceptor");
-        let icpt = match idle {
-            Some(d) => icpt.with_idle_timeout(d),
-            None => icpt,
-        };
         Setup {
-            icpt: Arc::new(icpt),
+            icpt: Arc::new(tune(icpt)),
             events,
         }
     }
@@ -770,7 +766,7 @@ async fn idle_connections_close_but_a_silent_stream_in_flight_stays() {
     let ca = TestCa::new();
     let up = Upstream::start(Some(ca.server_config(&[b"h2"]))).await;
     let idle = Duration::from_millis(300);
-    let s = Setup::build(&ca, vec![], false, Some(idle));
+    let s = Setup::build(&ca, vec![], false, |i| i.with_idle_timeout(idle));
     let took = until_closed(s.pipe(up.port, false)).await;
     assert!(took >= idle, "HTTP/1.1 closed after {took:?}");
     // TLS with h2 negotiated and no HTTP/2 preface: only the idle watch ends it.
@@ -792,4 +788,36 @@ async fn idle_connections_close_but_a_silent_stream_in_flight_stays() {
         .expect("stream survived the silence")
         .to_bytes();
     assert_eq!(rest, "data: two\n\n");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_capped_per_interceptor() {
+    let ca = TestCa::new();
+    let up = Upstream::start(None).await;
+    let s = Setup::build(&ca, vec![], false, |i| i.with_max_upstream_connections(1));
+    let a = local(up.port);
+    let mut first = s.guest(up.port, None).await;
+    assert_eq!(first.get(&a, "/1").await.0, StatusCode::OK);
+    // The first guest connection keeps its upstream connection for reuse.
+    let mut second = s.guest(up.port, None).await;
+    assert_eq!(
+        second.get(&a, "/2").await,
+        (
+            StatusCode::BAD_GATEWAY,
+            "Too many upstream connections".into()
+        )
+    );
+    assert_eq!(up.conns(), 1);
+    // Closing the first guest connection closes its upstream one and frees the slot.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, _) = second.get(&a, "/3").await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.conns(), 2);
 }

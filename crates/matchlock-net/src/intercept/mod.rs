@@ -31,13 +31,16 @@
 //! Bounds: hyper's header limits (64 KiB read buffer, 128 headers on HTTP/1.1; 64 KiB
 //! header list and [`MAX_H2_STREAMS`] concurrent streams on HTTP/2), a TLS handshake
 //! timeout, connect timeouts, at most one idle upstream connection kept per guest
-//! connection, and [`IDLE_TIMEOUT`] without any byte in either direction and no request in
+//! connection, at most [`MAX_UPSTREAM_CONNECTIONS`] upstream connections per interceptor,
+//! and [`IDLE_TIMEOUT`] without any byte in either direction and no request in
 //! flight closes a guest connection.
 //!
 //! # Limitations
 //! WebSocket over HTTP/2 (RFC 8441 extended CONNECT) is not supported; HTTP/1.1 upgrades
 //! are. Upstream HTTP is HTTP/1.1 only for plain port 80 (no h2c). Hook rules (§7.7.1) are
-//! not applied yet. TLS on ports other than 443 is not intercepted (it is raw TCP to the
+//! not applied yet. An upgraded (WebSocket) connection stops counting toward
+//! [`MAX_UPSTREAM_CONNECTIONS`] once upgraded (it is bounded by the stack's flow limit
+//! instead). TLS on ports other than 443 is not intercepted (it is raw TCP to the
 //! stack). The TLS handshakes and leaf signing run on the network thread.
 
 pub mod ca;
@@ -71,6 +74,9 @@ pub use ca::{Ca, CaError};
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest TLS handshake with the guest or an upstream.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upstream connections one interceptor (sandbox) may hold open at once; past it a request
+/// gets `502` rather than a new connection.
+pub const MAX_UPSTREAM_CONNECTIONS: usize = 512;
 /// Concurrent streams a guest may open on one HTTP/2 connection.
 pub const MAX_H2_STREAMS: u32 = 100;
 /// hyper's read buffer per HTTP/1.1 connection, bounding the request head.
@@ -117,6 +123,8 @@ pub struct Interceptor {
     /// Upstream TLS offering `http/1.1` only (for upgrades).
     upstream_tls_h1: Arc<ClientConfig>,
     idle_timeout: Duration,
+    /// One permit per open upstream connection.
+    upstream_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Interceptor {
@@ -165,7 +173,14 @@ impl Interceptor {
             ca,
             provider,
             idle_timeout: IDLE_TIMEOUT,
+            upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_UPSTREAM_CONNECTIONS)),
         })
+    }
+
+    /// Replaces [`MAX_UPSTREAM_CONNECTIONS`].
+    pub fn with_max_upstream_connections(mut self, n: usize) -> Interceptor {
+        self.upstream_slots = Arc::new(tokio::sync::Semaphore::new(n));
+        self
     }
 
     /// Replaces [`IDLE_TIMEOUT`] (tests use a short one).

@@ -268,6 +268,10 @@ impl Conn {
             }
             Err(e) => match upstream::denied(&e) {
                 Some(d) => Err(Refusal::Blocked(d.to_string())),
+                None if matches!(e, upstream::DialError::TooMany) => {
+                    tracing::warn!(%host, "upstream connection limit reached: 502");
+                    Err(Refusal::Failed("Too many upstream connections"))
+                }
                 None => {
                     tracing::debug!(%host, error = %ErrorChain(&e), "upstream connection failed");
                     Err(Refusal::Failed("Failed to connect"))

@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Interceptor, HANDSHAKE_TIMEOUT};
 use crate::policy::Denied;
@@ -36,6 +37,8 @@ pub(crate) enum DialError {
     NoAddress { host: String },
     #[error("refused by policy: {0}")]
     Denied(Denied),
+    #[error("too many upstream connections open")]
+    TooMany,
     #[error("connect to {addr}")]
     Connect {
         addr: SocketAddr,
@@ -169,9 +172,14 @@ pub(crate) async fn dial(
     tls: bool,
     h1_only: bool,
 ) -> Result<Sender, DialError> {
+    let slot = icpt
+        .upstream_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| DialError::TooMany)?;
     let tcp = connect(icpt, host, port).await?;
     if !tls {
-        return handshake(tcp, false, host).await;
+        return handshake(tcp, false, host, slot).await;
     }
     let name = match host.parse::<IpAddr>() {
         Ok(ip) => ServerName::IpAddress(ip.into()),
@@ -200,10 +208,16 @@ pub(crate) async fn dial(
         }
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    handshake(stream, h2, host).await
+    handshake(stream, h2, host, slot).await
 }
 
-async fn handshake<S>(stream: S, h2: bool, host: &str) -> Result<Sender, DialError>
+/// The client connection over `stream`; its driver task holds `slot` until it ends.
+async fn handshake<S>(
+    stream: S,
+    h2: bool,
+    host: &str,
+    slot: OwnedSemaphorePermit,
+) -> Result<Sender, DialError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -222,6 +236,7 @@ where
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
             }
+            drop(slot);
         });
         return Ok(Sender::H2(sender));
     }
@@ -230,6 +245,7 @@ where
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
         }
+        drop(slot);
     });
     Ok(Sender::H1(sender))
 }
