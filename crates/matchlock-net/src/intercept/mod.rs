@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::server::Acceptor;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -68,6 +68,9 @@ use crate::policy::Policy;
 use crate::secrets::Secrets;
 
 pub use ca::{Ca, CaError};
+/// Re-exported so owners can build [`InterceptConfig::upstream_roots`] without a direct
+/// rustls dependency.
+pub use rustls::RootCertStore;
 
 /// A guest connection with no byte either way and no request in flight for this long is
 /// closed.
