@@ -14,16 +14,22 @@
 //! [`stack`] is that userspace stack (smoltcp on the VM's virtio-net through a QEMU unix
 //! datagram netdev): it terminates every guest TCP flow and re-originates it from the host
 //! only after the policy allows the address; [`dns`] answers the guest's DNS queries.
+//! [`intercept`] serves guest HTTP (80) and TLS (443) flows the stack hands over: requests
+//! are judged by their own Host, secrets are substituted or refused, and the host re-sends
+//! them upstream; [`events`] is the network event shape both report through.
+//!
+//! [`hooks`] is the hook-rule engine (spec §7.7.1) the interceptor applies to requests and
+//! responses.
 //!
 //! # Limitations
-//! HTTP/TLS interception, secret substitution in flight and hook rules are not built yet;
-//! the stack is only enabled behind the experimental `MATCHLOCK_EXPERIMENTAL_NET=1` gate
-//! (see `docs/architecture.md`), so by default no sandbox has a network.
+//! IPv4 only on the guest link so far; TLS is intercepted on port 443 only.
 
 #![forbid(unsafe_code)]
 
 pub mod dns;
+pub mod events;
 pub mod hooks;
+pub mod intercept;
 pub mod policy;
 pub mod secrets;
 pub mod stack;

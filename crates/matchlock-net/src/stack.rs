@@ -25,6 +25,16 @@
 //! guest after the data before it is sent (half-close both ways); host errors become an RST
 //! to the guest.
 //!
+//! With an [`Interceptor`] configured, a guest SYN to TCP port 80 or 443 (any address) is
+//! not connected from the host: the flow is accepted at once and its host side is one end
+//! of an in-memory pipe (`tokio::io::duplex`, 32 KiB each way) whose
+//! other end the interceptor serves as HTTP or TLS in its own task; the same bounded
+//! reader/writer tasks and channels move the bytes, so every bound above still holds. The
+//! interceptor judges each request by its own Host / `:authority`, so the destination
+//! address is not checked here. Every other port keeps the raw path (policy on the IP
+//! literal, then connect). A flow refused by policy is reported to
+//! [`StackConfig::events`] (`host` = `ip:port`).
+//!
 //! UDP to port 53 at any address is answered by [`crate::dns`]; other UDP gets smoltcp's
 //! ICMP port-unreachable (nothing leaves the host). ICMP echo is answered for the gateway
 //! address only; ICMP to any other address is dropped (no fake reachability).
@@ -35,8 +45,8 @@
 //!
 //! # Limitations
 //! IPv4 only (no IPv6 on the guest NIC). Raw TCP flows carry no name, so under an allow-list
-//! they are judged by their IP literal (names are enforced on DNS only until HTTP/TLS
-//! interception lands). A guest RST closes the host socket gracefully (FIN), not with an RST.
+//! they are judged by their IP literal (reference §7.7 "Passthrough"); without an
+//! interceptor, ports 80 and 443 are raw flows too. TLS on other ports is not intercepted. A guest RST closes the host socket gracefully (FIN), not with an RST.
 //! UDP other than DNS is not forwarded.
 
 use std::collections::{HashMap, VecDeque};
@@ -54,13 +64,19 @@ use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
     IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixDatagram};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
 
+use crate::events::{self, EventSink};
+use crate::intercept::Interceptor;
 use crate::policy::Policy;
+
+/// Guest TCP ports served by the interceptor when there is one: HTTP and HTTPS.
+pub const INTERCEPTED_PORTS: [u16; 2] = [80, 443];
+/// Bytes buffered each way in the in-memory pipe between a flow and the interceptor.
+const INTERCEPT_PIPE: usize = 2 * CHUNK;
 
 /// Most TCP flows (open and pending) per sandbox; more SYNs are refused with an RST.
 pub const MAX_FLOWS: usize = 256;
@@ -82,7 +98,7 @@ const MAX_DATAGRAM: usize = 65_536;
 const INGRESS_BATCH: usize = 64;
 
 /// Settings of one sandbox's stack.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StackConfig {
     /// The socket the stack binds; QEMU sends the guest's frames there.
     pub socket: PathBuf,
@@ -100,6 +116,29 @@ pub struct StackConfig {
     pub gateway_mac: [u8; 6],
     /// Egress policy, shared with whoever changes it at run time.
     pub policy: Arc<Policy>,
+    /// HTTP/TLS interception: with it, guest TCP to ports 80 and 443 (any address) is
+    /// served by the interceptor instead of being connected from the host.
+    pub intercept: Option<Arc<Interceptor>>,
+    /// Where flows refused by policy are reported.
+    pub events: Option<EventSink>,
+    /// Answers the guest's DNS queries (UDP to port 53 at any address, and TCP port 53).
+    pub dns: Arc<crate::dns::DnsResolver>,
+}
+
+impl std::fmt::Debug for StackConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StackConfig")
+            .field("socket", &self.socket)
+            .field("peer", &self.peer)
+            .field("gateway", &self.gateway)
+            .field("guest", &self.guest)
+            .field("prefix_len", &self.prefix_len)
+            .field("mtu", &self.mtu)
+            .field("policy", &self.policy)
+            .field("intercept", &self.intercept.is_some())
+            .field("events", &self.events.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Failures starting the stack.
@@ -347,7 +386,7 @@ struct Flow {
     host_done: bool,
     fin_sent: bool,
     write_failed: Arc<AtomicBool>,
-    tasks: [AbortHandle; 2],
+    tasks: Vec<AbortHandle>,
 }
 
 impl Drop for Flow {
@@ -569,9 +608,20 @@ impl Engine {
             tracing::warn!(?key, "too many flows: refused");
             return self.feed(frame.to_vec(), true);
         }
+        if key.dst.1 == 53 {
+            return self.dns_tcp(key, frame.to_vec());
+        }
+        if let Some(icpt) = self.cfg.intercept.clone() {
+            if INTERCEPTED_PORTS.contains(&key.dst.1) {
+                return self.intercept(key, frame.to_vec(), icpt);
+            }
+        }
         let ip = IpAddr::V4(key.dst.0);
         if let Err(denied) = self.cfg.policy.check_connect(&ip.to_string(), ip) {
-            tracing::info!(dst = %SocketAddr::new(ip, key.dst.1), reason = %denied, "guest connection refused by policy");
+            let dst = SocketAddr::new(ip, key.dst.1);
+            tracing::info!(%dst, reason = %denied, "guest connection refused by policy");
+            let ev = events::blocked(&dst.to_string(), &denied.to_string());
+            events::emit(self.cfg.events.as_ref(), ev);
             // No listener: smoltcp answers the SYN with an RST.
             return self.feed(frame.to_vec(), true);
         }
@@ -607,9 +657,49 @@ impl Engine {
         }
     }
 
-    /// The upstream connection is up: a socket listening on the flow's destination gets the
-    /// held SYN (smoltcp runs at once, so no other flow's SYN can reach this listener).
+    /// An intercepted flow: accepted at once, its host side an in-memory pipe whose other
+    /// end the interceptor serves (HTTP for port 80, TLS for 443).
+    fn intercept(&mut self, key: FlowKey, syn: Vec<u8>, icpt: Arc<Interceptor>) {
+        let Some(h) = self.accept_syn(key, syn) else {
+            return;
+        };
+        let (ours, theirs) = tokio::io::duplex(INTERCEPT_PIPE);
+        let dst = std::net::SocketAddrV4::new(key.dst.0, key.dst.1);
+        let served = if key.dst.1 == 443 {
+            tokio::spawn(icpt.serve_tls(dst, theirs))
+        } else {
+            tokio::spawn(icpt.serve_http(dst, theirs))
+        };
+        let (rd, wr) = tokio::io::split(ours);
+        self.attach(h, key, rd, wr, Some(served.abort_handle()));
+    }
+
+    /// DNS over TCP to port 53 at any address: answered by the resolver, like UDP queries,
+    /// through an in-memory pipe (never connected from the host).
+    fn dns_tcp(&mut self, key: FlowKey, syn: Vec<u8>) {
+        let Some(h) = self.accept_syn(key, syn) else {
+            return;
+        };
+        let (ours, theirs) = tokio::io::duplex(INTERCEPT_PIPE);
+        let served = tokio::spawn(crate::dns::serve_tcp(theirs, self.cfg.dns.clone()));
+        let (rd, wr) = tokio::io::split(ours);
+        self.attach(h, key, rd, wr, Some(served.abort_handle()));
+    }
+
+    /// The upstream connection is up: the flow is accepted and joined to it.
     fn open(&mut self, key: FlowKey, stream: TcpStream, syn: Vec<u8>) {
+        let Some(h) = self.accept_syn(key, syn) else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        self.attach(h, key, rd, wr, None);
+    }
+
+    /// A socket listening on the flow's destination gets the held SYN (smoltcp runs at
+    /// once, so no other flow's SYN can reach this listener); its handle once the
+    /// handshake is under way.
+    fn accept_syn(&mut self, key: FlowKey, syn: Vec<u8>) -> Option<SocketHandle> {
         let mut s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
             tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
@@ -620,7 +710,8 @@ impl Engine {
             port: key.dst.1,
         };
         if s.listen(endpoint).is_err() {
-            return self.feed(syn, true);
+            self.feed(syn, true);
+            return None;
         }
         let h = self.sockets.add(s);
         self.feed(syn, true);
@@ -633,10 +724,23 @@ impl Engine {
         if s.state() != tcp::State::SynReceived || !remote_ok {
             tracing::debug!(?key, state = %s.state(), "held SYN not accepted");
             self.sockets.remove(h);
-            return;
+            return None;
         }
-        let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
+        Some(h)
+    }
+
+    /// Joins an accepted flow to its host side (a socket or the interceptor's pipe).
+    fn attach<R, W>(
+        &mut self,
+        h: SocketHandle,
+        key: FlowKey,
+        rd: R,
+        wr: W,
+        extra: Option<AbortHandle>,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (to_host, to_host_rx) = mpsc::channel(CHANNEL_CHUNKS);
         let (from_host_tx, from_host) = mpsc::channel(CHANNEL_CHUNKS);
         let write_failed = Arc::new(AtomicBool::new(false));
@@ -648,6 +752,8 @@ impl Engine {
             self.wake.clone(),
         ));
         tracing::debug!(dst = %SocketAddr::from(key.dst), "flow open");
+        let mut tasks = vec![reader.abort_handle(), writer.abort_handle()];
+        tasks.extend(extra);
         self.flows.insert(
             h,
             Flow {
@@ -659,7 +765,7 @@ impl Engine {
                 host_done: false,
                 fin_sent: false,
                 write_failed,
-                tasks: [reader.abort_handle(), writer.abort_handle()],
+                tasks,
             },
         );
         self.by_key.insert(key, h);
@@ -700,11 +806,15 @@ impl Engine {
                     reply: None,
                 });
             let query = data.to_vec();
-            let policy = self.cfg.policy.clone();
+            let resolver = self.cfg.dns.clone();
+            // smoltcp does not fragment: a reply fits one IP packet (IPv4 + UDP headers).
+            let transport = crate::dns::Transport::Udp {
+                max_datagram: usize::from(self.cfg.mtu).saturating_sub(28),
+            };
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
                 let t = std::time::Instant::now();
-                let reply = crate::dns::answer(&query, &policy).await;
+                let reply = resolver.answer(&query, transport).await;
                 tracing::debug!(
                     ms = t.elapsed().as_millis(),
                     answered = reply.is_some(),
@@ -807,7 +917,11 @@ fn service_flow(s: &mut tcp::Socket<'_>, f: &mut Flow) -> bool {
     s.state() == State::Closed
 }
 
-async fn host_reader(mut rd: OwnedReadHalf, tx: mpsc::Sender<HostData>, wake: Arc<Notify>) {
+async fn host_reader<R: AsyncRead + Unpin>(
+    mut rd: R,
+    tx: mpsc::Sender<HostData>,
+    wake: Arc<Notify>,
+) {
     loop {
         let Ok(permit) = tx.reserve().await else {
             return;
@@ -829,8 +943,8 @@ async fn host_reader(mut rd: OwnedReadHalf, tx: mpsc::Sender<HostData>, wake: Ar
     }
 }
 
-async fn host_writer(
-    mut wr: OwnedWriteHalf,
+async fn host_writer<W: AsyncWrite + Unpin>(
+    mut wr: W,
     mut rx: mpsc::Receiver<Vec<u8>>,
     failed: Arc<AtomicBool>,
     wake: Arc<Notify>,

@@ -23,6 +23,14 @@ struct Guest {
 
 impl Guest {
     fn new(policy: Policy) -> Guest {
+        Guest::with(Arc::new(policy), None, None)
+    }
+
+    fn with(
+        policy: Arc<Policy>,
+        intercept: Option<Arc<Interceptor>>,
+        events: Option<EventSink>,
+    ) -> Guest {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -40,7 +48,13 @@ impl Guest {
             prefix_len: 24,
             mtu: 1500,
             gateway_mac: [0x02, 0, 0, 0, 0, 0x02],
-            policy: Arc::new(policy),
+            dns: Arc::new(crate::dns::DnsResolver::new(crate::dns::DnsConfig {
+                servers: Vec::new(),
+                policy: policy.clone(),
+            })),
+            policy,
+            intercept,
+            events,
         })
         .expect("start stack");
         let mut dev = Queues {
@@ -102,6 +116,10 @@ impl Guest {
     }
 
     fn connect(&mut self, port: u16, local_port: u16) -> SocketHandle {
+        self.connect_to(Ipv4Addr::LOCALHOST, port, local_port)
+    }
+
+    fn connect_to(&mut self, addr: Ipv4Addr, port: u16, local_port: u16) -> SocketHandle {
         let s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; 64 * 1024]),
             tcp::SocketBuffer::new(vec![0; 64 * 1024]),
@@ -110,7 +128,7 @@ impl Guest {
         let cx = self.iface.context();
         self.sockets
             .get_mut::<tcp::Socket>(h)
-            .connect(cx, (IpAddress::v4(127, 0, 0, 1), port), local_port)
+            .connect(cx, (IpAddress::Ipv4(addr), port), local_port)
             .expect("connect");
         h
     }
@@ -395,4 +413,48 @@ fn dns_replies_keep_the_order_of_the_queries() {
         .map(|r| Packet::parse(r).expect("parse").questions[0].qtype)
         .collect();
     assert_eq!(types, [QTYPE::TYPE(TYPE::A), QTYPE::TYPE(TYPE::TXT)]);
+}
+
+#[test]
+fn port_80_goes_to_the_interceptor_and_other_ports_to_the_policy() {
+    use crate::events::NetworkEvent;
+    use crate::intercept::InterceptConfig;
+    use crate::secrets::Secrets;
+    let seen: Arc<std::sync::Mutex<Vec<NetworkEvent>>> = Arc::default();
+    let log = seen.clone();
+    let sink: EventSink = Arc::new(move |e| log.lock().expect("events").push(e));
+    let policy = Arc::new(Policy::new(["localhost", "127.0.0.1"], false));
+    let icpt = Interceptor::new(InterceptConfig {
+        policy: policy.clone(),
+        secrets: Arc::new(Secrets::default()),
+        events: Some(sink.clone()),
+        upstream_roots: Some(rustls::RootCertStore::empty()),
+    })
+    .expect("interceptor");
+    let mut g = Guest::with(policy, Some(Arc::new(icpt)), Some(sink));
+    // Port 80 at an address the allow-list does not name (it would get an RST as raw
+    // TCP): accepted and answered by the interceptor, which judges the Host header.
+    let test_net = Ipv4Addr::new(198, 51, 100, 7);
+    let h = g.connect_to(test_net, 80, 40010);
+    let reply = exchange(&mut g, h, b"GET /x HTTP/1.1\r\nHost: evil.test\r\n\r\n");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 403 Forbidden"), "{reply}");
+    assert!(reply.ends_with("Blocked by policy"), "{reply}");
+    // Any other port keeps the raw-TCP path: the IP literal is checked...
+    let h = g.connect_to(test_net, 22, 40011);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
+    // ...and an allowed one is connected from the host.
+    let (port, upstream) = upstream_echo();
+    let h = g.connect(port, 40012);
+    assert_eq!(exchange(&mut g, h, b"raw"), b"got:raw");
+    assert_eq!(upstream.join().expect("upstream"), b"raw");
+    let ev = seen.lock().expect("events").clone();
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert!(ev[0].blocked && ev[0].host == "evil.test" && ev[0].url == "http://evil.test/x");
+    assert!(ev[1].blocked && ev[1].host == "198.51.100.7:22", "{ev:?}");
+    let reason = ev[1].block_reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("not in the allow-list"), "{reason}");
 }

@@ -22,7 +22,7 @@
 //! The socket files are recorded in the state DB before they are created (so `gc` finds
 //! them after a crash) and removed on stop.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -34,7 +34,11 @@ use matchlock_net::secrets::{Secret, Secrets};
 use matchlock_net::stack::{Stack, StackConfig};
 use matchlock_vm::NetDevice;
 
-use crate::services::{BootPlan, EventHub, Service, ServiceError};
+use crate::services::{BootPlan, EventHub, SandboxEvent, Service, ServiceError};
+use matchlock_api::rpc::NetworkEventInfo;
+use matchlock_net::dns::{DnsConfig, DnsResolver};
+use matchlock_net::events::{EventSink as NetEventSink, NetworkEvent};
+use matchlock_net::intercept::{InterceptConfig, Interceptor};
 
 /// The guest's address on its link.
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -61,14 +65,11 @@ pub const GUEST_CA_BUNDLE: &str = "/etc/ssl/certs/matchlock-bundle.crt";
 /// A sandbox's network: policy, secrets and, once prepared, the running stack.
 pub struct NetworkService {
     policy: Arc<Policy>,
-    #[allow(dead_code)] // used by the interception proxy
     secrets: Arc<Secrets>,
-    #[allow(dead_code)] // used by the interception proxy
     intercepting: bool,
     mtu: u16,
     /// `--dns-servers` (empty: the host's resolver answers).
     dns: Vec<IpAddr>,
-    #[allow(dead_code)] // used by the interception proxy
     events: Arc<EventHub>,
     stack: Option<Stack>,
     files: Vec<PathBuf>,
@@ -239,6 +240,29 @@ impl NetworkControl {
     }
 }
 
+impl NetworkService {
+    /// The stack's and the interceptor's events, into the sandbox's event hub.
+    fn event_sink(&self) -> NetEventSink {
+        let hub = self.events.clone();
+        Arc::new(move |ev: NetworkEvent| {
+            hub.emit(&SandboxEvent::Network {
+                timestamp: ev.timestamp_unix,
+                event: NetworkEventInfo {
+                    method: ev.method,
+                    url: ev.url,
+                    host: ev.host,
+                    status_code: ev.status_code,
+                    request_bytes: ev.request_bytes,
+                    response_bytes: ev.response_bytes,
+                    duration_ms: ev.duration_ms,
+                    blocked: ev.blocked,
+                    block_reason: ev.block_reason.unwrap_or_default(),
+                },
+            });
+        })
+    }
+}
+
 fn remove_stale(path: &Path) -> Result<(), ServiceError> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ServiceError {
@@ -265,6 +289,27 @@ impl Service for NetworkService {
             remove_stale(f)?;
         }
         self.files = vec![socket.clone(), local.clone()];
+        let events = self.event_sink();
+        let intercept = if self.intercepting {
+            let icpt = Interceptor::new(InterceptConfig {
+                policy: self.policy.clone(),
+                secrets: self.secrets.clone(),
+                events: Some(events.clone()),
+                upstream_roots: None,
+            })
+            .map_err(|e| ServiceError {
+                service: "network",
+                source: Box::new(e),
+            })?;
+            plan.guest.ca_pem = Some(icpt.ca_pem());
+            Some(Arc::new(icpt))
+        } else {
+            None
+        };
+        let dns = Arc::new(DnsResolver::new(DnsConfig {
+            servers: self.dns.iter().map(|ip| SocketAddr::new(*ip, 53)).collect(),
+            policy: self.policy.clone(),
+        }));
         let stack = Stack::start(StackConfig {
             socket: socket.clone(),
             peer: local.clone(),
@@ -274,6 +319,9 @@ impl Service for NetworkService {
             mtu: self.mtu,
             gateway_mac: GATEWAY_MAC,
             policy: self.policy.clone(),
+            intercept,
+            events: Some(events),
+            dns,
         })
         .map_err(|e| ServiceError {
             service: "network",

@@ -1,0 +1,474 @@
+//! One guest connection's requests: decide the target, check the policy and the secrets,
+//! forward upstream, and stream the response back.
+
+use std::net::SocketAddrV4;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+
+use super::upstream::{self, Sender};
+use super::{Interceptor, Pool};
+use crate::events::{self, NetworkEvent};
+use crate::policy::strip_port;
+use crate::secrets::OutgoingRequest;
+
+/// The body of a response to the guest.
+pub(crate) type RespBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Body of every policy refusal (spec §7.7).
+const BLOCKED_BODY: &str = "Blocked by policy";
+
+/// A guest connection being served.
+pub(crate) struct Conn {
+    icpt: Arc<Interceptor>,
+    pub(crate) dst: SocketAddrV4,
+    tls: bool,
+    pool: Pool,
+    /// Requests in flight (until their response body is finished or dropped).
+    pub(crate) active: Arc<AtomicUsize>,
+}
+
+/// Where a request goes, from its own authority.
+struct Target {
+    /// `host[:port]` as the guest wrote it (no userinfo), for the upstream `Host`.
+    authority: String,
+    /// The name (or IP literal) checked, resolved and verified.
+    host: String,
+    /// `scheme://host/path` for events (no query: it may carry substituted secrets).
+    url: String,
+}
+
+/// Why a request was not forwarded.
+enum Refusal {
+    /// Policy or secrets: 403 and a blocked event.
+    Blocked(String),
+    /// Malformed request: 400.
+    BadRequest,
+    /// Upstream unreachable: 502 with this body.
+    Failed(&'static str),
+}
+
+impl Conn {
+    pub(crate) fn new(icpt: Arc<Interceptor>, dst: SocketAddrV4, tls: bool) -> Arc<Conn> {
+        Arc::new(Conn {
+            icpt,
+            dst,
+            tls,
+            pool: Mutex::new(None),
+            active: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    pub(crate) fn idle_timeout(&self) -> std::time::Duration {
+        self.icpt.idle_timeout
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Serves one guest request; never fails (refusals are responses).
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+        let guard = ActiveGuard::new(self.active.clone());
+        let start = Instant::now();
+        let method = req.method().to_string();
+        let Some(target) = self.target(&req) else {
+            return plain(StatusCode::BAD_REQUEST, "Bad request");
+        };
+        let request_bytes = content_length(req.headers());
+        let mut ev = NetworkEvent {
+            method,
+            url: target.url.clone(),
+            host: target.host.clone(),
+            request_bytes,
+            timestamp_unix: events::now_unix(),
+            ..NetworkEvent::default()
+        };
+        let result = self.forward(req, &target).await;
+        ev.duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let resp = match result {
+            Ok(resp) => {
+                ev.status_code = resp.status().as_u16();
+                ev.response_bytes = content_length(resp.headers());
+                resp.map(|b| {
+                    Guarded {
+                        inner: b,
+                        _guard: guard,
+                    }
+                    .boxed_unsync()
+                })
+            }
+            Err(Refusal::Blocked(reason)) => {
+                tracing::info!(host = %target.host, %reason, "guest request blocked");
+                ev.status_code = StatusCode::FORBIDDEN.as_u16();
+                ev.blocked = true;
+                ev.block_reason = Some(reason);
+                plain(StatusCode::FORBIDDEN, BLOCKED_BODY)
+            }
+            Err(Refusal::BadRequest) => {
+                ev.status_code = StatusCode::BAD_REQUEST.as_u16();
+                plain(StatusCode::BAD_REQUEST, "Bad request")
+            }
+            Err(Refusal::Failed(body)) => {
+                ev.status_code = StatusCode::BAD_GATEWAY.as_u16();
+                plain(StatusCode::BAD_GATEWAY, body)
+            }
+        };
+        events::emit(self.icpt.events.as_ref(), ev);
+        resp
+    }
+
+    /// The request's own authority (`:authority`, an absolute URI, or `Host`), else the
+    /// destination IP. `None` when it is malformed.
+    fn target<B>(&self, req: &Request<B>) -> Option<Target> {
+        let written = match req.uri().authority() {
+            Some(a) => Some(a.as_str().to_string()),
+            None => match req.headers().get(header::HOST) {
+                Some(v) => Some(v.to_str().ok()?.trim().to_string()),
+                None => None,
+            },
+        };
+        let written = written
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| self.dst.ip().to_string());
+        let a: http::uri::Authority = written.parse().ok()?;
+        let authority = match a.port_u16() {
+            Some(p) => format!("{}:{p}", a.host()),
+            None => a.host().to_string(),
+        };
+        let host = strip_port(a.host()).to_string();
+        if host.is_empty() {
+            return None;
+        }
+        let url = format!("{}://{}{}", self.scheme(), a.host(), req.uri().path());
+        Some(Target {
+            authority,
+            host,
+            url,
+        })
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        t: &Target,
+    ) -> Result<Response<Incoming>, Refusal> {
+        if req.method() == Method::CONNECT {
+            return Err(Refusal::Blocked("CONNECT tunnels are not supported".into()));
+        }
+        self.icpt
+            .policy
+            .check_host(&t.host)
+            .map_err(|d| Refusal::Blocked(d.to_string()))?;
+        let upgrade = wants_upgrade(&req);
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        self.apply_secrets(&t.host, &mut parts)?;
+        let mut sender = self.sender(&t.host, upgrade).await?;
+        let out = outgoing(parts, body, t, self.scheme(), sender.is_h2(), upgrade)?;
+        let result = sender.send(out).await;
+        if !upgrade {
+            self.put_back(&t.host, sender);
+        }
+        let mut resp = result.map_err(|e| {
+            tracing::debug!(host = %t.host, error = %e, "upstream request failed");
+            Refusal::Failed("Upstream request failed")
+        })?;
+        *resp.version_mut() = Version::HTTP_11;
+        match on_upgrade {
+            Some(guest) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(splice(guest, up));
+            }
+            _ => strip_hop_by_hop(resp.headers_mut(), false),
+        }
+        Ok(resp)
+    }
+
+    /// Applies §7.6 to the request: refuses a leaked placeholder, substitutes in header
+    /// values and the query. Only headers whose value changed are rewritten.
+    fn apply_secrets(&self, host: &str, parts: &mut Parts) -> Result<(), Refusal> {
+        let before: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (n.as_str().to_string(), v)
+            })
+            .collect();
+        let query = parts.uri.query().unwrap_or_default().to_string();
+        let mut req = OutgoingRequest {
+            host: host.to_string(),
+            path: parts.uri.path().to_string(),
+            query: query.clone(),
+            headers: before.clone(),
+        };
+        let used = self
+            .icpt
+            .secrets
+            .apply(&mut req)
+            .map_err(|leak| Refusal::Blocked(leak.to_string()))?;
+        if used.is_empty() {
+            return Ok(());
+        }
+        let invalid = || Refusal::Blocked("secret value is not valid in this request".into());
+        let changes = before.iter().zip(req.headers.iter());
+        for ((_, value), ((_, old), (_, new))) in parts.headers.iter_mut().zip(changes) {
+            if old != new {
+                let mut v = HeaderValue::from_str(new).map_err(|_| invalid())?;
+                v.set_sensitive(true);
+                *value = v;
+            }
+        }
+        if req.query != query {
+            let mut uri = parts.uri.clone().into_parts();
+            let pq = format!("{}?{}", parts.uri.path(), req.query);
+            uri.path_and_query = Some(pq.parse().map_err(|_| invalid())?);
+            parts.uri = Uri::from_parts(uri).map_err(|_| invalid())?;
+        }
+        tracing::debug!(%host, secrets = ?used, "secrets substituted");
+        Ok(())
+    }
+
+    /// A pooled connection for `host` if one is usable, else a new one.
+    async fn sender(&self, host: &str, h1_only: bool) -> Result<Sender, Refusal> {
+        if !h1_only {
+            if let Some(mut s) = self.take(host) {
+                if s.usable().await {
+                    if let Some(shared) = s.share() {
+                        self.put_back(host, s);
+                        return Ok(shared);
+                    }
+                    return Ok(s);
+                }
+            }
+        }
+        let port = self.dst.port();
+        match upstream::dial(&self.icpt, host, port, self.tls, h1_only).await {
+            Ok(s) => {
+                if let Some(shared) = s.share() {
+                    self.put_back(host, shared);
+                }
+                Ok(s)
+            }
+            Err(e) => match upstream::denied(&e) {
+                Some(d) => Err(Refusal::Blocked(d.to_string())),
+                None if matches!(e, upstream::DialError::TooMany) => {
+                    tracing::warn!(%host, "upstream connection limit reached: 502");
+                    Err(Refusal::Failed("Too many upstream connections"))
+                }
+                None => {
+                    tracing::debug!(%host, error = %ErrorChain(&e), "upstream connection failed");
+                    Err(Refusal::Failed("Failed to connect"))
+                }
+            },
+        }
+    }
+
+    fn take(&self, host: &str) -> Option<Sender> {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        match pool.take() {
+            Some((h, s)) if h == host => Some(s),
+            _ => None,
+        }
+    }
+
+    fn put_back(&self, host: &str, s: Sender) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        *pool = Some((host.to_string(), s));
+    }
+}
+
+/// An error and its sources on one line.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<RespBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn content_length(h: &HeaderMap) -> u64 {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An HTTP/1.1 request asking for a protocol upgrade (WebSocket).
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    req.version() == Version::HTTP_11
+        && h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names; for an
+/// upgrade, keeps `Upgrade` and sends `Connection: upgrade`.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(upgrade && n == header::UPGRADE) {
+            h.remove(n);
+        }
+    }
+    // `TE: trailers` is the one TE value that survives a hop (gRPC needs it on HTTP/2).
+    let te_trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        h.remove(n);
+    }
+    for n in ["keep-alive", "proxy-connection"] {
+        h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// The request as sent upstream: origin-form URI and `Host` for HTTP/1.1, absolute URI
+/// (`:authority`) for HTTP/2; hop-by-hop headers removed.
+fn outgoing(
+    mut parts: Parts,
+    body: Incoming,
+    t: &Target,
+    scheme: &str,
+    h2: bool,
+    upgrade: bool,
+) -> Result<Request<Incoming>, Refusal> {
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri = if h2 {
+        format!("{scheme}://{}{pq}", t.authority)
+    } else {
+        pq.to_string()
+    };
+    parts.uri = uri.parse().map_err(|_| Refusal::BadRequest)?;
+    if h2 {
+        parts.headers.remove(header::HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        let host = HeaderValue::from_str(&t.authority).map_err(|_| Refusal::BadRequest)?;
+        parts.headers.insert(header::HOST, host);
+        parts.version = Version::HTTP_11;
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Copies bytes both ways between the upgraded guest and upstream connections.
+async fn splice(guest: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::join!(guest, upstream) {
+        (Ok(g), Ok(u)) => {
+            let (mut g, mut u) = (TokioIo::new(g), TokioIo::new(u));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut g, &mut u).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+/// Counts a request in flight until dropped.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl ActiveGuard {
+    fn new(n: Arc<AtomicUsize>) -> ActiveGuard {
+        n.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(n)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An upstream response body that keeps its request counted as in flight.
+struct Guarded {
+    inner: Incoming,
+    _guard: ActiveGuard,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
