@@ -38,6 +38,7 @@ use crate::services::{BootPlan, EventHub, SandboxEvent, Service, ServiceError};
 use matchlock_api::rpc::NetworkEventInfo;
 use matchlock_net::dns::{DnsConfig, DnsResolver};
 use matchlock_net::events::{EventSink as NetEventSink, NetworkEvent};
+use matchlock_net::hooks::HookRules;
 use matchlock_net::intercept::{InterceptConfig, Interceptor};
 
 /// The guest's address on its link.
@@ -71,6 +72,7 @@ pub struct NetworkService {
     /// `--dns-servers` (empty: the host's resolver answers).
     dns: Vec<IpAddr>,
     events: Arc<EventHub>,
+    hooks: Arc<HookRules>,
     stack: Option<Stack>,
     files: Vec<PathBuf>,
 }
@@ -84,6 +86,8 @@ pub enum NetworkSetupError {
     DnsServer(String),
     #[error("invalid secret name {0:?}: must be a valid environment variable name")]
     SecretName(String),
+    #[error("invalid network.interception")]
+    Hooks(#[source] matchlock_net::hooks::HookError),
 }
 
 /// Whether `net` asks for interception (the reference's rule, §7.1): an allow-list,
@@ -129,6 +133,9 @@ pub fn for_config(
         secrets.push(secret);
     }
     let secrets = Secrets::new(secrets);
+    let none = serde_json::Value::Null;
+    let hooks = HookRules::compile(net.interception.as_ref().unwrap_or(&none))
+        .map_err(NetworkSetupError::Hooks)?;
     let mut hosts: Vec<&str> = net.allowed_hosts.iter().map(String::as_str).collect();
     hosts.extend(secrets.hosts());
     let policy = Arc::new(Policy::new(hosts, net.block_private_ips));
@@ -143,6 +150,7 @@ pub fn for_config(
         mtu,
         dns,
         events,
+        hooks: Arc::new(hooks),
         stack: None,
         files: Vec::new(),
     };
@@ -300,7 +308,8 @@ impl Service for NetworkService {
             .map_err(|e| ServiceError {
                 service: "network",
                 source: Box::new(e),
-            })?;
+            })?
+            .with_hooks(self.hooks.clone());
             plan.guest.ca_pem = Some(icpt.ca_pem());
             Some(Arc::new(icpt))
         } else {

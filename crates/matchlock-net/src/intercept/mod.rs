@@ -64,6 +64,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::events::EventSink;
+use crate::hooks::HookRules;
 use crate::policy::Policy;
 use crate::secrets::Secrets;
 
@@ -128,6 +129,8 @@ pub struct Interceptor {
     idle_timeout: Duration,
     /// One permit per open upstream connection.
     upstream_slots: Arc<tokio::sync::Semaphore>,
+    /// Hook rules (`network.interception`), applied before secrets and to responses.
+    hooks: Option<Arc<HookRules>>,
 }
 
 impl std::fmt::Debug for Interceptor {
@@ -177,7 +180,14 @@ impl Interceptor {
             provider,
             idle_timeout: IDLE_TIMEOUT,
             upstream_slots: Arc::new(tokio::sync::Semaphore::new(MAX_UPSTREAM_CONNECTIONS)),
+            hooks: None,
         })
+    }
+
+    /// Applies `hooks` to every request and response (none when they are empty).
+    pub fn with_hooks(mut self, hooks: Arc<HookRules>) -> Interceptor {
+        self.hooks = (!hooks.is_empty()).then_some(hooks);
+        self
     }
 
     /// Replaces [`MAX_UPSTREAM_CONNECTIONS`].

@@ -20,11 +20,15 @@ use hyper_util::rt::TokioIo;
 use super::upstream::{self, Sender};
 use super::{Interceptor, Pool};
 use crate::events::{self, NetworkEvent};
+use crate::hooks::Phase;
 use crate::policy::strip_port;
 use crate::secrets::OutgoingRequest;
 
+/// Errors of a response body to the guest (upstream, or a hook's body transform).
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body of a response to the guest.
-pub(crate) type RespBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub(crate) type RespBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Body of every policy refusal (spec §7.7).
 const BLOCKED_BODY: &str = "Blocked by policy";
@@ -167,7 +171,7 @@ impl Conn {
         &self,
         mut req: Request<Incoming>,
         t: &Target,
-    ) -> Result<Response<Incoming>, Refusal> {
+    ) -> Result<Response<RespBody>, Refusal> {
         if req.method() == Method::CONNECT {
             return Err(Refusal::Blocked("CONNECT tunnels are not supported".into()));
         }
@@ -178,6 +182,17 @@ impl Conn {
         let upgrade = wants_upgrade(&req);
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        let hooks = self.icpt.hooks.clone();
+        if let Some(h) = &hooks {
+            h.before(&t.host, &mut parts)
+                .await
+                .map_err(|b| Refusal::Blocked(b.to_string()))?;
+        }
+        // After-rules see the request as hooked, before real secret values are put in.
+        let seen = hooks
+            .as_ref()
+            .filter(|h| !upgrade && h.has_phase(Phase::After))
+            .map(|_| copy_parts(&parts));
         self.apply_secrets(&t.host, &mut parts)?;
         let mut sender = self.sender(&t.host, upgrade).await?;
         let out = outgoing(parts, body, t, self.scheme(), sender.is_h2(), upgrade)?;
@@ -197,7 +212,27 @@ impl Conn {
             }
             _ => strip_hop_by_hop(resp.headers_mut(), false),
         }
-        Ok(resp)
+        let (Some(h), Some(seen)) = (&hooks, &seen) else {
+            return Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()));
+        };
+        let (mut rp, body) = resp.into_parts();
+        let plan = h
+            .after(&t.host, seen, &mut rp)
+            .await
+            .map_err(|b| Refusal::Blocked(b.to_string()))?;
+        let body = if plan.is_passthrough() {
+            body.map_err(BoxError::from).boxed_unsync()
+        } else {
+            plan.apply(&mut rp.headers, body)
+                .await
+                .map_err(|e| {
+                    tracing::debug!(host = %t.host, error = %e, "upstream body for a hook failed");
+                    Refusal::Failed("Upstream request failed")
+                })?
+                .map_err(BoxError::from)
+                .boxed_unsync()
+        };
+        Ok(Response::from_parts(rp, body))
     }
 
     /// Applies §7.6 to the request: refuses a leaked placeholder, substitutes in header
@@ -431,6 +466,19 @@ async fn splice(guest: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUp
     }
 }
 
+/// A copy of a request's method, URI, version and headers (extensions are not copied).
+fn copy_parts(p: &Parts) -> Parts {
+    let mut b = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
+    }
+    let (parts, ()) = b.body(()).unwrap_or_default().into_parts();
+    parts
+}
+
 /// Counts a request in flight until dropped.
 struct ActiveGuard(Arc<AtomicUsize>);
 
@@ -449,18 +497,18 @@ impl Drop for ActiveGuard {
 
 /// An upstream response body that keeps its request counted as in flight.
 struct Guarded {
-    inner: Incoming,
+    inner: RespBody,
     _guard: ActiveGuard,
 }
 
 impl Body for Guarded {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
