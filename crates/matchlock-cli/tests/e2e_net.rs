@@ -201,21 +201,34 @@ fn allow_list_through_the_owner_stack() {
         ),
         ("http://10.0.2.2/blocked-gateway", "/blocked-gateway"),
     ] {
+        // HTTP is intercepted (an allow-list turns interception on): the proxy answers 403
+        // itself and never connects.
         let (okk, text, took) = guest(e, &id, &format!("timeout 20 wget -qO- {url}"));
         assert!(!okk, "{url} was reachable: {text}");
-        assert!(text.contains("refused"), "{url}: {text}");
-        assert!(
-            took < Duration::from_secs(10),
-            "{url} took {took:?}: not an RST"
-        );
+        assert!(text.contains("403"), "{url}: {text}");
+        assert!(took < Duration::from_secs(10), "{url} took {took:?}");
         assert!(
             requests_to(&net, "http", path).is_empty(),
             "{url} reached the test host"
         );
     }
+    // Other TCP to a blocked range: an immediate RST (the test host's echo never sees it).
+    for addr in nethost::FORBIDDEN {
+        let (okk, text, took) = guest(e, &id, &format!("echo leak | timeout 20 nc {addr} 7"));
+        assert!(!okk && text.contains("refused"), "{addr}:7 {text}");
+        assert!(
+            took < Duration::from_secs(10),
+            "{addr}:7 took {took:?}: not an RST"
+        );
+    }
+    assert!(
+        !net.log_text("tcp").contains("leak"),
+        "{}",
+        net.log_text("tcp")
+    );
     // Not on the allow-list at all (an address nobody answers for: a connect attempt would
     // only time out after 10 s): refused at once.
-    let (okk, text, took) = guest(e, &id, "timeout 20 wget -qO- http://192.0.2.1/");
+    let (okk, text, took) = guest(e, &id, "timeout 20 nc 192.0.2.1 22 </dev/null");
     assert!(!okk && text.contains("refused"), "{text}");
     assert!(
         took < Duration::from_secs(5),
