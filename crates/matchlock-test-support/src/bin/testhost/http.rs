@@ -38,9 +38,10 @@ struct ConnInfo {
 
 pub async fn serve_plain(listener: TcpListener, logs: Logs) {
     while let Ok((conn, peer)) = listener.accept().await {
+        let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let info = ConnInfo {
             log: "http",
-            extra: json!({"peer": peer.to_string()}),
+            extra: json!({"peer": peer.to_string(), "local": local}),
         };
         tokio::spawn(serve_conn(conn, info, logs.clone()));
     }
@@ -55,6 +56,7 @@ pub async fn serve_tls(
     let acceptor = TlsAcceptor::from(config);
     while let Ok((conn, peer)) = listener.accept().await {
         let (acceptor, logs) = (acceptor.clone(), logs.clone());
+        let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tokio::spawn(async move {
             let tls = match acceptor.accept(conn).await {
                 Ok(tls) => tls,
@@ -69,6 +71,7 @@ pub async fn serve_tls(
             let (_, session) = tls.get_ref();
             let extra = json!({
                 "peer": peer.to_string(),
+                "local": local,
                 "sni": session.server_name(),
                 "alpn": session.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
             });

