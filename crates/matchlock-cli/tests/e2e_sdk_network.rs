@@ -1,0 +1,104 @@
+//! The published Python SDK 0.2.17's network features, unchanged, against a real VM whose
+//! owner (`matchlock rpc`, started by the SDK) runs in a network namespace with only a veth
+//! to the test host (`common/nethost.rs`): `allow_host`, `add_secret`, and
+//! `with_network_interception` with static rules and SDK callbacks (the SDK's own callback
+//! server). tests/python/sdk_network.py prints what the guest saw; this side checks what
+//! arrived at the test host.
+
+mod common;
+#[path = "common/nethost.rs"]
+mod nethost;
+
+use std::path::Path;
+use std::process::Command;
+
+use nethost::NetHost;
+use serde_json::Value;
+
+fn sdk_python() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python-sdk-venv.sh");
+    let out = Command::new(&script)
+        .output()
+        .expect("run scripts/python-sdk-venv.sh");
+    assert!(
+        out.status.success(),
+        "installing matchlock==0.2.17 into a virtualenv failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn requests(net: &NetHost, log: &str, path: &str) -> Vec<Value> {
+    net.log(log)
+        .into_iter()
+        .filter(|r| r["path"] == path)
+        .collect()
+}
+
+#[test]
+fn python_sdk_network_features() {
+    let e = common::env();
+    let image = nethost::nettest_image(e);
+    let net = NetHost::new();
+    let template = e.cmd();
+    let mut c = Command::new(sdk_python());
+    for (k, v) in template.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_network.py");
+    c.arg(script)
+        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
+        .env("MATCHLOCK_TEST_IMAGE", image);
+    let out = net.wrap(c).output().expect("run the SDK network scenario");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+
+    // The guest holds only the placeholder; the real value reached api.test.
+    let token = v["token"]["out"].as_str().unwrap_or_default();
+    assert!(token.starts_with("SANDBOX_SECRET_"), "{v}");
+    assert_eq!(v["secret"]["out"], "200", "{v}");
+    let r = &requests(&net, "https", "/sdk-secret")[0];
+    assert_eq!(r["headers"]["authorization"], "Bearer sdk-secret-value");
+    assert_eq!(r["headers"]["x-rule"], "static", "static before-rule: {r}");
+    // Toward another host: refused, never sent.
+    assert!(
+        v["leak"]["out"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("403"),
+        "{v}"
+    );
+    assert!(requests(&net, "https", "/sdk-leak").is_empty());
+    // SDK callbacks: the before-callback added a header, the after-callback rewrote the body.
+    let r = &requests(&net, "https", "/cb/one")[0];
+    assert_eq!(r["headers"]["x-from-callback"], "yes", "{r}");
+    let body = v["callback"]["out"].as_str().unwrap_or_default();
+    assert!(body.contains("/cb/one"), "{v}");
+    let phases: Vec<&str> = v["calls"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["phase"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(phases, ["before", "after"], "{v}");
+    // A block rule: 403 and nothing arrives.
+    assert!(
+        v["blocked"]["out"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("403"),
+        "{v}"
+    );
+    assert!(requests(&net, "http", "/admin/x").is_empty());
+    // A body replacement on the way back (the test host echoes "method":"GET").
+    let rewritten = v["rewritten"]["out"].as_str().unwrap_or_default();
+    assert!(rewritten.contains("\"method\":\"TEG\""), "{v}");
+    assert_eq!(requests(&net, "http", "/plain/x")[0]["method"], "GET");
+}
