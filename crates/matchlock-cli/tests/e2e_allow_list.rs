@@ -83,6 +83,32 @@ fn allow_list_changes_through_rpc_and_cli() {
     assert_eq!(lines[2], "-----BEGIN CERTIFICATE-----");
     assert!(!text.contains("real-secret-value"));
 
+    // A request the proxy refuses (an address off the allow-list; the proxy never connects,
+    // so nothing leaves the machine) is an `event` notification for the client.
+    let v = r.call(
+        "exec",
+        json!({"command": "wget -qO- http://192.0.2.1/evt 2>&1; true"}),
+        8,
+    );
+    assert!(unb64(&v["stdout"]).contains("403"), "{v}");
+    let ev = r.wait_for("network event", |v| {
+        v["method"] == "event" && v["params"]["network"]["url"] == "http://192.0.2.1/evt"
+    });
+    let n = &ev["params"]["network"];
+    assert_eq!(ev["params"]["type"], "network", "{ev}");
+    assert_eq!(n["blocked"], true, "{ev}");
+    assert_eq!(n["method"], "GET", "{ev}");
+    assert!(
+        n["block_reason"].as_str().is_some_and(|s| !s.is_empty()),
+        "{ev}"
+    );
+    assert!(
+        ev["params"]["timestamp"]
+            .as_i64()
+            .is_some_and(|t| t > 1_700_000_000),
+        "{ev}"
+    );
+
     // Neither the state, `get`/`inspect`, nor the logs hold the value.
     let inspect = ok(&e.run(&["inspect", &id]));
     assert!(inspect.contains("API_TOKEN"), "{inspect}");
