@@ -14,8 +14,6 @@ mod common;
 #[path = "common/nethost.rs"]
 mod nethost;
 
-use std::time::Duration;
-
 use common::{env, ok};
 use nethost::{guest, NetHost};
 use serde_json::Value;

@@ -7,22 +7,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-fn sdk_python() -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python-sdk-venv.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run scripts/python-sdk-venv.sh");
-    assert!(
-        out.status.success(),
-        "installing matchlock==0.2.17 into a virtualenv failed (needs python3-venv and PyPI):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn python_sdk_scenarios() {
-    let python = sdk_python();
+    let python = common::sdk_python();
     let e = common::env();
     let template = e.cmd();
     let mut c = Command::new(python);

@@ -15,19 +15,6 @@ use std::process::Command;
 use nethost::NetHost;
 use serde_json::Value;
 
-fn sdk_python() -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python-sdk-venv.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run scripts/python-sdk-venv.sh");
-    assert!(
-        out.status.success(),
-        "installing matchlock==0.2.17 into a virtualenv failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn requests(net: &NetHost, log: &str, path: &str) -> Vec<Value> {
     net.log(log)
         .into_iter()
@@ -41,7 +28,7 @@ fn python_sdk_network_features() {
     let image = nethost::nettest_image(e);
     let net = NetHost::new();
     let template = e.cmd();
-    let mut c = Command::new(sdk_python());
+    let mut c = Command::new(common::sdk_python());
     for (k, v) in template.get_envs() {
         match v {
             Some(v) => c.env(k, v),

@@ -205,3 +205,20 @@ pub fn pids_matching(needle: &str) -> Vec<u32> {
     }
     out
 }
+
+/// The virtualenv python with the published SDK (`matchlock==0.2.17`), installed and cached
+/// by scripts/python-sdk-venv.sh.
+#[allow(dead_code)] // not every test file uses it
+pub fn sdk_python() -> String {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/python-sdk-venv.sh");
+    let out = Command::new(&script)
+        .output()
+        .expect("run scripts/python-sdk-venv.sh");
+    assert!(
+        out.status.success(),
+        "installing matchlock==0.2.17 into a virtualenv failed (needs python3-venv and PyPI):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
