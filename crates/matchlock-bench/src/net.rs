@@ -77,6 +77,18 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// MiB/s from a receiver line `<kind> <bytes> <nanoseconds>` of a complete transfer.
+fn rate(kind: &str, line: &str) -> anyhow::Result<f64> {
+    let mut w = line.split_whitespace();
+    let (k, bytes, nanos) = (w.next(), w.next(), w.next());
+    let bytes: u64 = bytes.and_then(|b| b.parse().ok()).unwrap_or(0);
+    let nanos: u64 = nanos.and_then(|n| n.parse().ok()).unwrap_or(0);
+    if k != Some(kind) || bytes != TRANSFER || nanos == 0 {
+        bail!("expected a complete {kind} of {TRANSFER} bytes, receiver said {line:?}");
+    }
+    Ok(bytes as f64 / (1024.0 * 1024.0) / (nanos as f64 / 1e9))
+}
+
 /// The two namespaces, the veth and the receiver; all removed on drop.
 struct Lab {
     sandbox_ns: String,
@@ -165,14 +177,17 @@ impl Lab {
     /// Waits for the receiver's `kind` line (`recv` or `sent`); returns MiB/s.
     fn transfer_rate(&self, kind: &str) -> anyhow::Result<f64> {
         let line = self.next_line(TRANSFER_TIMEOUT)?;
-        let mut w = line.split_whitespace();
-        let (k, bytes, nanos) = (w.next(), w.next(), w.next());
-        let bytes: u64 = bytes.and_then(|b| b.parse().ok()).unwrap_or(0);
-        let nanos: u64 = nanos.and_then(|n| n.parse().ok()).unwrap_or(0);
-        if k != Some(kind) || bytes != TRANSFER || nanos == 0 {
-            bail!("expected a complete {kind} of {TRANSFER} bytes, receiver said {line:?}");
+        rate(kind, &line)
+    }
+
+    /// The receiver's next line if one comes within `timeout`.
+    fn poll_line(&self, timeout: Duration) -> anyhow::Result<Option<String>> {
+        let rx = self.lines.as_ref().context("receiver not started")?;
+        match rx.recv_timeout(timeout) {
+            Ok(line) => Ok(Some(line)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(e) => bail!("receiver gone: {e}"),
         }
-        Ok(bytes as f64 / (1024.0 * 1024.0) / (nanos as f64 / 1e9))
     }
 
     /// Queues a command for the slirp guest's next control connection.
@@ -451,16 +466,31 @@ impl Bench {
         exec.args(["exec", id, "sh", "-c", cmd])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let child = exec.spawn().context("spawn matchlock exec")?;
-        let rate = lab.transfer_rate(kind);
+        let mut child = exec.spawn().context("spawn matchlock exec")?;
+        let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        // Fails fast when the guest command fails instead of waiting for the timeout.
+        let line = loop {
+            if let Some(line) = lab.poll_line(Duration::from_millis(500))? {
+                break line;
+            }
+            let failed = child.try_wait()?.is_some_and(|st| !st.success());
+            if failed || Instant::now() > deadline {
+                let o = child.wait_with_output()?;
+                bail!(
+                    "matchlock exec {cmd:?}: no {kind} report ({}): {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+            }
+        };
         let o = child.wait_with_output()?;
-        let rate = rate.with_context(|| {
+        rate(kind, &line).with_context(|| {
             format!(
-                "matchlock exec {cmd:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
+                "matchlock exec {cmd:?} ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
             )
-        })?;
-        Ok(rate)
+        })
     }
 
     /// One transfer through the slirp VM.

@@ -19,8 +19,9 @@
 //!
 //! # Limitations
 //! Connections are served one at a time per port (the bench runs one transfer at a time).
-//! The host -> guest time includes the guest spawning `wc` and a second `nc` to report
-//! (a few milliseconds under TCG, the same on both sides of the comparison).
+//! The host -> guest time ends when the guest's count report arrives: it includes `wc`
+//! finishing and one small segment on the report connection (opened when the guest's
+//! pipeline started), the same on both sides of the comparison.
 
 use std::io::{BufRead, Read, Write};
 use std::net::{Shutdown, TcpListener};
@@ -39,6 +40,8 @@ pub const SOURCE_PORT: u16 = 5202;
 pub const DONE_PORT: u16 = 5203;
 
 const CHUNK: usize = 64 * 1024;
+/// Longest wait for a download's count report (the bench gives up on a transfer sooner).
+const DONE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Entry point of `matchlock-bench net-sink BYTES`.
 pub fn main(bytes: u64) -> anyhow::Result<()> {
@@ -112,7 +115,9 @@ fn serve_source(l: TcpListener, bytes: u64, starts: mpsc::Sender<Instant>) {
 fn serve_done(l: TcpListener, starts: mpsc::Receiver<Instant>) {
     for conn in l.incoming() {
         let Ok(c) = conn else { continue };
-        let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+        // The guest's `nc` connects when its pipeline starts and sends the count when the
+        // download is over, so this wait spans the whole transfer.
+        let _ = c.set_read_timeout(Some(DONE_TIMEOUT));
         let mut text = String::new();
         let _ = c.take(64).read_to_string(&mut text);
         let end = Instant::now();
@@ -121,7 +126,9 @@ fn serve_done(l: TcpListener, starts: mpsc::Receiver<Instant>) {
             println!("sent ? 0");
             continue;
         };
-        let count: u64 = text.trim().parse().unwrap_or(0);
-        println!("sent {count} {}", (end - start).as_nanos());
+        match text.trim().parse::<u64>() {
+            Ok(count) => println!("sent {count} {}", (end - start).as_nanos()),
+            Err(_) => println!("sent ? 0 (report {:?})", text.trim()),
+        }
     }
 }
