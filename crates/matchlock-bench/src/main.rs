@@ -1,4 +1,4 @@
-//! `cargo run --release -p matchlock-bench -- [cold|exec|all|pull] [--runs N]`
+//! `cargo run --release -p matchlock-bench -- [cold|exec|net|all|pull] [--runs N]`
 //!
 //! Prints the performance ratios of DESIGN §11 from one run (these machines are noisy, so
 //! both sides of each ratio are measured back to back, interleaved):
@@ -7,6 +7,10 @@
 //! - warm exec: `exec true` into a running sandbox (in-process, through the exec relay
 //!   socket, through `matchlock rpc` (JSON-RPC, what the SDKs use) and via the `matchlock
 //!   exec` CLI) vs. a raw vsock round trip on an open connection;
+//! - net (needs root for `ip netns`): bulk TCP throughput guest -> host and host -> guest
+//!   through the sandbox's network stack vs. QEMU's `-netdev user` on the same kernel and
+//!   VM size, and the host memory of an idle sandbox with and without its network (see
+//!   `net.rs`);
 //! - pull (only when asked for: needs `skopeo`, `docker-registry` and squashfs-tools-ng):
 //!   `matchlock pull` of a ~100 MB image from a local registry vs. an independent baseline,
 //!   `skopeo copy` to an OCI layout plus a `tar` unpack (whiteouts applied) and `tar2sqfs`.
@@ -28,7 +32,9 @@ use matchlock_sandbox::paths::Paths;
 use matchlock_sandbox::services::Services;
 use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
 
+mod net;
 mod pull;
+mod sink;
 
 const IMAGE: &str = "busybox:bench";
 
@@ -369,9 +375,14 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .context("--runs N")?
             }
-            "cold" | "exec" | "all" | "pull" => what = a,
+            "cold" | "exec" | "all" | "pull" | "net" => what = a,
+            // The network benchmark's receiver, started by `net` in its own namespace.
+            "net-sink" => {
+                let bytes = args.next().and_then(|v| v.parse().ok()).context("BYTES")?;
+                return sink::main(bytes);
+            }
             other => bail!(
-                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|all|pull] [--runs N]"
+                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|all|pull] [--runs N]"
             ),
         }
     }
@@ -403,6 +414,9 @@ fn main() -> anyhow::Result<()> {
     }
     if what == "exec" || what == "all" {
         bench.exec()?;
+    }
+    if what == "net" || what == "all" {
+        bench.net()?;
     }
     Ok(())
 }

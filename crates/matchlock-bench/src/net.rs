@@ -1,0 +1,583 @@
+//! `matchlock-bench net`: bulk TCP throughput through the sandbox's userspace network stack
+//! vs. QEMU's own `-netdev user` (slirp) on the same kernel and VM size, and the host memory
+//! of an idle sandbox with and without its network.
+//!
+//! # Design
+//! Hermetic by construction: the bench creates two network namespaces joined by a veth, the
+//! "sandbox" side (`198.51.100.1/24`, `lo` and the veth only, default route to the other
+//! side) and the "receiver" side (`198.51.100.2/24`), and runs there, respectively, both
+//! VMs' host processes (`matchlock run -d` and the slirp QEMU) and the test host
+//! ([`crate::sink`], this binary's `net-sink`). Every byte either VM sends goes to the same
+//! receiver over the same veth, and neither namespace has a route off this machine. The
+//! receiver address is a TEST-NET-2 address, which the sandbox's default policy allows, so
+//! the sandbox runs with its default network configuration (no `block_private_ips: false`).
+//! (A loopback arrangement would need the policy opt-out and would compare slirp's
+//! `10.0.2.2` host-loopback shortcut with our stack's real connect, a different path.)
+//!
+//! Both guests run the same busybox binary and the same commands: `dd | nc` to the sink for
+//! guest -> host, `nc | wc -c` from the source for host -> guest. Our sandbox runs them
+//! through `matchlock exec`; the slirp VM (a busybox initramfs, no vsock) polls the
+//! receiver's control port for its next command. The receiver times every transfer, and the
+//! two sides are interleaved run by run (this machine is shared and noisy).
+//!
+//! Memory: the proportional set size (`Pss` of `/proc/<pid>/smaps_rollup`) of the idle
+//! sandbox's owner and of its helpers other than QEMU (whose PSS is mostly guest RAM and is
+//! shown apart), for a sandbox with the network and one with `--no-network`.
+//!
+//! # Limitations
+//! Needs root (`ip netns`). The slirp QEMU is not confined (seccomp, Landlock) like the
+//! sandbox's QEMU is, and its guest runs from an initramfs rather than the image's root
+//! disk; neither is on the data path measured. MTU is the default 1500 on both.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::sink::{CONTROL_PORT, DONE_PORT, SINK_PORT, SOURCE_PORT};
+use crate::{Bench, IMAGE};
+
+/// The receiver's address (in its own namespace).
+const RECEIVER: &str = "198.51.100.2";
+/// Bytes per transfer.
+const TRANSFER: u64 = 64 * 1024 * 1024;
+/// Longest a transfer may take before the bench gives up.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
+/// The host's static busybox, the binary the bench image is made of too.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The guest command sending [`TRANSFER`] bytes to the sink.
+fn upload_cmd() -> String {
+    format!(
+        "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc {RECEIVER} {SINK_PORT}",
+        TRANSFER / 65536
+    )
+}
+
+/// The guest command receiving [`TRANSFER`] bytes and reporting the count.
+fn download_cmd() -> String {
+    format!("nc {RECEIVER} {SOURCE_PORT} </dev/null | wc -c | nc {RECEIVER} {DONE_PORT}")
+}
+
+fn run(args: &[&str]) -> anyhow::Result<()> {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {args:?}"))?;
+    if !o.status.success() {
+        bail!(
+            "{args:?} failed (the network benchmark needs root for `ip netns`): {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// MiB/s from a receiver line `<kind> <bytes> <nanoseconds>` of a complete transfer.
+fn rate(kind: &str, line: &str) -> anyhow::Result<f64> {
+    let mut w = line.split_whitespace();
+    let (k, bytes, nanos) = (w.next(), w.next(), w.next());
+    let bytes: u64 = bytes.and_then(|b| b.parse().ok()).unwrap_or(0);
+    let nanos: u64 = nanos.and_then(|n| n.parse().ok()).unwrap_or(0);
+    if k != Some(kind) || bytes != TRANSFER || nanos == 0 {
+        bail!("expected a complete {kind} of {TRANSFER} bytes, receiver said {line:?}");
+    }
+    Ok(bytes as f64 / (1024.0 * 1024.0) / (nanos as f64 / 1e9))
+}
+
+/// The two namespaces, the veth and the receiver; all removed on drop.
+struct Lab {
+    sandbox_ns: String,
+    receiver_ns: String,
+    sink: Option<Child>,
+    sink_in: Option<ChildStdin>,
+    lines: Option<mpsc::Receiver<String>>,
+}
+
+impl Lab {
+    fn new() -> anyhow::Result<Lab> {
+        let pid = std::process::id();
+        let mut lab = Lab {
+            sandbox_ns: format!("mlb-s-{pid}"),
+            receiver_ns: format!("mlb-r-{pid}"),
+            sink: None,
+            sink_in: None,
+            lines: None,
+        };
+        lab.build(&format!("mlb{pid}a"), &format!("mlb{pid}b"))?;
+        lab.start_sink()?;
+        Ok(lab)
+    }
+
+    fn build(&self, va: &str, vb: &str) -> anyhow::Result<()> {
+        let (s, r) = (self.sandbox_ns.as_str(), self.receiver_ns.as_str());
+        run(&["ip", "netns", "add", s])?;
+        run(&["ip", "netns", "add", r])?;
+        run(&["ip", "link", "add", va, "type", "veth", "peer", "name", vb])?;
+        run(&["ip", "link", "set", va, "netns", s])?;
+        run(&["ip", "link", "set", vb, "netns", r])?;
+        let x = |ns: &str, a: &[&str]| -> anyhow::Result<()> {
+            let mut v = vec!["ip", "netns", "exec", ns];
+            v.extend_from_slice(a);
+            run(&v)
+        };
+        x(s, &["ip", "link", "set", "lo", "up"])?;
+        x(s, &["ip", "addr", "add", "198.51.100.1/24", "dev", va])?;
+        x(s, &["ip", "link", "set", va, "up"])?;
+        x(s, &["ip", "route", "add", "default", "via", RECEIVER])?;
+        x(r, &["ip", "link", "set", "lo", "up"])?;
+        x(
+            r,
+            &["ip", "addr", "add", &format!("{RECEIVER}/24"), "dev", vb],
+        )?;
+        x(r, &["ip", "link", "set", vb, "up"])?;
+        Ok(())
+    }
+
+    fn start_sink(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.receiver_ns])
+            .arg(exe)
+            .args(["net-sink", &TRANSFER.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn the receiver")?;
+        let out = child.stdout.take().context("receiver stdout")?;
+        self.sink_in = child.stdin.take();
+        self.sink = Some(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        self.lines = Some(rx);
+        let first = self.next_line(Duration::from_secs(20))?;
+        if first != "ready" {
+            bail!("receiver said {first:?} instead of ready");
+        }
+        Ok(())
+    }
+
+    fn next_line(&self, timeout: Duration) -> anyhow::Result<String> {
+        let rx = self.lines.as_ref().context("receiver not started")?;
+        rx.recv_timeout(timeout)
+            .map_err(|e| anyhow::anyhow!("no word from the receiver: {e}"))
+    }
+
+    /// Waits for the receiver's `kind` line (`recv` or `sent`); returns MiB/s.
+    fn transfer_rate(&self, kind: &str) -> anyhow::Result<f64> {
+        let line = self.next_line(TRANSFER_TIMEOUT)?;
+        rate(kind, &line)
+    }
+
+    /// The receiver's next line if one comes within `timeout`.
+    fn poll_line(&self, timeout: Duration) -> anyhow::Result<Option<String>> {
+        let rx = self.lines.as_ref().context("receiver not started")?;
+        match rx.recv_timeout(timeout) {
+            Ok(line) => Ok(Some(line)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(e) => bail!("receiver gone: {e}"),
+        }
+    }
+
+    /// Queues a command for the slirp guest's next control connection.
+    fn command(&mut self, cmd: &str) -> anyhow::Result<()> {
+        let w = self.sink_in.as_mut().context("receiver not started")?;
+        writeln!(w, "{cmd}").context("write to the receiver")?;
+        w.flush()?;
+        Ok(())
+    }
+
+    /// `cmd` run inside the sandbox namespace.
+    fn in_sandbox_ns(&self, cmd: &Command) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.sandbox_ns])
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .stdin(Stdio::null());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        drop(self.sink_in.take());
+        if let Some(mut c) = self.sink.take() {
+            // `ip netns exec` execs the receiver, so this pid is the receiver itself.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = run(&["ip", "netns", "del", &self.sandbox_ns]);
+        let _ = run(&["ip", "netns", "del", &self.receiver_ns]);
+    }
+}
+
+/// The slirp VM: QEMU with `-netdev user` booting a busybox initramfs whose `/init` runs
+/// the commands the receiver hands out; killed on drop.
+struct SlirpVm {
+    qemu: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for SlirpVm {
+    fn drop(&mut self) {
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+    }
+}
+
+/// The slirp guest's `/init`: network up with slirp's default addressing (the same as our
+/// sandbox's), then a loop running whatever the control port hands out.
+fn slirp_init() -> String {
+    format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev 2>/dev/null\n\
+         ip link set lo up\n\
+         ip link set eth0 up\n\
+         ip addr add 10.0.2.15/24 dev eth0\n\
+         ip route add default via 10.0.2.2\n\
+         echo slirp-guest-ready\n\
+         while true; do\n\
+         \x20 cmd=$(nc {RECEIVER} {CONTROL_PORT} </dev/null)\n\
+         \x20 case \"$cmd\" in\n\
+         \x20   quit) break ;;\n\
+         \x20   '') sleep 0.2 ;;\n\
+         \x20   *) sh -c \"$cmd\" ;;\n\
+         \x20 esac\n\
+         done\n\
+         poweroff -f\n"
+    )
+}
+
+impl Bench {
+    /// Boots the slirp VM in the sandbox namespace; same kernel, vCPUs and memory as a
+    /// sandbox with default resources.
+    fn slirp_vm(&self, lab: &Lab) -> anyhow::Result<SlirpVm> {
+        use matchlock_vm::cpio::Entry;
+        let dir = tempfile::tempdir()?;
+        let busybox = std::fs::read(BUSYBOX).with_context(|| format!("read {BUSYBOX}"))?;
+        let mut entries = vec![Entry::dir("dev", 0o755)];
+        entries.push(Entry::char_dev("dev/console", 0o600, 5, 1));
+        for d in ["bin", "proc", "sys", "tmp"] {
+            entries.push(Entry::dir(d, 0o755));
+        }
+        entries.push(Entry::file("bin/busybox", 0o755, busybox));
+        entries.push(Entry::file("init", 0o755, slirp_init().into_bytes()));
+        let initramfs = dir.path().join("slirp.cpio");
+        matchlock_vm::assets::write_initramfs(&entries, &initramfs)?;
+        let log = dir.path().join("console.log");
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(slirp_qemu_args(&initramfs)?);
+        let qemu = lab
+            .in_sandbox_ns(&qemu)
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(dir.path().join("qemu.log"))?)
+            .spawn()
+            .context("spawn QEMU with -netdev user")?;
+        let vm = SlirpVm { qemu, _dir: dir };
+        let t = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("slirp-guest-ready")
+        {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "slirp guest did not come up: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(vm)
+    }
+}
+
+/// QEMU's arguments for the slirp VM: the sandbox's machine (microvm, memfd memory, the
+/// accelerator and CPU model the VM crate picks, 1 vCPU, 512 MiB), no disks or vsock, and
+/// a virtio-net device on `-netdev user`.
+fn slirp_qemu_args(initramfs: &Path) -> anyhow::Result<Vec<String>> {
+    let kernel = matchlock_vm::assets::kernel_path();
+    let (accel, cpu) = match matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel {
+        matchlock_vm::Accel::Kvm => ("kvm", "host"),
+        _ => ("tcg", "max,-erms,-fsrm"),
+    };
+    let path = |p: &Path| -> anyhow::Result<String> {
+        p.to_str()
+            .map(|s| s.replace(',', ",,"))
+            .with_context(|| format!("{} is not UTF-8", p.display()))
+    };
+    let mem = matchlock_api::DEFAULT_MEMORY_MB;
+    // As the VM crate does under TCG: without a TSC frequency the guest kernel cannot
+    // calibrate its clock there and stalls in boot.
+    let mut append = "console=ttyS0 reboot=t panic=-1 quiet".to_string();
+    if accel == "tcg" {
+        if let Some(khz) = host_tsc_khz() {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    append.push_str(" init=/init");
+    Ok([
+        "-M",
+        "microvm,memory-backend=mem",
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-smp",
+        "1",
+        "-m",
+        &format!("{mem}M"),
+        "-serial",
+        "stdio",
+        "-kernel",
+        &path(&kernel)?,
+        "-initrd",
+        &path(initramfs)?,
+        "-append",
+        &append,
+        "-netdev",
+        "user,id=net0",
+        "-device",
+        "virtio-net-device,netdev=net0",
+        "-device",
+        "virtio-rng-device",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect())
+}
+
+/// Host TSC frequency in kHz, from the first `cpu MHz` line of `/proc/cpuinfo`.
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    // Bounded above, so the conversion cannot truncate.
+    (mhz.is_finite() && mhz > 0.0 && mhz < 1.0e6).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// Transfer rates in MiB/s, per run.
+#[derive(Default)]
+struct Rates {
+    up: Vec<f64>,
+    down: Vec<f64>,
+}
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Proportional set size of a process in KiB (`Pss:` of `smaps_rollup`).
+fn pss_kib(pid: u32) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("read /proc/{pid}/smaps_rollup"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no Pss in /proc/{pid}/smaps_rollup"))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Host memory of one idle sandbox: owner, helpers other than QEMU, QEMU (KiB of PSS).
+struct IdleMemory {
+    owner: u64,
+    /// The owner again after the throughput runs (networked sandbox only).
+    owner_after: Option<u64>,
+    helpers: u64,
+    qemu: u64,
+}
+
+impl Bench {
+    /// Starts a detached sandbox (in the sandbox namespace) and returns its id.
+    fn start_sandbox(&self, lab: &Lab, extra: &[&str]) -> anyhow::Result<String> {
+        let mut c = self.matchlock();
+        c.args(["run", "--image", IMAGE, "-d"]).args(extra);
+        let o = lab.in_sandbox_ns(&c).output().context("matchlock run -d")?;
+        if !o.status.success() {
+            bail!(
+                "matchlock run -d failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+
+    fn stop_sandbox(&self, id: &str) {
+        let _ = self.matchlock().args(["kill", id]).output();
+        let _ = self.matchlock().args(["rm", id]).output();
+    }
+
+    fn idle_memory(&self, id: &str) -> anyhow::Result<IdleMemory> {
+        let state = matchlock_state::StateDb::open(&self.paths().state)?;
+        let owner = state.get(id)?.pid;
+        let record = state.lifecycle_latest(id)?.context("no lifecycle record")?;
+        let mut m = IdleMemory {
+            owner: pss_kib(owner)?,
+            owner_after: None,
+            helpers: 0,
+            qemu: 0,
+        };
+        for p in &record.resources.processes {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid))?;
+            if comm.starts_with("qemu") {
+                m.qemu += pss_kib(p.pid)?;
+            } else {
+                m.helpers += pss_kib(p.pid)?;
+            }
+        }
+        Ok(m)
+    }
+
+    /// One transfer through our sandbox: `cmd` via `matchlock exec`, timed by the receiver.
+    fn ours(&self, lab: &Lab, id: &str, cmd: &str, kind: &str) -> anyhow::Result<f64> {
+        let mut exec = self.matchlock();
+        exec.args(["exec", id, "sh", "-c", cmd])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = exec.spawn().context("spawn matchlock exec")?;
+        let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        // Fails fast when the guest command fails instead of waiting for the timeout.
+        let line = loop {
+            if let Some(line) = lab.poll_line(Duration::from_millis(500))? {
+                break line;
+            }
+            let failed = child.try_wait()?.is_some_and(|st| !st.success());
+            if failed || Instant::now() > deadline {
+                let o = child.wait_with_output()?;
+                bail!(
+                    "matchlock exec {cmd:?}: no {kind} report ({}): {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+            }
+        };
+        let o = child.wait_with_output()?;
+        rate(kind, &line).with_context(|| {
+            format!(
+                "matchlock exec {cmd:?} ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )
+        })
+    }
+
+    /// One transfer through the slirp VM.
+    fn slirp(&self, lab: &mut Lab, cmd: &str, kind: &str) -> anyhow::Result<f64> {
+        lab.command(cmd)?;
+        lab.transfer_rate(kind)
+            .with_context(|| format!("slirp guest: {cmd:?}"))
+    }
+
+    /// Interleaved transfers, a warm-up of each first; (ours, slirp).
+    fn throughput(&self, lab: &mut Lab, id: &str) -> anyhow::Result<(Rates, Rates)> {
+        let (up, down) = (upload_cmd(), download_cmd());
+        self.ours(lab, id, &up, "recv")?;
+        self.slirp(lab, &up, "recv")?;
+        let (mut ours, mut slirp) = (Rates::default(), Rates::default());
+        for _ in 0..self.runs {
+            ours.up.push(self.ours(lab, id, &up, "recv")?);
+            slirp.up.push(self.slirp(lab, &up, "recv")?);
+            ours.down.push(self.ours(lab, id, &down, "sent")?);
+            slirp.down.push(self.slirp(lab, &down, "sent")?);
+        }
+        Ok((ours, slirp))
+    }
+
+    pub(crate) fn net(&self) -> anyhow::Result<()> {
+        let mut lab = Lab::new()?;
+        let id = self.start_sandbox(&lab, &[])?;
+        let result = self.net_with(&mut lab, &id);
+        self.stop_sandbox(&id);
+        let (ours, slirp, mem_net) = result?;
+        let id = self.start_sandbox(&lab, &["--no-network"])?;
+        std::thread::sleep(Duration::from_secs(2));
+        let mem_none = self.idle_memory(&id);
+        self.stop_sandbox(&id);
+        let mem_none = mem_none?;
+        drop(lab);
+        print_net(self.runs, ours, slirp, &mem_net, &mem_none);
+        Ok(())
+    }
+
+    /// The throughput rows and the networked sandbox's idle memory (measured first, before
+    /// any traffic, and again after it).
+    fn net_with(&self, lab: &mut Lab, id: &str) -> anyhow::Result<(Rates, Rates, IdleMemory)> {
+        std::thread::sleep(Duration::from_secs(2));
+        let mut mem = self.idle_memory(id)?;
+        let vm = self.slirp_vm(lab)?;
+        let (ours, slirp) = self.throughput(lab, id)?;
+        lab.command("quit")?;
+        drop(vm);
+        std::thread::sleep(Duration::from_secs(2));
+        mem.owner_after = Some(self.idle_memory(id)?.owner);
+        Ok((ours, slirp, mem))
+    }
+}
+
+fn print_net(runs: usize, ours: Rates, slirp: Rates, net: &IdleMemory, none: &IdleMemory) {
+    let mibs = TRANSFER / (1024 * 1024);
+    let (ou, su) = (median_f(ours.up), median_f(slirp.up));
+    let (od, sd) = (median_f(ours.down), median_f(slirp.down));
+    println!(
+        "network throughput ({mibs} MiB per transfer, {runs} runs, medians; busybox nc in a \
+         1-vCPU guest to a receiver in another netns over a veth):"
+    );
+    println!("  guest -> host, matchlock stack:       {ou:.1} MiB/s");
+    println!("  guest -> host, QEMU -netdev user:     {su:.1} MiB/s");
+    println!("  ratio: {:.2}x (target >= 1x)", ou / su);
+    println!("  host -> guest, matchlock stack:       {od:.1} MiB/s");
+    println!("  host -> guest, QEMU -netdev user:     {sd:.1} MiB/s");
+    println!("  ratio: {:.2}x (no target)", od / sd);
+    println!("idle sandbox host memory (PSS; QEMU shown apart, mostly guest RAM):");
+    println!(
+        "  with network:  owner {} (target <= 30 MiB), helpers {}, QEMU {}",
+        mib(net.owner),
+        mib(net.helpers),
+        mib(net.qemu)
+    );
+    if let Some(after) = net.owner_after {
+        println!("  with network, after the transfers: owner {}", mib(after));
+    }
+    println!(
+        "  --no-network:  owner {}, helpers {}, QEMU {}",
+        mib(none.owner),
+        mib(none.helpers),
+        mib(none.qemu)
+    );
+    println!(
+        "  the network's cost: owner {:+.1} MiB",
+        (net.owner as f64 - none.owner as f64) / 1024.0
+    );
+}
