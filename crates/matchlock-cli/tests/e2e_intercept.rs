@@ -262,6 +262,35 @@ fn interception_secrets_and_adversarial_cases() {
     assert!(out.contains("now-allowed"), "{out}");
     assert_eq!(requests(&net, "https", "/now-allowed").len(), 1);
     assert!(!net.log_text("udp").contains("udp-leak"));
+    // Allow-listed names whose DNS answers are blocked addresses (private, loopback,
+    // metadata): the owner checks the address it would dial, so 403 and nothing arrives.
+    ok(&e.run(&[
+        "allow-list",
+        "add",
+        &id,
+        "private.test,loopback.test,metadata.test",
+    ]));
+    // (loopback.test answers 127.0.0.1, which a guest reaches as its own loopback.)
+    sh(
+        &id,
+        "curl -sS --max-time 30 https://loopback.test/rebind",
+        false,
+    );
+    for url in ["http://private.test/rebind", "https://metadata.test/rebind"] {
+        let out = sh(
+            &id,
+            &format!("curl -sS --max-time 30 -w '%{{http_code}}' {url}"),
+            true,
+        );
+        assert!(out.ends_with("403"), "{url}: {out}");
+    }
+    for log in ["http", "https"] {
+        assert!(
+            !net.log_text(log).contains("rebind"),
+            "{}",
+            net.log_text(log)
+        );
+    }
 
     // Events: requests and refusals, in the event log, without the secret.
     let events = ok(&e.run(&["log", "--events", &id]));

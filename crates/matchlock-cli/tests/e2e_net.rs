@@ -338,6 +338,34 @@ fn open_egress_with_real_clients() {
         net.log_text("udp")
     );
 
+    // A connection flood: 400 sockets at once. The owner holds at most 256 flows and
+    // refuses the rest with an RST; once they are closed, the network works as before.
+    let py = "import socket, errno\n\
+              ok = refused = 0\n\
+              socks = []\n\
+              for i in range(400):\n \
+                s = socket.socket(); s.settimeout(20)\n \
+                try:\n  s.connect(('198.51.100.2', 7)); ok += 1; socks.append(s)\n \
+                except OSError as e:\n  refused += 1; s.close()\n\
+              print('ok', ok, 'refused', refused)\n\
+              [s.close() for s in socks]\n";
+    let (okk, text, _) = guest(e, &id, &format!("python3 -c \"{py}\""));
+    assert!(okk, "{text}");
+    let nums: Vec<u32> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        nums.len() == 2 && nums[0] <= 256 && nums[0] >= 200 && nums[0] + nums[1] == 400,
+        "{text}"
+    );
+    let (okk, text, _) = guest(
+        e,
+        &id,
+        "sleep 1; curl -sS --max-time 20 http://web.test/after-flood",
+    );
+    assert!(okk && text.contains("after-flood"), "{text}");
+
     // ICMP echo: the gateway answers; nothing else does (no fake reachability).
     let (okk, text, _) = guest(e, &id, "busybox ping -c 1 -W 5 10.0.2.2");
     assert!(okk, "{text}");
