@@ -275,7 +275,7 @@ mod tests {
         assert_eq!(p["resources"], json!({"memory_mb": 256}));
         assert_eq!(
             p["network"],
-            json!({"no_network": true, "block_private_ips": false})
+            json!({"no_network": true, "block_private_ips": true})
         );
         assert_eq!(p["env"], json!({"A": "b"}));
         assert_eq!(
