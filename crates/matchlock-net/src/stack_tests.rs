@@ -797,3 +797,39 @@ fn udp_to_blocked_ranges_or_under_interception_never_leaves() {
         "a datagram arrived"
     );
 }
+
+#[test]
+fn udp_flow_table_is_bounded() {
+    let open = Arc::new(Policy::new(std::iter::empty(), false));
+    let mut g = Guest::build(open, None, None, true);
+    let (port, arrived) = udp_echo("127.0.0.1:0");
+    let s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+    );
+    let h = g.sockets.add(s);
+    g.sockets
+        .get_mut::<udp::Socket>(h)
+        .bind(6100)
+        .expect("bind");
+    // MAX_UDP_FLOWS flows to other ports fill the table (none idle yet)...
+    let targets: Vec<u16> = (1..=u16::MAX)
+        .filter(|p| *p != port && *p != 53)
+        .take(MAX_UDP_FLOWS)
+        .chain([port])
+        .collect();
+    for dst in targets {
+        assert!(g.until(5, |g| g.sockets.get_mut::<udp::Socket>(h).can_send()));
+        g.sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(b"fill", (IpAddress::Ipv4(Ipv4Addr::LOCALHOST), dst))
+            .expect("send");
+        g.poll();
+    }
+    g.until(1, |_| false);
+    // ...so the datagram of one more flow is dropped, not forwarded.
+    assert!(
+        arrived.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a flow beyond the bound was forwarded"
+    );
+}

@@ -21,6 +21,9 @@
 //! Everything (namespaces, `/etc/netns` directory, the server) is removed on drop, including
 //! when a test panics. Needs root (`ip netns add`); fails loudly without it, never skips.
 
+// Each test binary uses part of the harness.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
