@@ -5,7 +5,8 @@
 //!
 //! One booted sandbox (the `nettest` image: Debian's curl and python3) per mode: open
 //! egress, where IPv6 and UDP reach the test host and blocked ranges do not, and an
-//! allow-list (interception), where UDP other than DNS never leaves. Assertions read the
+//! allow-list (interception), where UDP other than DNS never leaves and HTTP over IPv6 is
+//! proxied. Assertions read the
 //! test host's logs to show what did and did not arrive.
 //!
 //! Needs root (`ip netns add`); fails loudly without it, never skips.
@@ -202,5 +203,25 @@ fn udp_is_not_forwarded_under_an_allow_list() {
     std::thread::sleep(Duration::from_millis(500));
     let udp = net.log_text("udp");
     assert!(!udp.contains("udp-intercepted"), "{udp}");
+    // HTTP over IPv6 goes through the interceptor: the allowed literal is proxied (the
+    // owner dials it over IPv6), a unique-local one gets the proxy's 403 and never arrives.
+    let (okk, text, _) = guest(
+        e,
+        &id,
+        &format!("curl -6 -sS --max-time 20 'http://[{HOST_IP6}]/v6-intercepted'"),
+    );
+    assert!(
+        okk && text.contains("\"path\":\"/v6-intercepted\""),
+        "{text}"
+    );
+    let r = &requests_to(&net, "http", "/v6-intercepted")[0];
+    assert_eq!(r["local"], format!("[{HOST_IP6}]:80"), "{r}");
+    let (_, text, _) = guest(
+        e,
+        &id,
+        "curl -6 -sS -w '%{http_code}' --max-time 20 'http://[fd11:1213::13]/v6-icpt-ula'",
+    );
+    assert!(text.ends_with("403"), "{text}");
+    assert!(requests_to(&net, "http", "/v6-icpt-ula").is_empty());
     e.kill_and_rm(&id);
 }

@@ -833,3 +833,34 @@ fn udp_flow_table_is_bounded() {
         "a flow beyond the bound was forwarded"
     );
 }
+
+#[test]
+fn ipv6_port_80_goes_to_the_interceptor() {
+    use crate::intercept::InterceptConfig;
+    use crate::secrets::Secrets;
+    let policy = Arc::new(Policy::new(["localhost"], false));
+    let icpt = Interceptor::new(InterceptConfig {
+        policy: policy.clone(),
+        secrets: Arc::new(Secrets::default()),
+        events: None,
+        upstream_roots: Some(rustls::RootCertStore::empty()),
+    })
+    .expect("interceptor");
+    let mut g = Guest::with(policy, Some(Arc::new(icpt)), None);
+    // An IPv6 address the allow-list does not name: as raw TCP it would get an RST; on
+    // port 80 the interceptor accepts it and judges the Host header (no Host: the
+    // bracketed destination literal).
+    let dst = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 7);
+    let h = g.connect_to(dst, 80, 41020);
+    let reply = exchange(&mut g, h, b"GET /x HTTP/1.0\r\n\r\n");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.0 403") || reply.starts_with("HTTP/1.1 403"),
+        "{reply}"
+    );
+    let h = g.connect_to(dst, 22, 41021);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
+}
