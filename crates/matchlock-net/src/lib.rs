@@ -22,7 +22,7 @@
 //! responses.
 //!
 //! # Limitations
-//! IPv4 only on the guest link so far; TLS is intercepted on port 443 only.
+//! TLS is intercepted on port 443 only (other ports are judged by their IP literal).
 
 #![forbid(unsafe_code)]
 

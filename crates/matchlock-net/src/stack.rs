@@ -7,7 +7,10 @@
 //! socket. One thread per sandbox runs a single-threaded tokio runtime whose loop owns the
 //! smoltcp interface. The interface is the guest's gateway and accepts packets for every
 //! destination address (smoltcp "any IP"), so a guest TCP connection to `a.b.c.d:p` ends in
-//! a smoltcp socket listening on exactly `a.b.c.d:p`.
+//! a smoltcp socket listening on exactly `a.b.c.d:p`. With [`StackConfig::ipv6`] the same
+//! holds for IPv6: the interface also has the IPv6 gateway address (smoltcp answers the
+//! guest's neighbor solicitations) and every IPv6 flow takes exactly the IPv4 path below
+//! (policy on the address, interceptor on 80/443, DNS on 53); [`FlowKey`] holds `IpAddr`s.
 //!
 //! A guest SYN for a new flow is held back, not given to smoltcp: the policy is asked first
 //! ([`Policy::check_connect`] on the address about to be connected to), then the host
@@ -35,22 +38,34 @@
 //! literal, then connect). A flow refused by policy is reported to
 //! [`StackConfig::events`] (`host` = `ip:port`).
 //!
-//! UDP to port 53 at any address is answered by [`crate::dns`]; other UDP gets smoltcp's
-//! ICMP port-unreachable (nothing leaves the host). ICMP echo is answered for the gateway
-//! address only; ICMP to any other address is dropped (no fake reachability).
+//! UDP to port 53 at any address is answered by [`crate::dns`]. Other UDP, in open egress
+//! ([`StackConfig::udp_egress`]), is taken before smoltcp: per guest flow (source,
+//! destination) the policy is asked once, then a host UDP socket connected to the
+//! destination sends the guest's datagrams and a reader task queues its replies, which go
+//! back to the guest as frames built here (from the destination's address and port).
+//! Refused destinations are dropped with a blocked event. Under interception
+//! (`udp_egress` off) such UDP gets smoltcp's ICMP port-unreachable and nothing leaves the
+//! host. ICMP and ICMPv6 echo are answered for the gateway addresses only; echo and errors
+//! to any other address are dropped (no fake reachability); ICMPv6 neighbor discovery,
+//! router solicitation and MLD always reach smoltcp.
 //!
 //! Memory is bounded per sandbox: at most [`MAX_FLOWS`] flows of two [`SOCKET_BUFFER`]s
 //! plus 2 × 4 × 16 KiB of channel each (about 64 MiB in the worst case), 1024 queued frames
-//! each way, and 64 DNS queries in flight.
+//! each way, and 64 DNS queries in flight; at most [`MAX_UDP_FLOWS`] UDP flows (closed
+//! after [`UDP_IDLE_TIMEOUT`] without traffic), 256 host replies queued for all of them,
+//! and no datagram larger than one IP packet on the guest link.
 //!
 //! # Limitations
-//! IPv4 only (no IPv6 on the guest NIC). Raw TCP flows carry no name, so under an allow-list
+//! IPv6 extension headers (other than smoltcp's own handling) are not parsed: a TCP SYN or
+//! UDP datagram behind one goes to smoltcp, which refuses it (RST / port-unreachable), so
+//! it fails closed. Raw TCP flows carry no name, so under an allow-list
 //! they are judged by their IP literal (reference §7.7 "Passthrough"); without an
 //! interceptor, ports 80 and 443 are raw flows too. TLS on other ports is not intercepted. A guest RST closes the host socket gracefully (FIN), not with an RST.
-//! UDP other than DNS is not forwarded.
+//! Forwarded UDP is not fragmented either way: a larger datagram is dropped. A host
+//! socket's ICMP errors are not relayed to the guest (its datagrams just go unanswered).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,14 +73,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
-    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, HardwareAddress, IpAddress,
+    IpCidr, IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
+    TcpPacket, UdpPacket, UdpRepr,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixDatagram};
+use tokio::net::{TcpStream, UdpSocket, UnixDatagram};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
 
@@ -96,6 +113,13 @@ const MAX_QUEUED_FRAMES: usize = 1024;
 const MAX_DATAGRAM: usize = 65_536;
 /// Datagrams read from QEMU per loop turn before smoltcp runs.
 const INGRESS_BATCH: usize = 64;
+/// Most forwarded UDP flows (guest address and port, destination) per sandbox; datagrams of
+/// new flows beyond it are dropped until one goes idle.
+pub const MAX_UDP_FLOWS: usize = 256;
+/// A UDP flow with no datagram either way for this long is closed (its host socket dropped).
+pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Host replies waiting for the loop, all UDP flows together; more are dropped.
+const UDP_REPLY_QUEUE: usize = 256;
 
 /// Settings of one sandbox's stack.
 #[derive(Clone)]
@@ -110,6 +134,11 @@ pub struct StackConfig {
     pub guest: Ipv4Addr,
     /// Prefix length of the guest link.
     pub prefix_len: u8,
+    /// IPv6 on the same link (absent: IPv4 only).
+    pub ipv6: Option<Ipv6Link>,
+    /// Open egress: guest UDP other than DNS is forwarded from host sockets after the
+    /// policy. Off (under interception) it gets ICMP port-unreachable.
+    pub udp_egress: bool,
     /// IP MTU of the guest link.
     pub mtu: u16,
     /// The gateway's MAC address.
@@ -133,12 +162,23 @@ impl std::fmt::Debug for StackConfig {
             .field("gateway", &self.gateway)
             .field("guest", &self.guest)
             .field("prefix_len", &self.prefix_len)
+            .field("ipv6", &self.ipv6)
+            .field("udp_egress", &self.udp_egress)
             .field("mtu", &self.mtu)
             .field("policy", &self.policy)
             .field("intercept", &self.intercept.is_some())
             .field("events", &self.events.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// The IPv6 side of the guest link: the gateway's (the stack's) address, the guest's, and the
+/// prefix length they share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Link {
+    pub gateway: Ipv6Addr,
+    pub guest: Ipv6Addr,
+    pub prefix_len: u8,
 }
 
 /// Failures starting the stack.
@@ -182,6 +222,18 @@ impl StackConfig {
         }
         if self.gateway_mac[0] & 1 != 0 {
             return invalid("gateway MAC must be unicast");
+        }
+        if let Some(v6) = self.ipv6 {
+            if !(1..=126).contains(&v6.prefix_len) {
+                return invalid("IPv6 prefix length must be 1..=126");
+            }
+            let mask = u128::MAX << (128 - u32::from(v6.prefix_len));
+            if u128::from(v6.gateway) & mask != u128::from(v6.guest) & mask {
+                return invalid("IPv6 guest and gateway must share the subnet");
+            }
+            if v6.gateway == v6.guest || v6.gateway.is_multicast() || v6.gateway.is_unspecified() {
+                return invalid("IPv6 gateway must be a unicast address other than the guest's");
+            }
         }
         Ok(())
     }
@@ -293,11 +345,18 @@ impl Device for Queues {
     }
 }
 
-/// A guest TCP flow: guest address and port, destination address and port.
+/// A guest flow (TCP or UDP): guest address and port, destination address and port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub src: (Ipv4Addr, u16),
-    pub dst: (Ipv4Addr, u16),
+    pub src: (IpAddr, u16),
+    pub dst: (IpAddr, u16),
+}
+
+/// The gateway's own addresses: ICMP echo is answered for these only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gateways {
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
 }
 
 /// What an incoming frame is to the loop.
@@ -305,44 +364,99 @@ pub struct FlowKey {
 pub enum Ingress {
     /// A TCP SYN (without ACK) from the guest.
     Syn(FlowKey),
-    /// Dropped before smoltcp: ICMP to any address but the gateway (smoltcp's any-IP mode
-    /// would otherwise answer echo requests for every address, faking reachability), and
-    /// frames larger than the link allows.
+    /// A UDP datagram to a port other than 53 (DNS stays with smoltcp): `payload` is its
+    /// byte range in the frame, `mac` the guest's Ethernet address (replies go there).
+    Udp {
+        key: FlowKey,
+        payload: std::ops::Range<usize>,
+        mac: [u8; 6],
+    },
+    /// Dropped before smoltcp: ICMP / ICMPv6 echo and errors to any address but the
+    /// gateway's (smoltcp's any-IP mode would otherwise answer echo requests for every
+    /// address, faking reachability), and frames larger than the link allows. ICMPv6
+    /// neighbour discovery, router solicitation and MLD always reach smoltcp.
     Drop,
     /// Anything else: smoltcp handles it.
     Other,
 }
 
 /// Classifies a guest frame without trusting any of it (every layer is length-checked).
-pub fn classify(frame: &[u8], gateway: Ipv4Addr, mtu: u16) -> Ingress {
+pub fn classify(frame: &[u8], gw: Gateways, mtu: u16) -> Ingress {
     if frame.len() > usize::from(mtu) + 14 {
         return Ingress::Drop;
     }
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Ingress::Other;
     };
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return Ingress::Other;
-    }
-    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
-        return Ingress::Other;
+    let mac = eth.src_addr().0;
+    let (src, dst, proto, l4, l4_off) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                return Ingress::Other;
+            };
+            if ip.next_header() == IpProtocol::Icmp && ip.dst_addr() != gw.v4 {
+                return Ingress::Drop;
+            }
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return Ingress::Other;
+            }
+            let off = 14 + usize::from(ip.header_len());
+            let (s, d, p) = (ip.src_addr(), ip.dst_addr(), ip.next_header());
+            (IpAddr::V4(s), IpAddr::V4(d), p, ip.payload(), off)
+        }
+        EthernetProtocol::Ipv6 => {
+            let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else {
+                return Ingress::Other;
+            };
+            let (s, d, p) = (ip.src_addr(), ip.dst_addr(), ip.next_header());
+            if p == IpProtocol::Icmpv6 && Some(d) != gw.v6 {
+                // Types 1-4 are errors, 128/129 echo; NDP, RS/RA and MLD are 130 and up.
+                if ip.payload().first().is_none_or(|t| *t <= 129) {
+                    return Ingress::Drop;
+                }
+            }
+            (IpAddr::V6(s), IpAddr::V6(d), p, ip.payload(), 14 + 40)
+        }
+        _ => return Ingress::Other,
     };
-    if ip.next_header() == IpProtocol::Icmp && ip.dst_addr() != gateway {
-        return Ingress::Drop;
+    match proto {
+        IpProtocol::Tcp => classify_tcp(src, dst, l4),
+        IpProtocol::Udp => classify_udp(src, dst, l4, l4_off, mac),
+        _ => Ingress::Other,
     }
-    if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
-        return Ingress::Other;
-    }
-    let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+}
+
+fn classify_tcp(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Ingress {
+    let Ok(tcp) = TcpPacket::new_checked(l4) else {
         return Ingress::Other;
     };
     if tcp.syn() && !tcp.ack() && !tcp.rst() {
         Ingress::Syn(FlowKey {
-            src: (ip.src_addr(), tcp.src_port()),
-            dst: (ip.dst_addr(), tcp.dst_port()),
+            src: (src, tcp.src_port()),
+            dst: (dst, tcp.dst_port()),
         })
     } else {
         Ingress::Other
+    }
+}
+
+fn classify_udp(src: IpAddr, dst: IpAddr, l4: &[u8], off: usize, mac: [u8; 6]) -> Ingress {
+    let Ok(udp) = UdpPacket::new_checked(l4) else {
+        return Ingress::Other;
+    };
+    if udp.dst_port() == 53 {
+        return Ingress::Other;
+    }
+    // `new_checked` bounds the UDP length by the IP payload; the payload follows the header.
+    let start = off + 8;
+    let end = off + usize::from(udp.len());
+    Ingress::Udp {
+        key: FlowKey {
+            src: (src, udp.src_port()),
+            dst: (dst, udp.dst_port()),
+        },
+        payload: start..end,
+        mac,
     }
 }
 
@@ -397,6 +511,23 @@ impl Drop for Flow {
     }
 }
 
+/// A forwarded UDP flow: the host socket (connected to the destination) and its reader.
+struct UdpFlow {
+    /// Sends without waiting (tokio's readiness of a fresh socket is unknown until polled;
+    /// the reader task holds the tokio half).
+    sock: std::net::UdpSocket,
+    /// The guest's Ethernet address, as its last datagram gave it.
+    mac: [u8; 6],
+    last: std::time::Instant,
+    reader: AbortHandle,
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 struct Engine {
     cfg: StackConfig,
     sock: UnixDatagram,
@@ -416,6 +547,11 @@ struct Engine {
     /// question.
     dns_queue: HashMap<IpEndpoint, VecDeque<DnsSlot>>,
     dns_seq: u64,
+    udp_flows: HashMap<FlowKey, UdpFlow>,
+    udp_tx: mpsc::Sender<(FlowKey, Vec<u8>)>,
+    udp_rx: mpsc::Receiver<(FlowKey, Vec<u8>)>,
+    /// When idle UDP flows were last looked for.
+    udp_swept: std::time::Instant,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     wake: Arc<Notify>,
@@ -426,6 +562,7 @@ enum Turn {
     Stop,
     Frame(std::io::Result<usize>),
     Event(Option<Event>),
+    UdpReply(Option<(FlowKey, Vec<u8>)>),
     Wake,
 }
 
@@ -443,6 +580,9 @@ impl Engine {
         let mut iface = Interface::new(config, &mut dev, smoltcp::time::Instant::ZERO);
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(cfg.gateway), cfg.prefix_len));
+            if let Some(v6) = cfg.ipv6 {
+                let _ = a.push(IpCidr::new(IpAddress::Ipv6(v6.gateway), v6.prefix_len));
+            }
         });
         iface.set_any_ip(true);
         let mut sockets = SocketSet::new(Vec::new());
@@ -457,6 +597,7 @@ impl Engine {
         });
         let dns = sockets.add(dns);
         let (events_tx, events_rx) = mpsc::channel(MAX_FLOWS + MAX_DNS_IN_FLIGHT);
+        let (udp_tx, udp_rx) = mpsc::channel(UDP_REPLY_QUEUE);
         Engine {
             cfg,
             sock,
@@ -471,6 +612,10 @@ impl Engine {
             dns_in_flight: 0,
             dns_queue: HashMap::new(),
             dns_seq: 0,
+            udp_flows: HashMap::new(),
+            udp_tx,
+            udp_rx,
+            udp_swept: epoch,
             events_tx,
             events_rx,
             wake: Arc::new(Notify::new()),
@@ -507,6 +652,7 @@ impl Engine {
                 _ = &mut shutdown => Turn::Stop,
                 r = self.sock.recv(&mut buf) => Turn::Frame(r),
                 ev = self.events_rx.recv() => Turn::Event(ev),
+                r = self.udp_rx.recv() => Turn::UdpReply(r),
                 _ = wake.notified() => Turn::Wake,
                 _ = tokio::time::sleep(delay) => Turn::Wake,
                 _ = self.sock.writable(), if has_tx => Turn::Wake,
@@ -522,7 +668,8 @@ impl Engine {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Turn::Event(Some(ev)) => self.event(ev),
-                Turn::Event(None) | Turn::Wake => {}
+                Turn::UdpReply(Some((key, data))) => self.udp_reply(key, &data),
+                Turn::Event(None) | Turn::UdpReply(None) | Turn::Wake => {}
             }
         }
         tracing::debug!(flows = self.flows.len(), "network stack stopped");
@@ -543,6 +690,10 @@ impl Engine {
         while let Ok(ev) = self.events_rx.try_recv() {
             self.event(ev);
         }
+        while let Ok((key, data)) = self.udp_rx.try_recv() {
+            self.udp_reply(key, &data);
+        }
+        self.sweep_udp();
         let now = self.now();
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
         self.service_flows();
@@ -580,8 +731,17 @@ impl Engine {
     }
 
     fn ingress(&mut self, frame: &[u8]) {
-        match classify(frame, self.cfg.gateway, self.cfg.mtu) {
+        let gw = Gateways {
+            v4: self.cfg.gateway,
+            v6: self.cfg.ipv6.map(|v6| v6.gateway),
+        };
+        match classify(frame, gw, self.cfg.mtu) {
             Ingress::Syn(key) if !self.by_key.contains_key(&key) => self.syn(key, frame),
+            Ingress::Udp { key, payload, mac } if self.cfg.udp_egress => {
+                if let Some(data) = frame.get(payload) {
+                    self.udp_datagram(key, data, mac);
+                }
+            }
             Ingress::Drop => {}
             _ => self.feed(frame.to_vec(), false),
         }
@@ -616,7 +776,7 @@ impl Engine {
                 return self.intercept(key, frame.to_vec(), icpt);
             }
         }
-        let ip = IpAddr::V4(key.dst.0);
+        let ip = key.dst.0;
         if let Err(denied) = self.cfg.policy.check_connect(&ip.to_string(), ip) {
             let dst = SocketAddr::new(ip, key.dst.1);
             tracing::info!(%dst, reason = %denied, "guest connection refused by policy");
@@ -664,7 +824,7 @@ impl Engine {
             return;
         };
         let (ours, theirs) = tokio::io::duplex(INTERCEPT_PIPE);
-        let dst = std::net::SocketAddrV4::new(key.dst.0, key.dst.1);
+        let dst = SocketAddr::from(key.dst);
         let served = if key.dst.1 == 443 {
             tokio::spawn(icpt.serve_tls(dst, theirs))
         } else {
@@ -706,7 +866,7 @@ impl Engine {
         );
         s.set_nagle_enabled(false);
         let endpoint = IpListenEndpoint {
-            addr: Some(IpAddress::Ipv4(key.dst.0)),
+            addr: Some(IpAddress::from(key.dst.0)),
             port: key.dst.1,
         };
         if s.listen(endpoint).is_err() {
@@ -720,7 +880,7 @@ impl Engine {
         let s = self.sockets.get::<tcp::Socket>(h);
         let remote_ok = s
             .remote_endpoint()
-            .is_some_and(|r| r.addr == IpAddress::Ipv4(key.src.0) && r.port == key.src.1);
+            .is_some_and(|r| r.addr == IpAddress::from(key.src.0) && r.port == key.src.1);
         if s.state() != tcp::State::SynReceived || !remote_ok {
             tracing::debug!(?key, state = %s.state(), "held SYN not accepted");
             self.sockets.remove(h);
@@ -807,9 +967,13 @@ impl Engine {
                 });
             let query = data.to_vec();
             let resolver = self.cfg.dns.clone();
-            // smoltcp does not fragment: a reply fits one IP packet (IPv4 + UDP headers).
+            // smoltcp does not fragment: a reply fits one IP packet (IP + UDP headers).
+            let headers = match client.addr {
+                IpAddress::Ipv4(_) => 28,
+                IpAddress::Ipv6(_) => 48,
+            };
             let transport = crate::dns::Transport::Udp {
-                max_datagram: usize::from(self.cfg.mtu).saturating_sub(28),
+                max_datagram: usize::from(self.cfg.mtu).saturating_sub(headers),
             };
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
@@ -854,6 +1018,225 @@ impl Engine {
             self.dns_queue.remove(&client);
         }
     }
+}
+
+/// UDP in open egress: one connected host socket per guest flow, after the policy.
+impl Engine {
+    /// A guest datagram to a port other than 53: sent from the flow's host socket (opened,
+    /// after the policy, for a new flow). Never blocks: a datagram the host socket cannot
+    /// take at once is dropped, as UDP may be.
+    fn udp_datagram(&mut self, key: FlowKey, data: &[u8], mac: [u8; 6]) {
+        if !self.udp_flows.contains_key(&key) && !self.udp_open(key) {
+            return;
+        }
+        let Some(flow) = self.udp_flows.get_mut(&key) else {
+            return;
+        };
+        flow.mac = mac;
+        flow.last = std::time::Instant::now();
+        if let Err(e) = flow.sock.send(data) {
+            tracing::debug!(dst = %SocketAddr::from(key.dst), error = %e, "guest UDP datagram dropped");
+        }
+    }
+
+    /// Opens a flow's host socket; false when the policy refuses the destination (a blocked
+    /// event), the flow table is full or the socket cannot be made.
+    fn udp_open(&mut self, key: FlowKey) -> bool {
+        let dst = SocketAddr::from(key.dst);
+        if let Err(denied) = self
+            .cfg
+            .policy
+            .check_connect(&dst.ip().to_string(), dst.ip())
+        {
+            tracing::info!(%dst, reason = %denied, "guest UDP refused by policy");
+            let ev = events::blocked(&dst.to_string(), &denied.to_string());
+            events::emit(self.cfg.events.as_ref(), ev);
+            return false;
+        }
+        if self.udp_flows.len() >= MAX_UDP_FLOWS {
+            self.sweep_udp_now();
+            if self.udp_flows.len() >= MAX_UDP_FLOWS {
+                tracing::warn!(%dst, "too many UDP flows: datagram dropped");
+                return false;
+            }
+        }
+        let (sock, rx) = match udp_connect(dst) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%dst, error = %e, "guest UDP flow not opened");
+                return false;
+            }
+        };
+        let reader = tokio::spawn(udp_reader(
+            key,
+            rx,
+            self.udp_tx.clone(),
+            udp_payload_max(self.cfg.mtu, dst.ip()),
+        ));
+        tracing::debug!(%dst, "UDP flow open");
+        let flow = UdpFlow {
+            sock,
+            mac: [0; 6],
+            last: std::time::Instant::now(),
+            reader: reader.abort_handle(),
+        };
+        self.udp_flows.insert(key, flow);
+        true
+    }
+
+    /// A host reply on a flow: one frame to the guest, from the flow's destination.
+    fn udp_reply(&mut self, key: FlowKey, data: &[u8]) {
+        let Some(flow) = self.udp_flows.get_mut(&key) else {
+            return;
+        };
+        flow.last = std::time::Instant::now();
+        if self.dev.tx.len() >= MAX_QUEUED_FRAMES {
+            return;
+        }
+        let (guest, gw) = (
+            EthernetAddress(flow.mac),
+            EthernetAddress(self.cfg.gateway_mac),
+        );
+        match udp_frame(key, data, gw, guest) {
+            Some(frame) => {
+                self.dev.tx.push_back(frame);
+                self.flush();
+            }
+            None => tracing::debug!(len = data.len(), "UDP reply not framed"),
+        }
+    }
+
+    /// Closes idle UDP flows, at most once a second.
+    fn sweep_udp(&mut self) {
+        if self.udp_swept.elapsed() >= Duration::from_secs(1) {
+            self.sweep_udp_now();
+        }
+    }
+
+    fn sweep_udp_now(&mut self) {
+        self.udp_swept = std::time::Instant::now();
+        self.udp_flows
+            .retain(|_, f| f.last.elapsed() < UDP_IDLE_TIMEOUT);
+    }
+}
+
+/// A non-blocking UDP socket on an ephemeral port of `dst`'s family, connected to `dst`
+/// (so only `dst`'s replies are received): a std handle to send, a tokio one to receive.
+fn udp_connect(dst: SocketAddr) -> std::io::Result<(std::net::UdpSocket, UdpSocket)> {
+    let local: SocketAddr = match dst {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = std::net::UdpSocket::bind(local)?;
+    sock.connect(dst)?;
+    sock.set_nonblocking(true)?;
+    let rx = UdpSocket::from_std(sock.try_clone()?)?;
+    Ok((sock, rx))
+}
+
+/// The largest UDP payload that fits one IP packet on the guest link (no fragmentation).
+fn udp_payload_max(mtu: u16, dst: IpAddr) -> usize {
+    let headers = if dst.is_ipv4() { 28 } else { 48 };
+    usize::from(mtu).saturating_sub(headers)
+}
+
+/// Reads a flow's replies into the loop's bounded queue; drops what does not fit the
+/// guest link or the queue.
+async fn udp_reader(
+    key: FlowKey,
+    sock: UdpSocket,
+    tx: mpsc::Sender<(FlowKey, Vec<u8>)>,
+    max: usize,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let n = match sock.recv(&mut buf).await {
+            Ok(n) => n,
+            // ICMP errors (e.g. port unreachable) surface here on a connected socket.
+            Err(e) => {
+                tracing::trace!(error = %e, "UDP flow receive error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if n > max {
+            tracing::debug!(
+                len = n,
+                max,
+                "UDP reply larger than the guest link: dropped"
+            );
+            continue;
+        }
+        match tx.try_send((key, buf[..n].to_vec())) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => tracing::debug!("UDP reply dropped"),
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+/// The Ethernet frame carrying `data` from the flow's destination back to the guest;
+/// `None` when the families do not match or the datagram is too large for a UDP length.
+fn udp_frame(
+    key: FlowKey,
+    data: &[u8],
+    gw: EthernetAddress,
+    guest: EthernetAddress,
+) -> Option<Vec<u8>> {
+    let udp = UdpRepr {
+        src_port: key.dst.1,
+        dst_port: key.src.1,
+    };
+    let udp_len = udp.header_len() + data.len();
+    let (src, dst) = (IpAddress::from(key.dst.0), IpAddress::from(key.src.0));
+    let (ethertype, ip_len) = match (key.dst.0, key.src.0) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => (EthernetProtocol::Ipv4, 20),
+        (IpAddr::V6(_), IpAddr::V6(_)) => (EthernetProtocol::Ipv6, 40),
+        _ => return None,
+    };
+    if udp_len > usize::from(u16::MAX) - ip_len {
+        return None;
+    }
+    let mut frame = vec![0u8; 14 + ip_len + udp_len];
+    let eth = EthernetRepr {
+        src_addr: gw,
+        dst_addr: guest,
+        ethertype,
+    };
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    let ip = frame.get_mut(14..)?;
+    match (key.dst.0, key.src.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Ipv4Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: IpProtocol::Udp,
+            payload_len: udp_len,
+            hop_limit: 64,
+        }
+        .emit(
+            &mut Ipv4Packet::new_unchecked(&mut *ip),
+            &ChecksumCapabilities::default(),
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Ipv6Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: IpProtocol::Udp,
+            payload_len: udp_len,
+            hop_limit: 64,
+        }
+        .emit(&mut Ipv6Packet::new_unchecked(&mut *ip)),
+        _ => return None,
+    }
+    let l4 = ip.get_mut(ip_len..)?;
+    udp.emit(
+        &mut UdpPacket::new_unchecked(l4),
+        &src,
+        &dst,
+        data.len(),
+        |p| p.copy_from_slice(data),
+        &ChecksumCapabilities::default(),
+    );
+    Some(frame)
 }
 
 /// Moves data both ways for one flow without blocking; true when the flow is finished.

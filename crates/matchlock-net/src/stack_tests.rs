@@ -9,6 +9,14 @@ use super::*;
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+const GW6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x6d6c, 0, 0, 0, 0, 0, 2);
+const GUEST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x6d6c, 0, 0, 0, 0, 0, 0x15);
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0f];
+const GWS: Gateways = Gateways {
+    v4: GW,
+    v6: Some(GW6),
+};
 
 struct Guest {
     iface: Interface,
@@ -31,6 +39,15 @@ impl Guest {
         intercept: Option<Arc<Interceptor>>,
         events: Option<EventSink>,
     ) -> Guest {
+        Guest::build(policy, intercept, events, false)
+    }
+
+    fn build(
+        policy: Arc<Policy>,
+        intercept: Option<Arc<Interceptor>>,
+        events: Option<EventSink>,
+        udp_egress: bool,
+    ) -> Guest {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -46,8 +63,14 @@ impl Guest {
             gateway: GW,
             guest: GUEST,
             prefix_len: 24,
+            ipv6: Some(Ipv6Link {
+                gateway: GW6,
+                guest: GUEST6,
+                prefix_len: 64,
+            }),
+            udp_egress,
             mtu: 1500,
-            gateway_mac: [0x02, 0, 0, 0, 0, 0x02],
+            gateway_mac: GW_MAC,
             dns: Arc::new(crate::dns::DnsResolver::new(crate::dns::DnsConfig {
                 servers: Vec::new(),
                 policy: policy.clone(),
@@ -62,18 +85,22 @@ impl Guest {
             tx: VecDeque::new(),
             mtu: 1500,
         };
-        let cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress([
-            0x02, 0, 0, 0, 0, 0x0f,
-        ])));
+        let cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC)));
         let mut iface = Interface::new(cfg, &mut dev, smoltcp::time::Instant::ZERO);
         iface.update_ip_addrs(|a| {
             a.push(IpCidr::new(IpAddress::Ipv4(GUEST), 24))
                 .expect("addr");
+            a.push(IpCidr::new(IpAddress::Ipv6(GUEST6), 64))
+                .expect("addr6");
         });
         iface
             .routes_mut()
             .add_default_ipv4_route(GW)
             .expect("route");
+        iface
+            .routes_mut()
+            .add_default_ipv6_route(GW6)
+            .expect("route6");
         Guest {
             iface,
             dev,
@@ -119,7 +146,7 @@ impl Guest {
         self.connect_to(Ipv4Addr::LOCALHOST, port, local_port)
     }
 
-    fn connect_to(&mut self, addr: Ipv4Addr, port: u16, local_port: u16) -> SocketHandle {
+    fn connect_to(&mut self, addr: impl Into<IpAddr>, port: u16, local_port: u16) -> SocketHandle {
         let s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; 64 * 1024]),
             tcp::SocketBuffer::new(vec![0; 64 * 1024]),
@@ -128,7 +155,7 @@ impl Guest {
         let cx = self.iface.context();
         self.sockets
             .get_mut::<tcp::Socket>(h)
-            .connect(cx, (IpAddress::Ipv4(addr), port), local_port)
+            .connect(cx, (IpAddress::from(addr.into()), port), local_port)
             .expect("connect");
         h
     }
@@ -340,8 +367,8 @@ fn dns_to_any_address_is_answered_locally() {
 
 #[test]
 fn classify_reads_only_well_formed_syns() {
-    assert_eq!(classify(&[], GW, 1500), Ingress::Other);
-    assert_eq!(classify(&[0u8; 13], GW, 1500), Ingress::Other);
+    assert_eq!(classify(&[], GWS, 1500), Ingress::Other);
+    assert_eq!(classify(&[0u8; 13], GWS, 1500), Ingress::Other);
     let mut frame = vec![0u8; 14 + 20 + 20];
     frame[12] = 0x08; // IPv4
     frame[14] = 0x45;
@@ -354,23 +381,23 @@ fn classify_reads_only_well_formed_syns() {
     frame[46] = 0x50; // data offset 5
     frame[47] = 0x02; // SYN
     assert_eq!(
-        classify(&frame, GW, 1500),
+        classify(&frame, GWS, 1500),
         Ingress::Syn(FlowKey {
-            src: (GUEST, 40000),
-            dst: (Ipv4Addr::new(198, 51, 100, 2), 80)
+            src: (GUEST.into(), 40000),
+            dst: (Ipv4Addr::new(198, 51, 100, 2).into(), 80)
         })
     );
     frame[47] = 0x12; // SYN+ACK
-    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
+    assert_eq!(classify(&frame, GWS, 1500), Ingress::Other);
     frame[47] = 0x02;
     frame[16..18].copy_from_slice(&400u16.to_be_bytes()); // longer than the frame
-    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
+    assert_eq!(classify(&frame, GWS, 1500), Ingress::Other);
     frame[16..18].copy_from_slice(&40u16.to_be_bytes());
     frame[23] = 1; // ICMP: only the gateway's is answered
-    assert_eq!(classify(&frame, GW, 1500), Ingress::Drop);
+    assert_eq!(classify(&frame, GWS, 1500), Ingress::Drop);
     frame[30..34].copy_from_slice(&GW.octets());
-    assert_eq!(classify(&frame, GW, 1500), Ingress::Other);
-    assert_eq!(classify(&vec![0u8; 1515], GW, 1500), Ingress::Drop);
+    assert_eq!(classify(&frame, GWS, 1500), Ingress::Other);
+    assert_eq!(classify(&vec![0u8; 1515], GWS, 1500), Ingress::Drop);
 }
 
 #[test]
@@ -457,4 +484,383 @@ fn port_80_goes_to_the_interceptor_and_other_ports_to_the_policy() {
     assert!(ev[1].blocked && ev[1].host == "198.51.100.7:22", "{ev:?}");
     let reason = ev[1].block_reason.as_deref().unwrap_or_default();
     assert!(reason.contains("not in the allow-list"), "{reason}");
+}
+
+/// An Ethernet frame from the guest carrying the ICMPv6 message `icmp` from `src` to `dst`.
+fn icmpv6_frame(
+    dst_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    icmp: &smoltcp::wire::Icmpv6Repr<'_>,
+) -> Vec<u8> {
+    use smoltcp::wire::Icmpv6Packet;
+    let len = icmp.buffer_len();
+    let mut frame = vec![0u8; 14 + 40 + len];
+    EthernetRepr {
+        src_addr: EthernetAddress(GUEST_MAC),
+        dst_addr: EthernetAddress(dst_mac),
+        ethertype: EthernetProtocol::Ipv6,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: len,
+        hop_limit: 255,
+    }
+    .emit(&mut Ipv6Packet::new_unchecked(&mut frame[14..]));
+    icmp.emit(
+        &src,
+        &dst,
+        &mut Icmpv6Packet::new_unchecked(&mut frame[54..]),
+        &ChecksumCapabilities::default(),
+    );
+    frame
+}
+
+/// Sends raw frames to the stack and collects the ICMPv6 messages it sends back for
+/// `within` (type, source address, echo data or NDP target).
+fn icmpv6_exchange(
+    g: &mut Guest,
+    frames: &[Vec<u8>],
+    within: Duration,
+) -> Vec<(u8, Ipv6Addr, Vec<u8>)> {
+    for f in frames {
+        g.sock.send_to(f, &g.stack_path).expect("send frame");
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    while Instant::now() < deadline {
+        let Ok(n) = g.sock.recv(&mut buf) else {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let Ok(eth) = EthernetFrame::new_checked(&buf[..n]) else {
+            continue;
+        };
+        let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else {
+            continue;
+        };
+        if ip.next_header() == IpProtocol::Icmpv6 {
+            let p = ip.payload();
+            let tail = if p[0] == 136 { &p[8..24] } else { &p[8..] };
+            got.push((p[0], ip.src_addr(), tail.to_vec()));
+        }
+    }
+    got
+}
+
+#[test]
+fn ndp_is_answered_and_icmpv6_echo_only_for_the_gateway() {
+    use smoltcp::wire::{Icmpv6Repr, NdiscRepr, RawHardwareAddress};
+    let mut g = Guest::new(Policy::new(std::iter::empty(), true));
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: GW6,
+        lladdr: Some(RawHardwareAddress::from_bytes(&GUEST_MAC)),
+    });
+    let solicited = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 2);
+    let ns = icmpv6_frame([0x33, 0x33, 0xff, 0, 0, 2], GUEST6, solicited, &ns);
+    let echo = |dst, data: &'static [u8]| {
+        let r = Icmpv6Repr::EchoRequest {
+            ident: 1,
+            seq_no: 1,
+            data,
+        };
+        icmpv6_frame(GW_MAC, GUEST6, dst, &r)
+    };
+    let elsewhere = Ipv6Addr::new(0x2606, 0x4700, 0, 0, 0, 0, 0, 0x1111);
+    let frames = [
+        ns,
+        echo(GW6, b"to-gateway"),
+        echo(elsewhere, b"to-elsewhere"),
+    ];
+    let got = icmpv6_exchange(&mut g, &frames, Duration::from_millis(700));
+    // Neighbor advertisement (136) for the gateway's address, from it.
+    assert!(
+        got.iter()
+            .any(|(t, src, target)| *t == 136 && *src == GW6 && target[..] == GW6.octets()),
+        "{got:?}"
+    );
+    // Echo reply (129) for the gateway only: the other address stays unreachable.
+    let replies: Vec<_> = got.iter().filter(|(t, ..)| *t == 129).collect();
+    assert_eq!(replies.len(), 1, "{got:?}");
+    assert_eq!(replies[0].1, GW6);
+    assert!(replies[0].2.ends_with(b"to-gateway"), "{got:?}");
+}
+
+#[test]
+fn tcp_over_ipv6_follows_the_policy() {
+    let seen: Arc<std::sync::Mutex<Vec<crate::events::NetworkEvent>>> = Arc::default();
+    let log = seen.clone();
+    let sink: EventSink = Arc::new(move |e| log.lock().expect("events").push(e));
+    // Blocked ranges on: unique-local, link-local, IPv4-mapped loopback and the gateway's
+    // own address get an immediate RST. (The harness's smoltcp guest loops `::1` back to
+    // itself, so loopback is tested in its mapped form here and as `::1` in e2e_net6.)
+    let mut g = Guest::with(
+        Arc::new(Policy::new(std::iter::empty(), true)),
+        None,
+        Some(sink),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    l.set_nonblocking(true).expect("nonblocking");
+    let port = l.local_addr().expect("addr").port();
+    let ula = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+    let mapped = Ipv4Addr::LOCALHOST.to_ipv6_mapped();
+    for (i, dst) in [ula, link_local, mapped, GW6].into_iter().enumerate() {
+        let h = g.connect_to(dst, port, 41000 + i as u16);
+        let t = Instant::now();
+        assert!(
+            g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+            "{dst}: no RST, state {}",
+            g.tcp(h).state()
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(900),
+            "{dst}: {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(
+        l.accept().is_err(),
+        "a refused IPv6 flow reached the upstream"
+    );
+    let ev = seen.lock().expect("events").clone();
+    assert_eq!(ev.len(), 4, "{ev:?}");
+    assert_eq!(ev[2].host, format!("[::ffff:127.0.0.1]:{port}"));
+    assert!(ev.iter().all(|e| e.blocked), "{ev:?}");
+    // With `block_private_ips: false` the mapped-loopback flow goes through, both ways.
+    let mut g = Guest::new(Policy::new(std::iter::empty(), false));
+    let (port, upstream) = upstream_echo();
+    let h = g.connect_to(mapped, port, 41010);
+    assert_eq!(exchange(&mut g, h, b"hello6"), b"got:hello6");
+    assert_eq!(upstream.join().expect("upstream"), b"hello6");
+}
+
+/// A host UDP socket on `addr` that answers each datagram with `re:<data>`; returns its
+/// port and a receiver of what arrived.
+fn udp_echo(addr: &str) -> (u16, std::sync::mpsc::Receiver<Vec<u8>>) {
+    let s = std::net::UdpSocket::bind(addr).expect("bind udp");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let port = s.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, peer)) = s.recv_from(&mut buf) {
+            let _ = tx.send(buf[..n].to_vec());
+            let mut reply = b"re:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&reply, peer);
+        }
+    });
+    (port, rx)
+}
+
+/// Sends `data` from guest port `local` to `dst:port`; the replies that come back in `secs`.
+fn udp_roundtrip(
+    g: &mut Guest,
+    dst: IpAddress,
+    port: u16,
+    local: u16,
+    data: &[u8],
+    secs: u64,
+) -> Vec<Vec<u8>> {
+    let s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+    );
+    let h = g.sockets.add(s);
+    let sock = g.sockets.get_mut::<udp::Socket>(h);
+    sock.bind(local).expect("bind");
+    sock.send_slice(data, (dst, port)).expect("send");
+    let mut replies = Vec::new();
+    g.until(secs, |g| {
+        while let Ok((d, meta)) = g.sockets.get_mut::<udp::Socket>(h).recv() {
+            assert_eq!(meta.endpoint.addr, dst, "reply source");
+            assert_eq!(meta.endpoint.port, port, "reply source port");
+            replies.push(d.to_vec());
+        }
+        !replies.is_empty()
+    });
+    g.sockets.remove(h);
+    replies
+}
+
+#[test]
+fn udp_is_forwarded_in_open_egress_over_ipv4_and_ipv6() {
+    let open = Arc::new(Policy::new(std::iter::empty(), false));
+    let mut g = Guest::build(open, None, None, true);
+    let (port, arrived) = udp_echo("127.0.0.1:0");
+    let r = udp_roundtrip(
+        &mut g,
+        IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        port,
+        6000,
+        b"ping4",
+        5,
+    );
+    assert_eq!(r, [b"re:ping4".to_vec()]);
+    assert_eq!(
+        arrived
+            .recv_timeout(Duration::from_secs(1))
+            .expect("arrived"),
+        b"ping4"
+    );
+    let (port6, arrived6) = udp_echo("[::1]:0");
+    let r = udp_roundtrip(
+        &mut g,
+        IpAddress::Ipv6(Ipv6Addr::LOCALHOST),
+        port6,
+        6001,
+        b"ping6",
+        5,
+    );
+    assert_eq!(r, [b"re:ping6".to_vec()]);
+    assert_eq!(
+        arrived6
+            .recv_timeout(Duration::from_secs(1))
+            .expect("arrived"),
+        b"ping6"
+    );
+    // A datagram as large as the link allows goes through; a reply larger than the link
+    // allows (3 bytes more) is dropped, one that fits is delivered.
+    let big = vec![b'x'; 1500 - 28];
+    let r = udp_roundtrip(
+        &mut g,
+        IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        port,
+        6002,
+        &big,
+        1,
+    );
+    assert!(r.is_empty(), "oversized reply delivered");
+    assert_eq!(
+        arrived
+            .recv_timeout(Duration::from_secs(1))
+            .expect("arrived"),
+        big
+    );
+    let fits = vec![b'y'; 1500 - 28 - 3];
+    let r = udp_roundtrip(
+        &mut g,
+        IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        port,
+        6003,
+        &fits,
+        5,
+    );
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].len(), 1500 - 28);
+}
+
+#[test]
+fn udp_to_blocked_ranges_or_under_interception_never_leaves() {
+    let seen: Arc<std::sync::Mutex<Vec<crate::events::NetworkEvent>>> = Arc::default();
+    let log = seen.clone();
+    let sink: EventSink = Arc::new(move |e| log.lock().expect("events").push(e));
+    let (port, arrived) = udp_echo("127.0.0.1:0");
+    // Open egress with blocked ranges on: loopback is refused, with a blocked event.
+    let blocking = Arc::new(Policy::new(std::iter::empty(), true));
+    let mut g = Guest::build(blocking, None, Some(sink), true);
+    let r = udp_roundtrip(
+        &mut g,
+        IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        port,
+        6010,
+        b"blocked",
+        1,
+    );
+    assert!(r.is_empty(), "{r:?}");
+    let ev = seen.lock().expect("events").clone();
+    assert!(
+        ev.iter()
+            .any(|e| e.blocked && e.host == format!("127.0.0.1:{port}")),
+        "{ev:?}"
+    );
+    // UDP egress off (interception): nothing is forwarded even where policy would allow it.
+    let open = Arc::new(Policy::new(std::iter::empty(), false));
+    let mut g = Guest::build(open, None, None, false);
+    let r = udp_roundtrip(
+        &mut g,
+        IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+        port,
+        6011,
+        b"denied",
+        1,
+    );
+    assert!(r.is_empty(), "{r:?}");
+    assert!(
+        arrived.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a datagram arrived"
+    );
+}
+
+#[test]
+fn udp_flow_table_is_bounded() {
+    let open = Arc::new(Policy::new(std::iter::empty(), false));
+    let mut g = Guest::build(open, None, None, true);
+    let (port, arrived) = udp_echo("127.0.0.1:0");
+    let s = udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 8192]),
+    );
+    let h = g.sockets.add(s);
+    g.sockets
+        .get_mut::<udp::Socket>(h)
+        .bind(6100)
+        .expect("bind");
+    // MAX_UDP_FLOWS flows to other ports fill the table (none idle yet)...
+    let targets: Vec<u16> = (1..=u16::MAX)
+        .filter(|p| *p != port && *p != 53)
+        .take(MAX_UDP_FLOWS)
+        .chain([port])
+        .collect();
+    for dst in targets {
+        assert!(g.until(5, |g| g.sockets.get_mut::<udp::Socket>(h).can_send()));
+        g.sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(b"fill", (IpAddress::Ipv4(Ipv4Addr::LOCALHOST), dst))
+            .expect("send");
+        g.poll();
+    }
+    g.until(1, |_| false);
+    // ...so the datagram of one more flow is dropped, not forwarded.
+    assert!(
+        arrived.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a flow beyond the bound was forwarded"
+    );
+}
+
+#[test]
+fn ipv6_port_80_goes_to_the_interceptor() {
+    use crate::intercept::InterceptConfig;
+    use crate::secrets::Secrets;
+    let policy = Arc::new(Policy::new(["localhost"], false));
+    let icpt = Interceptor::new(InterceptConfig {
+        policy: policy.clone(),
+        secrets: Arc::new(Secrets::default()),
+        events: None,
+        upstream_roots: Some(rustls::RootCertStore::empty()),
+    })
+    .expect("interceptor");
+    let mut g = Guest::with(policy, Some(Arc::new(icpt)), None);
+    // An IPv6 address the allow-list does not name: as raw TCP it would get an RST; on
+    // port 80 the interceptor accepts it and judges the Host header (no Host: the
+    // bracketed destination literal).
+    let dst = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 7);
+    let h = g.connect_to(dst, 80, 41020);
+    let reply = exchange(&mut g, h, b"GET /x HTTP/1.0\r\n\r\n");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.0 403") || reply.starts_with("HTTP/1.1 403"),
+        "{reply}"
+    );
+    let h = g.connect_to(dst, 22, 41021);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
 }

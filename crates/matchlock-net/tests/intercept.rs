@@ -278,9 +278,9 @@ impl Setup {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let icpt = self.icpt.clone();
         if tls {
-            tokio::spawn(icpt.serve_tls(dst, theirs));
+            tokio::spawn(icpt.serve_tls(dst.into(), theirs));
         } else {
-            tokio::spawn(icpt.serve_http(dst, theirs));
+            tokio::spawn(icpt.serve_http(dst.into(), theirs));
         }
         ours
     }

@@ -9,11 +9,13 @@
 //! is false), the secrets with their placeholders, the MTU and the DNS servers.
 //! [`NetworkService::prepare`] binds the stack's datagram socket in the sandbox's state
 //! directory before QEMU starts, adds the `-netdev dgram` device to the VM and the guest's
-//! static address, gateway and MTU to the boot configuration (no DHCP on the boot path),
+//! static IPv4 and IPv6 addresses, gateways and MTU to the boot configuration (no DHCP or
+//! router advertisements on the boot path),
 //! and points the guest's resolver at the gateway (or the configured servers; the stack
-//! answers DNS sent to any address). The guest link is a private /24, so the gateway's own
-//! address is in a blocked range: a guest cannot reach the host's loopback services
-//! through it.
+//! answers DNS sent to any address). The guest link is a private /24 plus a unique-local
+//! /64 (`fd00:6d6c::/64`), so the gateway's own addresses are in blocked ranges: a guest
+//! cannot reach the host's loopback services through them. Without interception the stack
+//! forwards guest UDP (open egress); under it, only DNS.
 //!
 //! [`exec_env`] is what every command gets: secret placeholders (never the values) and,
 //! under interception, the CA bundle variables.
@@ -22,16 +24,16 @@
 //! The socket files are recorded in the state DB before they are created (so `gc` finds
 //! them after a crash) and removed on stop.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use matchlock_api::NetworkConfig;
-use matchlock_guest_proto::GuestNet;
+use matchlock_guest_proto::{GuestNet, GuestNet6};
 use matchlock_net::policy::Policy;
 pub use matchlock_net::secrets::{parse_secret_spec, SecretSpec, SecretSpecError};
 use matchlock_net::secrets::{Secret, Secrets};
-use matchlock_net::stack::{Stack, StackConfig};
+use matchlock_net::stack::{Ipv6Link, Stack, StackConfig};
 use matchlock_vm::NetDevice;
 
 use crate::services::{BootPlan, EventHub, SandboxEvent, Service, ServiceError};
@@ -47,6 +49,12 @@ pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 pub const GATEWAY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// Prefix length of the guest's link.
 pub const PREFIX_LEN: u8 = 24;
+/// The guest's IPv6 address (a unique-local address: blocked like 10.0.2.0/24).
+pub const GUEST_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x6d6c, 0, 0, 0, 0, 0, 0x15);
+/// The gateway's IPv6 address on the guest's link.
+pub const GATEWAY_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x6d6c, 0, 0, 0, 0, 0, 0x2);
+/// IPv6 prefix length of the guest's link.
+pub const PREFIX_LEN6: u8 = 64;
 /// Default IP MTU of the guest's link.
 pub const DEFAULT_MTU: u16 = 1500;
 const GUEST_MAC: [u8; 6] = [0x02, 0x4d, 0x4c, 0x00, 0x00, 0x0f];
@@ -325,6 +333,13 @@ impl Service for NetworkService {
             gateway: GATEWAY_ADDR,
             guest: GUEST_ADDR,
             prefix_len: PREFIX_LEN,
+            ipv6: Some(Ipv6Link {
+                gateway: GATEWAY_ADDR6,
+                guest: GUEST_ADDR6,
+                prefix_len: PREFIX_LEN6,
+            }),
+            // Open egress forwards UDP; interception keeps it to DNS.
+            udp_egress: !self.intercepting,
             mtu: self.mtu,
             gateway_mac: GATEWAY_MAC,
             policy: self.policy.clone(),
@@ -347,7 +362,11 @@ impl Service for NetworkService {
             prefix_len: PREFIX_LEN,
             gateway: GATEWAY_ADDR,
             mtu: self.mtu,
-            ipv6: None,
+            ipv6: Some(GuestNet6 {
+                address: GUEST_ADDR6,
+                prefix_len: PREFIX_LEN6,
+                gateway: GATEWAY_ADDR6,
+            }),
         });
         // The stack answers DNS sent to any address; the guest lists the configured servers
         // (as the reference) or, by default, the gateway.

@@ -13,6 +13,10 @@
 //!   [`NetHost::ca_pem`]), HTTPS :8443 (untrusted self-signed), TCP echo :7, UDP logger :9,
 //!   DNS :53 (UDP and TCP) answering [`NAMES`]. Every server logs JSON lines the test reads
 //!   with [`NetHost::log`].
+//! - IPv6 on the same veth: owner [`OWNER_IP6`]`/64` with a default route via the test
+//!   host's [`HOST_IP6`]`/64`, which also holds [`FORBIDDEN6`] (a unique-local address);
+//!   HTTP :80, TCP echo :7 and the UDP logger :9 listen on both. The benchmarking range
+//!   2001:2::/48 is used because policy blocks the documentation range 2001:db8::/32.
 //!
 //! Everything (namespaces, `/etc/netns` directory, the server) is removed on drop, including
 //! when a test panics. Needs root (`ip netns add`); fails loudly without it, never skips.
@@ -36,6 +40,12 @@ pub const HOST_IP: &str = "198.51.100.2";
 pub const OWNER_IP: &str = "198.51.100.1";
 /// Addresses the test host also answers on, which policy must never let a guest reach.
 pub const FORBIDDEN: &[&str] = &["10.11.12.13", "169.254.169.254", "10.0.2.2"];
+/// The test host's IPv6 address.
+pub const HOST_IP6: &str = "2001:2::2";
+/// The sandbox owner's IPv6 address.
+pub const OWNER_IP6: &str = "2001:2::1";
+/// IPv6 addresses the test host also answers on, which policy must never let a guest reach.
+pub const FORBIDDEN6: &[&str] = &["fd11:1213::13"];
 /// Names the test host's DNS server answers (and its certificate covers, with `*.` forms).
 pub const NAMES: &[(&str, &str)] = &[
     ("web.test", HOST_IP),
@@ -154,8 +164,27 @@ impl NetHost {
         for a in &extra {
             steps.push((h, vec!["ip", "addr", "add", a, "dev", &vb]));
         }
+        let (owner6, host6) = (format!("{OWNER_IP6}/64"), format!("{HOST_IP6}/64"));
+        let extra6: Vec<String> = FORBIDDEN6.iter().map(|a| format!("{a}/128")).collect();
+        // `nodad`: usable at once (the test host binds them right away).
+        steps.push((
+            s,
+            vec!["ip", "-6", "addr", "add", &owner6, "dev", &va, "nodad"],
+        ));
+        steps.push((
+            h,
+            vec!["ip", "-6", "addr", "add", &host6, "dev", &vb, "nodad"],
+        ));
+        for a in &extra6 {
+            steps.push((h, vec!["ip", "-6", "addr", "add", a, "dev", &vb, "nodad"]));
+        }
         steps.push((h, vec!["ip", "link", "set", &vb, "up"]));
         steps.push((h, vec!["ip", "route", "add", "default", "dev", &vb]));
+        steps.push((h, vec!["ip", "-6", "route", "add", "default", "dev", &vb]));
+        steps.push((
+            s,
+            vec!["ip", "-6", "route", "add", "default", "via", HOST_IP6],
+        ));
         for (ns, cmd) in steps {
             let mut full = vec!["ip", "netns", "exec", ns];
             full.extend(cmd);
@@ -185,6 +214,9 @@ impl NetHost {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--ip", HOST_IP]);
+        for ip in std::iter::once(&HOST_IP6).chain(FORBIDDEN6) {
+            cmd.args(["--ip6", ip]);
+        }
         for (name, ip) in NAMES {
             cmd.args(["--name", &format!("{name}={ip}")]);
         }

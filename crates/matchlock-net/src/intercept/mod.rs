@@ -49,7 +49,7 @@ mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -208,7 +208,7 @@ impl Interceptor {
     }
 
     /// Serves a guest's plain HTTP connection to `dst` (normally port 80) until it closes.
-    pub async fn serve_http<S>(self: Arc<Self>, dst: SocketAddrV4, guest: S)
+    pub async fn serve_http<S>(self: Arc<Self>, dst: SocketAddr, guest: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -218,7 +218,7 @@ impl Interceptor {
 
     /// Serves a guest's TLS connection to `dst` (normally port 443) until it closes:
     /// handshake with a leaf for the SNI (or `dst`'s IP), then HTTP/2 or HTTP/1.1 by ALPN.
-    pub async fn serve_tls<S>(self: Arc<Self>, dst: SocketAddrV4, guest: S)
+    pub async fn serve_tls<S>(self: Arc<Self>, dst: SocketAddr, guest: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {

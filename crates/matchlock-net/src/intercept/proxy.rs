@@ -1,7 +1,7 @@
 //! One guest connection's requests: decide the target, check the policy and the secrets,
 //! forward upstream, and stream the response back.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -36,7 +36,7 @@ const BLOCKED_BODY: &str = "Blocked by policy";
 /// A guest connection being served.
 pub(crate) struct Conn {
     icpt: Arc<Interceptor>,
-    pub(crate) dst: SocketAddrV4,
+    pub(crate) dst: SocketAddr,
     tls: bool,
     pool: Pool,
     /// Requests in flight (until their response body is finished or dropped).
@@ -64,7 +64,7 @@ enum Refusal {
 }
 
 impl Conn {
-    pub(crate) fn new(icpt: Arc<Interceptor>, dst: SocketAddrV4, tls: bool) -> Arc<Conn> {
+    pub(crate) fn new(icpt: Arc<Interceptor>, dst: SocketAddr, tls: bool) -> Arc<Conn> {
         Arc::new(Conn {
             icpt,
             dst,
@@ -149,7 +149,11 @@ impl Conn {
         };
         let written = written
             .filter(|a| !a.is_empty())
-            .unwrap_or_else(|| self.dst.ip().to_string());
+            .unwrap_or_else(|| match self.dst {
+                // An IPv6 literal is bracketed in an authority.
+                SocketAddr::V6(d) => format!("[{}]", d.ip()),
+                SocketAddr::V4(d) => d.ip().to_string(),
+            });
         let a: http::uri::Authority = written.parse().ok()?;
         let authority = match a.port_u16() {
             Some(p) => format!("{}:{p}", a.host()),

@@ -1,4 +1,4 @@
-//! `matchlock-testhost --dir DIR [--ip IP] [--name NAME[=IP]]...`: the servers a hermetic
+//! `matchlock-testhost --dir DIR [--ip IP] [--ip6 IPV6]... [--name NAME[=IP]]...`: the servers a hermetic
 //! network test talks to, run inside the test host's network namespace. Every server logs
 //! what it receives as JSON lines in `DIR/<log>.jsonl`, so tests assert what did, and did
 //! not, arrive:
@@ -12,6 +12,9 @@
 //! | 9/udp | logger (no reply) | `udp` |
 //! | 53/udp, 53/tcp | DNS: `A` answers for the `--name`s (default: `--ip`), NXDOMAIN otherwise | `dns` |
 //!
+//! Each `--ip6` address also gets HTTP :80, TCP echo :7 and the UDP logger :9 (bound to
+//! that address, so they coexist with the IPv4 wildcard listeners).
+//!
 //! It writes the test CA to `DIR/ca.pem` (the tests give it to the sandbox owner through
 //! `SSL_CERT_FILE`) and, once every socket is bound, the file `DIR/ready`.
 //!
@@ -22,7 +25,7 @@
 //! log line. Reads are bounded (request bodies to 1 MiB, WebSocket messages to 64 KiB).
 //!
 //! # Limitations
-//! A test fixture: no graceful shutdown (the harness kills it), IPv4 only.
+//! A test fixture: no graceful shutdown (the harness kills it); HTTPS and DNS are IPv4 only.
 
 mod http;
 mod tls;
@@ -30,7 +33,7 @@ mod tls;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -87,19 +90,24 @@ impl Logs {
 struct Args {
     dir: PathBuf,
     ip: Ipv4Addr,
+    ip6: Vec<Ipv6Addr>,
     names: Vec<(String, Ipv4Addr)>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     let (mut dir, mut ip, mut raw_names) = (None, Ipv4Addr::new(198, 51, 100, 2), Vec::new());
+    let mut ip6 = Vec::new();
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--dir" => dir = Some(PathBuf::from(value)),
             "--ip" => ip = value.parse().context("--ip")?,
+            "--ip6" => ip6.push(value.parse().context("--ip6")?),
             "--name" => raw_names.push(value),
-            _ => bail!("usage: matchlock-testhost --dir DIR [--ip IP] [--name NAME[=IP]]..."),
+            _ => bail!(
+                "usage: matchlock-testhost --dir DIR [--ip IP] [--ip6 IPV6]... [--name NAME[=IP]]..."
+            ),
         }
     }
     let names = raw_names
@@ -112,6 +120,7 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(Args {
         dir: dir.context("--dir is required")?,
         ip,
+        ip6,
         names,
     })
 }
@@ -162,8 +171,23 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tokio::spawn(udp_logger(udp9, logs.clone()));
     tokio::spawn(dns_over_udp(dns_udp, names.clone(), logs.clone()));
     tokio::spawn(dns_over_tcp(dns_tcp, names, logs.clone()));
+    for ip in &args.ip6 {
+        serve_ipv6(*ip, &logs).await?;
+    }
     write_ready(&args.dir)?;
     std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// HTTP :80, TCP echo :7 and the UDP logger :9 on one IPv6 address.
+async fn serve_ipv6(ip: Ipv6Addr, logs: &Logs) -> anyhow::Result<()> {
+    let at = |port| SocketAddr::from((ip, port));
+    let http = TcpListener::bind(at(80)).await.context("bind [v6]:80")?;
+    let echo = TcpListener::bind(at(7)).await.context("bind [v6]:7")?;
+    let udp9 = UdpSocket::bind(at(9)).await.context("bind udp [v6]:9")?;
+    tokio::spawn(http::serve_plain(http, logs.clone()));
+    tokio::spawn(tcp_echo(echo, logs.clone()));
+    tokio::spawn(udp_logger(udp9, logs.clone()));
     Ok(())
 }
 
