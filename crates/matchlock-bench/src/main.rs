@@ -28,6 +28,7 @@ use matchlock_sandbox::paths::Paths;
 use matchlock_sandbox::services::Services;
 use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
 
+mod https;
 mod pull;
 
 const IMAGE: &str = "busybox:bench";
@@ -369,11 +370,14 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .context("--runs N")?
             }
-            "cold" | "exec" | "all" | "pull" => what = a,
+            "cold" | "exec" | "all" | "pull" | "https" => what = a,
             other => bail!(
-                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|all|pull] [--runs N]"
+                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|all|pull|https] [--runs N]"
             ),
         }
+    }
+    if what == "https" {
+        return https::run(runs);
     }
     let bin = match std::env::var_os("MATCHLOCK_BIN") {
         Some(b) => PathBuf::from(b),
@@ -403,6 +407,9 @@ fn main() -> anyhow::Result<()> {
     }
     if what == "exec" || what == "all" {
         bench.exec()?;
+    }
+    if what == "all" {
+        https::run(runs)?;
     }
     Ok(())
 }
