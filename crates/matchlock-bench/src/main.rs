@@ -32,6 +32,7 @@ use matchlock_sandbox::paths::Paths;
 use matchlock_sandbox::services::Services;
 use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
 
+mod https;
 mod net;
 mod pull;
 mod sink;
@@ -375,16 +376,19 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .context("--runs N")?
             }
-            "cold" | "exec" | "all" | "pull" | "net" => what = a,
+            "cold" | "exec" | "all" | "pull" | "net" | "https" => what = a,
             // The network benchmark's receiver, started by `net` in its own namespace.
             "net-sink" => {
                 let bytes = args.next().and_then(|v| v.parse().ok()).context("BYTES")?;
                 return sink::main(bytes);
             }
             other => bail!(
-                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|all|pull] [--runs N]"
+                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|https|all|pull] [--runs N]"
             ),
         }
+    }
+    if what == "https" {
+        return https::run(runs);
     }
     let bin = match std::env::var_os("MATCHLOCK_BIN") {
         Some(b) => PathBuf::from(b),
@@ -417,6 +421,9 @@ fn main() -> anyhow::Result<()> {
     }
     if what == "net" || what == "all" {
         bench.net()?;
+    }
+    if what == "all" {
+        https::run(runs)?;
     }
     Ok(())
 }

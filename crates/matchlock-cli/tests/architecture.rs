@@ -94,6 +94,7 @@ fn dependency_edges_point_down() {
                 "matchlock-state",
                 "matchlock-sandbox",
                 "matchlock-test-support",
+                "matchlock-net",
             ][..],
         ),
     ]);
