@@ -206,7 +206,7 @@ async fn intercept(
     mut rx: mpsc::UnboundedReceiver<tokio::io::DuplexStream>,
 ) {
     while let Some(pipe) = rx.recv().await {
-        tokio::spawn(icpt.clone().serve_tls(dst, pipe));
+        tokio::spawn(icpt.clone().serve_tls(dst.into(), pipe));
     }
 }
 
