@@ -3,14 +3,18 @@
 //! fitting and upstream-reply validation must return, never panic.
 #![no_main]
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
 use matchlock_net::dns::{self, wire, Decision, Transport};
 use matchlock_net::policy::Policy;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = matchlock_net::stack::classify(data, Ipv4Addr::new(10, 0, 2, 2), 1500);
+    let gw = matchlock_net::stack::Gateways {
+        v4: Ipv4Addr::new(10, 0, 2, 2),
+        v6: Some(Ipv6Addr::new(0xfd00, 0x6d6c, 0, 0, 0, 0, 0, 2)),
+    };
+    let _ = matchlock_net::stack::classify(data, gw, 1500);
     for policy in [
         Policy::new(std::iter::empty(), true),
         Policy::new(["*.example.com", "a.b"], true),

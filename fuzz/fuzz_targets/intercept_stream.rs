@@ -5,7 +5,7 @@
 //! process; the first byte picks HTTP or TLS.
 #![no_main]
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -43,7 +43,8 @@ fuzz_target!(|data: &[u8]| {
         let icpt = interceptor();
         let (mut guest, theirs) = tokio::io::duplex(64 * 1024);
         let tls = pick & 1 == 1;
-        let dst = SocketAddrV4::new([198, 51, 100, 7].into(), if tls { 443 } else { 80 });
+        let dst: SocketAddr =
+            SocketAddrV4::new([198, 51, 100, 7].into(), if tls { 443 } else { 80 }).into();
         let served = if tls {
             tokio::spawn(icpt.serve_tls(dst, theirs))
         } else {
