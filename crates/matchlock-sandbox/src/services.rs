@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use matchlock_api::rpc::{EventParams, NetworkEventInfo};
 use matchlock_guest_proto::BootConfig;
+use matchlock_net::events::now_unix;
 use matchlock_vm::console::ConsoleLog;
 use matchlock_vm::VmConfig;
 
@@ -68,31 +69,34 @@ pub enum SandboxEvent {
 }
 
 impl SandboxEvent {
+    /// The RPC `event` notification's params for this event (network events only; the
+    /// reference has no lifecycle events on the wire).
+    pub fn event_params(&self) -> Option<EventParams> {
+        match self {
+            SandboxEvent::Network { timestamp, event } => Some(EventParams {
+                kind: "network".to_string(),
+                timestamp: *timestamp,
+                network: Some(event.clone()),
+            }),
+            SandboxEvent::Ready { .. } | SandboxEvent::Stopped { .. } => None,
+        }
+    }
+
     /// One line of the sandbox's event log (`logs/events.jsonl`): network events in the
     /// shape of the RPC `event` notification, lifecycle events as `{"type":"sandbox",...}`.
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             SandboxEvent::Ready { id, boot_ms } => {
-                serde_json::json!({"type": "sandbox", "event": "ready", "id": id, "boot_ms": boot_ms, "timestamp": unix_now()})
+                serde_json::json!({"type": "sandbox", "event": "ready", "id": id, "boot_ms": boot_ms, "timestamp": now_unix()})
             }
             SandboxEvent::Stopped { id, reason } => {
-                serde_json::json!({"type": "sandbox", "event": "stopped", "id": id, "reason": reason, "timestamp": unix_now()})
+                serde_json::json!({"type": "sandbox", "event": "stopped", "id": id, "reason": reason, "timestamp": now_unix()})
             }
-            SandboxEvent::Network { timestamp, event } => serde_json::to_value(EventParams {
-                kind: "network".to_string(),
-                timestamp: *timestamp,
-                network: Some(event.clone()),
-            })
-            .unwrap_or_default(),
+            SandboxEvent::Network { .. } => {
+                serde_json::to_value(self.event_params()).unwrap_or_default()
+            }
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Receives a sandbox's events; must not block.

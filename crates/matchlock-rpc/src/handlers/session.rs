@@ -145,13 +145,8 @@ fn event_sink(s: &Shared) -> EventSink {
     });
     let dropped = std::sync::atomic::AtomicU64::new(0);
     Arc::new(move |ev: &SandboxEvent| {
-        let SandboxEvent::Network { timestamp, event } = ev else {
+        let Some(params) = ev.event_params() else {
             return;
-        };
-        let params = EventParams {
-            kind: "network".to_string(),
-            timestamp: *timestamp,
-            network: Some(event.clone()),
         };
         if tx.try_send(params).is_err() {
             let n = dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
