@@ -1,7 +1,9 @@
 //! End to end: run-time allow-list changes of a sandbox with interception, through the
 //! JSON-RPC methods and through `matchlock allow-list` (which reaches the owner through its
-//! relay), on one RPC-created VM. The sandbox never sends a packet: only the policy and its
-//! answers are exercised here (`e2e_net.rs` shows that changes steer real connections).
+//! relay), on one RPC-created VM. The owner runs in a network namespace of its own with
+//! only a loopback that is down, so nothing its guest does can leave the machine; only the
+//! policy and its answers are exercised here (`e2e_net.rs` shows that changes steer real
+//! connections).
 
 mod common;
 
@@ -13,7 +15,7 @@ use serde_json::json;
 
 #[test]
 fn allow_list_changes_through_rpc_and_cli() {
-    let mut r = Rpc::start().with_timeout(Duration::from_secs(120));
+    let mut r = Rpc::start_isolated().with_timeout(Duration::from_secs(120));
     let v = r.call(
         "create",
         json!({
