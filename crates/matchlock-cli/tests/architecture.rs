@@ -45,6 +45,7 @@ fn dependency_edges_point_down() {
         ),
         ("matchlock-state", &["matchlock-api"][..]),
         ("matchlock-net", &["matchlock-api"][..]),
+        ("matchlock-vfs", &["matchlock-api"][..]),
         ("matchlock-guest", &["matchlock-guest-proto"][..]),
         (
             "matchlock-sandbox",
@@ -55,6 +56,7 @@ fn dependency_edges_point_down() {
                 "matchlock-vm",
                 "matchlock-state",
                 "matchlock-net",
+                "matchlock-vfs",
             ][..],
         ),
         (
