@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod env;
+pub mod pathglob;
 pub mod rpc;
 
 pub use config::*;

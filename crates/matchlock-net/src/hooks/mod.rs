@@ -29,7 +29,6 @@
 mod body;
 mod callback;
 mod edit;
-mod pathglob;
 mod rules;
 mod sse;
 mod wire;
@@ -47,7 +46,7 @@ use tokio::sync::Semaphore;
 
 pub use body::{BodyPlan, HookBody, FULL_BODY_BUDGET, MAX_FULL_BODY};
 pub use callback::{CallbackError, MAX_REPLY};
-pub use pathglob::path_match;
+pub use matchlock_api::pathglob::path_match;
 pub use rules::{Phase, Replacement};
 pub use sse::MAX_SSE_LINE;
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
-use super::pathglob::path_match;
+use matchlock_api::pathglob::path_match;
 use super::wire::{ReplacementWire, RuleWire};
 use super::HookError;
 use crate::policy::glob_match;

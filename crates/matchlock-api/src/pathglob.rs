@@ -1,4 +1,5 @@
-//! Go `path.Match` semantics for a hook rule's `path` glob (spec §7.7.1, §15 item 49).
+//! Go `path.Match` semantics for rule path globs: network hook rules (spec §7.7.1, §15 item 49)
+//! and VFS interception rules (§9.4) match paths the same way.
 //!
 //! # Design
 //! The reference matches rule paths with Go's `path.Match`: `*` is any run of non-`/`
