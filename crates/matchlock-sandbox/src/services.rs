@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use matchlock_api::rpc::{EventParams, NetworkEventInfo};
+use matchlock_api::rpc::{EventParams, FileEventInfo, NetworkEventInfo};
 use matchlock_guest_proto::BootConfig;
 use matchlock_net::events::now_unix;
 use matchlock_vm::console::ConsoleLog;
@@ -66,10 +66,16 @@ pub enum SandboxEvent {
         timestamp: i64,
         event: NetworkEventInfo,
     },
+    /// A guest filesystem operation in the workspace (when VFS events are on).
+    File {
+        /// Unix milliseconds (the reference stamps file events in ms, network events in s).
+        timestamp_ms: i64,
+        event: FileEventInfo,
+    },
 }
 
 impl SandboxEvent {
-    /// The RPC `event` notification's params for this event (network events only; the
+    /// The RPC `event` notification's params for this event (network and file events; the
     /// reference has no lifecycle events on the wire).
     pub fn event_params(&self) -> Option<EventParams> {
         match self {
@@ -77,6 +83,16 @@ impl SandboxEvent {
                 kind: "network".to_string(),
                 timestamp: *timestamp,
                 network: Some(event.clone()),
+                file: None,
+            }),
+            SandboxEvent::File {
+                timestamp_ms,
+                event,
+            } => Some(EventParams {
+                kind: "file".to_string(),
+                timestamp: *timestamp_ms,
+                network: None,
+                file: Some(event.clone()),
             }),
             SandboxEvent::Ready { .. } | SandboxEvent::Stopped { .. } => None,
         }
@@ -92,7 +108,7 @@ impl SandboxEvent {
             SandboxEvent::Stopped { id, reason } => {
                 serde_json::json!({"type": "sandbox", "event": "stopped", "id": id, "reason": reason, "timestamp": now_unix()})
             }
-            SandboxEvent::Network { .. } => {
+            SandboxEvent::Network { .. } | SandboxEvent::File { .. } => {
                 serde_json::to_value(self.event_params()).unwrap_or_default()
             }
         }

@@ -323,6 +323,29 @@ pub struct EventParams {
     pub timestamp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkEventInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileEventInfo>,
+}
+
+/// One guest filesystem operation in the workspace (spec §9.5).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEventInfo {
+    /// Hook op name (`create`, `write`, `rename`, ...).
+    #[serde(default)]
+    pub op: String,
+    /// Absolute guest path.
+    #[serde(default)]
+    pub path: String,
+    /// Bytes transferred (read/write), the new size (truncate), else 0.
+    #[serde(default)]
+    pub size: u64,
+    /// Go `os.FileMode` bits.
+    #[serde(default)]
+    pub mode: u32,
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
 }
 
 /// One HTTP(S) request through the interception proxy, or one blocked connection.

@@ -24,10 +24,10 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
-use matchlock_api::pathglob::path_match;
 use super::wire::{ReplacementWire, RuleWire};
 use super::HookError;
 use crate::policy::glob_match;
+use matchlock_api::pathglob::path_match;
 
 /// When a rule runs: on the request before it goes upstream, or on the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
