@@ -87,17 +87,18 @@ impl SparseData {
         let before = self.stored;
         let first_dropped = new_size.div_ceil(CHUNK);
         let dropped = self.chunks.split_off(&first_dropped);
-        self.stored -= dropped.values().map(|c| c.len() as u64).sum::<u64>();
+        let dropped_bytes: u64 = dropped.values().map(|c| c.len() as u64).sum();
+        self.stored = self.stored.saturating_sub(dropped_bytes);
         if !new_size.is_multiple_of(CHUNK) {
             if let Some(chunk) = self.chunks.get_mut(&(new_size / CHUNK)) {
                 let keep = small(new_size % CHUNK);
                 if chunk.len() > keep {
-                    self.stored -= (chunk.len() - keep) as u64;
+                    self.stored = self.stored.saturating_sub((chunk.len() - keep) as u64);
                     chunk.truncate(keep);
                 }
             }
         }
-        before - self.stored
+        before.saturating_sub(self.stored)
     }
 }
 

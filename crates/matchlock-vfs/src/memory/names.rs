@@ -125,6 +125,7 @@ impl Tree {
         let mut st = self.lock();
         let ino = match self.child(&mut st, parent, name)? {
             Some(_) if flags & libc::O_EXCL as u32 != 0 => return Err(errno(libc::EEXIST)),
+            Some(ino) if st.node(ino)?.attr.is_dir() => return Err(errno(libc::EISDIR)),
             Some(ino) => {
                 let node = st.node_mut(ino)?;
                 node.lookups = node.lookups.saturating_add(1);

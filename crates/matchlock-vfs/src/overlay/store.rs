@@ -95,7 +95,12 @@ impl Store {
                 continue;
             }
             // `DirEntry::metadata` is `lstat`: it does not follow a symlink.
-            let meta = ent.metadata()?;
+            let meta = match ent.metadata() {
+                Ok(meta) => meta,
+                // Removed on the host since the listing started.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let ft = meta.file_type();
             let child = rel.join(ent.file_name());
             let mut attr = attr_of(&meta);
