@@ -274,3 +274,65 @@ fn setup_errors_are_clear() {
     };
     assert!(matches!(err, OverlayError::UpperNotEmpty { .. }), "{err}");
 }
+
+/// Both providers mount in the library's `Vfs` router (what the transport serves) and answer
+/// through it: mount root entry, inode translation, create and read back.
+#[test]
+fn providers_mount_in_the_library_vfs_router() {
+    use fuse_backend_rs::abi::fuse_abi::{CreateIn, FsOptions};
+    use fuse_backend_rs::api::{Vfs, VfsOptions};
+    use matchlock_vfs::memory::MemFs;
+
+    let s = setup();
+    let vfs = Vfs::new(VfsOptions::default());
+    vfs.init(FsOptions::ASYNC_READ | FsOptions::DO_READDIRPLUS)
+        .expect("vfs init");
+    vfs.mount(Box::new(MemFs::new(1 << 20)), "/mem")
+        .expect("mount memory");
+    let Setup { fs: overlay, .. } = s;
+    vfs.mount(Box::new(overlay), "/ws").expect("mount overlay");
+
+    let cx = root();
+    let mem = vfs
+        .lookup(&cx, ROOT.into(), &c("mem"))
+        .expect("lookup /mem");
+    let args = CreateIn {
+        flags: RW,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (e, fh, _, _) = vfs
+        .create(&cx, mem.inode.into(), &c("f"), args)
+        .expect("create through vfs");
+    let fh = fh.expect("handle");
+    let mut r = provider_harness::Payload::from(b"via router".to_vec());
+    vfs.write(&cx, e.inode.into(), fh, &mut r, 10, 0, None, false, 0, 0)
+        .expect("write through vfs");
+    let mut w = provider_harness::Reply(Vec::new());
+    vfs.read(&cx, e.inode.into(), fh, &mut w, 100, 0, None, 0)
+        .expect("read through vfs");
+    assert_eq!(w.0, b"via router");
+
+    let ws = vfs.lookup(&cx, ROOT.into(), &c("ws")).expect("lookup /ws");
+    let a = vfs
+        .lookup(&cx, ws.inode.into(), &c("a.txt"))
+        .expect("lookup lower file through vfs");
+    assert_ne!(a.inode >> 56, 0, "inode carries the mount index");
+    let (fh, _, _) = vfs
+        .open(&cx, a.inode.into(), libc::O_RDONLY as u32, 0)
+        .expect("open");
+    let mut w = provider_harness::Reply(Vec::new());
+    vfs.read(
+        &cx,
+        a.inode.into(),
+        fh.expect("handle"),
+        &mut w,
+        100,
+        0,
+        None,
+        0,
+    )
+    .expect("read lower file through vfs");
+    assert_eq!(w.0, b"lower content");
+}

@@ -18,6 +18,12 @@ pub const ROOT: u64 = 1;
 
 pub struct Payload(io::Cursor<Vec<u8>>);
 
+impl From<Vec<u8>> for Payload {
+    fn from(data: Vec<u8>) -> Payload {
+        Payload(io::Cursor::new(data))
+    }
+}
+
 impl io::Read for Payload {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf)
