@@ -26,8 +26,12 @@
 //! - A single file as the lower path is refused ([`OverlayError::LowerNotDirectory`]).
 //! - A lower directory is read once, when first used: host changes to it after that are not
 //!   seen. An uncopied file's bytes are read live, with the size recorded at listing.
-//! - The merged namespace and all attributes live in memory (about a few hundred bytes per
-//!   lower entry the guest has visited); only file data goes to the upper directory.
+//! - The merged namespace and all attributes live in memory (a few hundred bytes per lower
+//!   entry the guest has visited); only file data goes to the upper directory, without a
+//!   quota (`statfs` reports no limit).
+//! - Host I/O runs under the table's lock: copying up a large file stalls the mount's other
+//!   operations for the duration of the copy.
+//! - Host descriptors are held only while the guest has a file open.
 
 pub mod store;
 
@@ -60,6 +64,8 @@ pub enum OverlayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("overlay upper path {path} is not a directory")]
+    UpperNotDirectory { path: PathBuf },
     #[error("overlay upper directory {path} is not empty")]
     UpperNotEmpty { path: PathBuf },
 }
@@ -90,8 +96,13 @@ impl OverlayFs {
             source,
         };
         let upper_meta = fs::symlink_metadata(upper_dir).map_err(upper_err)?;
+        if !upper_meta.is_dir() {
+            return Err(OverlayError::UpperNotDirectory {
+                path: upper_dir.to_path_buf(),
+            });
+        }
         let mut entries = fs::read_dir(upper_dir).map_err(upper_err)?;
-        if !upper_meta.is_dir() || entries.next().is_some() {
+        if entries.next().is_some() {
             return Err(OverlayError::UpperNotEmpty {
                 path: upper_dir.to_path_buf(),
             });

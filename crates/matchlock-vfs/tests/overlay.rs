@@ -336,3 +336,55 @@ fn providers_mount_in_the_library_vfs_router() {
     .expect("read lower file through vfs");
     assert_eq!(w.0, b"lower content");
 }
+
+fn open_fds() -> usize {
+    fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
+}
+
+/// Host descriptors follow the guest's open files, not the files it has touched: reading 2,000
+/// lower files and creating 2,000 files (each opened and released) leaves no descriptors behind.
+#[test]
+fn host_descriptors_are_closed_when_the_guest_closes_files() {
+    let s = setup();
+    let many = s.lower.join("many");
+    fs::create_dir(&many).expect("mkdir");
+    for i in 0..2000 {
+        fs::write(many.join(format!("f{i}")), format!("file {i}")).expect("write");
+    }
+    let before = open_fds();
+    let dir = walk(&s.fs, "many");
+    for i in 0..2000 {
+        let ino = lookup(&s.fs, dir, &format!("f{i}")).expect("lookup").inode;
+        assert_eq!(contents(&s.fs, ino), format!("file {i}").as_bytes());
+        let (e, fh) = create(&s.fs, dir, &format!("new{i}"), 0o644, RW).expect("create");
+        write(&s.fs, e.inode, fh, 0, b"x").expect("write");
+        release(&s.fs, e.inode, fh);
+    }
+    // Truncating a closed file opens and closes its copy.
+    let f0 = walk(&s.fs, "many/f0");
+    set_size(&s.fs, f0, 2).expect("truncate");
+    assert_eq!(contents(&s.fs, f0), b"fi");
+    let after = open_fds();
+    // Other tests run in parallel threads and hold a few descriptors of their own.
+    assert!(
+        after < before + 100,
+        "{before} descriptors before, {after} after"
+    );
+    assert_eq!(upper_files(&s), 2001);
+}
+
+#[test]
+fn upper_must_be_a_directory() {
+    let s = setup();
+    let file = s.upper.with_file_name("upper-file");
+    fs::write(&file, b"x").expect("write");
+    let Err(err) = OverlayFs::new(&s.lower, &file) else {
+        panic!("a file as upper is refused");
+    };
+    assert!(
+        matches!(err, OverlayError::UpperNotDirectory { .. }),
+        "{err}"
+    );
+}

@@ -59,6 +59,7 @@ impl Tree {
         if let Some(h) = st.handles.remove(&fh) {
             if let Some(node) = st.nodes.get_mut(&h.ino) {
                 node.opens = node.opens.saturating_sub(1);
+                node.close_if_idle();
             }
             self.maybe_free(&mut st, h.ino);
         }
@@ -149,6 +150,7 @@ impl Tree {
         };
         node.attr.size = new_size;
         node.attr.touch_modified();
+        node.close_if_idle();
         st.release_quota(freed);
         Ok(())
     }

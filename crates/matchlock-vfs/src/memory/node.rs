@@ -136,6 +136,15 @@ impl Node {
         }
     }
 
+    /// Overlay: closes the host descriptor of a file nobody has open.
+    pub fn close_if_idle(&mut self) {
+        if self.opens == 0 {
+            if let Kind::File(Content::Host(f)) = &mut self.kind {
+                f.close();
+            }
+        }
+    }
+
     /// `stat` as FUSE reports it.
     pub fn stat(&self, ino: u64) -> stat64 {
         // `Entry::default()` is the library's zeroed `stat64`: it has private padding fields.

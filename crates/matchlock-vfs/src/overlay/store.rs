@@ -26,13 +26,40 @@ use tracing::{debug, warn};
 use crate::memory::node::{Attr, Time};
 use crate::memory::tree::{errno, MAX_NAME, MAX_SYMLINK};
 
-/// A regular file's bytes on the host.
+/// Where a regular file's bytes are on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Still the lower file (relative to the lower root).
+    Lower(PathBuf),
+    /// The guest's own copy, `upper/<id>`.
+    Upper(u64),
+}
+
+/// A regular file's bytes on the host, with a descriptor cached while the guest has the file
+/// open (so the number of host descriptors follows the guest's open files, not the number of
+/// files it has touched).
 #[derive(Debug)]
-pub enum HostFile {
-    /// Still the lower file (relative to the lower root), opened on first read.
-    Lower { path: PathBuf, file: Option<File> },
-    /// The guest's own copy in the upper directory.
-    Upper { id: u64, file: File },
+pub struct HostFile {
+    source: Source,
+    file: Option<File>,
+}
+
+impl HostFile {
+    pub fn lower(path: PathBuf) -> HostFile {
+        HostFile {
+            source: Source::Lower(path),
+            file: None,
+        }
+    }
+
+    /// Closes the cached descriptor (the last guest handle was released).
+    pub fn close(&mut self) {
+        self.file = None;
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
 }
 
 /// What a lower directory entry is.
@@ -107,10 +134,7 @@ impl Store {
             let kind = if ft.is_dir() {
                 LowerKind::Dir(child)
             } else if ft.is_file() {
-                LowerKind::File(HostFile::Lower {
-                    path: child,
-                    file: None,
-                })
+                LowerKind::File(HostFile::lower(child))
             } else if ft.is_symlink() {
                 let target = fs::read_link(ent.path())?.as_os_str().as_bytes().to_vec();
                 if target.len() > MAX_SYMLINK || target.is_empty() {
@@ -138,35 +162,54 @@ impl Store {
         Ok(file)
     }
 
-    /// A new empty file in the upper directory.
-    pub fn create_upper(&self) -> io::Result<HostFile> {
-        let id = self.next_upper.fetch_add(1, Ordering::Relaxed);
-        let file = OpenOptions::new()
+    fn open_upper(&self, id: u64, create: bool) -> io::Result<File> {
+        OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create_new(create)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
-            .open(self.upper.join(id.to_string()))?;
-        Ok(HostFile::Upper { id, file })
+            .open(self.upper.join(id.to_string()))
+    }
+
+    /// A new empty file in the upper directory (its descriptor cached: it is being opened).
+    pub fn create_upper(&self) -> io::Result<HostFile> {
+        let id = self.next_upper.fetch_add(1, Ordering::Relaxed);
+        let file = self.open_upper(id, true)?;
+        Ok(HostFile {
+            source: Source::Upper(id),
+            file: Some(file),
+        })
+    }
+
+    /// The file's descriptor, opened if not cached.
+    fn file<'a>(&self, f: &'a mut HostFile) -> io::Result<&'a File> {
+        match &mut f.file {
+            Some(file) => Ok(file),
+            slot => {
+                let file = match &f.source {
+                    Source::Lower(path) => self.open_lower(path)?,
+                    Source::Upper(id) => self.open_upper(*id, false)?,
+                };
+                Ok(slot.insert(file))
+            }
+        }
     }
 
     /// Replaces a lower file by an upper copy of its first `keep` bytes.
     fn copy_up(&self, f: &mut HostFile, keep: u64) -> io::Result<()> {
-        let HostFile::Lower { path, file } = f else {
+        let Source::Lower(path) = &f.source else {
             return Ok(());
         };
-        let upper = self.create_upper()?;
+        let path = path.clone();
+        let mut upper = self.create_upper()?;
         if keep > 0 {
-            let lower = match file.take() {
-                Some(file) => file,
-                None => self.open_lower(path)?,
-            };
-            if let HostFile::Upper { file: dst, .. } = &upper {
-                let mut src = (&lower).take(keep);
-                let mut dst = dst;
-                io::copy(&mut src, &mut dst)?;
-            }
+            let lower = self.file(f)?;
+            let mut src = lower.take(keep);
+            let mut dst = self.file(&mut upper)?;
+            // `take` reads from the descriptor's position: start at the beginning.
+            io::Seek::seek(&mut src.get_mut(), io::SeekFrom::Start(0))?;
+            io::copy(&mut src, &mut dst)?;
         }
         debug!(path = %path.display(), "overlay: copied up");
         *f = upper;
@@ -178,13 +221,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let len = usize::try_from(len.min(size - offset)).map_err(|_| errno(libc::EINVAL))?;
-        let file: &File = match f {
-            HostFile::Lower { path, file } => match file {
-                Some(file) => file,
-                None => file.insert(self.open_lower(path)?),
-            },
-            HostFile::Upper { file, .. } => file,
-        };
+        let file = self.file(f)?;
         let mut buf = vec![0u8; len];
         let mut got = 0;
         while got < len {
@@ -201,24 +238,18 @@ impl Store {
 
     pub fn write(&self, f: &mut HostFile, size: u64, offset: u64, data: &[u8]) -> io::Result<()> {
         self.copy_up(f, size)?;
-        match f {
-            HostFile::Upper { file, .. } => file.write_all_at(data, offset),
-            HostFile::Lower { .. } => Err(errno(libc::EIO)),
-        }
+        self.file(f)?.write_all_at(data, offset)
     }
 
     pub fn set_len(&self, f: &mut HostFile, old: u64, new: u64) -> io::Result<()> {
         self.copy_up(f, old.min(new))?;
-        match f {
-            HostFile::Upper { file, .. } => file.set_len(new),
-            HostFile::Lower { .. } => Err(errno(libc::EIO)),
-        }
+        self.file(f)?.set_len(new)
     }
 
     /// Deletes a freed inode's upper copy.
     pub fn discard(&self, ino: u64, f: HostFile) {
-        if let HostFile::Upper { id, file } = f {
-            drop(file);
+        if let Source::Upper(id) = f.source {
+            drop(f.file);
             if let Err(e) = fs::remove_file(self.upper.join(id.to_string())) {
                 warn!(ino, error = %e, "overlay: removing an upper copy failed");
             }
