@@ -32,6 +32,8 @@
 //! - Host I/O runs under the table's lock: copying up a large file stalls the mount's other
 //!   operations for the duration of the copy.
 //! - Host descriptors are held only while the guest has a file open.
+//! - Two lower names of one host inode (a hard link in the lower tree) are two separate files
+//!   in the view: a write through one name is not seen through the other.
 
 pub mod store;
 
