@@ -388,3 +388,15 @@ fn upper_must_be_a_directory() {
         "{err}"
     );
 }
+
+#[test]
+fn creating_in_a_removed_directory_fails_and_leaves_no_upper_file() {
+    let s = setup();
+    let gone = mkdir(&s.fs, ROOT, "gone").expect("mkdir");
+    s.fs.rmdir(&root(), ROOT, &c("gone")).expect("rmdir");
+    assert_eq!(
+        errno(create(&s.fs, gone.inode, "f", 0o644, RW)),
+        libc::ENOENT
+    );
+    assert_eq!(upper_files(&s), 0);
+}

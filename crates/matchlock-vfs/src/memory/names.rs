@@ -133,6 +133,9 @@ impl Tree {
             }
             None => {
                 let attr = new_attr(&st, ctx, parent, libc::S_IFREG | (mode & 0o7777))?;
+                // Checked before the overlay creates an upper file, so that a refused create
+                // leaves none behind (the overlay has no quota, the only later failure).
+                Tree::check_live_dir(&st, parent)?;
                 let content = empty_content(self)?;
                 self.add_node(&mut st, parent, name, Kind::File(content), attr)?
             }
