@@ -400,3 +400,40 @@ fn creating_in_a_removed_directory_fails_and_leaves_no_upper_file() {
     );
     assert_eq!(upper_files(&s), 0);
 }
+
+/// Threads writing one lower file at once: exactly one copy-up, no write lost.
+#[test]
+fn concurrent_first_writes_copy_up_once() {
+    let s = setup();
+    let big: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    fs::write(s.lower.join("big"), &big).expect("write");
+    let before = snapshot(&s.lower);
+    let fs = std::sync::Arc::new(s.fs);
+    let ino = walk(&*fs, "big");
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let fs = std::sync::Arc::clone(&fs);
+            std::thread::spawn(move || {
+                let fh = open(&*fs, ino, RW).expect("open");
+                for i in 0..16u64 {
+                    let off = (i * 8 + t) * 512;
+                    write(&*fs, ino, fh, off, &[t as u8 + 1; 512]).expect("write");
+                }
+                release(&*fs, ino, fh);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("writer thread");
+    }
+    let data = contents(&*fs, ino);
+    assert_eq!(data.len(), big.len());
+    for (i, block) in data.chunks(512).enumerate() {
+        assert!(
+            block.iter().all(|b| usize::from(*b) == i % 8 + 1),
+            "block {i}"
+        );
+    }
+    assert_eq!(fs::read_dir(&s.upper).expect("read upper").count(), 1);
+    assert_eq!(snapshot(&s.lower), before);
+}
