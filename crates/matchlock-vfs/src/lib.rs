@@ -6,4 +6,7 @@
 //! the guest kernel puts on the virtqueues are answered by `fuse-backend-rs`'s server over a
 //! router of providers (host directory, read-only, memory, overlay) mounted at guest paths.
 //! There is no FUSE daemon in the guest and no extra host process.
+
 pub mod intercept;
+pub mod memory;
+pub mod overlay;
