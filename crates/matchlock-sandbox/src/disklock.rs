@@ -25,7 +25,7 @@
 //! is not stopped. Locks are host-local (one machine's kernel).
 
 use std::fs::{File, TryLockError};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use matchlock_state::{StateDb, VmStatus};
@@ -67,6 +67,8 @@ pub enum DiskLockError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{disk} is not a disk image (a regular file or a block device)")]
+    NotADisk { disk: String },
     #[error("{disk} was replaced while it was being locked; try again")]
     Replaced { disk: String },
     #[error("{disk} is attached read-write to another running sandbox{holder}")]
@@ -112,10 +114,27 @@ pub fn acquire(
     state: Option<&StateDb>,
     self_id: &str,
 ) -> Result<DiskLock, DiskLockError> {
-    let file = File::open(path).map_err(|source| DiskLockError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // O_NONBLOCK: a FIFO given as a disk must not hang the owner in open(2).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| DiskLockError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let kind = file
+        .metadata()
+        .map_err(|source| DiskLockError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        return Err(DiskLockError::NotADisk {
+            disk: disk.to_string(),
+        });
+    }
     let r = match mode {
         Mode::ReadWrite => file.try_lock(),
         Mode::ReadOnly => file.try_lock_shared(),
@@ -279,6 +298,21 @@ mod tests {
             describe(Path::new("/x/data.ext4"), v),
             "disk \"/x/data.ext4\""
         );
+    }
+
+    #[test]
+    fn only_files_and_block_devices() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let e = acquire(&fifo, Mode::ReadOnly, "disk \"f\"", None, "a").expect_err("fifo");
+        assert!(matches!(e, DiskLockError::NotADisk { .. }), "{e}");
+        let e = acquire(dir.path(), Mode::ReadOnly, "d", None, "a").expect_err("dir");
+        assert!(matches!(e, DiskLockError::NotADisk { .. }), "{e}");
     }
 
     #[test]
