@@ -102,11 +102,11 @@ fn volume_commands_outputs_and_errors() {
         "named volume not found: cli-b",
     );
     fails_with(
-        &e.sandbox(&["--disk", "@cli-b:/data", "--", "true"]),
+        &e.sandbox(&["--no-network", "--disk", "@cli-b:/data", "--", "true"]),
         "invalid disk mount \"@cli-b:/data\": named volume not found: cli-b",
     );
     fails_with(
-        &e.sandbox(&["--disk", "@a/b:/data", "--", "true"]),
+        &e.sandbox(&["--no-network", "--disk", "@a/b:/data", "--", "true"]),
         "invalid volume name",
     );
 }
@@ -170,10 +170,18 @@ fn data_persists_and_attach_is_exclusive() {
     let e = env();
     ok(&e.run(&["volume", "create", "data", "--size", "32"]));
     let write = "echo persisted > /data/abc && chmod 640 /data/abc";
-    ok(&e.sandbox(&["--disk", "@data:/data", "--", "sh", "-c", write]));
+    ok(&e.sandbox(&[
+        "--no-network",
+        "--disk",
+        "@data:/data",
+        "--",
+        "sh",
+        "-c",
+        write,
+    ]));
 
     // Read-only holder: reads the data of the previous run, cannot write.
-    let ro = e.detached(&["--disk", "@data:/data:ro"]);
+    let ro = e.detached(&["--no-network", "--disk", "@data:/data:ro"]);
     let _g = e.guard(&ro);
     let out = ok(&e.run(&[
         "exec",
@@ -192,7 +200,7 @@ fn data_persists_and_attach_is_exclusive() {
         stderr(&o)
     );
     fails_with(
-        &e.sandbox(&["--disk", "@data:/data", "--", "true"]),
+        &e.sandbox(&["--no-network", "--disk", "@data:/data", "--", "true"]),
         &format!("named volume \"data\" is attached read-only to another running sandbox ({ro})"),
     );
     fails_with(
@@ -201,23 +209,30 @@ fn data_persists_and_attach_is_exclusive() {
     );
     ok(&e.run(&["volume", "cp", "data", "data-ro-copy"]));
     // Read-only attachments share.
-    let out = ok(&e.sandbox(&["--disk", "@data:/d:ro", "--", "cat", "/d/abc"]));
+    let out = ok(&e.sandbox(&[
+        "--no-network",
+        "--disk",
+        "@data:/d:ro",
+        "--",
+        "cat",
+        "/d/abc",
+    ]));
     assert_eq!(out, "persisted\n");
     e.kill_and_rm(&ro);
 
     // Read-write holder: nothing else may attach it, by name or by another path.
-    let rw = e.detached(&["--disk", "@data:/data"]);
+    let rw = e.detached(&["--no-network", "--disk", "@data:/data"]);
     let _g2 = e.guard(&rw);
     let held = format!("is attached read-write to another running sandbox ({rw})");
     fails_with(
-        &e.sandbox(&["--disk", "@data:/data:ro", "--", "true"]),
+        &e.sandbox(&["--no-network", "--disk", "@data:/data:ro", "--", "true"]),
         &format!("named volume \"data\" {held}"),
     );
     let link = e.home.path().join("data-link.img");
     std::fs::hard_link(volumes_dir().join("data.ext4"), &link).expect("link");
     let spec = format!("{}:/x", link.display());
     fails_with(
-        &e.sandbox(&["--disk", &spec, "--", "true"]),
+        &e.sandbox(&["--no-network", "--disk", &spec, "--", "true"]),
         &format!("disk \"{}\" {held}", link.display()),
     );
     fails_with(&e.run(&["volume", "cp", "data", "data-2"]), &held);
@@ -247,9 +262,53 @@ fn data_persists_and_attach_is_exclusive() {
     ok(&e.run(&["rm", &rw]));
     // Read-write again: the exclusive lock is free.
     let spec = format!("{}:/x", link.display());
-    let out = ok(&e.sandbox(&["--disk", &spec, "--", "cat", "/x/abc"]));
+    let out = ok(&e.sandbox(&["--no-network", "--disk", &spec, "--", "cat", "/x/abc"]));
     assert_eq!(out, "persisted\n");
     std::fs::remove_file(&link).expect("unlink");
     ok(&e.run(&["volume", "rm", "data"]));
     ok(&e.run(&["volume", "rm", "data-ro-copy"]));
+}
+
+/// RPC `create` with `extra_disks` (a plain host path, as the SDKs send it) takes the same
+/// lock: while it holds a volume read-write a CLI run cannot attach it; `close` frees it.
+#[test]
+fn rpc_sandbox_holds_its_disk() {
+    let e = env();
+    ok(&e.run(&["volume", "create", "rpcvol", "--size", "16"]));
+    let path = volumes_dir().join("rpcvol.ext4");
+    let mut r = common::rpc::Rpc::start();
+    let created = r.call(
+        "create",
+        serde_json::json!({
+            "image": common::IMAGE,
+            "network": {"no_network": true},
+            "extra_disks": [{"host_path": path, "guest_mount": "/v"}],
+        }),
+        1,
+    );
+    let id = created["id"].as_str().expect("vm id").to_string();
+    let v = r.call(
+        "exec",
+        serde_json::json!({"command": "echo from-rpc > /v/f"}),
+        2,
+    );
+    assert_eq!(v["exit_code"], 0, "{v}");
+    fails_with(
+        &e.sandbox(&["--no-network", "--disk", "@rpcvol:/v:ro", "--", "true"]),
+        &format!(
+            "named volume \"rpcvol\" is attached read-write to another running sandbox ({id})"
+        ),
+    );
+    r.call("close", serde_json::json!({}), 3);
+    let out = ok(&e.sandbox(&[
+        "--no-network",
+        "--disk",
+        "@rpcvol:/v:ro",
+        "--",
+        "cat",
+        "/v/f",
+    ]));
+    assert_eq!(out, "from-rpc\n");
+    assert!(r.finish().success());
+    ok(&e.run(&["volume", "rm", "rpcvol"]));
 }
