@@ -109,6 +109,19 @@ fn volume_commands_outputs_and_errors() {
         &e.sandbox(&["--no-network", "--disk", "@a/b:/data", "--", "true"]),
         "invalid volume name",
     );
+    // One image twice in one sandbox: read-only twice is fine, read-write twice is not.
+    fails_with(
+        &e.sandbox(&[
+            "--no-network",
+            "--disk",
+            "@cli-a:/a",
+            "--disk",
+            "@cli-a:/b:ro",
+            "--",
+            "true",
+        ]),
+        "named volume \"cli-a\" is attached twice to this sandbox",
+    );
 }
 
 #[test]

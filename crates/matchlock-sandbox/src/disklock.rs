@@ -75,6 +75,8 @@ pub enum DiskLockError {
     HeldReadWrite { disk: String, holder: String },
     #[error("{disk} is attached read-only to another running sandbox{holder}; it can be shared read-only but not attached read-write")]
     HeldReadOnly { disk: String, holder: String },
+    #[error("{disk} is attached twice to this sandbox and one of them is read-write")]
+    Twice { disk: String },
     #[error("{disk} is in use by another matchlock process (a sandbox starting or stopping, or a volume copy); try again when it has finished")]
     Busy { disk: String },
 }
@@ -92,6 +94,32 @@ impl DiskLock {
     pub fn file(&self) -> &File {
         &self.file
     }
+}
+
+/// Locks every disk of one sandbox (`(path, mode, name)` in attach order). The same image
+/// twice is refused with its own message when either attachment is read-write.
+pub fn acquire_all<'a>(
+    disks: impl IntoIterator<Item = (&'a Path, Mode, String)>,
+    state: Option<&StateDb>,
+    self_id: &str,
+) -> Result<Vec<DiskLock>, DiskLockError> {
+    let mut held: Vec<DiskLock> = Vec::new();
+    for (path, mode, name) in disks {
+        let twice = std::fs::metadata(path).ok().is_some_and(|m| {
+            held.iter().any(|h| {
+                let same = h
+                    .file
+                    .metadata()
+                    .is_ok_and(|hm| hm.dev() == m.dev() && hm.ino() == m.ino());
+                same && (h.mode == Mode::ReadWrite || mode == Mode::ReadWrite)
+            })
+        });
+        if twice {
+            return Err(DiskLockError::Twice { disk: name });
+        }
+        held.push(acquire(path, mode, &name, state, self_id)?);
+    }
+    Ok(held)
 }
 
 /// How to name `path` in messages: `named volume "NAME"` for an image in `volumes_dir`,
@@ -276,6 +304,30 @@ mod tests {
         let e = acquire(&p, Mode::ReadWrite, "disk \"p\"", None, "c").expect_err("ro+rw");
         assert!(matches!(e, DiskLockError::HeldReadOnly { .. }), "{e}");
         drop(ro1);
+    }
+
+    #[test]
+    fn same_image_twice() {
+        let (d, p) = image();
+        let link = d.path().join("alias");
+        std::fs::hard_link(&p, &link).expect("link");
+        let ro = |q: &Path| (q.to_path_buf(), Mode::ReadOnly);
+        let both: Vec<(PathBuf, Mode)> = vec![ro(&p), ro(&link)];
+        let all = acquire_all(
+            both.iter().map(|(q, m)| (q.as_path(), *m, "d".into())),
+            None,
+            "a",
+        )
+        .expect("ro twice");
+        drop(all);
+        let mixed = [(p.clone(), Mode::ReadOnly), (link.clone(), Mode::ReadWrite)];
+        let e = acquire_all(
+            mixed.iter().map(|(q, m)| (q.as_path(), *m, "d".into())),
+            None,
+            "a",
+        )
+        .expect_err("rw twice");
+        assert!(matches!(e, DiskLockError::Twice { .. }), "{e}");
     }
 
     #[test]

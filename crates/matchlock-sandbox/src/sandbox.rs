@@ -309,14 +309,14 @@ impl Sandbox {
     /// read-write elsewhere is refused with our message naming the holder.
     fn lock_disks(&self, paths: &Paths, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let volumes = paths.volumes();
-        for d in &spec.config.extra_disks {
+        let disks = spec.config.extra_disks.iter().map(|d| {
             let path = Path::new(&d.host_path);
             let mode = crate::disklock::Mode::from_readonly(d.readonly);
-            let name = crate::disklock::describe(path, &volumes);
-            let held = crate::disklock::acquire(path, mode, &name, Some(&self.state), &self.id)
-                .map_err(SandboxError::DiskLock)?;
-            lock(&self.disk_locks).push(held);
-        }
+            (path, mode, crate::disklock::describe(path, &volumes))
+        });
+        let held = crate::disklock::acquire_all(disks, Some(&self.state), &self.id)
+            .map_err(SandboxError::DiskLock)?;
+        *lock(&self.disk_locks) = held;
         Ok(())
     }
 
