@@ -44,6 +44,12 @@ check "kill" "Killed" matchlock kill "$id"
 for _ in $(seq 1 100); do as_user matchlock list --running | grep -q "$id" || break; sleep 0.1; done
 check "rm" "Removed" matchlock rm "$id"
 check "gc" "Reconciled" matchlock gc
+# Volumes are made without root (mke2fs found outside PATH in /usr/sbin) and persist.
+check "volume create" "Created volume uvol (32.0 MB)" matchlock volume create uvol --size 32
+check "volume write" "" matchlock run --image busybox:local --no-network --disk @uvol:/data -- sh -c 'echo unpriv > /data/f'
+check_exact "volume persists" "unpriv" matchlock run --image busybox:local --no-network --disk @uvol:/data:ro -- cat /data/f
+check "volume cp" "Copied volume uvol to uvol2" matchlock volume cp uvol uvol2
+check "volume rm" "Removed volume uvol2" sh -c "matchlock volume rm uvol2 && matchlock volume rm uvol"
 check "no file left owned by root in HOME" "" sh -c "test -z \"\$(find $uhome -user root)\""
 rm -rf "$share" "$uhome"
 echo "unprivileged: $pass passed, $fail failed"

@@ -76,9 +76,8 @@ enum Command {
     Image(cmd::image::ImageCmd),
     Pull(cmd::pull::PullArgs),
     Build(cmd::unavailable::BuildArgs),
-    /// Manage named raw ext4 volumes (not available yet).
     #[command(subcommand, arg_required_else_help = true)]
-    Volume(cmd::unavailable::VolumeCmd),
+    Volume(cmd::volume::VolumeCmd),
     #[command(name = "port-forward")]
     PortForward(cmd::port_forward::PortForwardArgs),
     /// Change the egress allow-list of a running sandbox.
@@ -121,7 +120,7 @@ fn main() -> ExitCode {
         Command::Image(c) => cmd::image::image(c),
         Command::Pull(a) => cmd::pull::pull(a),
         Command::Build(a) => cmd::unavailable::build(a),
-        Command::Volume(c) => cmd::unavailable::volume(c),
+        Command::Volume(c) => cmd::volume::volume(c),
         Command::PortForward(a) => cmd::port_forward::port_forward(a),
         Command::AllowList(c) => cmd::allow_list::allow_list(c),
         Command::Rpc(a) => cmd::rpc::rpc(a),

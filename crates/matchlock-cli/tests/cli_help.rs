@@ -220,7 +220,11 @@ fn port_forward_and_allow_list_argument_errors() {
             &["allow-list", "delete", "vm-nonexistent", "a.com"],
             "not found",
         ),
-        (&["volume", "ls"], "not available"),
+        (&["volume", "rm", "nope"], "named volume not found: nope"),
+        (
+            &["volume", "cp", "a", " a "],
+            "source and destination must be different",
+        ),
     ] {
         let o = run(args);
         assert!(!o.status.success(), "{args:?}");

@@ -26,6 +26,7 @@
 
 pub mod codec;
 pub mod disk;
+pub mod disklock;
 pub mod exec;
 pub mod files;
 pub mod forward;

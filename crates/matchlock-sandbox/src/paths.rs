@@ -1,5 +1,5 @@
 //! Where Matchlock keeps things on the host: state under `~/.matchlock`, caches (images,
-//! kernels, initramfs) under `${XDG_CACHE_HOME:-~/.cache}/matchlock`.
+//! kernels, initramfs) and named volumes under `${XDG_CACHE_HOME:-~/.cache}/matchlock`.
 
 use std::path::PathBuf;
 
@@ -41,5 +41,11 @@ impl Paths {
 
     pub fn initramfs_cache(&self) -> PathBuf {
         self.cache.join("initramfs")
+    }
+
+    /// Named volumes: one `<name>.ext4` image each (the reference's
+    /// `~/.cache/matchlock/volumes`). The one place this directory is computed.
+    pub fn volumes(&self) -> PathBuf {
+        self.cache.join("volumes")
     }
 }

@@ -54,6 +54,8 @@ pub enum SandboxError {
     },
     #[error("create the writable disk")]
     UpperDisk(#[source] crate::disk::DiskError),
+    #[error("attach extra disk")]
+    DiskLock(#[source] crate::disklock::DiskLockError),
     #[error("locate the guest runtime")]
     GuestBinary(#[source] matchlock_vm::assets::AssetError),
     #[error("build the initramfs")]
@@ -187,6 +189,8 @@ pub struct Sandbox {
     defaults: ExecDefaults,
     network: Option<Arc<crate::network::NetworkControl>>,
     services: Mutex<Services>,
+    /// Locks on the extra disks, held until the VM is stopped ([`crate::disklock`]).
+    disk_locks: Mutex<Vec<crate::disklock::DiskLock>>,
     pub boot_time: Duration,
 }
 
@@ -241,6 +245,7 @@ impl Sandbox {
             defaults: exec_defaults(&spec),
             network: spec.services.network_control.clone(),
             services: Mutex::new(std::mem::take(&mut spec.services)),
+            disk_locks: Mutex::new(Vec::new()),
             boot_time: Duration::ZERO,
         };
         match sb.boot(paths, &spec) {
@@ -270,6 +275,7 @@ impl Sandbox {
     fn boot(&mut self, paths: &Paths, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let started = Instant::now();
         let (kernel, initramfs) = boot_assets(paths)?;
+        self.lock_disks(paths, spec)?;
         let upper = self.create_upper_disk(spec.config.resources.disk_size_mb)?;
         let (ready, ready_path) = self.bind_ready_socket()?;
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper);
@@ -296,6 +302,21 @@ impl Sandbox {
         let _ = std::fs::remove_file(&ready_path);
         self.boot_time = started.elapsed();
         tracing::info!(id = %self.id, boot_ms = ms(self.boot_time), "sandbox ready");
+        Ok(())
+    }
+
+    /// Locks every extra disk for its mode before QEMU sees it, so a disk attached
+    /// read-write elsewhere is refused with our message naming the holder.
+    fn lock_disks(&self, paths: &Paths, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        let volumes = paths.volumes();
+        let disks = spec.config.extra_disks.iter().map(|d| {
+            let path = Path::new(&d.host_path);
+            let mode = crate::disklock::Mode::from_readonly(d.readonly);
+            (path, mode, crate::disklock::describe(path, &volumes))
+        });
+        let held = crate::disklock::acquire_all(disks, Some(&self.state), &self.id)
+            .map_err(SandboxError::DiskLock)?;
+        *lock(&self.disk_locks) = held;
         Ok(())
     }
 
@@ -482,6 +503,8 @@ impl Sandbox {
             self.machine.kill().map_err(|e| error_chain(&e)),
         );
         lock(&self.services).stop();
+        // QEMU is gone: the extra disks are free for other sandboxes.
+        lock(&self.disk_locks).clear();
         let _ = self.state.lifecycle_transition(id, Phase::Stopped, None);
         let _ = self.state.lifecycle_transition(id, Phase::Cleaning, None);
         let mut failed = Vec::new();

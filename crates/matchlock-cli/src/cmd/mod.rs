@@ -12,3 +12,4 @@ pub mod pull;
 pub mod rpc;
 pub mod run;
 pub mod unavailable;
+pub mod volume;

@@ -166,17 +166,23 @@ fn parse_disk(spec: &str) -> anyhow::Result<ExtraDisk> {
     let bad = |why: String| anyhow::anyhow!("invalid disk mount {spec:?}: {why}");
     let parts: Vec<&str> = spec.split(':').collect();
     if !(2..=3).contains(&parts.len()) || parts[0].trim().is_empty() || parts[1].trim().is_empty() {
-        return Err(bad("expected format host_path:guest_mount[:ro]".into()));
-    }
-    if parts[0].starts_with('@') {
         return Err(bad(
-            "named volumes are not available in this build yet".into()
+            "expected format host_path:guest_mount[:ro] or @volume_name:guest_mount[:ro]".into(),
         ));
     }
-    let host = std::path::absolute(parts[0].trim()).map_err(|e| bad(e.to_string()))?;
-    if !host.exists() {
-        return Err(bad(format!("host path does not exist: {}", host.display())));
-    }
+    let host = match parts[0].trim().strip_prefix('@') {
+        Some(name) => {
+            let paths = super::common::paths()?;
+            super::volume::resolve(&paths, name).map_err(|e| bad(e.to_string()))?
+        }
+        None => {
+            let host = std::path::absolute(parts[0].trim()).map_err(|e| bad(e.to_string()))?;
+            if !host.exists() {
+                return Err(bad(format!("host path does not exist: {}", host.display())));
+            }
+            host
+        }
+    };
     let guest = parts[1].trim();
     let guest_ok = guest.starts_with('/')
         && guest.len() > 1

@@ -180,14 +180,21 @@ def scenario_port_forward():
         check(result["error"].code == -32003, result)
 
 
-def scenario_volumes_are_a_clear_error():
+def scenario_volumes_create_list_remove():
+    # Reference §13.1 scenarios 146-147: the SDK shells out to `matchlock volume ... --json`.
     client = Client(CFG)
-    for call in (lambda: client.volume_create("v1", 16), client.volume_list, lambda: client.volume_remove("v1")):
-        try:
-            call()
-            raise AssertionError("volume command succeeded")
-        except subprocess.CalledProcessError as e:
-            check("not available" in (e.stderr or ""), e.stderr)
+    info = client.volume_create("sdk-vol", 16)
+    check(info.name == "sdk-vol" and info.size == "16.0 MB" and info.path.endswith("/sdk-vol.ext4"), info)
+    check(os.path.getsize(info.path) == 16 << 20, info)
+    listed = [v for v in client.volume_list() if v.name == "sdk-vol"]
+    check(len(listed) == 1 and listed[0].size == "16.0 MB" and listed[0].path == info.path, listed)
+    client.volume_remove("sdk-vol")
+    check(all(v.name != "sdk-vol" for v in client.volume_list()), "still listed after remove")
+    try:
+        client.volume_remove("sdk-vol")
+        raise AssertionError("removing a missing volume succeeded")
+    except subprocess.CalledProcessError as e:
+        check("named volume not found" in (e.stderr or ""), e.stderr)
 
 
 def scenario_create_errors():
