@@ -31,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod answered;
 pub mod dns;
 pub mod events;
 pub mod hooks;

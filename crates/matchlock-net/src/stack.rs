@@ -70,7 +70,9 @@
 //! IPv6 extension headers (other than smoltcp's own handling) are not parsed: a TCP SYN or
 //! UDP datagram behind one goes to smoltcp, which refuses it (RST / port-unreachable), so
 //! it fails closed. Raw TCP flows carry no name, so under an allow-list
-//! they are judged by their IP literal (reference §7.7 "Passthrough"); without an
+//! they are judged by their IP literal (reference §7.7 "Passthrough") or by an allowed name
+//! the owner's DNS answered their address for ([`crate::answered`], UDP replies only);
+//! without an
 //! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). Plain HTTP on
 //! ports other than 80 is spliced raw, not intercepted. A raw flow under interception whose
 //! guest sends nothing first waits [`tlssniff::SNIFF_WINDOW`] before bytes move unless the
@@ -562,6 +564,8 @@ struct Engine {
     /// question.
     dns_queue: HashMap<IpEndpoint, VecDeque<DnsSlot>>,
     dns_seq: u64,
+    /// Addresses the guest was sent in DNS answers, for raw flows under an allow-list.
+    answered: crate::answered::Answered,
     udp_flows: HashMap<FlowKey, UdpFlow>,
     udp_tx: mpsc::Sender<(FlowKey, Vec<u8>)>,
     udp_rx: mpsc::Receiver<(FlowKey, Vec<u8>)>,
@@ -627,6 +631,7 @@ impl Engine {
             dns_in_flight: 0,
             dns_queue: HashMap::new(),
             dns_seq: 0,
+            answered: crate::answered::Answered::default(),
             udp_flows: HashMap::new(),
             udp_tx,
             udp_rx,
@@ -792,7 +797,7 @@ impl Engine {
             }
         }
         let ip = key.dst.0;
-        if let Err(denied) = self.cfg.policy.check_connect(&ip.to_string(), ip) {
+        if let Err(denied) = self.check_raw(ip) {
             let dst = SocketAddr::new(ip, key.dst.1);
             tracing::info!(%dst, reason = %denied, "guest connection refused by policy");
             let ev = events::blocked(&dst.to_string(), &denied.to_string());
@@ -812,6 +817,23 @@ impl Engine {
             };
             let _ = tx.send(Event::Connected { key, result }).await;
         });
+    }
+
+    /// The policy for a raw flow to `ip`: its IP literal, or else an allowed name the
+    /// owner's DNS answered `ip` for ([`crate::answered`]); blocked ranges always apply.
+    fn check_raw(&self, ip: IpAddr) -> Result<(), crate::policy::Denied> {
+        match self.cfg.policy.check_connect(&ip.to_string(), ip) {
+            Err(crate::policy::Denied::NotAllowed { host }) => {
+                match self.answered.allowed_name(ip, &self.cfg.policy) {
+                    Some(name) => {
+                        tracing::debug!(%ip, name, "raw flow allowed by a DNS answer");
+                        self.cfg.policy.check_addr(ip)
+                    }
+                    None => Err(crate::policy::Denied::NotAllowed { host }),
+                }
+            }
+            other => other,
+        }
     }
 
     fn event(&mut self, ev: Event) {
@@ -1043,6 +1065,7 @@ impl Engine {
                 break;
             };
             if let Some(reply) = reply {
+                self.answered.record(&reply);
                 if let Err(e) = s.send_slice(&reply, meta) {
                     tracing::debug!(error = %e, "DNS reply dropped");
                 }

@@ -1017,3 +1017,32 @@ fn silent_guest_and_server_are_spliced_after_the_window() {
     assert_eq!(exchange(&mut g, h, b"late"), b"got:late");
     assert_eq!(upstream.join().expect("upstream"), b"late");
 }
+
+#[test]
+fn raw_flows_may_reach_addresses_dns_answered_for_allowed_names() {
+    // Allowed: the name only, not its address (and blocked ranges not enforced, so
+    // loopback can stand in for a public upstream).
+    let policy = Arc::new(Policy::new(["localhost"], false));
+    let mut g = Guest::with(policy.clone(), None, None);
+    let (port, upstream) = upstream_echo();
+    // Before any DNS answer the IP literal is all there is: RST.
+    let h = g.connect(port, 41040);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
+    // Once the owner answered `localhost` -> 127.0.0.1 to the guest, the address is allowed.
+    dns_query(&mut g, GW, "localhost");
+    let h = g.connect(port, 41041);
+    assert_eq!(exchange(&mut g, h, b"after-dns"), b"got:after-dns");
+    assert_eq!(upstream.join().expect("upstream"), b"after-dns");
+    // Deleting the name from the allow-list closes the address again.
+    policy.allow.add(["other.test"]);
+    policy.allow.delete(["localhost"]);
+    let (port, _upstream) = upstream_echo();
+    let h = g.connect(port, 41042);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
+}
