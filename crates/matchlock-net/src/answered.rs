@@ -14,7 +14,8 @@
 //!
 //! Bounded: at most [`MAX_ADDRS`] addresses (expired entries are swept when it is full,
 //! then new addresses are not recorded: fewer flows allowed, never more) and
-//! [`MAX_NAMES_PER_ADDR`] names per address.
+//! [`MAX_NAMES_PER_ADDR`] names per address (a few MiB in the worst case of maximal names,
+//! tens of KiB in practice).
 //!
 //! # Limitations
 //! Replies over DNS-over-TCP are not recorded (a guest resolving over TCP only must name
@@ -35,7 +36,7 @@ use crate::policy::Policy;
 /// Most addresses remembered per sandbox.
 pub const MAX_ADDRS: usize = 4096;
 /// Most names remembered per address.
-pub const MAX_NAMES_PER_ADDR: usize = 8;
+pub const MAX_NAMES_PER_ADDR: usize = 4;
 /// Shortest time an answer is remembered (clients cache answers with a short TTL longer).
 pub const MIN_TTL: Duration = Duration::from_secs(300);
 /// Longest time an answer is remembered.
