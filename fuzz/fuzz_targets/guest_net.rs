@@ -1,6 +1,7 @@
 //! What the guest sends the network stack and its DNS server, and what an upstream DNS
-//! server sends back, on arbitrary bytes: frame classification, DNS query decisions, reply
-//! fitting and upstream-reply validation must return, never panic.
+//! server sends back, on arbitrary bytes: frame classification, TLS ClientHello detection,
+//! DNS query decisions, reply fitting, upstream-reply validation and the recording of
+//! answered addresses must return, never panic.
 #![no_main]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -15,6 +16,15 @@ fuzz_target!(|data: &[u8]| {
         v6: Some(Ipv6Addr::new(0xfd00, 0x6d6c, 0, 0, 0, 0, 0, 2)),
     };
     let _ = matchlock_net::stack::classify(data, gw, 1500);
+    // A raw flow's first bytes (TLS ClientHello detection), and the bytes as a DNS reply
+    // whose addresses the stack remembers for raw flows.
+    let _ = matchlock_net::tlssniff::sniff(data);
+    let mut answered = matchlock_net::answered::Answered::default();
+    answered.record(data);
+    let _ = answered.allowed_name(
+        std::net::IpAddr::V4(Ipv4Addr::LOCALHOST),
+        &Policy::new(["*"], true),
+    );
     for policy in [
         Policy::new(std::iter::empty(), true),
         Policy::new(["*.example.com", "a.b"], true),

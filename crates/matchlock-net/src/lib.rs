@@ -21,11 +21,17 @@
 //! [`hooks`] is the hook-rule engine (spec §7.7.1) the interceptor applies to requests and
 //! responses.
 //!
+//! [`tlssniff`] recognises a TLS ClientHello in a raw flow's first bytes, so that under
+//! interception TLS on any port (after the policy allowed its address) is intercepted
+//! like port 443.
+//!
 //! # Limitations
-//! TLS is intercepted on port 443 only (other ports are judged by their IP literal).
+//! Plain HTTP is intercepted on port 80 only; other non-TLS flows are judged by their IP
+//! literal.
 
 #![forbid(unsafe_code)]
 
+pub mod answered;
 pub mod dns;
 pub mod events;
 pub mod hooks;
@@ -33,3 +39,4 @@ pub mod intercept;
 pub mod policy;
 pub mod secrets;
 pub mod stack;
+pub mod tlssniff;

@@ -38,6 +38,17 @@
 //! literal, then connect). A flow refused by policy is reported to
 //! [`StackConfig::events`] (`host` = `ip:port`).
 //!
+//! Under interception a raw flow is not spliced blindly: once its upstream connection is
+//! up and the guest accepted (so a refused or unreachable destination still gets an RST,
+//! never a fake accept), one task per flow peeks at the guest's first bytes
+//! ([`crate::tlssniff`]: at most [`tlssniff::SNIFF_WINDOW`], about 16 KiB). A TLS
+//! ClientHello drops the raw upstream connection and hands the flow, bytes included, to
+//! [`Interceptor::serve_tls`] for the same destination port, exactly as port 443 (SNI
+//! picks the leaf, each request's Host decides, secrets and hooks apply, upstream TLS
+//! verified). Anything else, silence for the whole window, or the upstream speaking first
+//! (SMTP, SSH banners) splices the flow raw, the peeked bytes first. The same bounded
+//! channels carry the data in both cases.
+//!
 //! UDP to port 53 at any address is answered by [`crate::dns`]. Other UDP, in open egress
 //! ([`StackConfig::udp_egress`]), is taken before smoltcp: per guest flow (source,
 //! destination) the policy is asked once, then a host UDP socket connected to the
@@ -59,8 +70,13 @@
 //! IPv6 extension headers (other than smoltcp's own handling) are not parsed: a TCP SYN or
 //! UDP datagram behind one goes to smoltcp, which refuses it (RST / port-unreachable), so
 //! it fails closed. Raw TCP flows carry no name, so under an allow-list
-//! they are judged by their IP literal (reference §7.7 "Passthrough"); without an
-//! interceptor, ports 80 and 443 are raw flows too. TLS on other ports is not intercepted. A guest RST closes the host socket gracefully (FIN), not with an RST.
+//! they are judged by their IP literal (reference §7.7 "Passthrough") or by an allowed name
+//! the owner's DNS answered their address for ([`crate::answered`], UDP replies only);
+//! without an
+//! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). Plain HTTP on
+//! ports other than 80 is spliced raw, not intercepted. A raw flow under interception whose
+//! guest sends nothing first waits [`tlssniff::SNIFF_WINDOW`] before bytes move unless the
+//! upstream speaks first. A guest RST closes the host socket gracefully (FIN), not with an RST.
 //! Forwarded UDP is not fragmented either way: a larger datagram is dropped. A host
 //! socket's ICMP errors are not relayed to the guest (its datagrams just go unanswered).
 
@@ -89,6 +105,7 @@ use tokio::task::AbortHandle;
 use crate::events::{self, EventSink};
 use crate::intercept::Interceptor;
 use crate::policy::Policy;
+use crate::tlssniff;
 
 /// Guest TCP ports served by the interceptor when there is one: HTTP and HTTPS.
 pub const INTERCEPTED_PORTS: [u16; 2] = [80, 443];
@@ -547,6 +564,8 @@ struct Engine {
     /// question.
     dns_queue: HashMap<IpEndpoint, VecDeque<DnsSlot>>,
     dns_seq: u64,
+    /// Addresses the guest was sent in DNS answers, for raw flows under an allow-list.
+    answered: crate::answered::Answered,
     udp_flows: HashMap<FlowKey, UdpFlow>,
     udp_tx: mpsc::Sender<(FlowKey, Vec<u8>)>,
     udp_rx: mpsc::Receiver<(FlowKey, Vec<u8>)>,
@@ -612,6 +631,7 @@ impl Engine {
             dns_in_flight: 0,
             dns_queue: HashMap::new(),
             dns_seq: 0,
+            answered: crate::answered::Answered::default(),
             udp_flows: HashMap::new(),
             udp_tx,
             udp_rx,
@@ -777,7 +797,7 @@ impl Engine {
             }
         }
         let ip = key.dst.0;
-        if let Err(denied) = self.cfg.policy.check_connect(&ip.to_string(), ip) {
+        if let Err(denied) = self.check_raw(ip) {
             let dst = SocketAddr::new(ip, key.dst.1);
             tracing::info!(%dst, reason = %denied, "guest connection refused by policy");
             let ev = events::blocked(&dst.to_string(), &denied.to_string());
@@ -797,6 +817,23 @@ impl Engine {
             };
             let _ = tx.send(Event::Connected { key, result }).await;
         });
+    }
+
+    /// The policy for a raw flow to `ip`: its IP literal, or else an allowed name the
+    /// owner's DNS answered `ip` for ([`crate::answered`]); blocked ranges always apply.
+    fn check_raw(&self, ip: IpAddr) -> Result<(), crate::policy::Denied> {
+        match self.cfg.policy.check_connect(&ip.to_string(), ip) {
+            Err(crate::policy::Denied::NotAllowed { host }) => {
+                match self.answered.allowed_name(ip, &self.cfg.policy) {
+                    Some(name) => {
+                        tracing::debug!(%ip, name, "raw flow allowed by a DNS answer");
+                        self.cfg.policy.check_addr(ip)
+                    }
+                    None => Err(crate::policy::Denied::NotAllowed { host }),
+                }
+            }
+            other => other,
+        }
     }
 
     fn event(&mut self, ev: Event) {
@@ -846,12 +883,20 @@ impl Engine {
         self.attach(h, key, rd, wr, Some(served.abort_handle()));
     }
 
-    /// The upstream connection is up: the flow is accepted and joined to it.
+    /// The upstream connection is up: the flow is accepted and joined to it. Under
+    /// interception its first bytes decide first whether it is TLS for the interceptor.
     fn open(&mut self, key: FlowKey, stream: TcpStream, syn: Vec<u8>) {
         let Some(h) = self.accept_syn(key, syn) else {
             return;
         };
         let _ = stream.set_nodelay(true);
+        if let Some(icpt) = self.cfg.intercept.clone() {
+            let wake = self.wake.clone();
+            return self.attach_tasks(h, key, move |rx, tx, failed| {
+                let sniffed = tokio::spawn(sniffed_flow(key, stream, icpt, rx, tx, failed, wake));
+                vec![sniffed.abort_handle()]
+            });
+        }
         let (rd, wr) = stream.into_split();
         self.attach(h, key, rd, wr, None);
     }
@@ -901,19 +946,30 @@ impl Engine {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        let wake = self.wake.clone();
+        self.attach_tasks(h, key, move |to_host_rx, from_host_tx, failed| {
+            let reader = tokio::spawn(host_reader(rd, from_host_tx, wake.clone()));
+            let writer = tokio::spawn(host_writer(wr, to_host_rx, failed, wake));
+            let mut tasks = vec![reader.abort_handle(), writer.abort_handle()];
+            tasks.extend(extra);
+            tasks
+        });
+    }
+
+    /// Joins an accepted flow to the tasks `spawn` starts on the flow's channels (guest data
+    /// to the host, host data to the guest, and the write-failure flag); their abort
+    /// handles go with the flow.
+    fn attach_tasks(
+        &mut self,
+        h: SocketHandle,
+        key: FlowKey,
+        spawn: impl FnOnce(ToHost, FromHost, Arc<AtomicBool>) -> Vec<AbortHandle>,
+    ) {
         let (to_host, to_host_rx) = mpsc::channel(CHANNEL_CHUNKS);
         let (from_host_tx, from_host) = mpsc::channel(CHANNEL_CHUNKS);
         let write_failed = Arc::new(AtomicBool::new(false));
-        let reader = tokio::spawn(host_reader(rd, from_host_tx, self.wake.clone()));
-        let writer = tokio::spawn(host_writer(
-            wr,
-            to_host_rx,
-            write_failed.clone(),
-            self.wake.clone(),
-        ));
+        let tasks = spawn(to_host_rx, from_host_tx, write_failed.clone());
         tracing::debug!(dst = %SocketAddr::from(key.dst), "flow open");
-        let mut tasks = vec![reader.abort_handle(), writer.abort_handle()];
-        tasks.extend(extra);
         self.flows.insert(
             h,
             Flow {
@@ -1009,6 +1065,7 @@ impl Engine {
                 break;
             };
             if let Some(reply) = reply {
+                self.answered.record(&reply);
                 if let Err(e) = s.send_slice(&reply, meta) {
                     tracing::debug!(error = %e, "DNS reply dropped");
                 }
@@ -1298,6 +1355,64 @@ fn service_flow(s: &mut tcp::Socket<'_>, f: &mut Flow) -> bool {
         f.fin_sent = true;
     }
     s.state() == State::Closed
+}
+
+/// Guest data toward a flow's host side, and host data back (the flow's channel ends).
+type ToHost = mpsc::Receiver<Vec<u8>>;
+type FromHost = mpsc::Sender<HostData>;
+
+/// A raw flow under interception, its upstream connected: its first bytes decide
+/// ([`tlssniff::peek`]) whether the upstream connection is dropped and the flow served by
+/// the interceptor as TLS to the same port, or spliced raw to that connection (the bytes
+/// read to decide go first either way).
+async fn sniffed_flow(
+    key: FlowKey,
+    stream: TcpStream,
+    icpt: Arc<Interceptor>,
+    mut rx: ToHost,
+    tx: FromHost,
+    failed: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+) {
+    let dst = SocketAddr::from(key.dst);
+    let peeked = {
+        let spoke = stream.readable();
+        tlssniff::peek(&mut rx, tlssniff::SNIFF_WINDOW, spoke, || wake.notify_one()).await
+    };
+    let (decision, first) = (peeked.decision, peeked.bytes);
+    tracing::debug!(%dst, ?decision, bytes = first.len(), "first bytes of a raw flow");
+    if decision.intercept() {
+        drop(stream);
+        let (ours, theirs) = tokio::io::duplex(INTERCEPT_PIPE);
+        let (rd, wr) = tokio::io::split(ours);
+        tokio::join!(
+            icpt.serve_tls(dst, theirs),
+            host_reader(rd, tx, wake.clone()),
+            write_first(wr, first, rx, failed, wake.clone()),
+        );
+    } else {
+        let (rd, wr) = stream.into_split();
+        tokio::join!(
+            host_reader(rd, tx, wake.clone()),
+            write_first(wr, first, rx, failed, wake.clone()),
+        );
+    }
+}
+
+/// Writes `first`, then what the guest sends, as [`host_writer`].
+async fn write_first<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    first: Vec<u8>,
+    rx: ToHost,
+    failed: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+) {
+    if !first.is_empty() && wr.write_all(&first).await.is_err() {
+        failed.store(true, Ordering::Relaxed);
+        wake.notify_one();
+        return;
+    }
+    host_writer(wr, rx, failed, wake).await;
 }
 
 async fn host_reader<R: AsyncRead + Unpin>(

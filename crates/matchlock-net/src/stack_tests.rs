@@ -864,3 +864,185 @@ fn ipv6_port_80_goes_to_the_interceptor() {
         "no RST"
     );
 }
+
+/// A stack whose interceptor allows `localhost` and 127.0.0.1 and records its events.
+fn intercepting_guest() -> (
+    Guest,
+    Arc<Interceptor>,
+    Arc<std::sync::Mutex<Vec<crate::events::NetworkEvent>>>,
+) {
+    use crate::intercept::InterceptConfig;
+    use crate::secrets::Secrets;
+    let seen: Arc<std::sync::Mutex<Vec<crate::events::NetworkEvent>>> = Arc::default();
+    let log = seen.clone();
+    let sink: EventSink = Arc::new(move |e| log.lock().expect("events").push(e));
+    let policy = Arc::new(Policy::new(["localhost", "127.0.0.1"], false));
+    let icpt = Arc::new(
+        Interceptor::new(InterceptConfig {
+            policy: policy.clone(),
+            secrets: Arc::new(Secrets::default()),
+            events: Some(sink.clone()),
+            upstream_roots: Some(rustls::RootCertStore::empty()),
+        })
+        .expect("interceptor"),
+    );
+    (
+        Guest::with(policy, Some(icpt.clone()), Some(sink)),
+        icpt,
+        seen,
+    )
+}
+
+/// Upstream that accepts one connection and returns every byte it read until EOF.
+fn upstream_sink() -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().expect("accept");
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        got
+    });
+    (port, t)
+}
+
+#[test]
+fn tls_on_another_port_goes_to_the_interceptor() {
+    use rustls::pki_types::pem::PemObject;
+    let (mut g, icpt, seen) = intercepting_guest();
+    let (port, upstream) = upstream_sink();
+    // A real TLS client on the guest side, trusting the sandbox CA only.
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(icpt.ca_pem().as_bytes())
+        .expect("ca pem");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).expect("root");
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("evil.test").expect("name");
+    let mut tls = rustls::ClientConnection::new(Arc::new(cfg), name).expect("client");
+    tls.writer()
+        .write_all(b"GET /x HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let h = g.connect(port, 41030);
+    let mut plain = Vec::new();
+    let done = g.until(10, |g| {
+        let s = g.tcp(h);
+        while tls.wants_write() && s.can_send() {
+            let mut out = Vec::new();
+            let _ = tls.write_tls(&mut out);
+            s.send_slice(&out).expect("send");
+        }
+        while s.can_recv() {
+            let mut b = [0u8; 4096];
+            let n = s.recv_slice(&mut b).unwrap_or(0);
+            let _ = tls.read_tls(&mut &b[..n]);
+            tls.process_new_packets().expect("TLS with the sandbox CA");
+        }
+        let _ = tls.reader().read_to_end(&mut plain);
+        String::from_utf8_lossy(&plain).contains("Blocked by policy")
+    });
+    let reply = String::from_utf8_lossy(&plain);
+    assert!(done, "no intercepted reply: {reply}");
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    // The raw upstream connection made before the guest was accepted was dropped unused.
+    assert_eq!(upstream.join().expect("upstream"), b"");
+    let ev = seen.lock().expect("events").clone();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(
+        ev[0].blocked && ev[0].url == "https://evil.test/x",
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn raw_flows_under_interception_splice_both_ways_and_server_first() {
+    let (mut g, _icpt, seen) = intercepting_guest();
+    // Guest speaks first (not TLS): spliced at once, bytes intact.
+    let (port, upstream) = upstream_echo();
+    let h = g.connect(port, 41031);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(&exchange(&mut g, h, &data)[4..], &data[..]);
+    assert_eq!(upstream.join().expect("upstream"), data);
+    // Server speaks first: its banner reaches the guest without waiting for the sniffing
+    // window, then the guest's line reaches the server.
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().expect("accept");
+        c.write_all(b"220 banner\r\n").expect("banner");
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        got
+    });
+    let h = g.connect(port, 41032);
+    let t = Instant::now();
+    let mut banner = Vec::new();
+    assert!(g.until(5, |g| {
+        let s = g.tcp(h);
+        while s.can_recv() {
+            let mut b = [0u8; 64];
+            let n = s.recv_slice(&mut b).unwrap_or(0);
+            banner.extend_from_slice(&b[..n]);
+        }
+        banner.ends_with(b"\r\n")
+    }));
+    assert_eq!(banner, b"220 banner\r\n");
+    assert!(
+        t.elapsed() < tlssniff::SNIFF_WINDOW,
+        "banner waited for the window: {:?}",
+        t.elapsed()
+    );
+    let reply = exchange(&mut g, h, b"QUIT\r\n");
+    assert!(reply.is_empty(), "{reply:?}");
+    assert_eq!(server.join().expect("server"), b"QUIT\r\n");
+    assert!(seen.lock().expect("events").is_empty());
+}
+
+#[test]
+fn silent_guest_and_server_are_spliced_after_the_window() {
+    let (mut g, _icpt, _) = intercepting_guest();
+    // Neither side speaks at first: after the window the guest's late bytes still arrive.
+    let (port, upstream) = upstream_echo();
+    let h = g.connect(port, 41033);
+    assert!(g.until(5, |g| g.tcp(h).state() == tcp::State::Established));
+    let t = Instant::now();
+    g.until(2, |_| {
+        t.elapsed() > tlssniff::SNIFF_WINDOW + Duration::from_millis(200)
+    });
+    assert_eq!(exchange(&mut g, h, b"late"), b"got:late");
+    assert_eq!(upstream.join().expect("upstream"), b"late");
+}
+
+#[test]
+fn raw_flows_may_reach_addresses_dns_answered_for_allowed_names() {
+    // Allowed: the name only, not its address (and blocked ranges not enforced, so
+    // loopback can stand in for a public upstream).
+    let policy = Arc::new(Policy::new(["localhost"], false));
+    let mut g = Guest::with(policy.clone(), None, None);
+    let (port, upstream) = upstream_echo();
+    // Before any DNS answer the IP literal is all there is: RST.
+    let h = g.connect(port, 41040);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
+    // Once the owner answered `localhost` -> 127.0.0.1 to the guest, the address is allowed.
+    dns_query(&mut g, GW, "localhost");
+    let h = g.connect(port, 41041);
+    assert_eq!(exchange(&mut g, h, b"after-dns"), b"got:after-dns");
+    assert_eq!(upstream.join().expect("upstream"), b"after-dns");
+    // Deleting the name from the allow-list closes the address again.
+    policy.allow.add(["other.test"]);
+    policy.allow.delete(["localhost"]);
+    let (port, _upstream) = upstream_echo();
+    let h = g.connect(port, 41042);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
+}

@@ -10,8 +10,9 @@
 //! - `mlt-h-<n>` (the test host): veth `198.51.100.2/24` plus the "forbidden" addresses in
 //!   [`FORBIDDEN`] (private, metadata, the guest's gateway address), all served by one
 //!   `matchlock-testhost` process: HTTP :80, HTTPS :443 (leaf of a throwaway test CA,
-//!   [`NetHost::ca_pem`]), HTTPS :8443 (untrusted self-signed), TCP echo :7, UDP logger :9,
-//!   DNS :53 (UDP and TCP) answering [`NAMES`]. Every server logs JSON lines the test reads
+//!   [`NetHost::ca_pem`]), HTTPS :8443 (untrusted self-signed), HTTPS :9443 (test-CA leaf,
+//!   log `https-alt`), TCP echo :7, a server-speaks-first banner :25 (log `banner`), UDP
+//!   logger :9, DNS :53 (UDP and TCP) answering [`NAMES`]. Every server logs JSON lines the test reads
 //!   with [`NetHost::log`].
 //! - IPv6 on the same veth: owner [`OWNER_IP6`]`/64` with a default route via the test
 //!   host's [`HOST_IP6`]`/64`, which also holds [`FORBIDDEN6`] (a unique-local address);
@@ -248,8 +249,8 @@ impl NetHost {
         self.dir.path().join("ca.pem")
     }
 
-    /// The records logged so far by one server: `http`, `https`, `https-untrusted`, `tcp`,
-    /// `udp` or `dns`.
+    /// The records logged so far by one server: `http`, `https`, `https-untrusted`,
+    /// `https-alt`, `tcp`, `banner`, `udp` or `dns`.
     pub fn log(&self, name: &str) -> Vec<Value> {
         read(&self.dir.path().join(format!("{name}.jsonl")))
             .lines()

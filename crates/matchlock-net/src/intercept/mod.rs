@@ -40,8 +40,9 @@
 //! are. Upstream HTTP is HTTP/1.1 only for plain port 80 (no h2c). Hook rules (§7.7.1) are
 //! not applied yet. An upgraded (WebSocket) connection stops counting toward
 //! [`MAX_UPSTREAM_CONNECTIONS`] once upgraded (it is bounded by the stack's flow limit
-//! instead). TLS on ports other than 443 is not intercepted (it is raw TCP to the
-//! stack). The TLS handshakes and leaf signing run on the network thread.
+//! instead). TLS on ports other than 443 reaches [`Interceptor::serve_tls`] only when the
+//! stack's sniffer recognises a ClientHello after the policy allowed the destination
+//! address ([`crate::tlssniff`]); plain HTTP is intercepted on port 80 only. The TLS handshakes and leaf signing run on the network thread.
 
 pub mod ca;
 mod proxy;
@@ -216,7 +217,8 @@ impl Interceptor {
         serve_h1(conn, guest).await;
     }
 
-    /// Serves a guest's TLS connection to `dst` (normally port 443) until it closes:
+    /// Serves a guest's TLS connection to `dst` (port 443, or any port whose first bytes were
+    /// a ClientHello) until it closes; the upstream port is `dst`'s:
     /// handshake with a leaf for the SNI (or `dst`'s IP), then HTTP/2 or HTTP/1.1 by ALPN.
     pub async fn serve_tls<S>(self: Arc<Self>, dst: SocketAddr, guest: S)
     where

@@ -8,7 +8,9 @@
 //! | 80/tcp | HTTP/1.1 and h2c: echoes method, path, query, headers, `host` (Host or `:authority`) and body as JSON; `/sse` streams 3 events 300 ms apart; `/ws` WebSocket echo | `http` |
 //! | 443/tcp | the same over TLS (test-CA leaf, ALPN `h2` and `http/1.1`) | `https` (+ one `handshake` line per connection: SNI, ALPN) |
 //! | 8443/tcp | the same with a self-signed certificate nobody trusts | `https-untrusted` |
+//! | 9443/tcp | the same as 443 (test-CA leaf) on a port that is not 443 | `https-alt` |
 //! | 7/tcp | echo | `tcp` |
+//! | 25/tcp | server speaks first: `220` banner, then `250 <line>` per line, `221` on `QUIT` | `banner` |
 //! | 9/udp | logger (no reply) | `udp` |
 //! | 53/udp, 53/tcp | DNS: `A` answers for the `--name`s (default: `--ip`), NXDOMAIN otherwise | `dns` |
 //!
@@ -148,7 +150,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let http = TcpListener::bind(any(80)).await.context("bind :80")?;
     let https = TcpListener::bind(any(443)).await.context("bind :443")?;
     let untrusted = TcpListener::bind(any(8443)).await.context("bind :8443")?;
+    let alt = TcpListener::bind(any(9443)).await.context("bind :9443")?;
     let echo = TcpListener::bind(any(7)).await.context("bind :7")?;
+    let banner = TcpListener::bind(any(25)).await.context("bind :25")?;
     let udp9 = UdpSocket::bind(any(9)).await.context("bind udp :9")?;
     let dns_udp = UdpSocket::bind(any(53)).await.context("bind udp :53")?;
     let dns_tcp = TcpListener::bind(any(53)).await.context("bind tcp :53")?;
@@ -167,7 +171,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         "https-untrusted",
         logs.clone(),
     ));
+    tokio::spawn(http::serve_tls(
+        alt,
+        certs.trusted()?,
+        "https-alt",
+        logs.clone(),
+    ));
     tokio::spawn(tcp_echo(echo, logs.clone()));
+    tokio::spawn(banner_server(banner, logs.clone()));
     tokio::spawn(udp_logger(udp9, logs.clone()));
     tokio::spawn(dns_over_udp(dns_udp, names.clone(), logs.clone()));
     tokio::spawn(dns_over_tcp(dns_tcp, names, logs.clone()));
@@ -217,6 +228,38 @@ async fn tcp_echo(listener: TcpListener, logs: Logs) {
                 "tcp",
                 json!({"event": "close", "peer": peer.to_string(), "bytes": total, "data": data}),
             );
+        });
+    }
+}
+
+/// Longest line the banner server reads.
+const MAX_BANNER_LINE: u64 = 1024;
+
+/// A server-speaks-first exchange (SMTP-like): the banner at once, then one reply per line.
+async fn banner_server(listener: TcpListener, logs: Logs) {
+    use tokio::io::AsyncBufReadExt;
+    while let Ok((conn, peer)) = listener.accept().await {
+        let logs = logs.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = conn.into_split();
+            if wr.write_all(b"220 testhost ready\r\n").await.is_err() {
+                return;
+            }
+            let mut rd = tokio::io::BufReader::new(rd.take(16 * MAX_BANNER_LINE));
+            let mut line = String::new();
+            while matches!(rd.read_line(&mut line).await, Ok(n) if n > 0) {
+                let text = line.trim_end().to_string();
+                logs.write("banner", json!({"peer": peer.to_string(), "line": text}));
+                let reply = if text.eq_ignore_ascii_case("QUIT") {
+                    "221 bye\r\n".to_string()
+                } else {
+                    format!("250 {text}\r\n")
+                };
+                if wr.write_all(reply.as_bytes()).await.is_err() || reply.starts_with("221") {
+                    return;
+                }
+                line.clear();
+            }
         });
     }
 }
