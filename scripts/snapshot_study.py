@@ -8,7 +8,6 @@ study's temporary directory; guest RAM files live in the study's /dev/shm direct
 import json
 import os
 import secrets
-import shutil
 import socket
 import statistics
 import subprocess
@@ -333,7 +332,7 @@ def main():
     mc, mr, mk = (statistics.median(v) for v in (cold, rest, copy))
     print(f"cold boot to first exec, median of {RUNS}: {ms(mc)}  (all: "
           f"{', '.join(ms(t) for t in cold)})")
-    print(f"restore to first exec, median of {RUNS}: {ms(mr)}  (all: "
+    print(f"restore share=on of a fresh RAM copy, to first exec, median of {RUNS}: {ms(mr)}  (all: "
           f"{', '.join(ms(t) for t in rest)})")
     mp = statistics.median(priv)
     print(f"restore share=off (private map of the snapshot file, no clone), median of {RUNS}: "
