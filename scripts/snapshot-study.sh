@@ -81,4 +81,5 @@ export STUDY_WORK="$work" STUDY_SHM="$shm" STUDY_KERNEL="$kernel" STUDY_RUNS="$r
 export STUDY_VSOCK_BIN=${MATCHLOCK_VHOST_VSOCK:-$(command -v vhost-device-vsock || echo "$HOME/.cargo/bin/vhost-device-vsock")}
 echo "# $(date -u +%FT%TZ) $(uptime)"
 echo "# $(qemu-system-x86_64 --version | head -n1); kernel $kernel; memory ${mem} MiB; runs $runs"
-exec python3 "$root/scripts/snapshot_study.py"
+# Not `exec`: the EXIT trap above must run to remove the RAM files.
+python3 "$root/scripts/snapshot_study.py"

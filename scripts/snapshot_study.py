@@ -125,9 +125,14 @@ class Qmp:
         self.s.close()
 
 
+SPAWNED = []  # every QEMU this script started, killed by pid at exit whatever happens
+
+
 def spawn(argv):
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+    SPAWNED.append(proc)
+    return proc
 
 
 def stop(proc):
@@ -411,4 +416,9 @@ def main():
     print(f"empty RAM file: guest {answer}")
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        for p in SPAWNED:
+            if p.poll() is None:
+                stop(p)
