@@ -6,7 +6,8 @@
 //!   kernel and initramfs to init and power-off;
 //! - warm exec: `exec true` into a running sandbox (in-process, through the exec relay
 //!   socket, through `matchlock rpc` (JSON-RPC, what the SDKs use) and via the `matchlock
-//!   exec` CLI) vs. a raw vsock round trip on an open connection;
+//!   exec` CLI) vs. a raw vsock round trip on an open connection, and each vs. the emulated
+//!   floor (new connection + Ping plus the guest's own spawn of `/bin/true`, `floor.rs`);
 //! - net (needs root for `ip netns`): bulk TCP throughput guest -> host and host -> guest
 //!   through the sandbox's network stack vs. QEMU's `-netdev user` on the same kernel and
 //!   VM size, and the host memory of an idle sandbox with and without its network (see
@@ -32,6 +33,7 @@ use matchlock_sandbox::paths::Paths;
 use matchlock_sandbox::services::Services;
 use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
 
+mod floor;
 mod https;
 mod net;
 mod pull;
@@ -39,8 +41,8 @@ mod sink;
 
 const IMAGE: &str = "busybox:bench";
 
-/// Warm-exec medians: raw, fresh connection, in-process, relay, CLI.
-type ExecRows = (Duration, Duration, Duration, Duration, Duration);
+/// Warm-exec medians: raw, fresh connection, in-process, relay, CLI, guest spawn.
+type ExecRows = (Duration, Duration, Duration, Duration, Duration, Duration);
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -205,7 +207,7 @@ impl Bench {
             r
         });
         drop(rt);
-        let (raw, fresh, inproc, relay_exec, cli) = result?;
+        let (raw, fresh, inproc, relay_exec, cli, spawn) = result?;
         let rpc = self.rpc_exec_roundtrip(self.runs * 10)?;
         println!("warm exec (medians; vsock port {SERVICE_PORT}):");
         println!("  raw vsock round trip (Ping/Pong):       {}", ms(raw));
@@ -235,6 +237,14 @@ impl Bench {
             ms(cli),
             cli.as_secs_f64() / raw.as_secs_f64()
         );
+        floor::print(&floor::Rows {
+            fresh,
+            spawn,
+            inproc,
+            relay: relay_exec,
+            rpc,
+            cli,
+        });
         Ok(())
     }
 
@@ -306,12 +316,14 @@ impl Bench {
                 bail!("matchlock exec failed: {st}");
             }
         }
+        let spawn = floor::guest_spawn(&self.bin, self.home.path(), sb.id()).await?;
         Ok((
             median(raw),
             median(fresh),
             median(inproc),
             median(relay_exec),
             median(cli),
+            spawn,
         ))
     }
 
