@@ -168,3 +168,28 @@ fn unknown_inode_fails_closed_and_forget_bounds_the_table() {
     f.fs.forget(&f.ctx, e.inode, 2);
     assert_eq!(f.fs.paths().len(), 0);
 }
+
+#[test]
+fn without_rules_or_events_it_is_a_plain_pass_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pfs: PassthroughFs<()> = PassthroughFs::new(Config {
+        root_dir: dir.path().to_string_lossy().into_owned(),
+        do_import: true,
+        ..Default::default()
+    })
+    .expect("passthrough");
+    pfs.import().expect("import");
+    let vfs = Vfs::new(VfsOptions::default());
+    vfs.mount(Box::new(pfs), "/").expect("mount");
+    vfs.init(FsOptions::empty()).expect("init");
+    let fs = Intercept::new(vfs, Rules::default(), "/workspace", None);
+    let ctx = Context::new();
+    fs.mkdir(&ctx, ROOT, &c("d"), 0o755, 0).expect("mkdir");
+    fs.create(&ctx, ROOT, &c("f"), create_args())
+        .expect("create");
+    fs.rename(&ctx, ROOT, &c("f"), ROOT, &c("g"), 0)
+        .expect("rename");
+    assert!(dir.path().join("d").is_dir());
+    assert!(dir.path().join("g").is_file());
+    assert!(fs.paths().is_empty(), "no table without rules or events");
+}

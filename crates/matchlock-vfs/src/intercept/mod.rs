@@ -138,11 +138,23 @@ impl<F: FileSystem> Intercept<F> {
         })
     }
 
+    /// Whether paths are needed at all: with no block rule and no events the layer is a
+    /// plain pass-through and keeps no table.
+    fn track(&self) -> bool {
+        !self.rules.blocks.is_empty() || self.events_on()
+    }
+
     fn path_of(&self, inode: u64) -> Option<String> {
+        if !self.track() {
+            return None;
+        }
         self.guest(self.paths.path(inode))
     }
 
     fn child_of(&self, parent: u64, name: &CStr) -> Option<String> {
+        if !self.track() {
+            return None;
+        }
         self.guest(self.paths.child(parent, name.to_bytes()))
     }
 
@@ -210,7 +222,7 @@ impl<F: FileSystem> Intercept<F> {
         let path = self.child_of(parent, name);
         self.gate(op, path.as_deref())?;
         let entry = f()?;
-        if entry.inode != 0 {
+        if entry.inode != 0 && self.track() {
             self.paths.learn(entry.inode, parent, name.to_bytes());
         }
         self.emit(ctx, op, path, 0, mode);
@@ -234,6 +246,9 @@ impl<F: FileSystem> Intercept<F> {
 
     /// Re-homes `name` in `dir` after a rename moved an inode there.
     fn relearn(&self, ctx: &Context, dir: u64, name: &CStr) {
+        if !self.track() {
+            return;
+        }
         if let Ok(e) = self.inner.lookup(ctx, dir.into(), name) {
             self.paths.moved(e.inode, dir, name.to_bytes());
             self.inner.forget(ctx, e.inode.into(), 1);
@@ -431,7 +446,7 @@ impl<F: FileSystem> FileSystem for Intercept<F> {
         let path = self.child_of(parent, name);
         self.gate(Op::Create, path.as_deref())?;
         let out = self.inner.create(ctx, parent.into(), name, args)?;
-        if out.0.inode != 0 {
+        if out.0.inode != 0 && self.track() {
             self.paths.learn(out.0.inode, parent, name.to_bytes());
         }
         self.emit(ctx, Op::Create, path, 0, out.0.attr.st_mode);
@@ -631,7 +646,7 @@ impl<F: FileSystem> FileSystem for Intercept<F> {
             let name = d.name;
             let ino = e.inode;
             let n = add_entry(d, e)?;
-            if n > 0 && ino != 0 && name != b"." && name != b".." {
+            if n > 0 && ino != 0 && name != b"." && name != b".." && self.track() {
                 self.paths.learn(ino, inode, name);
             }
             Ok(n)
