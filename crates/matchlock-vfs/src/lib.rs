@@ -6,3 +6,15 @@
 //! the guest kernel puts on the virtqueues are answered by `fuse-backend-rs`'s server over a
 //! router of providers (host directory, read-only, memory, overlay) mounted at guest paths.
 //! There is no FUSE daemon in the guest and no extra host process.
+//!
+//! # Limitations
+//! Only `host_fs` mounts are served so far; `memory` and `overlay` are refused with "not
+//! supported yet", as are mounts nested inside other mounts and interception rules.
+
+pub mod guard;
+pub mod router;
+pub mod server;
+
+pub use matchlock_api::{MountConfig, VfsConfig};
+pub use router::{build, RouterError};
+pub use server::{FsServer, ServerError};
