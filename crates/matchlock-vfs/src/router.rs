@@ -68,8 +68,11 @@ pub enum RouterError {
     },
 }
 
+/// The router the server serves.
+pub type Router = Vfs;
+
 /// Builds the router for `cfg` (validated here again).
-pub fn build(cfg: &VfsConfig) -> Result<Vfs, RouterError> {
+pub fn build(cfg: &VfsConfig) -> Result<Router, RouterError> {
     cfg.validate().map_err(RouterError::Config)?;
     let ws = cfg.workspace();
     if ws == "/" {
