@@ -465,8 +465,8 @@ fn mount_extras(
 }
 
 /// Mounts the host's virtio-fs share at the workspace (creating the directory), recording it
-/// for power-off. The share is `nodev` (the host refuses device nodes anyway) but keeps
-/// `exec` and `suid` off only for devices: tools run binaries from their workspace.
+/// for power-off. The share is mounted `nosuid,nodev` (the host also strips set-id bits and
+/// refuses device nodes) but keeps `exec`: tools run binaries from their workspace.
 fn mount_workspace(path: &str, teardown: &Mutex<Teardown>) -> Result<(), BootError> {
     let target = PathBuf::from(path);
     let clean = target.is_absolute()

@@ -750,4 +750,30 @@ mod tests {
             .contains("unknown disk option"));
         assert!(parse_disk("onlyone").is_err());
     }
+
+    #[test]
+    fn volumes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path().to_str().expect("utf8");
+        let (g, m) = parse_volume(&format!("{d}:sub/x"), "/workspace").expect("relative");
+        assert_eq!(g, "/workspace/sub/x");
+        assert_eq!((m.kind.as_str(), m.readonly), ("overlay", false));
+        assert_eq!(m.host_path, d);
+        let (_, m) = parse_volume(&format!("{d}:/workspace:host_fs"), "/workspace").expect("fs");
+        assert_eq!((m.kind.as_str(), m.readonly), ("host_fs", false));
+        let (_, m) = parse_volume(&format!("{d}:/workspace/a: RO "), "/workspace/").expect("ro");
+        assert_eq!((m.kind.as_str(), m.readonly), ("host_fs", true));
+        let (g, _) = parse_volume(&format!("{d}:/anything/x"), "/").expect("root workspace");
+        assert_eq!(g, "/anything/x");
+        let err = |spec: String| parse_volume(&spec, "/workspace").expect_err("invalid");
+        assert!(err(format!("{d}:/workspace-cache")).contains("must be within workspace"));
+        assert!(err(format!("{d}:/workspace/../etc")).contains("must be within workspace"));
+        assert!(err(format!("{d}:../../etc")).contains("must be within workspace"));
+        assert!(err(format!("{d}:/w:x")).contains("use 'ro', 'overlay', or 'host_fs'"));
+        assert!(err(format!("{d}/nope:/workspace")).contains("host path does not exist"));
+        assert!(err(d.to_string()).contains("expected format"));
+        assert!(err(format!("{d}:a:ro:x")).contains("expected format"));
+        assert_eq!(clean_guest_path("/a/./b//c/../d/"), "/a/b/d");
+        assert_eq!(clean_guest_path("/../x"), "/x");
+    }
 }
