@@ -157,6 +157,17 @@ fn bad_specs_are_refused_with_the_reference_messages() {
             ],
             "mount type \"overlay\" is not supported yet",
         ),
+        (
+            vec![
+                "--workspace".into(),
+                "/workspace".into(),
+                "-v".into(),
+                format!("{dir}:/workspace:host_fs"),
+                "-v".into(),
+                format!("{dir}:/workspace/sub:ro"),
+            ],
+            "mount \"/workspace/sub\" is nested inside mount \"/workspace\": not supported yet",
+        ),
     ];
     for (args, want) in cases {
         let mut full: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -248,6 +259,26 @@ fn host_fs_semantics_and_escapes() {
         .mode();
     assert_eq!(mode & 0o777, 0o750);
     assert_eq!(std::fs::read(rw.join("t")).expect("t"), b"0123");
+
+    // Reference scenario 13's cwd part (no git in the busybox image): a directory removed
+    // and recreated eight times, each time entered, keeps a physical cwd.
+    let out = sh_ok(
+        &id,
+        "cd /workspace/repo && for i in 1 2 3 4 5 6 7 8; do rm -rf loop; mkdir loop; cd loop; \
+         echo x > f; pwd -P; echo PWD_PHYS_EXIT:$?; cd ..; done",
+    );
+    assert_eq!(out.matches("PWD_PHYS_EXIT:0").count(), 8, "{out}");
+    assert_eq!(out.matches("/workspace/repo/loop\n").count(), 8, "{out}");
+
+    // Reference scenario 13's cwd part (no git in the busybox image): a directory removed
+    // and recreated eight times, each time entered, keeps a physical cwd.
+    let out = sh_ok(
+        &id,
+        "cd /workspace/repo && for i in 1 2 3 4 5 6 7 8; do rm -rf loop; mkdir loop; cd loop; \
+         echo x > f; pwd -P; echo PWD_PHYS_EXIT:$?; cd ..; done",
+    );
+    assert_eq!(out.matches("PWD_PHYS_EXIT:0").count(), 8, "{out}");
+    assert_eq!(out.matches("/workspace/repo/loop\n").count(), 8, "{out}");
 
     // A host-side change is visible in the guest (attribute cache: 1 s).
     std::fs::write(rw.join("from-host.txt"), "host-wrote-this").expect("write");
