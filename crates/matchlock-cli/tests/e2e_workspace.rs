@@ -236,6 +236,30 @@ fn host_fs_semantics_and_escapes() {
     let owner_uid = std::fs::metadata(tmp.path()).expect("tmp meta").uid();
     assert_eq!(meta.uid(), owner_uid);
 
+    // A guest user other than root: the owner never switches credentials, so the file is
+    // the owner's too.
+    sh_ok(
+        &id,
+        "mkdir -p /workspace/repo/open && chmod 1777 /workspace/repo/open",
+    );
+    let o = e.run(&[
+        "exec",
+        "-u",
+        "1000:1000",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "id -u; echo u > /workspace/repo/open/by-1000",
+    ]);
+    assert_eq!(ok(&o).trim(), "1000");
+    let m = std::fs::metadata(rw.join("open/by-1000")).expect("by-1000");
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (owner_uid, meta.gid()),
+        "guest uid reached the host"
+    );
+
     // Directory rename moves children; hard links, symlinks, chmod, truncate.
     sh_ok(
         &id,
@@ -354,4 +378,125 @@ fn host_fs_semantics_and_escapes() {
         ),
     );
     assert!(!out.contains("HOST-SECRET"), "{out}");
+}
+
+/// An unprivileged owner (uid 65534, via `setpriv`): what the guest's root creates in a
+/// host_fs share lands owned by that uid, and the guest cannot give it to root.
+#[test]
+fn unprivileged_owner_owns_what_the_guest_creates() {
+    const UID: u32 = 65534;
+    let e = env();
+    let home = tempfile::Builder::new()
+        .prefix("matchlock-unpriv-")
+        .tempdir_in("/tmp")
+        .expect("home");
+    let h = home.path();
+    std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Assets the unprivileged owner can read (the defaults live under /root).
+    let template = e.cmd();
+    let var = |k: &str| {
+        template
+            .get_envs()
+            .find(|(n, _)| *n == k)
+            .and_then(|(_, v)| v)
+            .map(std::path::PathBuf::from)
+            .expect("harness env")
+    };
+    let kernel = h.join("vmlinux");
+    let guest = h.join("matchlock-guest");
+    std::fs::copy(var("MATCHLOCK_KERNEL"), &kernel).expect("kernel");
+    std::fs::copy(var("MATCHLOCK_GUEST_INIT"), &guest).expect("guest");
+    let bin_dir = h.join("bin");
+    std::fs::create_dir_all(&bin_dir).expect("bin");
+    let vsock = which("vhost-device-vsock");
+    std::fs::copy(&vsock, bin_dir.join("vhost-device-vsock")).expect("vsock helper");
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin_dir.display());
+    let cmd = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_matchlock"));
+        c.env("HOME", h)
+            .env("XDG_CACHE_HOME", h.join(".cache"))
+            .env("MATCHLOCK_KERNEL", &kernel)
+            .env("MATCHLOCK_GUEST_INIT", &guest)
+            .env("MATCHLOCK_QUIET_ACCEL", "1")
+            .env("PATH", &path)
+            .env_remove("MATCHLOCK_ACCEL")
+            .args(args);
+        c
+    };
+    let mut archive = Vec::new();
+    matchlock_test_support::busybox_image(&mut archive).expect("image");
+    let mut import = cmd(&["image", "import", common::IMAGE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("import");
+    {
+        use std::io::Write;
+        let mut stdin = import.stdin.take().expect("stdin");
+        stdin.write_all(&archive).expect("archive");
+    }
+    ok(&import.wait_with_output().expect("import"));
+    let share = h.join("share");
+    std::fs::create_dir_all(&share).expect("share");
+    let o = std::process::Command::new("chown")
+        .args(["-R", &format!("{UID}:{UID}")])
+        .arg(h)
+        .output()
+        .expect("chown");
+    ok(&o);
+    let v = format!("{}:/workspace:host_fs", share.display());
+    let run = cmd(&[
+        "run",
+        "--image",
+        common::IMAGE,
+        "--workspace",
+        "/workspace",
+        "-v",
+        &v,
+        "--",
+        "sh",
+        "-c",
+        "id -u; echo made > /workspace/made; mkdir /workspace/dir; \
+         chown 0:0 /workspace/made 2>&1; cat /workspace/made",
+    ]);
+    let args: Vec<std::ffi::OsString> = std::iter::once(run.get_program().to_os_string())
+        .chain(run.get_args().map(|a| a.to_os_string()))
+        .collect();
+    let mut priv_cmd = std::process::Command::new("setpriv");
+    priv_cmd
+        .args([
+            format!("--reuid={UID}"),
+            format!("--regid={UID}"),
+            "--clear-groups".to_string(),
+            "--".to_string(),
+        ])
+        .args(&args)
+        .envs(run.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .stdin(std::process::Stdio::null());
+    let out = ok(&priv_cmd.output().expect("setpriv"));
+    assert!(
+        out.starts_with("0\n"),
+        "the guest command runs as root: {out}"
+    );
+    assert!(out.contains("made"), "{out}");
+    for f in ["made", "dir"] {
+        let m = std::fs::metadata(share.join(f)).expect("created on the host");
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (UID, UID),
+            "{f} owned by the owner's user"
+        );
+    }
+}
+
+fn which(name: &str) -> std::path::PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let home = std::env::var("HOME").unwrap_or_default();
+    path.split(':')
+        .map(std::path::PathBuf::from)
+        .chain([Path::new(&home).join(".cargo/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found in PATH or ~/.cargo/bin"))
 }
