@@ -456,13 +456,14 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
     } else {
         forward::parse_addresses(&a.address)?
     };
+    // Run flow step 8, before the image is looked up (as the network settings are).
+    let vfs = vfs_for(a)?;
     let (image, image_config) = image_for(a)?;
     let mode = Mode::from_flags(a.tty, a.interactive);
     let argv = image_config.compose(&a.command);
     if a.rm && argv.is_empty() && mode != Mode::Tty {
         anyhow::bail!("command required (or use --rm=false to start without a command)");
     }
-    let vfs = vfs_for(a)?;
     let lookup = |k: &str| std::env::var(k).ok();
     let env = matchlock_api::env::collect_env(&a.env_file, &a.env, &lookup)
         .map_err(|e| anyhow::anyhow!("invalid environment variable: {e}"))?;
