@@ -34,6 +34,22 @@ pub enum ConfigError {
     AddHost(String),
     #[error("invalid hostname {0:?}: use letters, digits, '-' and '.', at most 64 characters")]
     Hostname(String),
+    #[error("invalid configuration: vfs.workspace requires at least one vfs.mounts entry")]
+    VfsWorkspaceWithoutMounts,
+    #[error("invalid configuration: vfs.workspace is required when vfs.mounts is set")]
+    VfsMountsWithoutWorkspace,
+    #[error("invalid configuration: vfs.interception requires at least one vfs.mounts entry")]
+    VfsInterceptionWithoutMounts,
+    #[error("invalid configuration: invalid vfs.workspace {0:?}: must be absolute and contain only alphanumeric, '/', '_', '.', '-'")]
+    VfsWorkspacePath(String),
+    #[error("invalid configuration: vfs.mounts key {0:?} must be absolute")]
+    VfsMountNotAbsolute(String),
+    #[error("invalid configuration: vfs.mounts key {0:?} must be a clean path (no '.', '..', '//' or trailing '/')")]
+    VfsMountNotClean(String),
+    #[error(
+        "invalid configuration: vfs.mounts key {key:?} must be within workspace {workspace:?}"
+    )]
+    VfsMountOutsideWorkspace { key: String, workspace: String },
 }
 
 /// `api.Config`: everything needed to create a sandbox.
@@ -52,7 +68,7 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vfs: Option<serde_json::Value>,
+    pub vfs: Option<VfsConfig>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -252,6 +268,106 @@ impl NetworkConfig {
             || !self.secrets.is_empty()
             || self.intercept
             || self.interception.is_some()
+    }
+}
+
+/// The workspace filesystem (`vfs` on the wire, spec §3.5): providers mounted at guest paths
+/// under `workspace`. Unknown fields are ignored, as the reference does.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VfsConfig {
+    /// Guest path where the workspace is mounted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workspace: String,
+    /// Guest path (absolute, within `workspace`) -> provider.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mounts: BTreeMap<String, MountConfig>,
+    /// Interception rules (carried for the schema; not applied yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interception: Option<serde_json::Value>,
+}
+
+/// One mount of [`VfsConfig`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountConfig {
+    /// `host_fs`, `overlay` or `memory` (empty or unknown means `memory`, as the reference).
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host_path: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub readonly: bool,
+}
+
+/// Whether `p` matches the reference's guest-mount pattern `^/[a-zA-Z0-9/_.-]+$`.
+pub fn guest_mount_path_ok(p: &str) -> bool {
+    p.len() > 1
+        && p.starts_with('/')
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
+}
+
+/// Whether guest path `p` is `base` or below it, component-wise (`/w-x` is not below `/w`;
+/// everything absolute is below `/`).
+pub fn guest_path_within(p: &str, base: &str) -> bool {
+    let base = base.trim_end_matches('/');
+    base.is_empty() || p == base || p.strip_prefix(base).is_some_and(|r| r.starts_with('/'))
+}
+
+/// Whether `p` is absolute and has no empty, `.` or `..` component and no trailing `/`.
+fn guest_path_clean(p: &str) -> bool {
+    p == "/"
+        || (p.starts_with('/')
+            && p[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".."))
+}
+
+impl VfsConfig {
+    /// The workspace with surrounding blanks removed.
+    pub fn workspace(&self) -> &str {
+        self.workspace.trim()
+    }
+
+    /// The reference's `ValidateVFS` (spec §3.4), plus clean mount keys (the router
+    /// relies on them).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ws = self.workspace();
+        let has_mounts = !self.mounts.is_empty();
+        if !ws.is_empty() && !has_mounts {
+            return Err(ConfigError::VfsWorkspaceWithoutMounts);
+        }
+        if has_mounts && ws.is_empty() {
+            return Err(ConfigError::VfsMountsWithoutWorkspace);
+        }
+        if self.interception.is_some() && !has_mounts {
+            return Err(ConfigError::VfsInterceptionWithoutMounts);
+        }
+        if ws.is_empty() {
+            return Ok(());
+        }
+        if ws != "/" && !guest_mount_path_ok(ws) {
+            return Err(ConfigError::VfsWorkspacePath(ws.to_string()));
+        }
+        for key in self.mounts.keys() {
+            if !key.starts_with('/') {
+                return Err(ConfigError::VfsMountNotAbsolute(key.clone()));
+            }
+            if !guest_path_clean(key) {
+                return Err(ConfigError::VfsMountNotClean(key.clone()));
+            }
+            if !guest_path_within(key, ws) {
+                return Err(ConfigError::VfsMountOutsideWorkspace {
+                    key: key.clone(),
+                    workspace: ws.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the guest gets a workspace filesystem at all.
+    pub fn enabled(&self) -> bool {
+        !self.mounts.is_empty()
     }
 }
 
@@ -488,5 +604,54 @@ mod tests {
             err.to_string(),
             "invalid configuration: network.no_network cannot be combined with network.allowed_hosts"
         );
+    }
+
+    #[test]
+    fn vfs_validation_messages() {
+        let v = |j: &str| -> Result<(), String> {
+            let c: VfsConfig = serde_json::from_str(j).expect("parse");
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            v(r#"{"workspace":"/w"}"#).expect_err("no mounts"),
+            "invalid configuration: vfs.workspace requires at least one vfs.mounts entry"
+        );
+        assert_eq!(
+            v(r#"{"mounts":{"/w":{}}}"#).expect_err("no ws"),
+            "invalid configuration: vfs.workspace is required when vfs.mounts is set"
+        );
+        assert_eq!(
+            v(r#"{"interception":{"rules":[]}}"#).expect_err("icpt"),
+            "invalid configuration: vfs.interception requires at least one vfs.mounts entry"
+        );
+        assert!(v(r#"{"workspace":"/w","mounts":{"/x":{}}}"#)
+            .expect_err("outside")
+            .contains("must be within workspace"));
+        assert!(v(r#"{"workspace":"/w","mounts":{"/w-x":{}}}"#)
+            .expect_err("prefix")
+            .contains("must be within workspace"));
+        assert!(v(r#"{"workspace":"/w","mounts":{"w/x":{}}}"#)
+            .expect_err("relative")
+            .contains("must be absolute"));
+        assert!(v(r#"{"workspace":"/w","mounts":{"/w/../etc":{}}}"#)
+            .expect_err("dotdot")
+            .contains("clean path"));
+        assert!(v(r#"{"workspace":"/w x","mounts":{"/w x":{}}}"#)
+            .expect_err("ws chars")
+            .contains("vfs.workspace"));
+        v(r#"{"workspace":"/w","mounts":{"/w":{"type":"host_fs","host_path":"/tmp","future":1}},"interception":null}"#)
+            .expect("valid");
+        v(r#"{"workspace":"/","mounts":{"/anything/x":{}}}"#).expect("root ws");
+        v(r#"{}"#).expect("empty");
+        let c: VfsConfig =
+            serde_json::from_str(r#"{"workspace":"/w","mounts":{"/w/a":{"type":"host_fs","host_path":"/h","readonly":true}}}"#)
+                .expect("parse");
+        let m = &c.mounts["/w/a"];
+        assert_eq!(
+            (m.kind.as_str(), m.host_path.as_str(), m.readonly),
+            ("host_fs", "/h", true)
+        );
+        let back = serde_json::to_value(&c).expect("ser");
+        assert_eq!(back["mounts"]["/w/a"]["type"], "host_fs");
     }
 }

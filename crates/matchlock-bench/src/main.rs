@@ -128,6 +128,7 @@ impl Bench {
             qemu_binary: None,
             vsock_binary: None,
             net: None,
+            fs: None,
         };
         let t = Instant::now();
         let m = matchlock_vm::backend("qemu")?.start(&cfg)?;

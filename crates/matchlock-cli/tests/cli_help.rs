@@ -159,8 +159,13 @@ fn argument_errors() {
         "{}",
         stderr(&o)
     );
+    // Volume specs are checked before any image is looked up.
     let o = run(&["run", "--image", "x", "-v", "/tmp:/w", "true"]);
-    assert!(stderr(&o).contains("not supported yet"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--workspace is required when using --volume"),
+        "{}",
+        stderr(&o)
+    );
     // Network settings are checked before any image is looked up.
     let o = run(&["run", "--image", "x", "--mtu", "100", "true"]);
     assert!(

@@ -333,7 +333,11 @@ fn concurrent_execs_overlap_and_eof_without_close_cleans_up() {
     }
     for i in 1..=3u64 {
         let v = r.response(&json!(i + 10));
-        assert_eq!(unb64(&v["result"]["stdout"]).trim(), format!("{i} ready"), "{v}");
+        assert_eq!(
+            unb64(&v["result"]["stdout"]).trim(),
+            format!("{i} ready"),
+            "{v}"
+        );
     }
     // No close: EOF alone must shut the VM down cleanly.
     assert!(r.finish().success());

@@ -398,7 +398,14 @@ pub struct BootConfig {
     /// interception).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    /// Where to mount the workspace's virtio-fs share (tag [`WORKSPACE_TAG`]); absent: no
+    /// workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
 }
+
+/// The virtio-fs mount tag of the workspace share.
+pub const WORKSPACE_TAG: &str = "matchlock";
 
 /// Static IPv4 settings of the guest's only NIC (no DHCP: they come with the boot config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use matchlock_guest_proto::{
     read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, Hello,
-    ProtoError, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT,
+    ProtoError, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT, WORKSPACE_TAG,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -71,6 +71,15 @@ pub enum BootError {
     TwoUppers,
     #[error("extra disk mount point {mount:?} is not an absolute path below /")]
     BadExtraMount { mount: String },
+    #[error("workspace {path:?} is not an absolute path below /")]
+    BadWorkspace { path: String },
+    #[error("mounting the workspace (virtiofs tag {tag}) on {target}")]
+    MountWorkspace {
+        tag: &'static str,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
     #[error("creating directory {path}")]
     Mkdir {
         path: PathBuf,
@@ -327,6 +336,9 @@ fn boot(
         etc::install_ca(Path::new("/"), pem).map_err(BootError::EtcFiles)?;
     }
     mount_extras(plan.extras, teardown)?;
+    if let Some(ws) = &cfg.workspace {
+        mount_workspace(ws, teardown)?;
+    }
     start_agent(cfg.privileged, teardown)?;
     write_frame(conn, &Frame::empty(FrameType::Ready)).map_err(BootError::Ready)?;
     *boot_conn = None;
@@ -449,6 +461,45 @@ fn mount_extras(
             .extra_mounts
             .push(target);
     }
+    Ok(())
+}
+
+/// Mounts the host's virtio-fs share at the workspace (creating the directory), recording it
+/// for power-off. The share is mounted `nosuid,nodev` (the host also strips set-id bits and
+/// refuses device nodes) but keeps `exec`: tools run binaries from their workspace.
+fn mount_workspace(path: &str, teardown: &Mutex<Teardown>) -> Result<(), BootError> {
+    let target = PathBuf::from(path);
+    let clean = target.is_absolute()
+        && target
+            .components()
+            .skip(1)
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+        && target != Path::new("/");
+    if !clean {
+        return Err(BootError::BadWorkspace {
+            path: path.to_string(),
+        });
+    }
+    mkdir_p(&target, 0o755)?;
+    let flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    mount(
+        Some(WORKSPACE_TAG),
+        &target,
+        Some("virtiofs"),
+        flags,
+        None::<&str>,
+    )
+    .map_err(|source| BootError::MountWorkspace {
+        tag: WORKSPACE_TAG,
+        target: target.clone(),
+        source,
+    })?;
+    tracing::info!(workspace = %target.display(), "workspace mounted");
+    teardown
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .extra_mounts
+        .push(target);
     Ok(())
 }
 

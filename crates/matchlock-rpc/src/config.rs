@@ -9,8 +9,8 @@
 //! long as they like.
 //!
 //! # Limitations
-//! VFS mounts and the network stack are validated but not available yet; `create` refuses
-//! them (see the handler) instead of ignoring them.
+//! VFS interception rules are validated but not applied yet; `create` refuses them (see the
+//! handler) instead of ignoring them.
 
 use matchlock_api::{Config, Resources};
 use serde_json::Value;
@@ -66,7 +66,7 @@ pub fn plan(params: Value) -> Result<CreatePlan, Failure> {
         n.validate().map_err(Failure::Config)?;
     }
     if let Some(v) = &cfg.vfs {
-        validate_vfs(v)?;
+        v.validate().map_err(Failure::Config)?;
     }
     Ok(CreatePlan {
         config: cfg,
@@ -80,64 +80,6 @@ fn ceil_secs(t: f64) -> u64 {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let s = t.ceil() as u64;
     s
-}
-
-fn guest_path_ok(p: &str) -> bool {
-    p.starts_with('/')
-        && p.len() > 1
-        && p.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c))
-}
-
-/// The reference's `ValidateVFS` (spec §3.4).
-pub fn validate_vfs(v: &Value) -> Result<(), Failure> {
-    let workspace = v
-        .get("workspace")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    let mounts = v.get("mounts").and_then(Value::as_object);
-    let has_mounts = mounts.is_some_and(|m| !m.is_empty());
-    let interception = v.get("interception").is_some_and(|i| !i.is_null());
-    if !workspace.is_empty() && !has_mounts {
-        return Err(Failure::Vfs(
-            "vfs.workspace requires at least one vfs.mounts entry".into(),
-        ));
-    }
-    if has_mounts && workspace.is_empty() {
-        return Err(Failure::Vfs(
-            "vfs.workspace is required when vfs.mounts is set".into(),
-        ));
-    }
-    if interception && !has_mounts {
-        return Err(Failure::Vfs(
-            "vfs.interception requires at least one vfs.mounts entry".into(),
-        ));
-    }
-    if workspace.is_empty() {
-        return Ok(());
-    }
-    if !guest_path_ok(&workspace) {
-        return Err(Failure::Vfs(format!(
-            "invalid vfs.workspace {workspace:?}: must be an absolute path of [a-zA-Z0-9/_.-]"
-        )));
-    }
-    for key in mounts.into_iter().flat_map(|m| m.keys()) {
-        if !key.starts_with('/') {
-            return Err(Failure::Vfs(format!(
-                "vfs.mounts key {key:?} must be absolute"
-            )));
-        }
-        let inside =
-            key == &workspace || key.starts_with(&format!("{}/", workspace.trim_end_matches('/')));
-        if !inside {
-            return Err(Failure::Vfs(format!(
-                "vfs.mounts key {key:?} must be within workspace {workspace:?}"
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

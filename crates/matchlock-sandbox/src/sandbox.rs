@@ -195,7 +195,13 @@ pub struct Sandbox {
 }
 
 fn exec_defaults(spec: &SandboxSpec) -> ExecDefaults {
-    let d = ExecDefaults::new(&spec.image_config, &spec.config.env);
+    let mut d = ExecDefaults::new(&spec.image_config, &spec.config.env);
+    // Working directory: the caller's, else the image's WORKDIR, else the workspace.
+    if d.cwd.is_empty() {
+        if let Some(v) = spec.config.vfs.as_ref().filter(|v| v.enabled()) {
+            d.cwd = v.workspace().to_string();
+        }
+    }
     match &spec.config.network {
         Some(net) => {
             let (forced, defaults) = crate::network::exec_env(net);
@@ -375,6 +381,7 @@ impl Sandbox {
             qemu_binary: None,
             vsock_binary: None,
             net: None,
+            fs: None,
         };
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()
@@ -404,6 +411,7 @@ impl Sandbox {
             ),
             net: None,
             ca_pem: None,
+            workspace: None,
         };
         BootPlan { vm, guest }
     }

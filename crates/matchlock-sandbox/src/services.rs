@@ -11,8 +11,13 @@
 //! what it holds. Events (sandbox ready, stopped; later flows and file operations) go to the
 //! [`EventSink`].
 //!
+//! The filesystem service ([`FilesystemService`]) serves the workspace: it builds the mount
+//! router when the sandbox is configured (so a bad mount fails before anything boots),
+//! listens on `<state dir>/vfs.sock` in `prepare` (before QEMU starts), adds the
+//! `vhost-user-fs` device and tells the guest where to mount the share.
+//!
 //! # Limitations
-//! No filesystem service exists yet: the guest has no shares.
+//! Only `host_fs` mounts are served (see `matchlock_vfs`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -169,7 +174,7 @@ impl EventHub {
 pub struct Services {
     /// Userspace network stack and egress policy (none: no guest NIC).
     pub network: Option<Box<dyn Service>>,
-    /// Workspace and volume filesystem server (none yet: no shares).
+    /// Workspace filesystem server (none: no workspace).
     pub filesystem: Option<Box<dyn Service>>,
     /// Where events go (the event log, and the caller's sink if any).
     pub events: Arc<EventHub>,
@@ -196,6 +201,17 @@ impl Services {
             services.network_control = Some(control);
         }
         Ok(services)
+    }
+
+    /// Adds the workspace filesystem `vfs` asks for (nothing without mounts).
+    pub fn add_filesystem(
+        &mut self,
+        vfs: Option<&matchlock_api::VfsConfig>,
+    ) -> Result<(), matchlock_vfs::RouterError> {
+        if let Some(v) = vfs.filter(|v| v.enabled()) {
+            self.filesystem = Some(Box::new(FilesystemService::new(v)?));
+        }
+        Ok(())
     }
 
     fn each(&mut self) -> impl Iterator<Item = &mut Box<dyn Service>> {
@@ -226,5 +242,63 @@ impl Services {
 
     pub(crate) fn emit(&self, event: &SandboxEvent) {
         self.events.emit(event);
+    }
+}
+
+/// File name of the virtio-fs socket in a sandbox's state directory.
+pub const VFS_SOCKET: &str = "vfs.sock";
+
+/// The workspace's virtio-fs server (see the module docs).
+pub struct FilesystemService {
+    workspace: String,
+    router: Option<matchlock_vfs::router::Router>,
+    server: Option<matchlock_vfs::FsServer>,
+}
+
+impl FilesystemService {
+    /// Builds the router for `vfs` (providers opened now; nothing listens yet).
+    pub fn new(vfs: &matchlock_api::VfsConfig) -> Result<Self, matchlock_vfs::RouterError> {
+        Ok(FilesystemService {
+            workspace: vfs.workspace().to_string(),
+            router: Some(matchlock_vfs::build(vfs)?),
+            server: None,
+        })
+    }
+}
+
+impl Service for FilesystemService {
+    fn name(&self) -> &'static str {
+        "filesystem"
+    }
+
+    fn host_files(&self, dir: &Path) -> Vec<std::path::PathBuf> {
+        vec![dir.join(VFS_SOCKET)]
+    }
+
+    fn prepare(&mut self, plan: &mut BootPlan, dir: &Path) -> Result<(), ServiceError> {
+        let fail = |e: Box<dyn std::error::Error + Send + Sync>| ServiceError {
+            service: "filesystem",
+            source: e,
+        };
+        let router = self
+            .router
+            .take()
+            .ok_or_else(|| fail("the filesystem service was prepared twice".into()))?;
+        let socket = dir.join(VFS_SOCKET);
+        let server = matchlock_vfs::FsServer::start(router, &socket, "vfs")
+            .map_err(|e| fail(Box::new(e)))?;
+        self.server = Some(server);
+        plan.vm.fs = Some(matchlock_vm::FsDevice {
+            socket,
+            tag: matchlock_guest_proto::WORKSPACE_TAG.to_string(),
+        });
+        plan.guest.workspace = Some(self.workspace.clone());
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.stop();
+        }
     }
 }

@@ -6,7 +6,18 @@
 //! the guest kernel puts on the virtqueues are answered by `fuse-backend-rs`'s server over a
 //! router of providers (host directory, read-only, memory, overlay) mounted at guest paths.
 //! There is no FUSE daemon in the guest and no extra host process.
+//!
+//! # Limitations
+//! Mounts nested inside other mounts are refused (the router mounts providers only on
+//! directories it synthesises).
 
+pub mod guard;
 pub mod intercept;
 pub mod memory;
 pub mod overlay;
+pub mod router;
+pub mod server;
+
+pub use matchlock_api::{MountConfig, VfsConfig};
+pub use router::{build, RouterError};
+pub use server::{FsServer, ServerError};

@@ -309,6 +309,7 @@ mod tests {
             console_log: dir.join("logs/vm.log"),
             console_max_bytes: crate::console::DEFAULT_CONSOLE_MAX_BYTES,
             net: None,
+            fs: None,
             accel: Accel::Tcg,
             extra_cmdline: Vec::new(),
             qemu_binary: None,

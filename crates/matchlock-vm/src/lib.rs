@@ -84,6 +84,17 @@ pub struct VmConfig {
     pub vsock_binary: Option<PathBuf>,
     /// A virtio-net device, when the sandbox has a network (none: no NIC at all).
     pub net: Option<NetDevice>,
+    /// A vhost-user-fs device, when the sandbox has a workspace (none: no share).
+    pub fs: Option<FsDevice>,
+}
+
+/// A virtio-fs device whose requests a vhost-user backend in the sandbox owner serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsDevice {
+    /// The unix socket the backend listens on before QEMU starts.
+    pub socket: PathBuf,
+    /// The mount tag the guest mounts (`mount -t virtiofs <tag> <dir>`).
+    pub tag: String,
 }
 
 /// A virtio-net device whose Ethernet frames travel as unix datagrams (`-netdev dgram`, one

@@ -283,8 +283,32 @@ fn qemu_args(
     if let Some(n) = &cfg.net {
         a.extend(netdev_args(n)?);
     }
+    if let Some(f) = &cfg.fs {
+        a.extend(fs_args(f)?);
+    }
     a.extend(["-device".into(), "virtio-rng-device".into()]);
     Ok(a.into_iter().map(OsString::from).collect())
+}
+
+/// The vhost-user-fs device on the backend's socket (queue size 1024, the backend's maximum).
+fn fs_args(f: &crate::FsDevice) -> Result<[String; 4], VmError> {
+    if f.tag.is_empty() || !f.tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(VmError::InvalidConfig {
+            reason: format!("virtio-fs tag {:?} must be alphanumeric", f.tag),
+        });
+    }
+    Ok([
+        "-chardev".into(),
+        format!(
+            "socket,id=vfs,path={}",
+            qemu_escape(utf8(&f.socket, "virtio-fs socket")?)
+        ),
+        "-device".into(),
+        format!(
+            "vhost-user-fs-device,chardev=vfs,tag={},queue-size=1024",
+            f.tag
+        ),
+    ])
 }
 
 /// `-netdev dgram` over unix sockets and the microvm virtio-net device on it.
@@ -672,7 +696,33 @@ mod tests {
             qemu_binary: None,
             vsock_binary: None,
             net: None,
+            fs: None,
         }
+    }
+
+    #[test]
+    fn fs_argv_only_when_configured() {
+        let d = Path::new("/s");
+        let mut c = cfg(d);
+        let none = joined(&qemu_args(&c, Accel::Tcg, None, &d.join("v.sock")).expect("args"));
+        assert!(!none.contains("vhost-user-fs"), "{none}");
+        c.fs = Some(crate::FsDevice {
+            socket: d.join("vfs,x.sock"),
+            tag: "matchlock".into(),
+        });
+        let s = joined(&qemu_args(&c, Accel::Tcg, None, &d.join("v.sock")).expect("args"));
+        assert!(
+            s.contains(
+                "-chardev socket,id=vfs,path=/s/vfs,,x.sock \
+                 -device vhost-user-fs-device,chardev=vfs,tag=matchlock,queue-size=1024"
+            ),
+            "{s}"
+        );
+        c.fs = Some(crate::FsDevice {
+            socket: d.join("vfs.sock"),
+            tag: "a,b".into(),
+        });
+        assert!(qemu_args(&c, Accel::Tcg, None, &d.join("v.sock")).is_err());
     }
 
     #[test]

@@ -69,6 +69,7 @@ fn config_with(dir: &Path, initramfs: PathBuf) -> VmConfig {
         qemu_binary: None,
         vsock_binary: None,
         net: None,
+        fs: None,
     }
 }
 

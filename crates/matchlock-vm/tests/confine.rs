@@ -74,6 +74,7 @@ fn config(dir: &Path, kernel: PathBuf, script: &str) -> VmConfig {
         console_log: dir.join("logs/vm.log"),
         console_max_bytes: matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES,
         net: None,
+        fs: None,
         accel: Accel::Tcg,
         extra_cmdline: Vec::new(),
         qemu_binary: None,

@@ -9,7 +9,10 @@ use std::os::unix::process::CommandExt;
 
 use anyhow::Context;
 use clap::{ArgAction, Args};
-use matchlock_api::{Config, ExtraDisk, ImageConfig, ImageOverrides, NetworkConfig, Resources};
+use matchlock_api::{
+    Config, ExtraDisk, ImageConfig, ImageOverrides, MountConfig, NetworkConfig, Resources,
+    VfsConfig,
+};
 use matchlock_guest_proto::ExecRequest;
 use matchlock_sandbox::forward::{self, PortMapping};
 use matchlock_sandbox::paths::Paths;
@@ -130,10 +133,11 @@ pub struct RunArgs {
     /// Host address(es) the -p listeners bind (IP literal or localhost).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
     pub address: Vec<String>,
-    /// Mount a host directory into the workspace (not available yet).
-    #[arg(short = 'v', long = "volume")]
+    /// Mount a host directory or file into the workspace: HOST:GUEST[:ro|host_fs|overlay]
+    /// (GUEST relative to --workspace or absolute inside it). Repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:OPT]")]
     pub volume: Vec<String>,
-    /// Guest path of the host-backed workspace (not available yet).
+    /// Guest path where the workspace filesystem is mounted (required with -v).
     #[arg(long)]
     pub workspace: Option<String>,
     /// Always pull the image from its registry, ignoring cached copies.
@@ -232,12 +236,121 @@ fn refuse_unavailable(a: &RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    for (set, flag) in [
-        (!a.volume.is_empty(), "-v/--volume"),
-        (a.workspace.is_some(), "--workspace"),
-    ] {
-        if set {
-            anyhow::bail!("{flag} is not supported yet: this build has no workspace support");
+    Ok(())
+}
+
+/// Go's `path.Clean` for guest paths: no empty, `.` or `..` components (`..` at the root
+/// stays at the root), no trailing `/`.
+fn clean_guest_path(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() && !p.starts_with('/') {
+                    parts.push("..");
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    let joined = parts.join("/");
+    if p.starts_with('/') {
+        format!("/{joined}")
+    } else if joined.is_empty() {
+        ".".to_string()
+    } else {
+        joined
+    }
+}
+
+/// One `-v HOST:GUEST[:OPT]` (spec §1.3.3): the guest path and its mount.
+fn parse_volume(spec: &str, workspace: &str) -> Result<(String, MountConfig), String> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    if parts.len() < 2 || parts.len() > 3 {
+        return Err("expected format host:guest or host:guest:ro".to_string());
+    }
+    let host = std::path::absolute(parts[0])
+        .map_err(|_| format!("host path does not exist: {}", parts[0]))?;
+    if parts[0].is_empty() || std::fs::metadata(&host).is_err() {
+        return Err(format!("host path does not exist: {}", host.display()));
+    }
+    let host_path = host
+        .to_str()
+        .ok_or_else(|| format!("host path is not UTF-8: {}", host.display()))?
+        .to_string();
+    let (kind, readonly) = match parts.get(2).map(|o| o.trim().to_ascii_lowercase()) {
+        None => ("overlay", false),
+        Some(o) if o == "overlay" => ("overlay", false),
+        Some(o) if o == "host_fs" => ("host_fs", false),
+        Some(o) if o == "ro" || o == "readonly" => ("host_fs", true),
+        Some(_) => {
+            return Err(format!(
+                "unknown option {:?} (use 'ro', 'overlay', or 'host_fs')",
+                parts[2].trim()
+            ))
+        }
+    };
+    let ws = clean_guest_path(workspace);
+    let guest = if parts[1].starts_with('/') {
+        clean_guest_path(parts[1])
+    } else {
+        clean_guest_path(&format!("{ws}/{}", parts[1]))
+    };
+    if !guest.starts_with('/') || !matchlock_api::guest_path_within(&guest, &ws) {
+        return Err(format!(
+            "guest path must be within workspace: {guest:?} not in {ws:?}"
+        ));
+    }
+    let mount = MountConfig {
+        kind: kind.to_string(),
+        host_path,
+        readonly,
+    };
+    Ok((guest, mount))
+}
+
+/// The `vfs` section for `--workspace` and `-v` (run flow step 8), or none.
+fn vfs_for(a: &RunArgs) -> anyhow::Result<Option<VfsConfig>> {
+    if a.workspace.is_none() && a.volume.is_empty() {
+        return Ok(None);
+    }
+    let ws = a.workspace.as_deref().unwrap_or("").trim();
+    if !a.volume.is_empty() && ws.is_empty() {
+        anyhow::bail!("--workspace is required when using --volume");
+    }
+    let mut vfs = VfsConfig {
+        workspace: if ws.is_empty() {
+            String::new()
+        } else {
+            clean_guest_path(ws)
+        },
+        ..VfsConfig::default()
+    };
+    for spec in &a.volume {
+        let (guest, mount) = parse_volume(spec, &vfs.workspace)
+            .map_err(|e| anyhow::anyhow!("invalid volume mount {spec:?}: {e}"))?;
+        vfs.mounts.insert(guest, mount);
+    }
+    Ok(Some(vfs))
+}
+
+/// Run flow step 9: an extra disk mounted inside the workspace would be hidden by it.
+fn check_disks_outside_workspace(
+    specs: &[String],
+    disks: &[ExtraDisk],
+    vfs: Option<&VfsConfig>,
+) -> anyhow::Result<()> {
+    let Some(vfs) = vfs.filter(|v| v.enabled()) else {
+        return Ok(());
+    };
+    let ws = vfs.workspace();
+    for (spec, d) in specs.iter().zip(disks) {
+        if matchlock_api::guest_path_within(&d.guest_mount, ws) {
+            anyhow::bail!(
+                "invalid disk mount {spec:?}: guest mount {:?} is inside workspace {ws:?} and will be shadowed by the VFS mount",
+                d.guest_mount
+            );
         }
     }
     Ok(())
@@ -349,6 +462,8 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
     } else {
         forward::parse_addresses(&a.address)?
     };
+    // Run flow step 8, before the image is looked up (as the network settings are).
+    let vfs = vfs_for(a)?;
     let (image, image_config) = image_for(a)?;
     let mode = Mode::from_flags(a.tty, a.interactive);
     let argv = image_config.compose(&a.command);
@@ -363,11 +478,16 @@ fn plan(a: &RunArgs) -> anyhow::Result<Plan> {
         .iter()
         .map(|d| parse_disk(d))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    check_disks_outside_workspace(&a.disk, &extra_disks, vfs.as_ref())?;
+    if let Some(v) = &vfs {
+        v.validate()?;
+    }
     let config = Config {
         image: a.image.clone(),
         privileged: a.privileged,
         resources,
         network: Some(network),
+        vfs,
         env,
         extra_disks,
         image_config: Some(image_config.clone()),
@@ -421,7 +541,8 @@ async fn own(
     // Installed before booting, so a signal during boot stops the sandbox cleanly.
     let signals = ShutdownSignals::install(Hangup::Ignore)?;
     let mut config = plan.config.clone();
-    let services = Services::for_config(&mut config, None)?;
+    let mut services = Services::for_config(&mut config, None)?;
+    services.add_filesystem(config.vfs.as_ref())?;
     let opts = StartOptions {
         spec: SandboxSpec {
             config,
@@ -635,5 +756,31 @@ mod tests {
             .to_string()
             .contains("unknown disk option"));
         assert!(parse_disk("onlyone").is_err());
+    }
+
+    #[test]
+    fn volumes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path().to_str().expect("utf8");
+        let (g, m) = parse_volume(&format!("{d}:sub/x"), "/workspace").expect("relative");
+        assert_eq!(g, "/workspace/sub/x");
+        assert_eq!((m.kind.as_str(), m.readonly), ("overlay", false));
+        assert_eq!(m.host_path, d);
+        let (_, m) = parse_volume(&format!("{d}:/workspace:host_fs"), "/workspace").expect("fs");
+        assert_eq!((m.kind.as_str(), m.readonly), ("host_fs", false));
+        let (_, m) = parse_volume(&format!("{d}:/workspace/a: RO "), "/workspace/").expect("ro");
+        assert_eq!((m.kind.as_str(), m.readonly), ("host_fs", true));
+        let (g, _) = parse_volume(&format!("{d}:/anything/x"), "/").expect("root workspace");
+        assert_eq!(g, "/anything/x");
+        let err = |spec: String| parse_volume(&spec, "/workspace").expect_err("invalid");
+        assert!(err(format!("{d}:/workspace-cache")).contains("must be within workspace"));
+        assert!(err(format!("{d}:/workspace/../etc")).contains("must be within workspace"));
+        assert!(err(format!("{d}:../../etc")).contains("must be within workspace"));
+        assert!(err(format!("{d}:/w:x")).contains("use 'ro', 'overlay', or 'host_fs'"));
+        assert!(err(format!("{d}/nope:/workspace")).contains("host path does not exist"));
+        assert!(err(d.to_string()).contains("expected format"));
+        assert!(err(format!("{d}:a:ro:x")).contains("expected format"));
+        assert_eq!(clean_guest_path("/a/./b//c/../d/"), "/a/b/d");
+        assert_eq!(clean_guest_path("/../x"), "/x");
     }
 }

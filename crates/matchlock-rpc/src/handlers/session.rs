@@ -62,18 +62,24 @@ pub async fn create(s: &Arc<Shared>, p: Value) -> Result<Value, Failure> {
     }))
 }
 
+/// `e` and its sources, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
 /// Configurations this build cannot honour are refused, not ignored.
 fn refuse_unavailable(cfg: &Config) -> Result<(), Failure> {
-    if cfg
-        .vfs
-        .as_ref()
-        .and_then(|v| v.get("mounts"))
-        .and_then(Value::as_object)
-        .is_some_and(|m| !m.is_empty())
-    {
+    if cfg.vfs.as_ref().is_some_and(|v| v.interception.is_some()) {
         return Err(Failure::Unavailable {
-            what: "vfs mounts",
-            needs: "host-backed workspaces",
+            what: "vfs.interception",
+            needs: "filesystem interception",
         });
     }
     Ok(())
@@ -107,8 +113,11 @@ async fn start(
 ) -> Result<Arc<RunningSandbox>, Failure> {
     let mut config = plan.config.clone();
     config.image_config = Some(image_config.clone());
-    let services =
+    let mut services =
         Services::for_config(&mut config, Some(event_sink(s))).map_err(Failure::Network)?;
+    services
+        .add_filesystem(config.vfs.as_ref())
+        .map_err(|e| Failure::Vfs(chain(&e)))?;
     let spec = SandboxSpec {
         config,
         rootfs,

@@ -1,0 +1,255 @@
+//! The mount router: one guarded provider per `vfs.mounts` entry, mounted at its guest path
+//! relative to the workspace in a `fuse_backend_rs::api::Vfs`.
+//!
+//! # Design
+//! `Vfs` keeps a pseudo filesystem of the mount points and synthesises the intermediate
+//! directories (`/workspace/.host/example` makes `.host` appear); a mount equal to the
+//! workspace is mounted at `/`, which `Vfs` serves from that backend directly. Providers:
+//! - `host_fs`: `PassthroughFs` rooted at the canonical host path. It opens every entry by
+//!   parent descriptor plus one name with `O_PATH | O_NOFOLLOW`, so a symlink in the share is
+//!   served as a symlink (the guest resolves it in its own tree) and never followed on the
+//!   host; the [`Guard`] refuses `..`. A single file is served as the one entry of its
+//!   parent directory ([`GuardOptions::single_file`]).
+//! - `memory`, `overlay`: not wired yet.
+//!
+//! # Limitations
+//! A mount nested inside another mount (`/workspace` and `/workspace/sub`) is refused:
+//! `Vfs` only crosses into a mount from its pseudo directories, so the inner mount would
+//! be shadowed by the outer backend.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fuse_backend_rs::api::{BackFileSystem, Vfs, VfsOptions};
+use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
+use matchlock_api::{guest_path_within, MountConfig, VfsConfig};
+
+use crate::guard::{Guard, GuardOptions};
+
+/// How long the guest may cache names and attributes of host files: host-side changes show
+/// within this time.
+const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("invalid vfs configuration")]
+    Config(#[source] matchlock_api::ConfigError),
+    #[error("a workspace at / is not supported: it would hide the guest's root filesystem")]
+    RootWorkspace,
+    #[error("mount {inner:?} is nested inside mount {outer:?}: not supported yet")]
+    Nested { outer: String, inner: String },
+    #[error("mount type {kind:?} is not supported yet")]
+    Unsupported { kind: String },
+    #[error("mount {guest:?}: host_path is required")]
+    NoHostPath { guest: String },
+    #[error("mount {guest:?}: host path does not exist: {path}")]
+    HostPath {
+        guest: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {guest:?}: host path {path} is neither a directory nor a regular file")]
+    HostKind { guest: String, path: PathBuf },
+    #[error("mount {guest:?}: open the host directory {path}")]
+    Passthrough {
+        guest: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {guest:?} in the router")]
+    Mount {
+        guest: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// The router the server serves.
+pub type Router = Vfs;
+
+/// Builds the router for `cfg` (validated here again).
+pub fn build(cfg: &VfsConfig) -> Result<Router, RouterError> {
+    cfg.validate().map_err(RouterError::Config)?;
+    let ws = cfg.workspace();
+    if ws == "/" {
+        return Err(RouterError::RootWorkspace);
+    }
+    check_nesting(cfg)?;
+    let vfs = Vfs::new(VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        no_writeback: true,
+        killpriv_v2: false,
+        ..VfsOptions::default()
+    });
+    for (guest, m) in &cfg.mounts {
+        let fs = provider(guest, m)?;
+        let rel = relative(guest, ws);
+        vfs.mount(fs, &rel).map_err(|e| RouterError::Mount {
+            guest: guest.clone(),
+            source: format!("{e:?}").into(),
+        })?;
+        tracing::debug!(guest = %guest, kind = %m.kind, readonly = m.readonly, "mounted");
+    }
+    Ok(vfs)
+}
+
+/// `guest` relative to the workspace, as an absolute router path (`/` for the workspace).
+fn relative(guest: &str, ws: &str) -> String {
+    match guest.strip_prefix(ws.trim_end_matches('/')) {
+        Some("") | None => "/".to_string(),
+        Some(rest) => rest.to_string(),
+    }
+}
+
+fn check_nesting(cfg: &VfsConfig) -> Result<(), RouterError> {
+    let keys: Vec<&String> = cfg.mounts.keys().collect();
+    for outer in &keys {
+        for inner in &keys {
+            if outer != inner && guest_path_within(inner, outer) {
+                return Err(RouterError::Nested {
+                    outer: (*outer).clone(),
+                    inner: (*inner).clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The guarded provider of one mount.
+pub fn provider(guest: &str, m: &MountConfig) -> Result<BackFileSystem, RouterError> {
+    match m.kind.as_str() {
+        "host_fs" => host_fs(guest, m),
+        "overlay" | "memory" => Err(RouterError::Unsupported {
+            kind: m.kind.clone(),
+        }),
+        // The reference falls back to memory for an empty or unknown type.
+        _ => Err(RouterError::Unsupported {
+            kind: "memory".to_string(),
+        }),
+    }
+}
+
+fn host_fs(guest: &str, m: &MountConfig) -> Result<BackFileSystem, RouterError> {
+    if m.host_path.is_empty() {
+        return Err(RouterError::NoHostPath {
+            guest: guest.to_string(),
+        });
+    }
+    let path = std::fs::canonicalize(&m.host_path).map_err(|source| RouterError::HostPath {
+        guest: guest.to_string(),
+        path: PathBuf::from(&m.host_path),
+        source,
+    })?;
+    let meta = std::fs::metadata(&path).map_err(|source| RouterError::HostPath {
+        guest: guest.to_string(),
+        path: path.clone(),
+        source,
+    })?;
+    let (root, single_file) = if meta.is_dir() {
+        (path.clone(), None)
+    } else if meta.is_file() {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(RouterError::HostKind {
+                guest: guest.to_string(),
+                path,
+            });
+        };
+        let name = CString::new(name.as_bytes()).map_err(|_| RouterError::HostKind {
+            guest: guest.to_string(),
+            path: path.clone(),
+        })?;
+        (parent.to_path_buf(), Some(name))
+    } else {
+        return Err(RouterError::HostKind {
+            guest: guest.to_string(),
+            path,
+        });
+    };
+    let inner = passthrough(&root).map_err(|source| RouterError::Passthrough {
+        guest: guest.to_string(),
+        path: root.clone(),
+        source,
+    })?;
+    Ok(Box::new(Guard::new(
+        inner,
+        GuardOptions {
+            readonly: m.readonly,
+            single_file,
+        },
+    )))
+}
+
+/// A `PassthroughFs` rooted at `root` (a canonical directory), imported and ready to mount.
+pub fn passthrough(root: &Path) -> std::io::Result<BackFileSystem> {
+    let root_dir = root
+        .to_str()
+        .ok_or_else(|| std::io::Error::other("host path is not UTF-8"))?
+        .to_string();
+    let fs: PassthroughFs<()> = PassthroughFs::new(PassthroughConfig {
+        root_dir,
+        do_import: false,
+        entry_timeout: CACHE_TIMEOUT,
+        attr_timeout: CACHE_TIMEOUT,
+        cache_policy: CachePolicy::Auto,
+        writeback: false,
+        xattr: false,
+        ..PassthroughConfig::default()
+    })?;
+    fs.import()?;
+    Ok(Box::new(fs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(relative("/workspace", "/workspace"), "/");
+        assert_eq!(relative("/workspace/a/b", "/workspace"), "/a/b");
+    }
+
+    #[test]
+    fn nesting_and_types_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let host = dir.path().to_str().expect("utf8").to_string();
+        let m = |kind: &str| MountConfig {
+            kind: kind.into(),
+            host_path: host.clone(),
+            readonly: false,
+        };
+        let mut cfg = VfsConfig {
+            workspace: "/ws".into(),
+            ..VfsConfig::default()
+        };
+        cfg.mounts.insert("/ws".into(), m("host_fs"));
+        cfg.mounts.insert("/ws/sub".into(), m("host_fs"));
+        let e = build(&cfg).err().expect("nested");
+        assert!(e.to_string().contains("nested"), "{e}");
+        cfg.mounts.remove("/ws");
+        cfg.mounts.insert("/ws/other".into(), m("host_fs"));
+        build(&cfg).expect("siblings");
+        cfg.mounts.insert("/ws/o".into(), m("overlay"));
+        let e = build(&cfg).err().expect("overlay");
+        assert_eq!(e.to_string(), "mount type \"overlay\" is not supported yet");
+        cfg.mounts.insert("/ws/o".into(), m(""));
+        let e = build(&cfg).err().expect("memory");
+        assert_eq!(e.to_string(), "mount type \"memory\" is not supported yet");
+        cfg.mounts.insert(
+            "/ws/o".into(),
+            MountConfig {
+                kind: "host_fs".into(),
+                host_path: format!("{host}/missing"),
+                readonly: false,
+            },
+        );
+        let e = build(&cfg).err().expect("missing");
+        assert!(e.to_string().contains("host path does not exist"), "{e}");
+    }
+}
