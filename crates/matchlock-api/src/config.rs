@@ -281,7 +281,7 @@ pub struct VfsConfig {
     /// Guest path (absolute, within `workspace`) -> provider.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mounts: BTreeMap<String, MountConfig>,
-    /// Interception rules (carried for the schema; not applied yet).
+    /// Interception rules (`matchlock_vfs::intercept`: before-phase blocks, file events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interception: Option<serde_json::Value>,
 }

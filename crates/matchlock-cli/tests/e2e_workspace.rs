@@ -153,9 +153,9 @@ fn bad_specs_are_refused_with_the_reference_messages() {
                 "--workspace".into(),
                 "/workspace".into(),
                 "-v".into(),
-                format!("{dir}:/workspace/o"),
+                format!("{}:/workspace/o", s(&disk)),
             ],
-            "mount type \"overlay\" is not supported yet",
+            "single-file overlay mounts are not supported",
         ),
         (
             vec![

@@ -59,11 +59,6 @@ pub enum Failure {
     VmGone(String),
     #[error("a sandbox ({0}) already exists in this session: close it before creating another")]
     VmExists(String),
-    #[error("{what} is not available in this build yet: it needs {needs}")]
-    Unavailable {
-        what: &'static str,
-        needs: &'static str,
-    },
     #[error("{NO_INTERCEPTION}")]
     NoInterception,
     #[error("create VM")]
@@ -137,7 +132,6 @@ impl Failure {
             NoVm
             | VmGone(_)
             | VmExists(_)
-            | Unavailable { .. }
             | NoInterception
             | Resources(_)
             | ImageStore(_)

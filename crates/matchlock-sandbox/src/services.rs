@@ -11,13 +11,15 @@
 //! what it holds. Events (sandbox ready, stopped; later flows and file operations) go to the
 //! [`EventSink`].
 //!
-//! The filesystem service ([`FilesystemService`]) serves the workspace: it builds the mount
-//! router when the sandbox is configured (so a bad mount fails before anything boots),
-//! listens on `<state dir>/vfs.sock` in `prepare` (before QEMU starts), adds the
-//! `vhost-user-fs` device and tells the guest where to mount the share.
+//! The filesystem service ([`FilesystemService`]) serves the workspace: it checks the
+//! mounts when the sandbox is configured (so a bad mount fails before anything boots),
+//! builds the router (overlay copy-ups in `<state dir>/overlay`, removed at stop) wrapped in
+//! the interception layer (file events to the event hub) and listens on
+//! `<state dir>/vfs.sock` in `prepare` (before QEMU starts), adds the `vhost-user-fs` device
+//! and tells the guest where to mount the share.
 //!
 //! # Limitations
-//! Only `host_fs` mounts are served (see `matchlock_vfs`).
+//! Mounts nested inside other mounts are refused (see `matchlock_vfs::router`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -209,7 +211,7 @@ impl Services {
         vfs: Option<&matchlock_api::VfsConfig>,
     ) -> Result<(), matchlock_vfs::RouterError> {
         if let Some(v) = vfs.filter(|v| v.enabled()) {
-            self.filesystem = Some(Box::new(FilesystemService::new(v)?));
+            self.filesystem = Some(Box::new(FilesystemService::new(v, self.events.clone())?));
         }
         Ok(())
     }
@@ -248,22 +250,74 @@ impl Services {
 /// File name of the virtio-fs socket in a sandbox's state directory.
 pub const VFS_SOCKET: &str = "vfs.sock";
 
+/// Directory, in a sandbox's state directory, where overlay mounts keep their copy-ups.
+pub const OVERLAY_DIR: &str = "overlay";
+
 /// The workspace's virtio-fs server (see the module docs).
 pub struct FilesystemService {
-    workspace: String,
-    router: Option<matchlock_vfs::router::Router>,
+    config: matchlock_api::VfsConfig,
+    events: Arc<EventHub>,
+    scratch: Option<std::path::PathBuf>,
     server: Option<matchlock_vfs::FsServer>,
 }
 
 impl FilesystemService {
-    /// Builds the router for `vfs` (providers opened now; nothing listens yet).
-    pub fn new(vfs: &matchlock_api::VfsConfig) -> Result<Self, matchlock_vfs::RouterError> {
+    /// Checks `vfs` (mounts, host paths, interception rules); nothing is opened until the
+    /// sandbox prepares its services.
+    pub fn new(
+        vfs: &matchlock_api::VfsConfig,
+        events: Arc<EventHub>,
+    ) -> Result<Self, matchlock_vfs::RouterError> {
+        matchlock_vfs::router::preflight(vfs)?;
         Ok(FilesystemService {
-            workspace: vfs.workspace().to_string(),
-            router: Some(matchlock_vfs::build(vfs)?),
+            config: vfs.clone(),
+            events,
+            scratch: None,
             server: None,
         })
     }
+
+    /// The router wrapped in the interception layer, file events going to the event hub.
+    fn served(
+        &self,
+        scratch: &Path,
+    ) -> Result<
+        matchlock_vfs::intercept::Intercept<matchlock_vfs::router::Router>,
+        matchlock_vfs::RouterError,
+    > {
+        use matchlock_vfs::intercept::{FileEvent, Intercept, Rules};
+        let rules = Rules::from_config(self.config.interception.as_ref())
+            .map_err(matchlock_vfs::RouterError::Interception)?
+            .unwrap_or_default();
+        let router = matchlock_vfs::build(&self.config, scratch)?;
+        let hub = self.events.clone();
+        let sink: matchlock_vfs::intercept::EventSink = Arc::new(move |e: FileEvent| {
+            hub.emit(&SandboxEvent::File {
+                timestamp_ms: now_unix_ms(),
+                event: FileEventInfo {
+                    op: e.op.as_str().to_string(),
+                    path: e.path,
+                    size: e.size,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                },
+            })
+        });
+        Ok(Intercept::new(
+            router,
+            rules,
+            self.config.workspace(),
+            Some(sink),
+        ))
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 impl Service for FilesystemService {
@@ -272,7 +326,7 @@ impl Service for FilesystemService {
     }
 
     fn host_files(&self, dir: &Path) -> Vec<std::path::PathBuf> {
-        vec![dir.join(VFS_SOCKET)]
+        vec![dir.join(VFS_SOCKET), dir.join(OVERLAY_DIR)]
     }
 
     fn prepare(&mut self, plan: &mut BootPlan, dir: &Path) -> Result<(), ServiceError> {
@@ -280,25 +334,35 @@ impl Service for FilesystemService {
             service: "filesystem",
             source: e,
         };
-        let router = self
-            .router
-            .take()
-            .ok_or_else(|| fail("the filesystem service was prepared twice".into()))?;
+        if self.server.is_some() {
+            return Err(fail("the filesystem service was prepared twice".into()));
+        }
+        let scratch = dir.join(OVERLAY_DIR);
+        self.scratch = Some(scratch.clone());
+        let served = self.served(&scratch).map_err(|e| fail(Box::new(e)))?;
         let socket = dir.join(VFS_SOCKET);
-        let server = matchlock_vfs::FsServer::start(router, &socket, "vfs")
+        let server = matchlock_vfs::FsServer::start(served, &socket, "vfs")
             .map_err(|e| fail(Box::new(e)))?;
         self.server = Some(server);
         plan.vm.fs = Some(matchlock_vm::FsDevice {
             socket,
             tag: matchlock_guest_proto::WORKSPACE_TAG.to_string(),
         });
-        plan.guest.workspace = Some(self.workspace.clone());
+        plan.guest.workspace = Some(self.config.workspace().to_string());
         Ok(())
     }
 
     fn stop(&mut self) {
         if let Some(mut s) = self.server.take() {
             s.stop();
+        }
+        // Overlay copy-ups are the guest's scratch data: they go with the sandbox.
+        if let Some(dir) = self.scratch.take() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %dir.display(), error = %e, "overlay copy-ups not removed");
+                }
+            }
         }
     }
 }

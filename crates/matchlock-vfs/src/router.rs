@@ -10,7 +10,14 @@
 //!   served as a symlink (the guest resolves it in its own tree) and never followed on the
 //!   host; the [`Guard`] refuses `..`. A single file is served as the one entry of its
 //!   parent directory ([`GuardOptions::single_file`]).
-//! - `memory`, `overlay`: not wired yet.
+//! - `memory`: [`MemFs`] with a quota of [`MEMORY_QUOTA`] (the guest cannot grow the
+//!   owner's memory without bound).
+//! - `overlay`: [`OverlayFs`] over the host directory, its copy-ups in a fresh directory
+//!   under the caller's scratch directory (the VM's state directory), removed with it.
+//!
+//! A read-only mount of any type is also wrapped in the [`Guard`] (`EROFS` on every write
+//! path); `memory` and `overlay` keep the guest's uid/gid on what it creates, since
+//! nothing reaches a host file's ownership through them.
 //!
 //! # Limitations
 //! A mount nested inside another mount (`/workspace` and `/workspace/sub`) is refused:
@@ -27,10 +34,15 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, Pas
 use matchlock_api::{guest_path_within, MountConfig, VfsConfig};
 
 use crate::guard::{Guard, GuardOptions};
+use crate::memory::MemFs;
+use crate::overlay::OverlayFs;
 
 /// How long the guest may cache names and attributes of host files: host-side changes show
 /// within this time.
 const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bytes a `memory` mount may hold (file data plus a small per-inode charge).
+pub const MEMORY_QUOTA: u64 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -40,8 +52,21 @@ pub enum RouterError {
     RootWorkspace,
     #[error("mount {inner:?} is nested inside mount {outer:?}: not supported yet")]
     Nested { outer: String, inner: String },
-    #[error("mount type {kind:?} is not supported yet")]
-    Unsupported { kind: String },
+    #[error("invalid vfs.interception")]
+    Interception(#[source] crate::intercept::RulesError),
+    #[error("mount {guest:?}: overlay")]
+    Overlay {
+        guest: String,
+        #[source]
+        source: crate::overlay::OverlayError,
+    },
+    #[error("mount {guest:?}: create the overlay's upper directory {path}")]
+    Upper {
+        guest: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("mount {guest:?}: host_path is required")]
     NoHostPath { guest: String },
     #[error("mount {guest:?}: host path does not exist: {path}")]
@@ -71,8 +96,39 @@ pub enum RouterError {
 /// The router the server serves.
 pub type Router = Vfs;
 
-/// Builds the router for `cfg` (validated here again).
-pub fn build(cfg: &VfsConfig) -> Result<Router, RouterError> {
+/// Checks `cfg` without opening anything: validation, nesting, host paths (so a bad mount
+/// fails before anything boots).
+pub fn preflight(cfg: &VfsConfig) -> Result<(), RouterError> {
+    cfg.validate().map_err(RouterError::Config)?;
+    if cfg.workspace() == "/" {
+        return Err(RouterError::RootWorkspace);
+    }
+    check_nesting(cfg)?;
+    crate::intercept::Rules::from_config(cfg.interception.as_ref())
+        .map_err(RouterError::Interception)?;
+    for (guest, m) in &cfg.mounts {
+        match m.kind.as_str() {
+            "host_fs" => {
+                host_path(guest, m)?;
+            }
+            "overlay" => {
+                let (path, meta) = host_path(guest, m)?;
+                if !meta.is_dir() {
+                    return Err(RouterError::Overlay {
+                        guest: guest.clone(),
+                        source: crate::overlay::OverlayError::LowerNotDirectory { path },
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Builds the router for `cfg` (validated here again); overlay mounts keep their copy-ups
+/// in new directories under `scratch`.
+pub fn build(cfg: &VfsConfig, scratch: &Path) -> Result<Router, RouterError> {
     cfg.validate().map_err(RouterError::Config)?;
     let ws = cfg.workspace();
     if ws == "/" {
@@ -86,8 +142,8 @@ pub fn build(cfg: &VfsConfig) -> Result<Router, RouterError> {
         killpriv_v2: false,
         ..VfsOptions::default()
     });
-    for (guest, m) in &cfg.mounts {
-        let fs = provider(guest, m)?;
+    for (i, (guest, m)) in cfg.mounts.iter().enumerate() {
+        let fs = provider(guest, m, &scratch.join(format!("mount-{i:03}")))?;
         let rel = relative(guest, ws);
         vfs.mount(fs, &rel).map_err(|e| RouterError::Mount {
             guest: guest.clone(),
@@ -121,21 +177,42 @@ fn check_nesting(cfg: &VfsConfig) -> Result<(), RouterError> {
     Ok(())
 }
 
-/// The guarded provider of one mount.
-pub fn provider(guest: &str, m: &MountConfig) -> Result<BackFileSystem, RouterError> {
-    match m.kind.as_str() {
-        "host_fs" => host_fs(guest, m),
-        "overlay" | "memory" => Err(RouterError::Unsupported {
-            kind: m.kind.clone(),
-        }),
+/// The provider of one mount; `upper` is where an overlay keeps its copy-ups (created
+/// here, must not exist yet).
+pub fn provider(guest: &str, m: &MountConfig, upper: &Path) -> Result<BackFileSystem, RouterError> {
+    let fs: BackFileSystem = match m.kind.as_str() {
+        "host_fs" => return host_fs(guest, m),
+        "overlay" => {
+            let (lower, _) = host_path(guest, m)?;
+            std::fs::create_dir_all(upper).map_err(|source| RouterError::Upper {
+                guest: guest.to_string(),
+                path: upper.to_path_buf(),
+                source,
+            })?;
+            let fs = OverlayFs::new(&lower, upper).map_err(|source| RouterError::Overlay {
+                guest: guest.to_string(),
+                source,
+            })?;
+            Box::new(fs)
+        }
         // The reference falls back to memory for an empty or unknown type.
-        _ => Err(RouterError::Unsupported {
-            kind: "memory".to_string(),
-        }),
-    }
+        _ => Box::new(MemFs::new(MEMORY_QUOTA)),
+    };
+    Ok(if m.readonly {
+        Box::new(Guard::new(
+            fs,
+            GuardOptions {
+                readonly: true,
+                single_file: None,
+            },
+        ))
+    } else {
+        fs
+    })
 }
 
-fn host_fs(guest: &str, m: &MountConfig) -> Result<BackFileSystem, RouterError> {
+/// The canonical host path of a mount and its metadata.
+fn host_path(guest: &str, m: &MountConfig) -> Result<(PathBuf, std::fs::Metadata), RouterError> {
     if m.host_path.is_empty() {
         return Err(RouterError::NoHostPath {
             guest: guest.to_string(),
@@ -151,6 +228,11 @@ fn host_fs(guest: &str, m: &MountConfig) -> Result<BackFileSystem, RouterError> 
         path: path.clone(),
         source,
     })?;
+    Ok((path, meta))
+}
+
+fn host_fs(guest: &str, m: &MountConfig) -> Result<BackFileSystem, RouterError> {
+    let (path, meta) = host_path(guest, m)?;
     let (root, single_file) = if meta.is_dir() {
         (path.clone(), None)
     } else if meta.is_file() {
@@ -216,7 +298,7 @@ mod tests {
     }
 
     #[test]
-    fn nesting_and_types_refused() {
+    fn nesting_refused_and_every_type_builds() {
         let dir = tempfile::tempdir().expect("tmp");
         let host = dir.path().to_str().expect("utf8").to_string();
         let m = |kind: &str| MountConfig {
@@ -230,17 +312,25 @@ mod tests {
         };
         cfg.mounts.insert("/ws".into(), m("host_fs"));
         cfg.mounts.insert("/ws/sub".into(), m("host_fs"));
-        let e = build(&cfg).err().expect("nested");
+        let scratch = tempfile::tempdir().expect("scratch");
+        let e = build(&cfg, scratch.path()).err().expect("nested");
         assert!(e.to_string().contains("nested"), "{e}");
+        assert!(preflight(&cfg).is_err());
         cfg.mounts.remove("/ws");
         cfg.mounts.insert("/ws/other".into(), m("host_fs"));
-        build(&cfg).expect("siblings");
+        build(&cfg, scratch.path()).expect("siblings");
+        // Overlay and memory mount next to host_fs; the overlay's copy-ups get a fresh
+        // directory under the scratch directory.
         cfg.mounts.insert("/ws/o".into(), m("overlay"));
-        let e = build(&cfg).err().expect("overlay");
-        assert_eq!(e.to_string(), "mount type \"overlay\" is not supported yet");
-        cfg.mounts.insert("/ws/o".into(), m(""));
-        let e = build(&cfg).err().expect("memory");
-        assert_eq!(e.to_string(), "mount type \"memory\" is not supported yet");
+        cfg.mounts.insert("/ws/m".into(), m(""));
+        let fresh = tempfile::tempdir().expect("scratch");
+        build(&cfg, fresh.path()).expect("overlay and memory");
+        let uppers: Vec<_> = std::fs::read_dir(fresh.path())
+            .expect("scratch listing")
+            .filter_map(|e| e.ok())
+            .collect();
+        assert_eq!(uppers.len(), 1, "only the overlay needs an upper directory");
+        cfg.mounts.remove("/ws/m");
         cfg.mounts.insert(
             "/ws/o".into(),
             MountConfig {
@@ -249,7 +339,7 @@ mod tests {
                 readonly: false,
             },
         );
-        let e = build(&cfg).err().expect("missing");
+        let e = build(&cfg, scratch.path()).err().expect("missing");
         assert!(e.to_string().contains("host path does not exist"), "{e}");
     }
 }

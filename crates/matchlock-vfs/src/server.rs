@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
+
+use crate::intercept::Intercept;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
@@ -62,7 +64,7 @@ pub enum ServerError {
 }
 
 struct FsBackend {
-    server: Server<Arc<Vfs>>,
+    server: Server<Arc<Intercept<Vfs>>>,
     mem: RwLock<Option<Mem>>,
     event_idx: std::sync::atomic::AtomicBool,
 }
@@ -211,7 +213,7 @@ pub struct FsServer {
 impl FsServer {
     /// Listens on `socket` (replacing a stale file) and serves `vfs` to the first front-end
     /// that connects, on a thread named `name`.
-    pub fn start(vfs: Vfs, socket: &Path, name: &str) -> Result<FsServer, ServerError> {
+    pub fn start(vfs: Intercept<Vfs>, socket: &Path, name: &str) -> Result<FsServer, ServerError> {
         let mut listener = Listener::new(socket, true).map_err(|source| ServerError::Listen {
             path: socket.to_path_buf(),
             source,

@@ -7,7 +7,7 @@ use matchlock_api::rpc::{
     envelope, to_value, CancelParams, CancelResult, CloseParams, CreateResult, Empty, EventParams,
     Notice,
 };
-use matchlock_api::{Config, ImageConfig, ImageOverrides};
+use matchlock_api::{ImageConfig, ImageOverrides};
 use matchlock_sandbox::services::{EventSink, SandboxEvent, Services};
 use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
 use serde_json::Value;
@@ -25,7 +25,6 @@ pub async fn create(s: &Arc<Shared>, p: Value) -> Result<Value, Failure> {
     if let Ok(cur) = s.current() {
         return Err(Failure::VmExists(cur.id().to_string()));
     }
-    refuse_unavailable(&plan.config)?;
     if let Some(net) = &plan.config.network {
         matchlock_sandbox::network::validate(net).map_err(Failure::Network)?;
     }
@@ -72,17 +71,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     msg
-}
-
-/// Configurations this build cannot honour are refused, not ignored.
-fn refuse_unavailable(cfg: &Config) -> Result<(), Failure> {
-    if cfg.vfs.as_ref().is_some_and(|v| v.interception.is_some()) {
-        return Err(Failure::Unavailable {
-            what: "vfs.interception",
-            needs: "filesystem interception",
-        });
-    }
-    Ok(())
 }
 
 /// The image as `run` finds it (spec §6.1): a local tag, an earlier pull of the same

@@ -112,6 +112,8 @@ pub struct RuleWire {
 /// Why an interception config was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
+    #[error("vfs.interception is not a valid interception config")]
+    Parse(#[source] serde_json::Error),
     #[error("vfs.interception has {count} rules; at most {max} are allowed")]
     TooMany { count: usize, max: usize },
 }
@@ -141,6 +143,18 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// Compiles `vfs.interception` as carried in the config (absent = nothing to do).
+    pub fn from_config(value: Option<&serde_json::Value>) -> Result<Option<Rules>, RulesError> {
+        match value {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => {
+                let wire: InterceptionWire =
+                    serde_json::from_value(v.clone()).map_err(RulesError::Parse)?;
+                Rules::compile(&wire)
+            }
+        }
+    }
+
     /// Compiles the wire form; `None` when nothing would be enforced or reported (no engine,
     /// as the reference).
     pub fn compile(wire: &InterceptionWire) -> Result<Option<Rules>, RulesError> {
