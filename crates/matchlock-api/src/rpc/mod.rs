@@ -16,10 +16,12 @@
 pub mod b64;
 pub mod codes;
 pub mod envelope;
+mod filemode;
 mod messages;
 pub mod port;
 
 pub use envelope::{BadLine, Incoming, Request, RpcErrorObject};
+pub use filemode::go_file_mode;
 pub use messages::*;
 
 /// A client -> server method (requests and input notifications).

@@ -30,7 +30,6 @@ use crate::io::Hold;
 use crate::shared::Shared;
 
 pub use exec::input;
-pub use files::go_file_mode;
 pub use session::{cancel, close, create};
 
 /// How the loop runs a method.

@@ -40,6 +40,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+pub use matchlock_api::rpc::go_file_mode;
 pub use paths::Paths;
 pub use rules::{InterceptionWire, Op, Rules, RulesError};
 
@@ -68,39 +69,6 @@ pub struct Intercept<F> {
     paths: Paths,
     workspace: String,
     sink: Option<EventSink>,
-}
-
-/// Converts POSIX `st_mode` into Go's `os.FileMode` layout (the wire's `mode`, spec §16.5).
-pub fn go_file_mode(st_mode: u32) -> u32 {
-    const DIR: u32 = 1 << 31;
-    const SYMLINK: u32 = 1 << 27;
-    const DEVICE: u32 = 1 << 26;
-    const PIPE: u32 = 1 << 25;
-    const SOCKET: u32 = 1 << 24;
-    const SETUID: u32 = 1 << 23;
-    const SETGID: u32 = 1 << 22;
-    const CHARDEV: u32 = 1 << 21;
-    const STICKY: u32 = 1 << 20;
-    let mut m = st_mode & 0o777;
-    m |= match st_mode & libc::S_IFMT {
-        libc::S_IFDIR => DIR,
-        libc::S_IFLNK => SYMLINK,
-        libc::S_IFBLK => DEVICE,
-        libc::S_IFCHR => DEVICE | CHARDEV,
-        libc::S_IFIFO => PIPE,
-        libc::S_IFSOCK => SOCKET,
-        _ => 0,
-    };
-    for (bit, go) in [
-        (libc::S_ISUID, SETUID),
-        (libc::S_ISGID, SETGID),
-        (libc::S_ISVTX, STICKY),
-    ] {
-        if st_mode & bit != 0 {
-            m |= go;
-        }
-    }
-    m
 }
 
 fn eperm() -> io::Error {
