@@ -31,7 +31,9 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
 echo "fuzz: building ${targets[*]} (instrumented, release)"
-cargo build --quiet --release --locked --target "$triple" --bins
+# Always fuzz/target: an exported CARGO_TARGET_DIR (e.g. a worktree's) must neither receive
+# the instrumented build nor leave this script looking for the binaries elsewhere.
+cargo build --quiet --release --locked --target "$triple" --target-dir "$here/target" --bins
 bin=$here/target/$triple/release
 scratch=$(mktemp -d /tmp/matchlock-fuzz.XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
