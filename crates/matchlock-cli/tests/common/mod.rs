@@ -55,17 +55,48 @@ fn kernel() -> PathBuf {
     p
 }
 
+const HOME_PREFIX: &str = "ml-e2e-";
+const OWNER_FILE: &str = ".ml-e2e-owner";
+
+/// Removes the test homes of test processes that are gone. The home lives in a static,
+/// and statics are never dropped, so each test binary's home (~100 MB with its image)
+/// would otherwise stay behind after every run.
+fn sweep_stale_homes(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(HOME_PREFIX) {
+            continue;
+        }
+        let dir = e.path();
+        let alive = match std::fs::read_to_string(dir.join(OWNER_FILE)) {
+            Ok(pid) => Path::new("/proc").join(pid.trim()).exists(),
+            // A home still being set up has no owner file yet: leave young ones alone.
+            Err(_) => e.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+                t.elapsed().unwrap_or_default() < std::time::Duration::from_secs(3600)
+            }),
+        };
+        if !alive {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// One environment per test binary: sandboxes of all its tests share HOME and the image.
 pub fn env() -> &'static TestEnv {
     static ENV: OnceLock<TestEnv> = OnceLock::new();
     ENV.get_or_init(|| {
+        let root = std::env::var_os("MATCHLOCK_TEST_TMP")
+            .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+        sweep_stale_homes(&root);
         let home = tempfile::Builder::new()
-            .prefix("ml-e2e-")
-            .tempdir_in(
-                std::env::var_os("MATCHLOCK_TEST_TMP")
-                    .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from),
-            )
+            .prefix(HOME_PREFIX)
+            .tempdir_in(&root)
             .expect("temp home");
+        std::fs::write(home.path().join(OWNER_FILE), std::process::id().to_string())
+            .expect("record the test home's owner");
         let env = TestEnv { home };
         let mut archive = Vec::new();
         matchlock_test_support::busybox_image(&mut archive).expect("build busybox image");
