@@ -296,6 +296,12 @@ pub struct MountConfig {
     pub host_path: String,
     #[serde(default, skip_serializing_if = "is_false")]
     pub readonly: bool,
+    /// Owner the guest sees on every file of a `host_fs` mount (the host's owner otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
+    /// Group the guest sees on every file of a `host_fs` mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_gid: Option<u32>,
 }
 
 /// Whether `p` matches the reference's guest-mount pattern `^/[a-zA-Z0-9/_.-]+$`.

@@ -49,6 +49,8 @@ fn python_sdk_host_dir_mounts() {
         "atomic\n"
     );
     assert_eq!(v["pwd"], "/workspace", "{v}");
+    // owner_uid/owner_gid: what the guest sees on every file of that mount.
+    assert_eq!(v["owned"], "4242:4343\n4242:4343\n", "{v}");
     assert_ne!(v["ro"]["code"], 0, "{v}");
     assert_eq!(v["ro"]["out"], "host-readonly", "{v}");
     assert!(

@@ -49,6 +49,10 @@ pub struct GuardOptions {
     pub readonly: bool,
     /// Serve only this entry of the backend's root directory, as the mount's root.
     pub single_file: Option<CString>,
+    /// Owner reported to the guest for every file, whatever the host says (`owner_uid`).
+    pub owner_uid: Option<u32>,
+    /// Group reported to the guest for every file (`owner_gid`).
+    pub owner_gid: Option<u32>,
 }
 
 /// A backend behind the sandbox's filesystem rules (see the module docs).
@@ -101,6 +105,30 @@ impl Guard {
         Guard { inner, opts }
     }
 
+    /// Applies the reported-ownership override to attributes going to the guest.
+    fn present(&self, st: &mut stat64) {
+        if let Some(uid) = self.opts.owner_uid {
+            st.st_uid = uid;
+        }
+        if let Some(gid) = self.opts.owner_gid {
+            st.st_gid = gid;
+        }
+    }
+
+    fn entry(&self, r: io::Result<Entry>) -> io::Result<Entry> {
+        r.map(|mut e| {
+            self.present(&mut e.attr);
+            e
+        })
+    }
+
+    fn attr(&self, r: io::Result<(stat64, Duration)>) -> io::Result<(stat64, Duration)> {
+        r.map(|(mut st, d)| {
+            self.present(&mut st);
+            (st, d)
+        })
+    }
+
     fn writable(&self) -> io::Result<()> {
         if self.opts.readonly {
             Err(err(libc::EROFS))
@@ -128,15 +156,17 @@ impl Guard {
 
 impl BackendFileSystem for Guard {
     fn mount(&self) -> io::Result<(Entry, u64)> {
-        match &self.opts.single_file {
-            None => self.inner.mount(),
+        let (mut entry, max) = match &self.opts.single_file {
+            None => self.inner.mount()?,
             Some(name) => {
                 // Import the backend's root, then hand out only the one entry.
                 let _ = self.inner.mount()?;
                 let entry = self.inner.lookup(&Context::default(), ROOT_ID, name)?;
-                Ok((entry, VFS_MAX_INO))
+                (entry, VFS_MAX_INO)
             }
-        }
+        };
+        self.present(&mut entry.attr);
+        Ok((entry, max))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -159,7 +189,7 @@ impl FileSystem for Guard {
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
         self.reachable(parent)?;
         check_name(name)?;
-        self.inner.lookup(&owner(ctx), parent, name)
+        self.entry(self.inner.lookup(&owner(ctx), parent, name))
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
@@ -177,7 +207,7 @@ impl FileSystem for Guard {
         handle: Option<Handle>,
     ) -> io::Result<(stat64, Duration)> {
         self.reachable(inode)?;
-        self.inner.getattr(&owner(ctx), inode, handle)
+        self.attr(self.inner.getattr(&owner(ctx), inode, handle))
     }
 
     fn setattr(
@@ -193,7 +223,7 @@ impl FileSystem for Guard {
         if valid.contains(SetattrValid::MODE) {
             attr.st_mode = strip_setid(attr.st_mode);
         }
-        self.inner.setattr(&owner(ctx), inode, attr, handle, valid)
+        self.attr(self.inner.setattr(&owner(ctx), inode, attr, handle, valid))
     }
 
     fn readlink(&self, ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
@@ -209,7 +239,7 @@ impl FileSystem for Guard {
         name: &CStr,
     ) -> io::Result<Entry> {
         self.name_write(parent, name)?;
-        self.inner.symlink(&owner(ctx), linkname, parent, name)
+        self.entry(self.inner.symlink(&owner(ctx), linkname, parent, name))
     }
 
     fn mknod(
@@ -226,8 +256,10 @@ impl FileSystem for Guard {
         if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
             return Err(err(libc::EPERM));
         }
-        self.inner
-            .mknod(&owner(ctx), inode, name, strip_setid(mode), rdev, umask)
+        self.entry(
+            self.inner
+                .mknod(&owner(ctx), inode, name, strip_setid(mode), rdev, umask),
+        )
     }
 
     fn mkdir(
@@ -239,8 +271,10 @@ impl FileSystem for Guard {
         umask: u32,
     ) -> io::Result<Entry> {
         self.name_write(parent, name)?;
-        self.inner
-            .mkdir(&owner(ctx), parent, name, strip_setid(mode), umask)
+        self.entry(
+            self.inner
+                .mkdir(&owner(ctx), parent, name, strip_setid(mode), umask),
+        )
     }
 
     fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -277,7 +311,7 @@ impl FileSystem for Guard {
     ) -> io::Result<Entry> {
         self.reachable(inode)?;
         self.name_write(newparent, newname)?;
-        self.inner.link(&owner(ctx), inode, newparent, newname)
+        self.entry(self.inner.link(&owner(ctx), inode, newparent, newname))
     }
 
     fn open(
@@ -306,7 +340,9 @@ impl FileSystem for Guard {
             mode: strip_setid(args.mode),
             ..args
         };
-        self.inner.create(&owner(ctx), parent, name, args)
+        let (mut e, h, o, p) = self.inner.create(&owner(ctx), parent, name, args)?;
+        self.present(&mut e.attr);
+        Ok((e, h, o, p))
     }
 
     fn read(
@@ -486,8 +522,12 @@ impl FileSystem for Guard {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         self.reachable(inode)?;
+        let mut present = |d: DirEntry, mut e: Entry| {
+            self.present(&mut e.attr);
+            add_entry(d, e)
+        };
         self.inner
-            .readdirplus(&owner(ctx), inode, handle, size, offset, add_entry)
+            .readdirplus(&owner(ctx), inode, handle, size, offset, &mut present)
     }
 
     fn fsyncdir(

@@ -52,6 +52,8 @@ pub enum RouterError {
     RootWorkspace,
     #[error("mount {inner:?} is nested inside mount {outer:?}: not supported yet")]
     Nested { outer: String, inner: String },
+    #[error("mount {guest:?}: owner_uid/owner_gid are only supported for host_fs mounts")]
+    OwnerOverride { guest: String },
     #[error("invalid vfs.interception")]
     Interception(#[source] crate::intercept::RulesError),
     #[error("mount {guest:?}: overlay")]
@@ -121,6 +123,11 @@ pub fn preflight(cfg: &VfsConfig) -> Result<(), RouterError> {
                 }
             }
             _ => {}
+        }
+        if m.kind != "host_fs" && (m.owner_uid.is_some() || m.owner_gid.is_some()) {
+            return Err(RouterError::OwnerOverride {
+                guest: guest.clone(),
+            });
         }
     }
     Ok(())
@@ -203,7 +210,7 @@ pub fn provider(guest: &str, m: &MountConfig, upper: &Path) -> Result<BackFileSy
             fs,
             GuardOptions {
                 readonly: true,
-                single_file: None,
+                ..GuardOptions::default()
             },
         ))
     } else {
@@ -263,6 +270,8 @@ fn host_fs(guest: &str, m: &MountConfig) -> Result<BackFileSystem, RouterError> 
         GuardOptions {
             readonly: m.readonly,
             single_file,
+            owner_uid: m.owner_uid,
+            owner_gid: m.owner_gid,
         },
     )))
 }
@@ -304,7 +313,7 @@ mod tests {
         let m = |kind: &str| MountConfig {
             kind: kind.into(),
             host_path: host.clone(),
-            readonly: false,
+            ..MountConfig::default()
         };
         let mut cfg = VfsConfig {
             workspace: "/ws".into(),
@@ -336,7 +345,27 @@ mod tests {
             MountConfig {
                 kind: "host_fs".into(),
                 host_path: format!("{host}/missing"),
-                readonly: false,
+                ..MountConfig::default()
+            },
+        );
+        let e = build(&cfg, scratch.path()).err().expect("missing");
+        assert!(e.to_string().contains("host path does not exist"), "{e}");
+        cfg.mounts.insert(
+            "/ws/o".into(),
+            MountConfig {
+                kind: "memory".into(),
+                owner_uid: Some(1),
+                ..MountConfig::default()
+            },
+        );
+        let e = preflight(&cfg).expect_err("owner on memory");
+        assert!(e.to_string().contains("only supported for host_fs"), "{e}");
+        cfg.mounts.insert(
+            "/ws/o".into(),
+            MountConfig {
+                kind: "host_fs".into(),
+                host_path: format!("{host}/missing"),
+                ..MountConfig::default()
             },
         );
         let e = build(&cfg, scratch.path()).err().expect("missing");

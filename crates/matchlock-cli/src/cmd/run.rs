@@ -306,6 +306,7 @@ fn parse_volume(spec: &str, workspace: &str) -> Result<(String, MountConfig), St
         kind: kind.to_string(),
         host_path,
         readonly,
+        ..MountConfig::default()
     };
     Ok((guest, mount))
 }

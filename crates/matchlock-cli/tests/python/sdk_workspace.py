@@ -23,6 +23,7 @@ with Client(Config(binary_path=BIN)) as client:
         .with_workspace("/workspace")
         .mount_host_dir("/workspace/repo", RW)
         .mount_host_dir_readonly("/workspace/ref", RO)
+        .mount_host_dir("/workspace/owned", RO, owner_uid=4242, owner_gid=4343)
     )
     client.launch(sandbox)
     r = client.exec(
@@ -34,6 +35,8 @@ with Client(Config(binary_path=BIN)) as client:
     result["pwd"] = r.stdout.strip()
     r = client.exec("cat /workspace/ref/host.txt; touch /workspace/ref/new")
     result["ro"] = {"code": r.exit_code, "out": r.stdout, "err": r.stderr}
+    r = client.exec("stat -c %u:%g /workspace/owned /workspace/owned/host.txt")
+    result["owned"] = r.stdout
     client.write_file("/workspace/repo/from-sdk.txt", "written-by-sdk")
     result["read_back"] = client.read_file("/workspace/ref/host.txt").decode()
     result["listed"] = sorted(f.name for f in client.list_files("/workspace/repo"))

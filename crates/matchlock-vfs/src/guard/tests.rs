@@ -152,7 +152,7 @@ fn readonly_refuses_every_write() {
         dir.path(),
         GuardOptions {
             readonly: true,
-            single_file: None,
+            ..GuardOptions::default()
         },
     );
     let f = g.lookup(&ctx(), ROOT_ID, &c("f")).expect("lookup").inode;
@@ -206,8 +206,8 @@ fn single_file_hides_its_directory() {
     let g = Guard::new(
         passthrough(dir.path()).expect("passthrough"),
         GuardOptions {
-            readonly: false,
             single_file: Some(c("one")),
+            ..GuardOptions::default()
         },
     );
     let (root, _) = g.mount().expect("mount");
@@ -225,4 +225,34 @@ fn single_file_hides_its_directory() {
         "a file has no entries"
     );
     g.getattr(&ctx(), root.inode, None).expect("file attr");
+}
+
+#[test]
+fn owner_override_is_what_the_guest_sees() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("f"), "data").expect("f");
+    let g = guard(
+        dir.path(),
+        GuardOptions {
+            owner_uid: Some(4242),
+            owner_gid: Some(4343),
+            ..GuardOptions::default()
+        },
+    );
+    let (root, _) = g.mount().expect("mount");
+    assert_eq!((root.attr.st_uid, root.attr.st_gid), (4242, 4343));
+    let f = g.lookup(&ctx(), ROOT_ID, &c("f")).expect("lookup");
+    assert_eq!((f.attr.st_uid, f.attr.st_gid), (4242, 4343));
+    let (st, _) = g.getattr(&ctx(), f.inode, None).expect("getattr");
+    assert_eq!((st.st_uid, st.st_gid), (4242, 4343));
+    let d = g.mkdir(&ctx(), ROOT_ID, &c("d"), 0o755, 0).expect("mkdir");
+    assert_eq!((d.attr.st_uid, d.attr.st_gid), (4242, 4343));
+    // The host file keeps its real owner.
+    let meta = std::fs::metadata(dir.path().join("d")).expect("d");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        std::fs::metadata(dir.path())
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .expect("dir")
+    );
 }
