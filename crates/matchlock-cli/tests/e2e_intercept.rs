@@ -15,8 +15,7 @@ mod common;
 mod nethost;
 
 use common::{env, ok};
-use nethost::{guest, NetHost};
-use serde_json::Value;
+use nethost::NetHost;
 
 const SECRET: &str = "s3cr3t-value-for-api";
 
@@ -32,19 +31,10 @@ fn start(net: &NetHost, image: &str, args: &[&str], secret: &str) -> String {
         .to_string()
 }
 
-fn requests(net: &NetHost, log: &str, path: &str) -> Vec<Value> {
-    net.log(log)
-        .into_iter()
-        .filter(|r| r["path"] == path)
-        .collect()
-}
-
 /// Runs `script` in the guest and returns its output (asserting success when `want_ok`).
 #[track_caller]
 fn sh(id: &str, script: &str, want_ok: bool) -> String {
-    let (okk, text, _) = guest(env(), id, script);
-    assert_eq!(okk, want_ok, "{script}: {text}");
-    text
+    nethost::guest_sh(env(), id, script, want_ok)
 }
 
 #[test]
@@ -73,7 +63,7 @@ fn interception_secrets_and_adversarial_cases() {
         true,
     );
     assert!(out.ends_with(" 2"), "guest side is HTTP/2: {out}");
-    let r = &requests(&net, "https", "/tls")[0];
+    let r = &net.requests("https", "/tls")[0];
     assert_eq!(r["sni"], "web.test");
     assert_eq!(r["version"], "HTTP/2.0", "{r}");
     assert_eq!(r["query"], "q=1");
@@ -100,7 +90,7 @@ fn interception_secrets_and_adversarial_cases() {
         true,
     );
     assert_eq!(out.trim(), "1 0", "keep-alive reused the connection: {out}");
-    assert_eq!(requests(&net, "http", "/one").len(), 1);
+    assert_eq!(net.requests("http", "/one").len(), 1);
     // SSE arrives as it is produced (three events 300 ms apart).
     let out = sh(
         &id,
@@ -132,7 +122,7 @@ fn interception_secrets_and_adversarial_cases() {
         "curl -sS --max-time 30 -o /dev/null -H \"Authorization: Bearer $API_TOKEN\" \"https://api.test/v1?key=$API_TOKEN\"",
         true,
     );
-    let r = &requests(&net, "https", "/v1")[0];
+    let r = &net.requests("https", "/v1")[0];
     assert_eq!(r["headers"]["authorization"], format!("Bearer {SECRET}"));
     assert_eq!(r["query"], format!("key={SECRET}"));
 
@@ -276,7 +266,7 @@ fn interception_secrets_and_adversarial_cases() {
         true,
     );
     assert!(out.contains("now-allowed"), "{out}");
-    assert_eq!(requests(&net, "https", "/now-allowed").len(), 1);
+    assert_eq!(net.requests("https", "/now-allowed").len(), 1);
     assert!(!net.log_text("udp").contains("udp-leak"));
     // Allow-listed names whose DNS answers are blocked addresses (private, loopback,
     // metadata): the owner checks the address it would dial, so 403 and nothing arrives.
@@ -353,10 +343,10 @@ fn same_secret_name_two_sandboxes_and_add_host_steering() {
         );
     }
     assert_eq!(
-        requests(&net, "https", "/from-a")[0]["headers"]["x-token"],
+        net.requests("https", "/from-a")[0]["headers"]["x-token"],
         "value-of-a"
     );
-    let rb = &requests(&net, "https", "/from-b")[0];
+    let rb = &net.requests("https", "/from-b")[0];
     assert_eq!(rb["headers"]["x-token"], "value-of-b");
     // It arrived at the real address; nothing went to the steering address.
     assert_eq!(rb["local"], "198.51.100.2:443", "{rb}");

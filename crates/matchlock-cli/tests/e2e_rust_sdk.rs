@@ -10,8 +10,6 @@
 
 mod common;
 
-use std::process::Command;
-
 #[allow(dead_code)]
 #[path = "../../matchlock-sdk/examples/basic.rs"]
 mod basic;
@@ -30,19 +28,10 @@ fn is_child(name: &str) -> bool {
 /// Runs test `name` of this binary in a child process whose environment points the SDK at the
 /// test environment, and fails unless that child ran it and it passed.
 fn run_in_child(name: &str) {
-    let e = common::env();
-    let template = e.cmd();
     let exe = std::env::current_exe().expect("test binary path");
-    let mut child = Command::new(exe);
-    child.args([name, "--exact", "--nocapture", "--test-threads=1"]);
-    for (k, v) in template.get_envs() {
-        match v {
-            Some(v) => child.env(k, v),
-            None => child.env_remove(k),
-        };
-    }
+    let mut child = common::env().client_cmd(exe);
     child
-        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env("MATCHLOCK_IMAGE", common::IMAGE)
         .env(CHILD, name);
     let out = child.output().expect("run the example in a child process");

@@ -9,36 +9,16 @@ mod common;
 #[path = "common/nethost.rs"]
 mod nethost;
 
-use std::path::Path;
-use std::process::Command;
-
 use nethost::NetHost;
 use serde_json::Value;
-
-fn requests(net: &NetHost, log: &str, path: &str) -> Vec<Value> {
-    net.log(log)
-        .into_iter()
-        .filter(|r| r["path"] == path)
-        .collect()
-}
 
 #[test]
 fn python_sdk_network_features() {
     let e = common::env();
     let image = nethost::nettest_image(e);
     let net = NetHost::new();
-    let template = e.cmd();
-    let mut c = Command::new(common::sdk_python());
-    for (k, v) in template.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_network.py");
-    c.arg(script)
-        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
-        .env("MATCHLOCK_TEST_IMAGE", image);
+    let mut c = e.python_sdk("sdk_network.py");
+    c.env("MATCHLOCK_TEST_IMAGE", image);
     let out = net.wrap(c).output().expect("run the SDK network scenario");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -53,7 +33,7 @@ fn python_sdk_network_features() {
     let token = v["token"]["out"].as_str().unwrap_or_default();
     assert!(token.starts_with("SANDBOX_SECRET_"), "{v}");
     assert_eq!(v["secret"]["out"], "200", "{v}");
-    let r = &requests(&net, "https", "/sdk-secret")[0];
+    let r = &net.requests("https", "/sdk-secret")[0];
     assert_eq!(r["headers"]["authorization"], "Bearer sdk-secret-value");
     assert_eq!(r["headers"]["x-rule"], "static", "static before-rule: {r}");
     // Toward another host: refused, never sent.
@@ -64,9 +44,9 @@ fn python_sdk_network_features() {
             .ends_with("403"),
         "{v}"
     );
-    assert!(requests(&net, "https", "/sdk-leak").is_empty());
+    assert!(net.requests("https", "/sdk-leak").is_empty());
     // SDK callbacks: the before-callback added a header, the after-callback rewrote the body.
-    let r = &requests(&net, "https", "/cb/one")[0];
+    let r = &net.requests("https", "/cb/one")[0];
     assert_eq!(r["headers"]["x-from-callback"], "yes", "{r}");
     let body = v["callback"]["out"].as_str().unwrap_or_default();
     assert!(body.contains("/cb/one"), "{v}");
@@ -83,9 +63,9 @@ fn python_sdk_network_features() {
             .ends_with("403"),
         "{v}"
     );
-    assert!(requests(&net, "http", "/admin/x").is_empty());
+    assert!(net.requests("http", "/admin/x").is_empty());
     // A body replacement on the way back (the test host echoes "method":"GET").
     let rewritten = v["rewritten"]["out"].as_str().unwrap_or_default();
     assert!(rewritten.contains("\"method\":\"TEG\""), "{v}");
-    assert_eq!(requests(&net, "http", "/plain/x")[0]["method"], "GET");
+    assert_eq!(net.requests("http", "/plain/x")[0]["method"], "GET");
 }

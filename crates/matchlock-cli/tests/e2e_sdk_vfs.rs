@@ -9,9 +9,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use serde_json::Value;
 
 #[test]
@@ -24,20 +21,8 @@ fn python_sdk_vfs_interception() {
     std::fs::write(l.join("gone.txt"), "gone\n").expect("seed");
     std::fs::create_dir(l.join("dir")).expect("seed");
     std::fs::write(l.join("dir/inner.txt"), "inner\n").expect("seed");
-    let template = e.cmd();
-    let mut c = Command::new(common::sdk_python());
-    for (k, v) in template.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_vfs.py");
-    c.arg(script)
-        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
-        .env("MATCHLOCK_TEST_IMAGE", common::IMAGE)
-        .env("WORKDIR", host.path())
-        .env("LOWER", l);
+    let mut c = e.python_sdk("sdk_vfs.py");
+    c.env("WORKDIR", host.path()).env("LOWER", l);
     let out = c.output().expect("run the SDK VFS scenario");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

@@ -5,9 +5,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use serde_json::Value;
 
 #[test]
@@ -19,20 +16,8 @@ fn python_sdk_host_dir_mounts() {
     std::fs::create_dir_all(&rw).expect("mkdir");
     std::fs::create_dir_all(&ro).expect("mkdir");
     std::fs::write(ro.join("host.txt"), "host-readonly").expect("write");
-    let template = e.cmd();
-    let mut c = Command::new(common::sdk_python());
-    for (k, v) in template.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_workspace.py");
-    c.arg(script)
-        .env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"))
-        .env("MATCHLOCK_TEST_IMAGE", common::IMAGE)
-        .env("RW_DIR", &rw)
-        .env("RO_DIR", &ro);
+    let mut c = e.python_sdk("sdk_workspace.py");
+    c.env("RW_DIR", &rw).env("RO_DIR", &ro);
     let out = c.output().expect("run the SDK workspace scenario");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

@@ -12,24 +12,14 @@ mod common;
 mod nethost;
 
 use common::{env, ok};
-use nethost::{guest, NetHost};
-use serde_json::Value;
+use nethost::NetHost;
 
 const SECRET: &str = "tlsport-s3cr3t-value";
-
-fn requests(net: &NetHost, log: &str, path: &str) -> Vec<Value> {
-    net.log(log)
-        .into_iter()
-        .filter(|r| r["path"] == path)
-        .collect()
-}
 
 /// Runs `script` in the guest and returns its output (asserting success when `want_ok`).
 #[track_caller]
 fn sh(id: &str, script: &str, want_ok: bool) -> String {
-    let (okk, text, _) = guest(env(), id, script);
-    assert_eq!(okk, want_ok, "{script}: {text}");
-    text
+    nethost::guest_sh(env(), id, script, want_ok)
 }
 
 #[test]
@@ -59,7 +49,7 @@ fn tls_on_other_ports_is_intercepted_and_raw_tcp_still_works() {
         true,
     );
     assert_eq!(out.trim(), "200 2", "{out}");
-    let r = &requests(&net, "https-alt", "/alt")[0];
+    let r = &net.requests("https-alt", "/alt")[0];
     assert_eq!(r["headers"]["authorization"], format!("Bearer {SECRET}"));
     assert_eq!(r["query"], format!("key={SECRET}"));
     assert_eq!(r["sni"], "api.test");
@@ -91,7 +81,7 @@ fn tls_on_other_ports_is_intercepted_and_raw_tcp_still_works() {
         true,
     );
     assert!(out.ends_with("502"), "{out}");
-    assert!(requests(&net, "https-untrusted", "/untrusted").is_empty());
+    assert!(net.requests("https-untrusted", "/untrusted").is_empty());
 
     // Raw TCP, guest speaks first (echo), and server speaks first (banner), both spliced;
     // the banner does not wait for the sniffing window.

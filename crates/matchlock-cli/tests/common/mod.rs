@@ -111,6 +111,34 @@ pub fn env() -> &'static TestEnv {
 }
 
 impl TestEnv {
+    /// `program` with this environment's variables (HOME, kernel, guest runtime) and
+    /// `MATCHLOCK_BIN`: how a client launched by a test (an SDK) finds `matchlock`.
+    pub fn client_cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let template = self.cmd();
+        let mut c = Command::new(program);
+        for (k, v) in template.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.env("MATCHLOCK_BIN", env!("CARGO_BIN_EXE_matchlock"));
+        c
+    }
+
+    /// The published Python SDK's interpreter running `tests/python/<script>` against
+    /// this environment, with `MATCHLOCK_TEST_IMAGE` set to [`IMAGE`].
+    pub fn python_sdk(&self, script: &str) -> Command {
+        let mut c = self.client_cmd(sdk_python());
+        c.arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/python")
+                .join(script),
+        )
+        .env("MATCHLOCK_TEST_IMAGE", IMAGE);
+        c
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_matchlock"));
         c.env("HOME", self.home.path())

@@ -258,6 +258,14 @@ impl NetHost {
             .collect()
     }
 
+    /// The requests one server logged for `path`.
+    pub fn requests(&self, name: &str, path: &str) -> Vec<Value> {
+        self.log(name)
+            .into_iter()
+            .filter(|r| r["path"] == path)
+            .collect()
+    }
+
     /// The raw text of one server's log (for `contains` checks and failure messages).
     pub fn log_text(&self, name: &str) -> String {
         read(&self.dir.path().join(format!("{name}.jsonl")))
@@ -326,6 +334,15 @@ impl Drop for NetHost {
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Runs `script` in the guest and returns its output, asserting success when `want_ok`
+/// and failure otherwise.
+#[track_caller]
+pub fn guest_sh(env: &TestEnv, id: &str, script: &str, want_ok: bool) -> String {
+    let (ok, text, _) = guest(env, id, script);
+    assert_eq!(ok, want_ok, "{script}: {text}");
+    text
 }
 
 /// Runs `sh -c script` in the guest; returns (success, stdout+stderr, elapsed).
