@@ -47,6 +47,14 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch, now (the reference stamps file events in ms).
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// A refused flow or request.
 pub fn blocked(host: &str, reason: &str) -> NetworkEvent {
     NetworkEvent {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use matchlock_api::rpc::{EventParams, FileEventInfo, NetworkEventInfo};
 use matchlock_guest_proto::BootConfig;
-use matchlock_net::events::now_unix;
+use matchlock_net::events::{now_unix, now_unix_ms};
 use matchlock_vm::console::ConsoleLog;
 use matchlock_vm::VmConfig;
 
@@ -256,6 +256,7 @@ pub const OVERLAY_DIR: &str = "overlay";
 /// The workspace's virtio-fs server (see the module docs).
 pub struct FilesystemService {
     config: matchlock_api::VfsConfig,
+    rules: matchlock_vfs::intercept::Rules,
     events: Arc<EventHub>,
     scratch: Option<std::path::PathBuf>,
     server: Option<matchlock_vfs::FsServer>,
@@ -268,9 +269,10 @@ impl FilesystemService {
         vfs: &matchlock_api::VfsConfig,
         events: Arc<EventHub>,
     ) -> Result<Self, matchlock_vfs::RouterError> {
-        matchlock_vfs::router::preflight(vfs)?;
+        let rules = matchlock_vfs::router::preflight(vfs)?;
         Ok(FilesystemService {
             config: vfs.clone(),
+            rules,
             events,
             scratch: None,
             server: None,
@@ -285,10 +287,7 @@ impl FilesystemService {
         matchlock_vfs::intercept::Intercept<matchlock_vfs::router::Router>,
         matchlock_vfs::RouterError,
     > {
-        use matchlock_vfs::intercept::{FileEvent, Intercept, Rules};
-        let rules = Rules::from_config(self.config.interception.as_ref())
-            .map_err(matchlock_vfs::RouterError::Interception)?
-            .unwrap_or_default();
+        use matchlock_vfs::intercept::{FileEvent, Intercept};
         let router = matchlock_vfs::build(&self.config, scratch)?;
         let hub = self.events.clone();
         let sink: matchlock_vfs::intercept::EventSink = Arc::new(move |e: FileEvent| {
@@ -306,18 +305,11 @@ impl FilesystemService {
         });
         Ok(Intercept::new(
             router,
-            rules,
+            self.rules.clone(),
             self.config.workspace(),
             Some(sink),
         ))
     }
-}
-
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl Service for FilesystemService {

@@ -99,15 +99,13 @@ pub enum RouterError {
 pub type Router = Vfs;
 
 /// Checks `cfg` without opening anything: validation, nesting, host paths (so a bad mount
-/// fails before anything boots).
-pub fn preflight(cfg: &VfsConfig) -> Result<(), RouterError> {
-    cfg.validate().map_err(RouterError::Config)?;
-    if cfg.workspace() == "/" {
-        return Err(RouterError::RootWorkspace);
-    }
-    check_nesting(cfg)?;
-    crate::intercept::Rules::from_config(cfg.interception.as_ref())
-        .map_err(RouterError::Interception)?;
+/// fails before anything boots); returns the compiled interception rules (empty when
+/// there are none).
+pub fn preflight(cfg: &VfsConfig) -> Result<crate::intercept::Rules, RouterError> {
+    check_shape(cfg)?;
+    let rules = crate::intercept::Rules::from_config(cfg.interception.as_ref())
+        .map_err(RouterError::Interception)?
+        .unwrap_or_default();
     for (guest, m) in &cfg.mounts {
         match m.kind.as_str() {
             "host_fs" => {
@@ -130,18 +128,14 @@ pub fn preflight(cfg: &VfsConfig) -> Result<(), RouterError> {
             });
         }
     }
-    Ok(())
+    Ok(rules)
 }
 
 /// Builds the router for `cfg` (validated here again); overlay mounts keep their copy-ups
 /// in new directories under `scratch`.
 pub fn build(cfg: &VfsConfig, scratch: &Path) -> Result<Router, RouterError> {
-    cfg.validate().map_err(RouterError::Config)?;
+    check_shape(cfg)?;
     let ws = cfg.workspace();
-    if ws == "/" {
-        return Err(RouterError::RootWorkspace);
-    }
-    check_nesting(cfg)?;
     let vfs = Vfs::new(VfsOptions {
         no_open: false,
         no_opendir: false,
@@ -167,6 +161,15 @@ fn relative(guest: &str, ws: &str) -> String {
         Some("") | None => "/".to_string(),
         Some(rest) => rest.to_string(),
     }
+}
+
+/// The configuration's own rules: `ValidateVFS`, no workspace at `/`, no nested mounts.
+fn check_shape(cfg: &VfsConfig) -> Result<(), RouterError> {
+    cfg.validate().map_err(RouterError::Config)?;
+    if cfg.workspace() == "/" {
+        return Err(RouterError::RootWorkspace);
+    }
+    check_nesting(cfg)
 }
 
 fn check_nesting(cfg: &VfsConfig) -> Result<(), RouterError> {
