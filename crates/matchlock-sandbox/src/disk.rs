@@ -68,23 +68,31 @@ pub fn create_ext4(path: &Path, size_mb: u64) -> Result<(), DiskError> {
             source,
         })?;
     drop(file);
-    let out = Command::new(&mkfs)
-        .args([
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
+    format_ext4(
+        &mkfs,
+        path,
+        &[
             "-m",
             "0",
             "-O",
             "^has_journal",
             "-E",
             "lazy_itable_init=1,nodiscard",
-        ])
+        ],
+    )
+}
+
+/// Formats the file `path` as ext4 with `mke2fs -q -F -t ext4 <options>` (no root needed
+/// for a regular file); `mkfs` comes from [`find_mkfs`].
+pub fn format_ext4(mkfs: &Path, path: &Path, options: &[&str]) -> Result<(), DiskError> {
+    let out = Command::new(mkfs)
+        .args(["-q", "-F", "-t", "ext4"])
+        .args(options)
         .arg(path)
+        .stdin(std::process::Stdio::null())
         .output()
         .map_err(|source| DiskError::MkfsSpawn {
-            tool: mkfs.clone(),
+            tool: mkfs.to_path_buf(),
             source,
         })?;
     if !out.status.success() {

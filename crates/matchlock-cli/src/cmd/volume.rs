@@ -128,14 +128,8 @@ pub enum VolumeError {
     },
     #[error("mkfs.ext4/mke2fs not found (looked in PATH, /usr/sbin, /sbin); install e2fsprogs")]
     MkfsNotFound,
-    #[error("run {tool}")]
-    MkfsSpawn {
-        tool: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("mke2fs failed on {path}: {stderr}")]
-    MkfsFailed { path: PathBuf, stderr: String },
+    #[error(transparent)]
+    Format(matchlock_sandbox::disk::DiskError),
     #[error("read volume directory {path}")]
     ReadDir {
         path: PathBuf,
@@ -319,23 +313,12 @@ pub fn create(paths: &Paths, name: &str, size_mb: u64) -> Result<VolumeInfo, Vol
 /// `mke2fs -t ext4 -F -q` with lazy init (formatting a 10 GiB sparse file stays fast and
 /// sparse). A journal is kept: a volume's data should survive a killed VM.
 fn format_ext4(mkfs: &Path, path: &Path) -> Result<(), VolumeError> {
-    let out = std::process::Command::new(mkfs)
-        .args(["-t", "ext4", "-F", "-q", "-E"])
-        .arg("lazy_itable_init=1,lazy_journal_init=1,nodiscard")
-        .arg(path)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|source| VolumeError::MkfsSpawn {
-            tool: mkfs.to_path_buf(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(VolumeError::MkfsFailed {
-            path: path.to_path_buf(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    matchlock_sandbox::disk::format_ext4(
+        mkfs,
+        path,
+        &["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
+    )
+    .map_err(VolumeError::Format)
 }
 
 /// Every volume, sorted by name.
