@@ -1,6 +1,6 @@
 //! The network test image (`nettest`): a minimal Debian root with real clients (curl with
 //! OpenSSL, python3 with `ssl`/`socket`/`http.client`/`urllib`, a system CA bundle, `getent`,
-//! dash as `/bin/sh`, busybox for `ip`/`ping`/`nslookup`), built offline from the host's
+//! dash as `/bin/sh`, busybox for `ip`/`ping`/`nslookup`, git for the workspace tests), built offline from the host's
 //! configured Debian mirror and cached as a `docker save` archive.
 //!
 //! # Design
@@ -48,10 +48,23 @@ pub const NETTEST_PACKAGES: &[&str] = &[
     "python3",
     "ca-certificates",
     "busybox",
+    "git",
 ];
 
 /// Packages apt pulls in that nothing in a test sandbox runs (package management).
-const EXCLUDED: &[&str] = &["dpkg", "debconf", "tar", "perl-base"];
+/// Perl is only used by git's scripted porcelain (`add -i`, `send-email`); the commands the
+/// workspace tests run (`init`, `add`, `commit`, `status`, `log`, `fsck`) are C.
+const EXCLUDED: &[&str] = &[
+    "dpkg",
+    "debconf",
+    "tar",
+    "perl-base",
+    "perl",
+    "perl-modules-5.36",
+    "libperl5.36",
+    "liberror-perl",
+    "git-man",
+];
 
 /// Path prefixes (after the `/usr` merge) dropped from the image.
 const STRIPPED: &[&str] = &[
@@ -68,7 +81,7 @@ const STRIPPED: &[&str] = &[
 ];
 
 /// Bumped whenever the way the image is put together changes (invalidates the cache).
-const RECIPE: &str = "nettest-recipe-3";
+const RECIPE: &str = "nettest-recipe-4";
 
 /// Byte-compiles the directory `argv[1]` as if it were at `argv[2]`.
 const COMPILE_PY: &str = "import compileall, py_compile, sys\n\
@@ -298,6 +311,7 @@ fn build_spec(dir: &Path, packages: &[Package]) -> Result<ImageSpec, DebianImage
         "usr/bin/curl",
         "usr/bin/python3",
         "usr/bin/getent",
+        "usr/bin/git",
     ] {
         if !tree.contains_key(needed) {
             return Err(DebianImageError::MissingPath(needed));
