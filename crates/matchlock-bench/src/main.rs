@@ -1,4 +1,4 @@
-//! `cargo run --release -p matchlock-bench -- [cold|exec|net|all|pull] [--runs N]`
+//! `cargo run --release -p matchlock-bench -- [cold|exec|net|https|all|pull|scale] [--runs N]`
 //!
 //! Prints the performance ratios of DESIGN §11 from one run (these machines are noisy, so
 //! both sides of each ratio are measured back to back, interleaved):
@@ -12,6 +12,8 @@
 //!   through the sandbox's network stack vs. QEMU's `-netdev user` on the same kernel and
 //!   VM size, and the host memory of an idle sandbox with and without its network (see
 //!   `net.rs`);
+//! - scale (only when asked for: takes minutes): 1, 4, 16 and 64 concurrent `run -- true`
+//!   and the host memory per idle sandbox with 1, 16 and 64 running (see `scale.rs`);
 //! - pull (only when asked for: needs `skopeo`, `docker-registry` and squashfs-tools-ng):
 //!   `matchlock pull` of a ~100 MB image from a local registry vs. an independent baseline,
 //!   `skopeo copy` to an OCI layout plus a `tar` unpack (whiteouts applied) and `tar2sqfs`.
@@ -37,6 +39,7 @@ mod floor;
 mod https;
 mod net;
 mod pull;
+mod scale;
 mod sink;
 
 const IMAGE: &str = "busybox:bench";
@@ -389,14 +392,14 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .context("--runs N")?
             }
-            "cold" | "exec" | "all" | "pull" | "net" | "https" => what = a,
+            "cold" | "exec" | "all" | "pull" | "net" | "https" | "scale" => what = a,
             // The network benchmark's receiver, started by `net` in its own namespace.
             "net-sink" => {
                 let bytes = args.next().and_then(|v| v.parse().ok()).context("BYTES")?;
                 return sink::main(bytes);
             }
             other => bail!(
-                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|https|all|pull] [--runs N]"
+                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|https|all|pull|scale] [--runs N]"
             ),
         }
     }
@@ -437,6 +440,9 @@ fn main() -> anyhow::Result<()> {
     }
     if what == "all" {
         https::run(runs)?;
+    }
+    if what == "scale" {
+        bench.scale()?;
     }
     Ok(())
 }

@@ -397,7 +397,7 @@ fn median_f(mut v: Vec<f64>) -> f64 {
 }
 
 /// Proportional set size of a process in KiB (`Pss:` of `smaps_rollup`).
-fn pss_kib(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn pss_kib(pid: u32) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .with_context(|| format!("read /proc/{pid}/smaps_rollup"))?;
     text.lines()
@@ -406,7 +406,7 @@ fn pss_kib(pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("no Pss in /proc/{pid}/smaps_rollup"))
 }
 
-fn mib(kib: u64) -> String {
+pub(crate) fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
@@ -434,7 +434,7 @@ impl Bench {
         Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
     }
 
-    fn stop_sandbox(&self, id: &str) {
+    pub(crate) fn stop_sandbox(&self, id: &str) {
         let _ = self.matchlock().args(["kill", id]).output();
         let _ = self.matchlock().args(["rm", id]).output();
     }
