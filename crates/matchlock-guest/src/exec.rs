@@ -18,9 +18,10 @@
 //! (e.g. one that called `setsid` itself) still holds the pipes. A gate flag taken with every
 //! output frame guarantees no output frame follows `Exit`.
 //!
-//! Unless the VM is privileged, the child hardens itself between fork and exec
-//! ([`sys::install_child_setup`]): its own mount namespace with `/proc/sys` and `/sys`
-//! read-only, a smaller capability bounding set, `no_new_privs` and a seccomp filter (no
+//! The command is started by [`spawn`] (a `CLONE_VFORK` child sharing our memory until it
+//! execs, not a fork of the whole agent). Unless the VM is privileged, the child hardens
+//! itself before exec ([`sys::apply_child_setup`]): its own mount namespace with `/proc/sys`
+//! and `/sys` read-only, a smaller capability bounding set, `no_new_privs` and a seccomp filter (no
 //! ptrace, no kexec, no `AF_VSOCK` sockets).
 //!
 //! Spawn failures are reported like a shell would: a message on `Stderr`, then `Exit` with
@@ -34,12 +35,12 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -53,6 +54,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::conn::Conn;
 use crate::reaper;
+use crate::spawn::{self, SpawnSpec};
 use crate::sys::{self, ChildSetup};
 use crate::user;
 
@@ -84,6 +86,8 @@ pub enum ExecError {
         #[source]
         source: nix::Error,
     },
+    #[error("opening /dev/null for stdin")]
+    DevNull(#[source] io::Error),
     #[error("opening a pty")]
     OpenPty(#[source] nix::Error),
     #[error("duplicating the pty master")]
@@ -254,21 +258,30 @@ fn run_inner<C: Conn>(
     req: ExecRequest,
     ctx: &ExecContext,
 ) -> Result<(), ExecError> {
-    let (mut cmd, argv0, ident) = match build_command(&req, ctx) {
+    let (env, cwd, ident) = match check_request(&req, ctx) {
         Ok(x) => x,
         Err(refusal) => return refusal.send(out),
     };
-    let wiring = wire_stdio(&mut cmd, &req)?;
-    if let Err(refusal) = apply_child_setup(&mut cmd, &ident, req.tty.is_some(), ctx) {
-        return refusal.send(out);
-    }
-    let spawned = reaper::global().spawn(&mut cmd, true);
+    let (wiring, stdio) = wire_stdio(&req)?;
+    let setup = match child_setup(&ident, req.tty.is_some(), ctx) {
+        Ok(s) => s,
+        Err(refusal) => return refusal.send(out),
+    };
+    let spec = SpawnSpec {
+        argv: &req.argv,
+        env: &env,
+        cwd,
+        stdio,
+        setup,
+    };
+    let spawned = reaper::global().spawn_with(|| spawn::spawn(&spec), true);
     // Close our copies of the child's ends (pipe write sides, pty slave) right away.
-    drop(cmd);
+    drop(spec);
+    let argv0 = req.argv.first().map(String::as_str).unwrap_or_default();
     let (pid, exit_rx) = match spawned {
         Ok(x) => x,
         Err(e) => {
-            let (msg, code) = spawn_failure(&argv0, &e);
+            let (msg, code) = spawn_failure(argv0, &e);
             return fail_early(out, msg, code);
         }
     };
@@ -284,17 +297,16 @@ fn run_inner<C: Conn>(
     finish(out, pid, &exit_rx, running)
 }
 
-/// Validates the request and builds the command (argv, environment, working directory),
-/// resolving the user it runs as.
-fn build_command(
-    req: &ExecRequest,
+/// The command's environment (the request's, plus `HOME` of its user unless set), working
+/// directory and user, or why it cannot run.
+fn check_request<'r>(
+    req: &'r ExecRequest,
     ctx: &ExecContext,
-) -> Result<(Command, String, user::Identity), Refusal> {
-    let Some(argv0) = req.argv.first().cloned() else {
-        return Err(Refusal::Protocol("exec: empty argv"));
-    };
-    if argv0.is_empty() {
-        return Err(Refusal::Protocol("exec: empty argv[0]"));
+) -> Result<(BTreeMap<String, String>, &'r str, user::Identity), Refusal> {
+    match req.argv.first() {
+        None => return Err(Refusal::Protocol("exec: empty argv")),
+        Some(a) if a.is_empty() => return Err(Refusal::Protocol("exec: empty argv[0]")),
+        Some(_) => {}
     }
     let ident = user::resolve_in(&req.user, &ctx.root).map_err(|e| {
         Refusal::Exit(
@@ -309,72 +321,70 @@ fn build_command(
             127,
         ));
     }
-    let mut cmd = Command::new(&argv0);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .envs(&req.env)
-        .current_dir(cwd);
-    if !req.env.contains_key("HOME") {
-        cmd.env("HOME", ident.home.as_deref().unwrap_or("/"));
+    let mut env = req.env.clone();
+    if !env.contains_key("HOME") {
+        let home = ident.home.as_deref().unwrap_or("/");
+        env.insert("HOME".into(), home.into());
     }
-    Ok((cmd, argv0, ident))
+    Ok((env, cwd, ident))
 }
 
-/// Connects the child's stdio to a new pty or to pipes.
-fn wire_stdio(cmd: &mut Command, req: &ExecRequest) -> Result<Wiring, ExecError> {
+/// Connects the child's stdio (fds 0, 1, 2) to a new pty or to pipes.
+fn wire_stdio(req: &ExecRequest) -> Result<(Wiring, [OwnedFd; 3]), ExecError> {
     match req.tty {
-        Some(size) => wire_pty(cmd, size),
-        None => wire_pipes(cmd, req.stdin),
+        Some(size) => wire_pty(size),
+        None => wire_pipes(req.stdin),
     }
 }
 
 /// stdin, stdout and stderr on one pty slave; the master is both the output and input side.
-fn wire_pty(cmd: &mut Command, size: WinSize) -> Result<Wiring, ExecError> {
+fn wire_pty(size: WinSize) -> Result<(Wiring, [OwnedFd; 3]), ExecError> {
     let pty = nix::pty::openpty(Some(&to_winsize(size)), None).map_err(ExecError::OpenPty)?;
     let slave = File::from(pty.slave);
     let master = File::from(pty.master);
     let dup = |f: &File| f.try_clone().map_err(ExecError::DupMaster);
-    cmd.stdin(Stdio::from(dup(&slave)?))
-        .stdout(Stdio::from(dup(&slave)?))
-        .stderr(Stdio::from(slave));
-    Ok(Wiring {
+    let stdio = [dup(&slave)?.into(), dup(&slave)?.into(), slave.into()];
+    let wiring = Wiring {
         sources: vec![(FrameType::Stdout, dup(&master)?)],
         stdin_sink: Some(dup(&master)?),
         master: Some(Arc::new(master)),
-    })
+    };
+    Ok((wiring, stdio))
 }
 
-/// One pipe per output stream; stdin is a pipe only if the host sends input.
-fn wire_pipes(cmd: &mut Command, stdin: bool) -> Result<Wiring, ExecError> {
+/// One pipe per output stream; stdin is a pipe only if the host sends input, else
+/// `/dev/null`.
+fn wire_pipes(stdin: bool) -> Result<(Wiring, [OwnedFd; 3]), ExecError> {
     let pipe_for = |what: &'static str| pipe().map_err(|source| ExecError::Pipe { what, source });
     let (out_r, out_w) = pipe_for("stdout")?;
     let (err_r, err_w) = pipe_for("stderr")?;
-    cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
-    let stdin_sink = if stdin {
+    let (child_in, stdin_sink) = if stdin {
         let (in_r, in_w) = pipe_for("stdin")?;
-        cmd.stdin(Stdio::from(in_r));
-        Some(File::from(in_w))
+        (in_r, Some(File::from(in_w)))
     } else {
-        cmd.stdin(Stdio::null());
-        None
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .open("/dev/null")
+            .map_err(ExecError::DevNull)?;
+        (OwnedFd::from(null), None)
     };
-    Ok(Wiring {
+    let wiring = Wiring {
         sources: vec![
             (FrameType::Stdout, File::from(out_r)),
             (FrameType::Stderr, File::from(err_r)),
         ],
         stdin_sink,
         master: None,
-    })
+    };
+    Ok((wiring, [child_in, out_w, err_w]))
 }
 
 /// Session, user and (unless privileged) the hardening the child applies to itself.
-fn apply_child_setup(
-    cmd: &mut Command,
+fn child_setup(
     ident: &user::Identity,
     tty: bool,
     ctx: &ExecContext,
-) -> Result<(), Refusal> {
+) -> Result<ChildSetup, Refusal> {
     let seccomp = if ctx.privileged {
         None
     } else {
@@ -382,19 +392,15 @@ fn apply_child_setup(
             .map_err(|e| Refusal::Exit(format!("matchlock: seccomp filter: {e}\n"), 126))?;
         Some(program)
     };
-    sys::install_child_setup(
-        cmd,
-        ChildSetup {
-            controlling_tty: tty,
-            readonly_kernel_fs: !ctx.privileged,
-            drop_caps: !ctx.privileged,
-            uid: ident.uid,
-            gid: ident.gid,
-            groups: ident.all_groups(),
-            seccomp,
-        },
-    );
-    Ok(())
+    Ok(ChildSetup {
+        controlling_tty: tty,
+        readonly_kernel_fs: !ctx.privileged,
+        drop_caps: !ctx.privileged,
+        uid: ident.uid,
+        gid: ident.gid,
+        groups: ident.all_groups(),
+        seccomp,
+    })
 }
 
 /// Starts one pump per output source, the stdin writer and the host reader.
@@ -853,6 +859,42 @@ mod tests {
         // The inherited environment is cleared.
         let o = run_to_end(req(&["sh", "-c", "echo ${CARGO:-unset}"]));
         assert_eq!(o.stdout, b"unset\n");
+    }
+
+    #[test]
+    fn script_without_shebang_runs_with_sh() {
+        // `execvp` semantics: ENOEXEC falls back to `/bin/sh <file> args...`.
+        let dir = std::env::temp_dir().join(format!("mlg-noshebang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let script = dir.join("noshebang");
+        std::fs::write(&script, "echo ran:$0:$1\n").expect("write");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let path = script.to_string_lossy().into_owned();
+        let o = run_to_end(req(&[&path, "arg1"]));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("ran:{path}:arg1\n")
+        );
+    }
+
+    #[test]
+    fn commands_start_with_default_signals() {
+        // The agent (like every Rust program) ignores SIGPIPE and the spawner blocks all
+        // signals around the clone: neither may leak into the command.
+        let o = run_to_end(req(&["grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status"]));
+        assert_eq!(code(&o), 0);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let mask = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .expect("mask")
+        };
+        assert_eq!(mask("SigBlk:"), 0, "{text}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{text}");
     }
 
     #[test]
