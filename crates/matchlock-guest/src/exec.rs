@@ -1,28 +1,32 @@
 //! Exec sessions: run one command and stream it over a connection.
 //!
 //! # Design
-//! Threads and blocking I/O, one session per connection:
+//! Blocking I/O, one session per connection, as few threads as the semantics allow:
 //! - the session thread spawns the command (through the [`reaper`], never
-//!   `Child::wait`), sends `Started`, waits for the exit, drains output and sends `Exit`;
-//! - one pump thread per output fd (stdout/stderr pipes, or the PTY master) sends `Stdout` /
-//!   `Stderr` frames through one shared [`FrameWriter`], so frames never interleave;
+//!   `Child::wait`), sends `Started`, then itself copies the output fds (stdout/stderr pipes,
+//!   or the PTY master) to `Stdout` / `Stderr` frames with one `poll` over them and a pidfd
+//!   of the command, which wakes it at the exit; it drains what is left and sends `Exit`.
+//!   All frames go through one [`FrameWriter`], so frames never interleave;
 //! - a reader thread keeps reading host frames until the command ends, even after
 //!   `StdinEof`; host EOF or error before `Exit` cancels: SIGTERM to the process group, then
 //!   SIGKILL after [`KILL_GRACE_MS`], in every mode;
-//! - a stdin thread owns the write side, so a child that does not read its stdin cannot
-//!   stall the reader (and with it cancellation).
+//! - only when the command has a stdin, a stdin thread owns the write side, so a child that
+//!   does not read its stdin cannot stall the reader (and with it cancellation).
+//!
+//! Threads are emulated work under TCG: one pump thread per output fd cost two thread
+//! starts per exec for nothing a `poll` cannot do (issue 11).
 //!
 //! Every command runs in a new session (its own process group). When the main process exits,
 //! the reaper SIGKILLs what is left of its group while the leader is still a zombie; the
-//! pumps then drain to EOF, bounded by [`DRAIN_TIMEOUT`] in case a process outside the group
-//! (e.g. one that called `setsid` itself) still holds the pipes. A gate flag taken with every
+//! session then drains the output to EOF, bounded by [`DRAIN_TIMEOUT`] in case a process
+//! outside the group (e.g. one that called `setsid` itself) still holds the pipes. A gate flag taken with every
 //! output frame guarantees no output frame follows `Exit`.
 //!
 //! The command is started by [`spawn`] (a `CLONE_VFORK` child sharing our memory until it
 //! execs, not a fork of the whole agent). Unless the VM is privileged, the child hardens
 //! itself before exec ([`sys::apply_child_setup`]): its own mount namespace with `/proc/sys`
-//! and `/sys` read-only, a smaller capability bounding set, `no_new_privs` and a seccomp filter (no
-//! ptrace, no kexec, no `AF_VSOCK` sockets).
+//! and `/sys` read-only, a smaller capability bounding set, `no_new_privs` and a seccomp
+//! filter (no ptrace, no kexec, no `AF_VSOCK` sockets).
 //!
 //! Spawn failures are reported like a shell would: a message on `Stderr`, then `Exit` with
 //! 127 (not found, unknown user, bad working directory) or 126 (not executable). Protocol
@@ -32,6 +36,8 @@
 //! Signals from the host are sent with `kill(-pgid)` while the leader is alive; a tiny window
 //! remains between the reaper collecting the leader and this session noticing, in which the
 //! pgid could in theory be reused (it would need the pid space to wrap in microseconds).
+//! A kernel without `pidfd_open` (before 5.3) still works: the session then checks the
+//! reaper for the exit every 20 ms while it pumps.
 
 #![forbid(unsafe_code)]
 
@@ -41,7 +47,6 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -242,13 +247,11 @@ struct Wiring {
     master: Option<Arc<File>>,
 }
 
-/// The threads of a started session and what the session thread shares with them.
+/// What the session thread keeps of a started session (the reader thread has the rest).
 struct Running {
     done: Arc<Done>,
-    stop: Arc<AtomicBool>,
-    /// One message per pump that reached EOF.
-    pumps_done: Receiver<()>,
-    n_pumps: usize,
+    /// The output sources the session thread pumps itself.
+    sources: Vec<(FrameType, File)>,
     master: Option<Arc<File>>,
 }
 
@@ -274,7 +277,17 @@ fn run_inner<C: Conn>(
         stdio,
         setup,
     };
-    let spawned = reaper::global().spawn_with(|| spawn::spawn(&spec), true);
+    let mut pidfd = None;
+    let spawned = reaper::global().spawn_with(
+        || {
+            let pid = spawn::spawn(&spec)?;
+            // Under the reaper's lock: the child cannot have been reaped yet, so the pidfd
+            // is surely this child's.
+            pidfd = sys::pidfd_open(pid).ok();
+            Ok(pid)
+        },
+        true,
+    );
     // Close our copies of the child's ends (pipe write sides, pty slave) right away.
     drop(spec);
     let argv0 = req.argv.first().map(String::as_str).unwrap_or_default();
@@ -293,8 +306,8 @@ fn run_inner<C: Conn>(
         })?;
     // If the host is already gone the reader notices and cancels; keep going.
     let _ = out.send(&started);
-    let running = start_threads(reader, out, pid, wiring, req.tty.is_some())?;
-    finish(out, pid, &exit_rx, running)
+    let running = start_threads(reader, pid, wiring, req.tty.is_some())?;
+    finish(out, pid, &exit_rx, pidfd, running)
 }
 
 /// The command's environment (the request's, plus `HOME` of its user unless set), working
@@ -403,34 +416,15 @@ fn child_setup(
     })
 }
 
-/// Starts one pump per output source, the stdin writer and the host reader.
+/// Starts the stdin writer (if the command has a stdin to feed) and the host reader; the
+/// output is pumped by the session thread itself ([`finish`]).
 fn start_threads<C: Conn>(
     reader: C,
-    out: &Arc<Output<C>>,
     pid: i32,
     wiring: Wiring,
     tty: bool,
 ) -> Result<Running, ExecError> {
     let done = Arc::new(Done::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (pump_tx, pumps_done) = mpsc::channel::<()>();
-    let n_pumps = wiring.sources.len();
-    for (kind, src) in wiring.sources {
-        let out = Arc::clone(out);
-        let stop = Arc::clone(&stop);
-        let tx = pump_tx.clone();
-        std::thread::Builder::new()
-            .name("exec-pump".into())
-            .spawn(move || {
-                pump(src, kind, &out, &stop);
-                let _ = tx.send(());
-            })
-            .map_err(|source| ExecError::Thread {
-                what: "output",
-                source,
-            })?;
-    }
-    drop(pump_tx);
     let stdin_tx = match wiring.stdin_sink {
         Some(sink) => Some(spawn_stdin(sink, tty)?),
         None => None,
@@ -454,32 +448,34 @@ fn start_threads<C: Conn>(
         })?;
     Ok(Running {
         done,
-        stop,
-        pumps_done,
-        n_pumps,
+        sources: wiring.sources,
         master: wiring.master,
     })
 }
 
-/// Waits for the exit, drains output (bounded by [`DRAIN_TIMEOUT`]) and sends `Exit`.
+/// Pumps output until the command exits, drains what is left (bounded by
+/// [`DRAIN_TIMEOUT`]) and sends `Exit`.
 fn finish<C: Conn>(
     out: &Output<C>,
     pid: i32,
     exit_rx: &Receiver<reaper::Exit>,
+    pidfd: Option<OwnedFd>,
     running: Running,
 ) -> Result<(), ExecError> {
-    let exit = exit_rx.recv().map_err(|_| ExecError::LostExit { pid })?;
+    let mut pump = Pump {
+        sources: running.sources,
+        buf: vec![0u8; CHUNK],
+        host_gone: false,
+    };
+    let exit = pump
+        .until_exit(out, pidfd.as_ref(), exit_rx)
+        .ok_or(ExecError::LostExit { pid })?;
     running.done.set();
     // The reaper already SIGKILLed the rest of the group; drain what they wrote.
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    for _ in 0..running.n_pumps {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if running.pumps_done.recv_timeout(left).is_err() {
-            tracing::debug!(pid, "output still held open after exit; not waiting");
-            break;
-        }
+    if !pump.drain(out, Instant::now() + DRAIN_TIMEOUT) {
+        tracing::debug!(pid, "output still held open after exit; not waiting");
     }
-    running.stop.store(true, Ordering::SeqCst);
+    drop(pump);
     drop(running.master);
     tracing::debug!(pid, ?exit, "command exited");
     if let Err(e) = send_exit(out, exit.to_status()) {
@@ -489,52 +485,128 @@ fn finish<C: Conn>(
     Ok(())
 }
 
+/// How often the exit is checked for when there is no pidfd, in ms.
+const NO_PIDFD_TICK: u16 = 20;
+
+/// The command's output sources (stdout/stderr pipes, or the pty master), copied to frames
+/// by the session thread: one `poll` over all of them, no thread per source.
+struct Pump {
+    sources: Vec<(FrameType, File)>,
+    buf: Vec<u8>,
+    /// A send failed: keep reading (so the command never blocks on a full pipe) but drop
+    /// the data; the reader thread handles the cancellation.
+    host_gone: bool,
+}
+
+impl Pump {
+    /// Copies output until the command exits (the reaper's status; `None` if the reaper
+    /// dropped it). `pidfd` wakes us at the exit; without one (a kernel before 5.3) the
+    /// reaper's channel is checked every [`NO_PIDFD_TICK`].
+    fn until_exit<C: Conn>(
+        &mut self,
+        out: &Output<C>,
+        pidfd: Option<&OwnedFd>,
+        exit_rx: &Receiver<reaper::Exit>,
+    ) -> Option<reaper::Exit> {
+        loop {
+            let timeout = match pidfd {
+                Some(_) => PollTimeout::NONE,
+                None => match exit_rx.try_recv() {
+                    Ok(exit) => return Some(exit),
+                    Err(mpsc::TryRecvError::Disconnected) => return None,
+                    Err(mpsc::TryRecvError::Empty) => PollTimeout::from(NO_PIDFD_TICK),
+                },
+            };
+            let Some((exited, ready)) = self.poll(pidfd, timeout) else {
+                return exit_rx.recv().ok();
+            };
+            self.read_ready(out, &ready);
+            if exited {
+                return exit_rx.recv().ok();
+            }
+        }
+    }
+
+    /// Copies output until every source is at EOF (true) or `deadline` passes (false).
+    fn drain<C: Conn>(&mut self, out: &Output<C>, deadline: Instant) -> bool {
+        while !self.sources.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+            let Some((_, ready)) = self.poll(None, PollTimeout::from(ms)) else {
+                return false;
+            };
+            self.read_ready(out, &ready);
+        }
+        true
+    }
+
+    /// Polls the sources (and `pidfd`); returns whether `pidfd` fired and which sources are
+    /// readable (or hung up), or `None` if polling itself failed.
+    fn poll(&self, pidfd: Option<&OwnedFd>, timeout: PollTimeout) -> Option<(bool, Vec<bool>)> {
+        let mut fds: Vec<PollFd<'_>> = self
+            .sources
+            .iter()
+            .map(|(_, f)| PollFd::new(f.as_fd(), PollFlags::POLLIN))
+            .collect();
+        if let Some(p) = pidfd {
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => return Some((false, vec![false; self.sources.len()])),
+            Err(e) => {
+                tracing::debug!(error = %e, "poll on output failed");
+                return None;
+            }
+        }
+        let fired = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+        let exited = pidfd.is_some() && fds.last().is_some_and(fired);
+        let ready = fds.iter().take(self.sources.len()).map(fired).collect();
+        Some((exited, ready))
+    }
+
+    /// One read from each ready source; sources at EOF (or EIO on a pty master, meaning
+    /// every slave fd is closed) are dropped.
+    fn read_ready<C: Conn>(&mut self, out: &Output<C>, ready: &[bool]) {
+        let mut i = 0;
+        let mut ready = ready.iter();
+        while i < self.sources.len() {
+            if !ready.next().copied().unwrap_or(false) {
+                i += 1;
+                continue;
+            }
+            let (kind, src) = &mut self.sources[i];
+            match src.read(&mut self.buf) {
+                Ok(0) => {
+                    self.sources.remove(i);
+                    continue;
+                }
+                Ok(n) => {
+                    if !self.host_gone {
+                        let frame = Frame::new(*kind, self.buf[..n].to_vec());
+                        self.host_gone = out.send(&frame).is_err();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.sources.remove(i);
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+}
+
 fn to_winsize(size: WinSize) -> nix::pty::Winsize {
     nix::pty::Winsize {
         ws_row: size.rows,
         ws_col: size.cols,
         ws_xpixel: 0,
         ws_ypixel: 0,
-    }
-}
-
-/// Copies `src` to `kind` frames until EOF (EIO on a pty master) or until `stop` is set.
-fn pump<C: Conn>(mut src: File, kind: FrameType, out: &Output<C>, stop: &AtomicBool) {
-    let mut buf = vec![0u8; CHUNK];
-    let mut host_gone = false;
-    loop {
-        // Past the drain deadline: whoever still holds the fd is not ours to wait for.
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let ready = {
-            let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(100u16)) {
-                Ok(n) => n > 0,
-                Err(nix::Error::EINTR) => false,
-                Err(e) => {
-                    tracing::debug!(error = %e, "poll on output failed");
-                    return;
-                }
-            }
-        };
-        if !ready {
-            continue;
-        }
-        match src.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if !host_gone {
-                    let frame = Frame::new(kind, buf[..n].to_vec());
-                    // Keep draining after a send failure so the child never blocks on a
-                    // full pipe; the reader thread handles the cancellation.
-                    host_gone = out.send(&frame).is_err();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // EIO: every slave fd of the pty is closed.
-            Err(_) => return,
-        }
     }
 }
 

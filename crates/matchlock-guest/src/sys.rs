@@ -208,6 +208,19 @@ pub fn boottime_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// A pidfd for `pid` (readable once it has exited), close-on-exec.
+pub fn pidfd_open(pid: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers; a non-negative result is a new fd we own.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(ret).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// Sends signal number `sig` (any number, including real-time signals) to process group
 /// `pgid`.
 pub fn kill_group(pgid: i32, sig: i32) -> io::Result<()> {
