@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -353,6 +353,15 @@ fn wire_stdio(req: &ExecRequest) -> Result<(Wiring, [OwnedFd; 3]), ExecError> {
 /// stdin, stdout and stderr on one pty slave; the master is both the output and input side.
 fn wire_pty(size: WinSize) -> Result<(Wiring, [OwnedFd; 3]), ExecError> {
     let pty = nix::pty::openpty(Some(&to_winsize(size)), None).map_err(ExecError::OpenPty)?;
+    // `openpty` leaves both fds inheritable: the command must get the slave only as 0/1/2,
+    // never the master (or a stray slave) as an extra fd.
+    for fd in [&pty.master, &pty.slave] {
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(ExecError::OpenPty)?;
+    }
     let slave = File::from(pty.slave);
     let master = File::from(pty.master);
     let dup = |f: &File| f.try_clone().map_err(ExecError::DupMaster);
@@ -1133,6 +1142,31 @@ mod tests {
         assert!(text.contains("33 101"), "{text:?}");
         assert!(o.stderr.is_empty());
         assert_eq!(code(&o), 0);
+    }
+
+    #[test]
+    fn commands_get_no_pty_fds_beyond_stdio() {
+        // Neither the pty master nor a stray slave may leak into a command (fds 0-2 are
+        // its stdio; the test harness may pass unrelated fds of its own, so only ptys are
+        // checked). Both modes, since another session's pty must not leak either.
+        for tty in [false, true] {
+            let mut r = req(&["ls", "-l", "/proc/self/fd/"]);
+            r.tty = tty.then_some(WinSize { rows: 24, cols: 80 });
+            let o = run_to_end(r);
+            assert_eq!(code(&o), 0);
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let leaked: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.split_once(" -> "))
+                .filter(|(a, _)| {
+                    let fd = a.rsplit(' ').next().unwrap_or_default();
+                    !["0", "1", "2"].contains(&fd)
+                })
+                .filter(|(_, target)| target.contains("/dev/pt"))
+                .map(|(a, _)| a)
+                .collect();
+            assert!(leaked.is_empty(), "tty={tty}: {text}");
+        }
     }
 
     #[test]
