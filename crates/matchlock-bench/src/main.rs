@@ -32,9 +32,9 @@ use anyhow::{bail, Context};
 use matchlock_guest_proto::{ExecRequest, Frame, FrameType, SERVICE_PORT};
 use matchlock_sandbox::exec::ExecIo;
 use matchlock_sandbox::paths::Paths;
-use matchlock_sandbox::services::Services;
-use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
+use matchlock_sandbox::{RunningSandbox, StartOptions};
 
+mod breakdown;
 mod floor;
 mod https;
 mod net;
@@ -158,10 +158,11 @@ impl Bench {
         // Warm caches (initramfs, page cache) once on both sides.
         self.bare_boot()?;
         self.cold_run()?;
-        let (mut bare, mut run) = (Vec::new(), Vec::new());
+        let (mut bare, mut run, mut parts) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.runs {
             bare.push(self.bare_boot()?);
             run.push(self.cold_run()?);
+            parts.push(self.cold_in_process()?);
         }
         let (b, r) = (median(bare), median(run));
         println!("cold start ({} runs, medians):", self.runs);
@@ -171,29 +172,14 @@ impl Bench {
             "  overhead ratio: {:.2} (target <= 1.15)",
             r.as_secs_f64() / b.as_secs_f64()
         );
+        breakdown::print(&parts, b, r);
         Ok(())
     }
 
     fn exec(&self) -> anyhow::Result<()> {
         let paths = self.paths();
         let state = Arc::new(matchlock_state::StateDb::open(&paths.state)?);
-        let store = matchlock_image::ImageStore::open(&paths.images())?;
-        let image = store.get(IMAGE)?.context("bench image missing")?;
-        let spec = SandboxSpec {
-            config: matchlock_api::Config {
-                image: IMAGE.into(),
-                resources: matchlock_api::Resources {
-                    disk_size_mb: 256,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            rootfs: image.rootfs.clone(),
-            image_config: matchlock_api::ImageConfig::default(),
-            accel: matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel,
-            owner_pid: std::process::id(),
-            services: Services::default(),
-        };
+        let spec = self.spec()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -10,8 +10,8 @@
 //! - **Boot / readiness** ([`READY_PORT`], guest -> host): the guest's init dials the host as
 //!   soon as vsock is up and sends [`FrameType::Hello`]. The host answers with
 //!   [`FrameType::BootConfig`] (hostname, hosts, DNS, disks...). The guest assembles its root,
-//!   then sends [`FrameType::Ready`] or [`FrameType::BootFailed`]. Readiness is this
-//!   handshake, never a sleep or a poll.
+//!   then sends [`FrameType::Ready`] (with its [`ReadyTimes`]) or [`FrameType::BootFailed`].
+//!   Readiness is this handshake, never a sleep or a poll.
 //! - **Service** ([`SERVICE_PORT`], host -> guest): one request per connection. The first frame
 //!   selects the session: [`FrameType::Exec`], [`FrameType::WriteFile`],
 //!   [`FrameType::ReadFile`], [`FrameType::ListFiles`], [`FrameType::PortForward`],
@@ -344,6 +344,18 @@ impl<W: Write> FrameWriter<W> {
 pub struct Hello {
     pub protocol_version: u32,
     pub agent_version: String,
+}
+
+/// Guest-side boot times carried by [`FrameType::Ready`], in microseconds of the guest's
+/// `CLOCK_BOOTTIME` (zero when the kernel started): when `/init` began, when it sent `Hello`,
+/// and when it sent `Ready`. The host turns them into the cold-start breakdown. Older guests
+/// send `Ready` with an empty payload; hosts treat a missing or malformed payload as "no
+/// times", never as a failure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyTimes {
+    pub init_us: u64,
+    pub hello_us: u64,
+    pub ready_us: u64,
 }
 
 /// An extra `/etc/hosts` entry.

@@ -1,27 +1,32 @@
 //! Exec sessions: run one command and stream it over a connection.
 //!
 //! # Design
-//! Threads and blocking I/O, one session per connection:
+//! Blocking I/O, one session per connection, as few threads as the semantics allow:
 //! - the session thread spawns the command (through the [`reaper`], never
-//!   `Child::wait`), sends `Started`, waits for the exit, drains output and sends `Exit`;
-//! - one pump thread per output fd (stdout/stderr pipes, or the PTY master) sends `Stdout` /
-//!   `Stderr` frames through one shared [`FrameWriter`], so frames never interleave;
+//!   `Child::wait`), sends `Started`, then itself copies the output fds (stdout/stderr pipes,
+//!   or the PTY master) to `Stdout` / `Stderr` frames with one `poll` over them and a pidfd
+//!   of the command, which wakes it at the exit; it drains what is left and sends `Exit`.
+//!   All frames go through one [`FrameWriter`], so frames never interleave;
 //! - a reader thread keeps reading host frames until the command ends, even after
 //!   `StdinEof`; host EOF or error before `Exit` cancels: SIGTERM to the process group, then
 //!   SIGKILL after [`KILL_GRACE_MS`], in every mode;
-//! - a stdin thread owns the write side, so a child that does not read its stdin cannot
-//!   stall the reader (and with it cancellation).
+//! - only when the command has a stdin, a stdin thread owns the write side, so a child that
+//!   does not read its stdin cannot stall the reader (and with it cancellation).
+//!
+//! Threads are emulated work under TCG: one pump thread per output fd cost two thread
+//! starts per exec for nothing a `poll` cannot do (issue 11).
 //!
 //! Every command runs in a new session (its own process group). When the main process exits,
 //! the reaper SIGKILLs what is left of its group while the leader is still a zombie; the
-//! pumps then drain to EOF, bounded by [`DRAIN_TIMEOUT`] in case a process outside the group
-//! (e.g. one that called `setsid` itself) still holds the pipes. A gate flag taken with every
+//! session then drains the output to EOF, bounded by [`DRAIN_TIMEOUT`] in case a process
+//! outside the group (e.g. one that called `setsid` itself) still holds the pipes. A gate flag taken with every
 //! output frame guarantees no output frame follows `Exit`.
 //!
-//! Unless the VM is privileged, the child hardens itself between fork and exec
-//! ([`sys::install_child_setup`]): its own mount namespace with `/proc/sys` and `/sys`
-//! read-only, a smaller capability bounding set, `no_new_privs` and a seccomp filter (no
-//! ptrace, no kexec, no `AF_VSOCK` sockets).
+//! The command is started by [`spawn`] (a `CLONE_VFORK` child sharing our memory until it
+//! execs, not a fork of the whole agent). Unless the VM is privileged, the child hardens
+//! itself before exec ([`sys::apply_child_setup`]): its own mount namespace with `/proc/sys`
+//! and `/sys` read-only, a smaller capability bounding set, `no_new_privs` and a seccomp
+//! filter (no ptrace, no kexec, no `AF_VSOCK` sockets).
 //!
 //! Spawn failures are reported like a shell would: a message on `Stderr`, then `Exit` with
 //! 127 (not found, unknown user, bad working directory) or 126 (not executable). Protocol
@@ -31,16 +36,17 @@
 //! Signals from the host are sent with `kill(-pgid)` while the leader is alive; a tiny window
 //! remains between the reaper collecting the leader and this session noticing, in which the
 //! pgid could in theory be reused (it would need the pid space to wrap in microseconds).
+//! A kernel without `pidfd_open` (before 5.3) still works: the session then checks the
+//! reaper for the exit every 20 ms while it pumps.
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -53,6 +59,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::conn::Conn;
 use crate::reaper;
+use crate::spawn::{self, SpawnSpec};
 use crate::sys::{self, ChildSetup};
 use crate::user;
 
@@ -84,6 +91,8 @@ pub enum ExecError {
         #[source]
         source: nix::Error,
     },
+    #[error("opening /dev/null for stdin")]
+    DevNull(#[source] io::Error),
     #[error("opening a pty")]
     OpenPty(#[source] nix::Error),
     #[error("duplicating the pty master")]
@@ -238,13 +247,11 @@ struct Wiring {
     master: Option<Arc<File>>,
 }
 
-/// The threads of a started session and what the session thread shares with them.
+/// What the session thread keeps of a started session (the reader thread has the rest).
 struct Running {
     done: Arc<Done>,
-    stop: Arc<AtomicBool>,
-    /// One message per pump that reached EOF.
-    pumps_done: Receiver<()>,
-    n_pumps: usize,
+    /// The output sources the session thread pumps itself.
+    sources: Vec<(FrameType, File)>,
     master: Option<Arc<File>>,
 }
 
@@ -254,21 +261,40 @@ fn run_inner<C: Conn>(
     req: ExecRequest,
     ctx: &ExecContext,
 ) -> Result<(), ExecError> {
-    let (mut cmd, argv0, ident) = match build_command(&req, ctx) {
+    let (env, cwd, ident) = match check_request(&req, ctx) {
         Ok(x) => x,
         Err(refusal) => return refusal.send(out),
     };
-    let wiring = wire_stdio(&mut cmd, &req)?;
-    if let Err(refusal) = apply_child_setup(&mut cmd, &ident, req.tty.is_some(), ctx) {
-        return refusal.send(out);
-    }
-    let spawned = reaper::global().spawn(&mut cmd, true);
+    let (wiring, stdio) = wire_stdio(&req)?;
+    let setup = match child_setup(&ident, req.tty.is_some(), ctx) {
+        Ok(s) => s,
+        Err(refusal) => return refusal.send(out),
+    };
+    let spec = SpawnSpec {
+        argv: &req.argv,
+        env: &env,
+        cwd,
+        stdio,
+        setup,
+    };
+    let mut pidfd = None;
+    let spawned = reaper::global().spawn_with(
+        || {
+            let pid = spawn::spawn(&spec)?;
+            // Under the reaper's lock: the child cannot have been reaped yet, so the pidfd
+            // is surely this child's.
+            pidfd = sys::pidfd_open(pid).ok();
+            Ok(pid)
+        },
+        true,
+    );
     // Close our copies of the child's ends (pipe write sides, pty slave) right away.
-    drop(cmd);
+    drop(spec);
+    let argv0 = req.argv.first().map(String::as_str).unwrap_or_default();
     let (pid, exit_rx) = match spawned {
         Ok(x) => x,
         Err(e) => {
-            let (msg, code) = spawn_failure(&argv0, &e);
+            let (msg, code) = spawn_failure(argv0, &e);
             return fail_early(out, msg, code);
         }
     };
@@ -280,21 +306,20 @@ fn run_inner<C: Conn>(
         })?;
     // If the host is already gone the reader notices and cancels; keep going.
     let _ = out.send(&started);
-    let running = start_threads(reader, out, pid, wiring, req.tty.is_some())?;
-    finish(out, pid, &exit_rx, running)
+    let running = start_threads(reader, pid, wiring, req.tty.is_some())?;
+    finish(out, pid, &exit_rx, pidfd, running)
 }
 
-/// Validates the request and builds the command (argv, environment, working directory),
-/// resolving the user it runs as.
-fn build_command(
-    req: &ExecRequest,
+/// The command's environment (the request's, plus `HOME` of its user unless set), working
+/// directory and user, or why it cannot run.
+fn check_request<'r>(
+    req: &'r ExecRequest,
     ctx: &ExecContext,
-) -> Result<(Command, String, user::Identity), Refusal> {
-    let Some(argv0) = req.argv.first().cloned() else {
-        return Err(Refusal::Protocol("exec: empty argv"));
-    };
-    if argv0.is_empty() {
-        return Err(Refusal::Protocol("exec: empty argv[0]"));
+) -> Result<(BTreeMap<String, String>, &'r str, user::Identity), Refusal> {
+    match req.argv.first() {
+        None => return Err(Refusal::Protocol("exec: empty argv")),
+        Some(a) if a.is_empty() => return Err(Refusal::Protocol("exec: empty argv[0]")),
+        Some(_) => {}
     }
     let ident = user::resolve_in(&req.user, &ctx.root).map_err(|e| {
         Refusal::Exit(
@@ -309,72 +334,79 @@ fn build_command(
             127,
         ));
     }
-    let mut cmd = Command::new(&argv0);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .envs(&req.env)
-        .current_dir(cwd);
-    if !req.env.contains_key("HOME") {
-        cmd.env("HOME", ident.home.as_deref().unwrap_or("/"));
+    let mut env = req.env.clone();
+    if !env.contains_key("HOME") {
+        let home = ident.home.as_deref().unwrap_or("/");
+        env.insert("HOME".into(), home.into());
     }
-    Ok((cmd, argv0, ident))
+    Ok((env, cwd, ident))
 }
 
-/// Connects the child's stdio to a new pty or to pipes.
-fn wire_stdio(cmd: &mut Command, req: &ExecRequest) -> Result<Wiring, ExecError> {
+/// Connects the child's stdio (fds 0, 1, 2) to a new pty or to pipes.
+fn wire_stdio(req: &ExecRequest) -> Result<(Wiring, [OwnedFd; 3]), ExecError> {
     match req.tty {
-        Some(size) => wire_pty(cmd, size),
-        None => wire_pipes(cmd, req.stdin),
+        Some(size) => wire_pty(size),
+        None => wire_pipes(req.stdin),
     }
 }
 
 /// stdin, stdout and stderr on one pty slave; the master is both the output and input side.
-fn wire_pty(cmd: &mut Command, size: WinSize) -> Result<Wiring, ExecError> {
+fn wire_pty(size: WinSize) -> Result<(Wiring, [OwnedFd; 3]), ExecError> {
     let pty = nix::pty::openpty(Some(&to_winsize(size)), None).map_err(ExecError::OpenPty)?;
+    // `openpty` leaves both fds inheritable: the command must get the slave only as 0/1/2,
+    // never the master (or a stray slave) as an extra fd.
+    for fd in [&pty.master, &pty.slave] {
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(ExecError::OpenPty)?;
+    }
     let slave = File::from(pty.slave);
     let master = File::from(pty.master);
     let dup = |f: &File| f.try_clone().map_err(ExecError::DupMaster);
-    cmd.stdin(Stdio::from(dup(&slave)?))
-        .stdout(Stdio::from(dup(&slave)?))
-        .stderr(Stdio::from(slave));
-    Ok(Wiring {
+    let stdio = [dup(&slave)?.into(), dup(&slave)?.into(), slave.into()];
+    let wiring = Wiring {
         sources: vec![(FrameType::Stdout, dup(&master)?)],
         stdin_sink: Some(dup(&master)?),
         master: Some(Arc::new(master)),
-    })
+    };
+    Ok((wiring, stdio))
 }
 
-/// One pipe per output stream; stdin is a pipe only if the host sends input.
-fn wire_pipes(cmd: &mut Command, stdin: bool) -> Result<Wiring, ExecError> {
+/// One pipe per output stream; stdin is a pipe only if the host sends input, else
+/// `/dev/null`.
+fn wire_pipes(stdin: bool) -> Result<(Wiring, [OwnedFd; 3]), ExecError> {
     let pipe_for = |what: &'static str| pipe().map_err(|source| ExecError::Pipe { what, source });
     let (out_r, out_w) = pipe_for("stdout")?;
     let (err_r, err_w) = pipe_for("stderr")?;
-    cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
-    let stdin_sink = if stdin {
+    let (child_in, stdin_sink) = if stdin {
         let (in_r, in_w) = pipe_for("stdin")?;
-        cmd.stdin(Stdio::from(in_r));
-        Some(File::from(in_w))
+        (in_r, Some(File::from(in_w)))
     } else {
-        cmd.stdin(Stdio::null());
-        None
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .open("/dev/null")
+            .map_err(ExecError::DevNull)?;
+        (OwnedFd::from(null), None)
     };
-    Ok(Wiring {
+    let wiring = Wiring {
         sources: vec![
             (FrameType::Stdout, File::from(out_r)),
             (FrameType::Stderr, File::from(err_r)),
         ],
         stdin_sink,
         master: None,
-    })
+    };
+    Ok((wiring, [child_in, out_w, err_w]))
 }
 
 /// Session, user and (unless privileged) the hardening the child applies to itself.
-fn apply_child_setup(
-    cmd: &mut Command,
+fn child_setup(
     ident: &user::Identity,
     tty: bool,
     ctx: &ExecContext,
-) -> Result<(), Refusal> {
+) -> Result<ChildSetup, Refusal> {
     let seccomp = if ctx.privileged {
         None
     } else {
@@ -382,49 +414,26 @@ fn apply_child_setup(
             .map_err(|e| Refusal::Exit(format!("matchlock: seccomp filter: {e}\n"), 126))?;
         Some(program)
     };
-    sys::install_child_setup(
-        cmd,
-        ChildSetup {
-            controlling_tty: tty,
-            readonly_kernel_fs: !ctx.privileged,
-            drop_caps: !ctx.privileged,
-            uid: ident.uid,
-            gid: ident.gid,
-            groups: ident.all_groups(),
-            seccomp,
-        },
-    );
-    Ok(())
+    Ok(ChildSetup {
+        controlling_tty: tty,
+        readonly_kernel_fs: !ctx.privileged,
+        drop_caps: !ctx.privileged,
+        uid: ident.uid,
+        gid: ident.gid,
+        groups: ident.all_groups(),
+        seccomp,
+    })
 }
 
-/// Starts one pump per output source, the stdin writer and the host reader.
+/// Starts the stdin writer (if the command has a stdin to feed) and the host reader; the
+/// output is pumped by the session thread itself ([`finish`]).
 fn start_threads<C: Conn>(
     reader: C,
-    out: &Arc<Output<C>>,
     pid: i32,
     wiring: Wiring,
     tty: bool,
 ) -> Result<Running, ExecError> {
     let done = Arc::new(Done::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (pump_tx, pumps_done) = mpsc::channel::<()>();
-    let n_pumps = wiring.sources.len();
-    for (kind, src) in wiring.sources {
-        let out = Arc::clone(out);
-        let stop = Arc::clone(&stop);
-        let tx = pump_tx.clone();
-        std::thread::Builder::new()
-            .name("exec-pump".into())
-            .spawn(move || {
-                pump(src, kind, &out, &stop);
-                let _ = tx.send(());
-            })
-            .map_err(|source| ExecError::Thread {
-                what: "output",
-                source,
-            })?;
-    }
-    drop(pump_tx);
     let stdin_tx = match wiring.stdin_sink {
         Some(sink) => Some(spawn_stdin(sink, tty)?),
         None => None,
@@ -448,32 +457,34 @@ fn start_threads<C: Conn>(
         })?;
     Ok(Running {
         done,
-        stop,
-        pumps_done,
-        n_pumps,
+        sources: wiring.sources,
         master: wiring.master,
     })
 }
 
-/// Waits for the exit, drains output (bounded by [`DRAIN_TIMEOUT`]) and sends `Exit`.
+/// Pumps output until the command exits, drains what is left (bounded by
+/// [`DRAIN_TIMEOUT`]) and sends `Exit`.
 fn finish<C: Conn>(
     out: &Output<C>,
     pid: i32,
     exit_rx: &Receiver<reaper::Exit>,
+    pidfd: Option<OwnedFd>,
     running: Running,
 ) -> Result<(), ExecError> {
-    let exit = exit_rx.recv().map_err(|_| ExecError::LostExit { pid })?;
+    let mut pump = Pump {
+        sources: running.sources,
+        buf: vec![0u8; CHUNK],
+        host_gone: false,
+    };
+    let exit = pump
+        .until_exit(out, pidfd.as_ref(), exit_rx)
+        .ok_or(ExecError::LostExit { pid })?;
     running.done.set();
     // The reaper already SIGKILLed the rest of the group; drain what they wrote.
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    for _ in 0..running.n_pumps {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if running.pumps_done.recv_timeout(left).is_err() {
-            tracing::debug!(pid, "output still held open after exit; not waiting");
-            break;
-        }
+    if !pump.drain(out, Instant::now() + DRAIN_TIMEOUT) {
+        tracing::debug!(pid, "output still held open after exit; not waiting");
     }
-    running.stop.store(true, Ordering::SeqCst);
+    drop(pump);
     drop(running.master);
     tracing::debug!(pid, ?exit, "command exited");
     if let Err(e) = send_exit(out, exit.to_status()) {
@@ -483,52 +494,128 @@ fn finish<C: Conn>(
     Ok(())
 }
 
+/// How often the exit is checked for when there is no pidfd, in ms.
+const NO_PIDFD_TICK: u16 = 20;
+
+/// The command's output sources (stdout/stderr pipes, or the pty master), copied to frames
+/// by the session thread: one `poll` over all of them, no thread per source.
+struct Pump {
+    sources: Vec<(FrameType, File)>,
+    buf: Vec<u8>,
+    /// A send failed: keep reading (so the command never blocks on a full pipe) but drop
+    /// the data; the reader thread handles the cancellation.
+    host_gone: bool,
+}
+
+impl Pump {
+    /// Copies output until the command exits (the reaper's status; `None` if the reaper
+    /// dropped it). `pidfd` wakes us at the exit; without one (a kernel before 5.3) the
+    /// reaper's channel is checked every [`NO_PIDFD_TICK`].
+    fn until_exit<C: Conn>(
+        &mut self,
+        out: &Output<C>,
+        pidfd: Option<&OwnedFd>,
+        exit_rx: &Receiver<reaper::Exit>,
+    ) -> Option<reaper::Exit> {
+        loop {
+            let timeout = match pidfd {
+                Some(_) => PollTimeout::NONE,
+                None => match exit_rx.try_recv() {
+                    Ok(exit) => return Some(exit),
+                    Err(mpsc::TryRecvError::Disconnected) => return None,
+                    Err(mpsc::TryRecvError::Empty) => PollTimeout::from(NO_PIDFD_TICK),
+                },
+            };
+            let Some((exited, ready)) = self.poll(pidfd, timeout) else {
+                return exit_rx.recv().ok();
+            };
+            self.read_ready(out, &ready);
+            if exited {
+                return exit_rx.recv().ok();
+            }
+        }
+    }
+
+    /// Copies output until every source is at EOF (true) or `deadline` passes (false).
+    fn drain<C: Conn>(&mut self, out: &Output<C>, deadline: Instant) -> bool {
+        while !self.sources.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+            let Some((_, ready)) = self.poll(None, PollTimeout::from(ms)) else {
+                return false;
+            };
+            self.read_ready(out, &ready);
+        }
+        true
+    }
+
+    /// Polls the sources (and `pidfd`); returns whether `pidfd` fired and which sources are
+    /// readable (or hung up), or `None` if polling itself failed.
+    fn poll(&self, pidfd: Option<&OwnedFd>, timeout: PollTimeout) -> Option<(bool, Vec<bool>)> {
+        let mut fds: Vec<PollFd<'_>> = self
+            .sources
+            .iter()
+            .map(|(_, f)| PollFd::new(f.as_fd(), PollFlags::POLLIN))
+            .collect();
+        if let Some(p) = pidfd {
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => return Some((false, vec![false; self.sources.len()])),
+            Err(e) => {
+                tracing::debug!(error = %e, "poll on output failed");
+                return None;
+            }
+        }
+        let fired = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+        let exited = pidfd.is_some() && fds.last().is_some_and(fired);
+        let ready = fds.iter().take(self.sources.len()).map(fired).collect();
+        Some((exited, ready))
+    }
+
+    /// One read from each ready source; sources at EOF (or EIO on a pty master, meaning
+    /// every slave fd is closed) are dropped.
+    fn read_ready<C: Conn>(&mut self, out: &Output<C>, ready: &[bool]) {
+        let mut i = 0;
+        let mut ready = ready.iter();
+        while i < self.sources.len() {
+            if !ready.next().copied().unwrap_or(false) {
+                i += 1;
+                continue;
+            }
+            let (kind, src) = &mut self.sources[i];
+            match src.read(&mut self.buf) {
+                Ok(0) => {
+                    self.sources.remove(i);
+                    continue;
+                }
+                Ok(n) => {
+                    if !self.host_gone {
+                        let frame = Frame::new(*kind, self.buf[..n].to_vec());
+                        self.host_gone = out.send(&frame).is_err();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.sources.remove(i);
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+}
+
 fn to_winsize(size: WinSize) -> nix::pty::Winsize {
     nix::pty::Winsize {
         ws_row: size.rows,
         ws_col: size.cols,
         ws_xpixel: 0,
         ws_ypixel: 0,
-    }
-}
-
-/// Copies `src` to `kind` frames until EOF (EIO on a pty master) or until `stop` is set.
-fn pump<C: Conn>(mut src: File, kind: FrameType, out: &Output<C>, stop: &AtomicBool) {
-    let mut buf = vec![0u8; CHUNK];
-    let mut host_gone = false;
-    loop {
-        // Past the drain deadline: whoever still holds the fd is not ours to wait for.
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let ready = {
-            let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(100u16)) {
-                Ok(n) => n > 0,
-                Err(nix::Error::EINTR) => false,
-                Err(e) => {
-                    tracing::debug!(error = %e, "poll on output failed");
-                    return;
-                }
-            }
-        };
-        if !ready {
-            continue;
-        }
-        match src.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if !host_gone {
-                    let frame = Frame::new(kind, buf[..n].to_vec());
-                    // Keep draining after a send failure so the child never blocks on a
-                    // full pipe; the reader thread handles the cancellation.
-                    host_gone = out.send(&frame).is_err();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // EIO: every slave fd of the pty is closed.
-            Err(_) => return,
-        }
     }
 }
 
@@ -856,6 +943,42 @@ mod tests {
     }
 
     #[test]
+    fn script_without_shebang_runs_with_sh() {
+        // `execvp` semantics: ENOEXEC falls back to `/bin/sh <file> args...`.
+        let dir = std::env::temp_dir().join(format!("mlg-noshebang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let script = dir.join("noshebang");
+        std::fs::write(&script, "echo ran:$0:$1\n").expect("write");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let path = script.to_string_lossy().into_owned();
+        let o = run_to_end(req(&[&path, "arg1"]));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("ran:{path}:arg1\n")
+        );
+    }
+
+    #[test]
+    fn commands_start_with_default_signals() {
+        // The agent (like every Rust program) ignores SIGPIPE and the spawner blocks all
+        // signals around the clone: neither may leak into the command.
+        let o = run_to_end(req(&["grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status"]));
+        assert_eq!(code(&o), 0);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let mask = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .expect("mask")
+        };
+        assert_eq!(mask("SigBlk:"), 0, "{text}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{text}");
+    }
+
+    #[test]
     fn stdin_through_cat() {
         let mut r = req(&["cat"]);
         r.stdin = true;
@@ -1019,6 +1142,31 @@ mod tests {
         assert!(text.contains("33 101"), "{text:?}");
         assert!(o.stderr.is_empty());
         assert_eq!(code(&o), 0);
+    }
+
+    #[test]
+    fn commands_get_no_pty_fds_beyond_stdio() {
+        // Neither the pty master nor a stray slave may leak into a command (fds 0-2 are
+        // its stdio; the test harness may pass unrelated fds of its own, so only ptys are
+        // checked). Both modes, since another session's pty must not leak either.
+        for tty in [false, true] {
+            let mut r = req(&["ls", "-l", "/proc/self/fd/"]);
+            r.tty = tty.then_some(WinSize { rows: 24, cols: 80 });
+            let o = run_to_end(r);
+            assert_eq!(code(&o), 0);
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let leaked: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.split_once(" -> "))
+                .filter(|(a, _)| {
+                    let fd = a.rsplit(' ').next().unwrap_or_default();
+                    !["0", "1", "2"].contains(&fd)
+                })
+                .filter(|(_, target)| target.contains("/dev/pt"))
+                .map(|(a, _)| a)
+                .collect();
+            assert!(leaked.is_empty(), "tty={tty}: {text}");
+        }
     }
 
     #[test]

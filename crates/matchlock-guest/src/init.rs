@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use matchlock_guest_proto::{
     read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, Hello,
-    ProtoError, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT, WORKSPACE_TAG,
+    ProtoError, ReadyTimes, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT, WORKSPACE_TAG,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -131,9 +131,10 @@ fn console(msg: &str) {
 
 /// Entry point when running as PID 1. Never returns.
 pub fn run() -> ! {
+    let init_us = crate::sys::boottime_us();
     let teardown = Arc::new(Mutex::new(Teardown::default()));
     let mut boot_conn: Option<VsockStream> = None;
-    match boot(&mut boot_conn, &teardown) {
+    match boot(&mut boot_conn, &teardown, init_us) {
         Ok(()) => loop {
             std::thread::park();
         },
@@ -304,9 +305,11 @@ fn set_clock(now: (i64, u32)) {
 fn boot(
     boot_conn: &mut Option<VsockStream>,
     teardown: &Arc<Mutex<Teardown>>,
+    init_us: u64,
 ) -> Result<(), BootError> {
     early_setup();
     let conn = boot_conn.insert(dial_host()?);
+    let hello_us = crate::sys::boottime_us();
     let cfg = handshake(conn)?;
     let serials: Vec<&str> = cfg.disks.iter().map(|d| d.serial.as_str()).collect();
     let devices = find_disks(&serials)?;
@@ -340,7 +343,13 @@ fn boot(
         mount_workspace(ws, teardown)?;
     }
     start_agent(cfg.privileged, teardown)?;
-    write_frame(conn, &Frame::empty(FrameType::Ready)).map_err(BootError::Ready)?;
+    let times = ReadyTimes {
+        init_us,
+        hello_us,
+        ready_us: crate::sys::boottime_us(),
+    };
+    let ready = Frame::json(FrameType::Ready, &times).map_err(BootError::Ready)?;
+    write_frame(conn, &ready).map_err(BootError::Ready)?;
     *boot_conn = None;
     tracing::info!(hostname = %hostname, "ready");
     Ok(())

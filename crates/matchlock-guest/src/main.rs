@@ -17,6 +17,7 @@ mod files;
 mod forward;
 mod init;
 mod reaper;
+mod spawn;
 mod sys;
 mod user;
 

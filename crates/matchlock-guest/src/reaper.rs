@@ -24,6 +24,7 @@
 
 use std::collections::HashMap;
 use std::io;
+#[cfg(test)]
 use std::process::Command;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
@@ -92,13 +93,27 @@ impl Reaper {
     /// Spawns `cmd` and registers it; the returned receiver yields its exit exactly once.
     /// With `kill_group`, whatever is left in the child's process group is SIGKILLed when the
     /// child itself exits (the child must lead its own group, e.g. via `setsid`).
+    #[cfg(test)]
     pub fn spawn(&self, cmd: &mut Command, kill_group: bool) -> io::Result<(i32, Receiver<Exit>)> {
+        self.spawn_with(
+            || {
+                let child = cmd.spawn()?;
+                // Dropping `Child` neither waits nor kills; the reaper owns the status.
+                Ok(i32::try_from(child.id()).unwrap_or(i32::MAX))
+            },
+            kill_group,
+        )
+    }
+
+    /// Like [`Reaper::spawn`], for a child started by `start` (which returns its pid).
+    pub fn spawn_with(
+        &self,
+        start: impl FnOnce() -> io::Result<i32>,
+        kill_group: bool,
+    ) -> io::Result<(i32, Receiver<Exit>)> {
         let (tx, rx) = mpsc::channel();
         let mut reg = self.reg.lock().unwrap_or_else(PoisonError::into_inner);
-        let child = cmd.spawn()?;
-        let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
-        // Dropping `Child` neither waits nor kills; the reaper owns the status.
-        drop(child);
+        let pid = start()?;
         reg.waiters.insert(pid, Waiter { tx, kill_group });
         reg.spawned += 1;
         drop(reg);

@@ -1,11 +1,11 @@
-//! The only module with `unsafe`: raw ioctls and the child-side setup run between fork and
-//! exec.
+//! Raw ioctls and the child-side setup run between spawn and exec (with `spawn.rs`, the only
+//! modules with `unsafe`).
 //!
 //! # Design
 //! Everything here is a thin wrapper over one syscall or a fixed sequence of them, so the
 //! safety arguments stay local. The pre-exec hook only calls async-signal-safe syscalls on
-//! data allocated before the fork (no allocation, no locks), as `CommandExt::pre_exec`
-//! requires.
+//! data allocated before the spawn (no allocation, no locks): the spawned child shares the
+//! agent's memory until it execs.
 //!
 //! # Limitations
 //! x86_64/aarch64 Linux only (ioctl numbers and `ifreq` layout come from `libc`).
@@ -14,8 +14,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 
 use matchlock_guest_proto::WinSize;
 
@@ -199,6 +197,30 @@ pub fn set_winsize(fd: BorrowedFd<'_>, size: WinSize) -> io::Result<()> {
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })
 }
 
+/// Microseconds of `CLOCK_BOOTTIME`: in the VM, time since the kernel started (what
+/// `/proc/uptime` shows). 0 if the clock cannot be read.
+pub fn boottime_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| {
+            let us = i128::from(t.tv_sec()) * 1_000_000 + i128::from(t.tv_nsec()) / 1000;
+            u64::try_from(us).unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// A pidfd for `pid` (readable once it has exited), close-on-exec.
+pub fn pidfd_open(pid: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers; a non-negative result is a new fd we own.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(ret).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// Sends signal number `sig` (any number, including real-time signals) to process group
 /// `pgid`.
 pub fn kill_group(pgid: i32, sig: i32) -> io::Result<()> {
@@ -287,7 +309,7 @@ fn build_seccomp_program() -> Result<Program, seccompiler::BackendError> {
     ))
 }
 
-/// The seccomp program for unprivileged commands, compiled once (before any fork, since the
+/// The seccomp program for unprivileged commands, compiled once (before any spawn, since the
 /// child may not allocate) with rust-vmm's `seccompiler`.
 pub fn seccomp_program() -> io::Result<Program> {
     use std::sync::OnceLock;
@@ -308,7 +330,7 @@ const READONLY_KERNEL_PATHS: [&std::ffi::CStr; 6] = [
     c"/sys",
 ];
 
-/// What the child does to itself between fork and exec.
+/// What the child does to itself between spawn and exec.
 #[derive(Debug, Clone)]
 pub struct ChildSetup {
     /// Make fd 0 (a PTY slave) the controlling terminal of the new session.
@@ -327,7 +349,7 @@ pub struct ChildSetup {
 
 /// New session, and the PTY on fd 0 as its controlling terminal if asked.
 fn enter_session(controlling_tty: bool) -> io::Result<()> {
-    // SAFETY: setsid has no memory effects; the child is not a group leader after fork.
+    // SAFETY: setsid has no memory effects; the child is a new process, not a group leader.
     check(unsafe { libc::setsid() })?;
     if controlling_tty {
         // SAFETY: fd 0 is the PTY slave installed by Command; TIOCSCTTY takes an int arg.
@@ -386,7 +408,7 @@ fn make_readonly_recursive(path: &'static std::ffi::CStr) -> io::Result<()> {
 /// makes [`READONLY_KERNEL_PATHS`] read-only there. `/proc` entries are not mount points,
 /// so each is bind-mounted onto itself first; `/sys` is (sysfs, cgroup2 below it).
 fn protect_kernel_fs() -> io::Result<()> {
-    // SAFETY: unshare takes flags only; the child is single-threaded after fork.
+    // SAFETY: unshare takes flags only; the child is single-threaded (it shares no `fs` with us).
     check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
     mount_raw(None, c"/", libc::MS_REC | libc::MS_SLAVE)?;
     for path in READONLY_KERNEL_PATHS {
@@ -413,14 +435,24 @@ fn drop_bounding_caps() -> io::Result<()> {
     Ok(())
 }
 
-/// Groups, gid, then uid (while still root).
+/// Groups, gid, then uid (while still root). Raw syscalls: glibc's wrappers would try to
+/// change the credentials of every thread of the agent, whose memory a spawned child shares
+/// (see `spawn.rs`).
 fn switch_user(uid: u32, gid: u32, groups: &[libc::gid_t]) -> io::Result<()> {
-    // SAFETY: `groups` was allocated before fork and is borrowed for the call.
-    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+    // SAFETY: `groups` was allocated before the spawn and is borrowed for the call.
+    check_long(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) })?;
     // SAFETY: plain syscalls with integer arguments.
-    check(unsafe { libc::setgid(gid) })?;
+    check_long(unsafe { libc::syscall(libc::SYS_setgid, gid) })?;
     // SAFETY: as above.
-    check(unsafe { libc::setuid(uid) })
+    check_long(unsafe { libc::syscall(libc::SYS_setuid, uid) })
+}
+
+fn check_long(ret: libc::c_long) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// `no_new_privs`, then the filter (which the kernel copies).
@@ -432,7 +464,7 @@ fn apply_seccomp(prog: &[libc::sock_filter]) -> io::Result<()> {
     };
     // SAFETY: prctl with integer arguments only.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
-    // SAFETY: `fprog` points at `prog`, allocated before fork and alive for the call.
+    // SAFETY: `fprog` points at `prog`, allocated before the spawn and alive for the call.
     check(unsafe {
         libc::prctl(
             libc::PR_SET_SECCOMP,
@@ -442,30 +474,24 @@ fn apply_seccomp(prog: &[libc::sock_filter]) -> io::Result<()> {
     })
 }
 
-/// Installs the pre-exec hook: new session, optional controlling tty, read-only kernel
-/// filesystems, capability drop, then groups, gid and uid, then seccomp.
-pub fn install_child_setup(cmd: &mut Command, setup: ChildSetup) {
-    let groups: Vec<libc::gid_t> = setup.groups.clone();
-    let hook = move || -> io::Result<()> {
-        enter_session(setup.controlling_tty)?;
-        if setup.readonly_kernel_fs {
-            protect_kernel_fs()?;
-        }
-        if setup.drop_caps {
-            drop_bounding_caps()?;
-        }
-        if setup.uid != 0 || setup.gid != 0 || groups.len() > 1 {
-            switch_user(setup.uid, setup.gid, &groups)?;
-        }
-        if let Some(prog) = &setup.seccomp {
-            apply_seccomp(prog)?;
-        }
-        Ok(())
-    };
-    // SAFETY: the hook only makes async-signal-safe syscalls on pre-allocated data.
-    unsafe {
-        cmd.pre_exec(hook);
+/// The child's hardening, run by the spawned child before exec: new session, optional
+/// controlling tty, read-only kernel filesystems, capability drop, then groups, gid and uid,
+/// then seccomp. Only syscalls on data allocated before the spawn (`groups`, the program).
+pub fn apply_child_setup(setup: &ChildSetup, groups: &[libc::gid_t]) -> io::Result<()> {
+    enter_session(setup.controlling_tty)?;
+    if setup.readonly_kernel_fs {
+        protect_kernel_fs()?;
     }
+    if setup.drop_caps {
+        drop_bounding_caps()?;
+    }
+    if setup.uid != 0 || setup.gid != 0 || groups.len() > 1 {
+        switch_user(setup.uid, setup.gid, groups)?;
+    }
+    if let Some(prog) = &setup.seccomp {
+        apply_seccomp(prog)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

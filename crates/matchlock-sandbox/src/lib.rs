@@ -32,6 +32,7 @@ pub mod files;
 pub mod forward;
 pub mod network;
 pub mod paths;
+pub mod phases;
 pub mod relay;
 mod running;
 mod sandbox;

@@ -43,6 +43,11 @@ impl Paths {
         self.cache.join("initramfs")
     }
 
+    /// Pre-formatted upper-disk templates, one per size ([`crate::disk::create_upper`]).
+    pub fn disk_templates(&self) -> PathBuf {
+        self.cache.join("disk-templates")
+    }
+
     /// Named volumes: one `<name>.ext4` image each (the reference's
     /// `~/.cache/matchlock/volumes`). The one place this directory is computed.
     pub fn volumes(&self) -> PathBuf {

@@ -179,6 +179,11 @@ impl RunningSandbox {
         self.sandbox.boot_time
     }
 
+    /// Where the boot time went (the cold-start breakdown).
+    pub fn boot_phases(&self) -> crate::phases::BootPhases {
+        self.sandbox.boot_phases
+    }
+
     /// The raw guest link (for protocol-level work such as benchmarks and file sessions).
     pub fn link(&self) -> Arc<GuestLink> {
         self.sandbox.link()

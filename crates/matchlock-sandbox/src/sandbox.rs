@@ -17,13 +17,15 @@ use std::time::{Duration, Instant};
 use matchlock_api::{Config, ImageConfig};
 use matchlock_guest_proto::{
     read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, ExecRequest, ExitStatus,
-    Frame, FrameType, Hello, HostEntry, ProtoError, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT,
+    Frame, FrameType, Hello, HostEntry, ProtoError, ReadyTimes, PROTOCOL_VERSION, READY_PORT,
+    SERVICE_PORT,
 };
 use matchlock_state::{Phase, Resource, StateDb};
 use matchlock_vm::{Accel, Disk, Machine, VmConfig};
 
 use crate::exec::{run_exec, ExecDefaults, ExecError, ExecIo};
 use crate::paths::Paths;
+use crate::phases::{BootMarks, BootPhases};
 use crate::services::{BootPlan, SandboxEvent, ServiceError, Services};
 
 /// How long the guest may take from VM start to `Ready` before we give up.
@@ -192,6 +194,8 @@ pub struct Sandbox {
     /// Locks on the extra disks, held until the VM is stopped ([`crate::disklock`]).
     disk_locks: Mutex<Vec<crate::disklock::DiskLock>>,
     pub boot_time: Duration,
+    /// Where [`Sandbox::boot_time`] went.
+    pub boot_phases: BootPhases,
 }
 
 fn exec_defaults(spec: &SandboxSpec) -> ExecDefaults {
@@ -253,6 +257,7 @@ impl Sandbox {
             services: Mutex::new(std::mem::take(&mut spec.services)),
             disk_locks: Mutex::new(Vec::new()),
             boot_time: Duration::ZERO,
+            boot_phases: BootPhases::default(),
         };
         match sb.boot(paths, &spec) {
             Ok(()) => {
@@ -282,7 +287,7 @@ impl Sandbox {
         let started = Instant::now();
         let (kernel, initramfs) = boot_assets(paths)?;
         self.lock_disks(paths, spec)?;
-        let upper = self.create_upper_disk(spec.config.resources.disk_size_mb)?;
+        let upper = self.create_upper_disk(paths, spec.config.resources.disk_size_mb)?;
         let (ready, ready_path) = self.bind_ready_socket()?;
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper);
         lock(&self.services)
@@ -295,15 +300,24 @@ impl Sandbox {
         lock(&self.services)
             .prepare(&mut plan, &self.dir)
             .map_err(SandboxError::Service)?;
+        let spawn = Instant::now();
         self.start_vm(&plan.vm)?;
+        let spawned = Instant::now();
         tracing::debug!(ms = ms(started.elapsed()), "VM started");
         let deadline = started + boot_timeout();
-        handshake(&ready, self.machine.as_ref(), &plan.guest, deadline).map_err(|e| {
-            SandboxError::NotReady {
+        let (hello, times) = handshake(&ready, self.machine.as_ref(), &plan.guest, deadline)
+            .map_err(|e| SandboxError::NotReady {
                 reason: error_chain(&e),
                 console: self.machine.console_tail(CONSOLE_TAIL_LINES),
-            }
-        })?;
+            })?;
+        let marks = BootMarks {
+            start: started,
+            spawn,
+            spawned,
+            hello,
+            ready: Instant::now(),
+        };
+        self.boot_phases = BootPhases::new(&marks, times);
         drop(ready);
         let _ = std::fs::remove_file(&ready_path);
         self.boot_time = started.elapsed();
@@ -326,11 +340,12 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Records and formats the per-VM writable disk (sparse ext4).
-    fn create_upper_disk(&self, size_mb: u64) -> Result<PathBuf, SandboxError> {
+    /// Records and creates the per-VM writable disk (sparse ext4, from a cached template).
+    fn create_upper_disk(&self, paths: &Paths, size_mb: u64) -> Result<PathBuf, SandboxError> {
         let upper = self.dir.join("upper.ext4");
         self.record("upper disk", Resource::File(upper.clone()))?;
-        crate::disk::create_ext4(&upper, size_mb).map_err(SandboxError::UpperDisk)?;
+        crate::disk::create_upper(&upper, size_mb, &paths.disk_templates())
+            .map_err(SandboxError::UpperDisk)?;
         Ok(upper)
     }
 
@@ -672,13 +687,13 @@ fn accept_guest(
 }
 
 /// Accepts the guest's boot connection and runs the handshake: `Hello` -> `BootConfig` ->
-/// `Ready` (or `BootFailed`).
+/// `Ready` (or `BootFailed`). Returns when `Hello` arrived and the guest's boot times.
 fn handshake(
     ready: &StdUnixListener,
     machine: &dyn Machine,
     cfg: &BootConfig,
     deadline: Instant,
-) -> Result<(), HandshakeError> {
+) -> Result<(Instant, Option<ReadyTimes>), HandshakeError> {
     let mut conn = accept_guest(ready, machine, deadline)?;
     let _ = conn.set_nonblocking(false);
     let remaining = deadline
@@ -689,6 +704,7 @@ fn handshake(
         .map_err(HandshakeError::Proto)?
         .expect(FrameType::Hello, "hello")
         .map_err(HandshakeError::Proto)?;
+    let hello_at = Instant::now();
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(HandshakeError::Version {
             guest: hello.protocol_version,
@@ -699,7 +715,8 @@ fn handshake(
     write_frame(&mut conn, &frame).map_err(HandshakeError::Proto)?;
     let reply = read_frame_required(&mut conn).map_err(HandshakeError::Proto)?;
     match reply.kind {
-        FrameType::Ready => Ok(()),
+        // Times are informational: an empty or malformed payload is no failure.
+        FrameType::Ready => Ok((hello_at, reply.parse::<ReadyTimes>("ready").ok())),
         FrameType::BootFailed => Err(HandshakeError::GuestFailed(
             String::from_utf8_lossy(&reply.payload).into_owned(),
         )),
