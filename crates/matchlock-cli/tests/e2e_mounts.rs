@@ -1,0 +1,118 @@
+//! Nested workspace mounts end to end (spec §9.3: the router resolves by the longest guest
+//! prefix): `-v` several times with guest paths inside each other, in one real VM.
+
+mod common;
+
+use std::path::Path;
+
+use common::{env, ok};
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+/// `/workspace` host_fs over a directory that has a file `sub` and a directory `a`;
+/// `/workspace/sub` host_fs over another directory (it hides the outer's file);
+/// `/workspace/a/b/c` overlay (`a` is the outer's, `b` synthesised). The guest sees each
+/// mount point once, writes land in the provider that owns the path, nothing crosses
+/// between providers, and `..` from an inner root is the outer directory.
+#[test]
+fn nested_mounts_resolve_by_the_longest_prefix() {
+    let e = env();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let outer = tmp.path().join("outer");
+    let inner = tmp.path().join("inner");
+    let deep = tmp.path().join("deep");
+    for d in [&outer, &inner, &deep] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    std::fs::write(outer.join("sub"), "outer file named sub").expect("seed");
+    std::fs::create_dir(outer.join("a")).expect("seed");
+    std::fs::write(outer.join("a/keep"), "outer-keep").expect("seed");
+    std::fs::write(outer.join("top.txt"), "outer-top").expect("seed");
+    std::fs::write(inner.join("inner.txt"), "inner-file").expect("seed");
+    std::fs::write(deep.join("deep.txt"), "deep-lower").expect("seed");
+    let v1 = format!("{}:/workspace:host_fs", s(&outer));
+    let v2 = format!("{}:/workspace/sub:host_fs", s(&inner));
+    let v3 = format!("{}:/workspace/a/b/c:overlay", s(&deep));
+    let script = "\
+        echo \"ls=$(ls /workspace | tr '\\n' ' ')\"; \
+        echo \"a=$(ls /workspace/a | tr '\\n' ' ')\"; \
+        echo \"inner=$(cat /workspace/sub/inner.txt)\"; \
+        echo \"keep=$(cat /workspace/a/keep)\"; \
+        echo \"deep=$(cat /workspace/a/b/c/deep.txt)\"; \
+        echo new-inner > /workspace/sub/new.txt; \
+        echo new-deep > /workspace/a/b/c/deep.txt; \
+        echo \"dotdot=$(stat -c %i /workspace/sub/..) root=$(stat -c %i /workspace)\"; \
+        cd /workspace/a/b/c && echo \"up=$(cd ../.. && pwd) $(ls .. | tr '\\n' ' ')\"; \
+        ln /workspace/sub/inner.txt /workspace/linked 2>&1 | sed 's/^/ln: /'; \
+        rmdir /workspace/sub 2>&1 | sed 's/^/rmdir: /'; \
+        mv /workspace/a /workspace/a2 2>&1 | sed 's/^/mv: /'; \
+        echo \"inos=$(stat -c %i /workspace/top.txt /workspace/sub/inner.txt \
+            /workspace/a/b/c/deep.txt | sort -u | wc -l)\"";
+    let out = ok(&e.sandbox(&[
+        "--workspace",
+        "/workspace",
+        "-v",
+        &v1,
+        "-v",
+        &v2,
+        "-v",
+        &v3,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]));
+    let line = |key: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in {out}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(line("ls"), "a sub top.txt", "{out}");
+    assert_eq!(line("a"), "b keep", "{out}");
+    assert_eq!(line("inner"), "inner-file", "{out}");
+    assert_eq!(line("keep"), "outer-keep", "{out}");
+    assert_eq!(line("deep"), "deep-lower", "{out}");
+    let (dotdot, root) = line("dotdot")
+        .split_once(" root=")
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap_or_default();
+    assert_eq!(
+        dotdot, root,
+        "`..` of the inner root is the workspace: {out}"
+    );
+    assert_eq!(line("up"), "/workspace/a c", "{out}");
+    assert_eq!(
+        line("inos"),
+        "3",
+        "inode numbers unique across providers: {out}"
+    );
+    assert!(
+        out.contains("ln: ") && out.contains("cross-device"),
+        "{out}"
+    );
+    assert!(out.contains("rmdir: ") && out.contains("busy"), "{out}");
+    assert!(out.contains("mv: ") && out.contains("busy"), "{out}");
+    // Host side: the inner host_fs got the guest's file, the outer's file of the mount
+    // point's name is untouched, the overlay's write never reached its lower directory,
+    // and nothing was created for the synthesised `b` or by the refused operations.
+    assert_eq!(
+        std::fs::read_to_string(inner.join("new.txt")).expect("new.txt"),
+        "new-inner\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outer.join("sub")).expect("outer sub"),
+        "outer file named sub"
+    );
+    assert_eq!(
+        std::fs::read_to_string(deep.join("deep.txt")).expect("lower"),
+        "deep-lower"
+    );
+    assert!(!outer.join("a/b").exists());
+    assert!(!outer.join("linked").exists());
+    assert!(!outer.join("a2").exists());
+    assert!(outer.join("a/keep").exists());
+}
