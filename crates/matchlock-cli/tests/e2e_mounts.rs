@@ -48,6 +48,9 @@ fn nested_mounts_resolve_by_the_longest_prefix() {
         ln /workspace/sub/inner.txt /workspace/linked 2>&1 | sed 's/^/ln: /'; \
         rmdir /workspace/sub 2>&1 | sed 's/^/rmdir: /'; \
         mv /workspace/a /workspace/a2 2>&1 | sed 's/^/mv: /'; \
+        echo \"synth=$(stat -c '%a %U %G' /workspace/a/b)\"; \
+        mkdir /workspace/a/b/z 2>&1 | sed 's/^/synthmkdir: /'; \
+        touch /workspace/a/b/f 2>&1 | sed 's/^/synthtouch: /'; \
         echo \"inos=$(stat -c %i /workspace/top.txt /workspace/sub/inner.txt \
             /workspace/a/b/c/deep.txt | sort -u | wc -l)\"";
     let out = ok(&e.sandbox(&[
@@ -95,6 +98,12 @@ fn nested_mounts_resolve_by_the_longest_prefix() {
         "{out}"
     );
     assert!(out.contains("rmdir: ") && out.contains("busy"), "{out}");
+    // The synthesised `b`: 0755, root-owned, read-only for everyone, root included.
+    assert_eq!(line("synth"), "755 root root", "{out}");
+    for op in ["synthmkdir: ", "synthtouch: "] {
+        let msg = out.lines().find(|l| l.starts_with(op)).unwrap_or_default();
+        assert!(msg.contains("Read-only file system"), "{op}: {out}");
+    }
     assert!(out.contains("mv: ") && out.contains("busy"), "{out}");
     // Host side: the inner host_fs got the guest's file, the outer's file of the mount
     // point's name is untouched, the overlay's write never reached its lower directory,

@@ -8,8 +8,10 @@
 //! our own that knows the mount *paths*:
 //! - Every mount path and every directory on the way to one is a *path node* (built once).
 //!   A path node is served by whichever provider owns that path, or, when the owner has no
-//!   directory of that name (or no provider owns it at all), by a *synthesised* directory
-//!   (owned by root, nothing backs it: writes into it fail).
+//!   directory of that name (or no provider owns it at all), by a *synthesised* directory:
+//!   mode 0755, owned by root, and every write into or on it (create, mkdir, mknod,
+//!   symlink, link, unlink, rmdir, rename, setattr, xattrs, `access(W_OK)`) is `EROFS`:
+//!   nothing backs it, so there is nowhere to write to, whoever the caller is.
 //! - LOOKUP of a path node's child name never reaches the plain backend path: a mount point
 //!   answers with the inner provider's root (the outer's own entry of that name is hidden,
 //!   as with a Linux mount); an intermediate name answers with the owner's real directory
@@ -57,10 +59,11 @@ const SLOT_SHIFT: u32 = 56;
 pub const MAX_MOUNTS: usize = 255;
 /// Marks a directory cookie as one of the tree's own entries.
 const OWN_COOKIE: u64 = 1 << 63;
-/// Mode of a synthesised directory.
-pub const SYNTH_MODE: u32 = 0o777;
-/// What a write into a synthesised directory fails with.
-pub const SYNTH_WRITE: i32 = libc::ENOSYS;
+/// Mode of a synthesised directory: readable and searchable by all, owned by root.
+pub const SYNTH_MODE: u32 = 0o755;
+/// What a write into (or onto) a synthesised directory fails with: `EROFS`, because no
+/// provider backs it, whoever asks (`EACCES` would suggest that another user could).
+pub const SYNTH_WRITE: i32 = libc::EROFS;
 /// How long the guest may cache a synthesised directory (the owner may later gain a real one).
 const SYNTH_TTL: Duration = Duration::from_secs(1);
 

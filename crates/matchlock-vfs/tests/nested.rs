@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use fuse_backend_rs::abi::fuse_abi::FsOptions;
+use fuse_backend_rs::abi::fuse_abi::{FsOptions, SetattrValid};
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use matchlock_api::{MountConfig, VfsConfig};
 use matchlock_vfs::intercept::{
@@ -291,4 +291,55 @@ fn interception_sees_full_guest_paths_inside_inner_mounts() {
         .collect();
     assert_eq!(created, ["/ws/a/b/c/open.txt", "/ws/sub/secret.txt"]);
     drop(host);
+}
+
+/// Synthesised directories (the workspace root with no mount of its own, and `x` on the
+/// way to `/ws/x/y`) are 0755 root-owned and read-only: every write path is `EROFS`.
+#[test]
+fn synthesised_directories_are_0755_root_and_read_only() {
+    let host = tempfile::tempdir().expect("host");
+    let mut cfg = VfsConfig {
+        workspace: "/ws".into(),
+        ..VfsConfig::default()
+    };
+    cfg.mounts
+        .insert("/ws/x/y".into(), mount("memory", host.path()));
+    let scratch = tempfile::tempdir().expect("scratch");
+    let router = build(&cfg, scratch.path()).expect("build");
+    router.init(FsOptions::empty()).expect("init");
+    let fs: &Fs = &router;
+    let x = lookup(fs, ROOT, "x").expect("x");
+    for ino in [ROOT, x.inode] {
+        let st = getattr(fs, ino);
+        assert_eq!(st.st_mode, libc::S_IFDIR | 0o755, "mode of {ino:#x}");
+        assert_eq!((st.st_uid, st.st_gid), (0, 0));
+        assert_eq!(errno(mkdir(fs, ino, "d")), libc::EROFS);
+        assert_eq!(errno(create(fs, ino, "f", 0o644, RW)), libc::EROFS);
+        assert_eq!(
+            errno(fs.symlink(&root(), &c("t"), ino, &c("l"))),
+            libc::EROFS
+        );
+        assert_eq!(
+            errno(fs.mknod(&root(), ino, &c("p"), libc::S_IFIFO | 0o644, 0, 0)),
+            libc::EROFS
+        );
+        assert_eq!(errno(fs.unlink(&root(), ino, &c("zz"))), libc::EROFS);
+        let mut attr = st;
+        attr.st_mode = 0o777;
+        assert_eq!(
+            errno(fs.setattr(&root(), ino, attr, None, SetattrValid::MODE)),
+            libc::EROFS
+        );
+        assert_eq!(
+            errno(fs.access(&root(), ino, libc::W_OK as u32)),
+            libc::EROFS
+        );
+        fs.access(&root(), ino, (libc::R_OK | libc::X_OK) as u32)
+            .expect("readable and searchable");
+    }
+    assert_eq!(errno(rename(fs, ROOT, "x", ROOT, "x2", 0)), libc::EROFS);
+    assert_eq!(names(fs, ROOT), ["x"]);
+    // The mount below is writable as usual.
+    let y = lookup(fs, x.inode, "y").expect("y");
+    mkdir(fs, y.inode, "ok").expect("mkdir in the mount");
 }
