@@ -44,6 +44,11 @@ const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes a `memory` mount may hold (file data plus a small per-inode charge).
 pub const MEMORY_QUOTA: u64 = 256 << 20;
 
+/// Bytes an `overlay` mount's copy-ups may hold in the state directory: the default size of
+/// the sandbox's own disk, so a guest cannot fill the owner's filesystem through a share
+/// faster than through its root disk.
+pub const OVERLAY_QUOTA: u64 = matchlock_api::DEFAULT_DISK_SIZE_MB << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
     #[error("invalid vfs configuration")]
@@ -189,9 +194,11 @@ pub fn provider(guest: &str, m: &MountConfig, upper: &Path) -> Result<BackFileSy
                 path: upper.to_path_buf(),
                 source,
             })?;
-            let fs = OverlayFs::new(&lower, upper).map_err(|source| RouterError::Overlay {
-                guest: guest.to_string(),
-                source,
+            let fs = OverlayFs::with_quota(&lower, upper, OVERLAY_QUOTA).map_err(|source| {
+                RouterError::Overlay {
+                    guest: guest.to_string(),
+                    source,
+                }
             })?;
             Box::new(fs)
         }
