@@ -196,3 +196,45 @@ fn read_only_attach_after_the_read_write_owner_crashed() {
     );
     ok(&e.run(&["volume", "rm", vol]));
 }
+
+/// The same nesting through the RPC `vfs` config, from the published Python SDK 0.2.17
+/// unchanged (`tests/python/sdk_mounts.py`): `/workspace` host_fs, `/workspace/cache`
+/// memory inside it, `/workspace/cache/deep/ro` read-only host_fs inside that (the
+/// memory mount gets a synthesised `deep`); the SDK's file calls go through the same tree.
+#[test]
+fn python_sdk_nested_vfs_config() {
+    let e = env();
+    let host = tempfile::tempdir().expect("tmp");
+    std::fs::write(host.path().join("host.txt"), "from-host").expect("seed");
+    let mut c = e.python_sdk("sdk_mounts.py");
+    c.env("HOST_DIR", host.path());
+    let out = c.output().expect("run the SDK scenario");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["guest"]["code"], 0, "{v}");
+    assert_eq!(
+        v["guest"]["out"], "in-memory\ndeep m.txt \nfrom-host1\n",
+        "{v}"
+    );
+    assert_eq!(v["read_back"], "sdk-in-memory", "{v}");
+    let listed: Vec<&str> = v["listed"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(listed, ["cache", "host.txt", "outer.txt"], "{v}");
+    // The memory mount's files never reach the host; the outer's do; the read-only mount
+    // of the same directory refused the write.
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("outer.txt")).expect("outer.txt"),
+        "sdk-outer"
+    );
+    assert!(!host.path().join("cache").exists());
+    assert!(!host.path().join("m.txt").exists());
+    assert!(!host.path().join("x").exists());
+}
