@@ -429,13 +429,17 @@ impl MountTree {
             .map_err(|_| errno(libc::EINVAL))?;
         match fs.lookup(ctx, ino, &name) {
             Ok(e) if e.inode != 0 && e.attr.st_mode & libc::S_IFMT == libc::S_IFDIR => {
-                let e = self.convert(mount, e)?;
-                if take_ref {
-                    self.learn(e.inode, child);
-                } else {
-                    fs.forget(ctx, ino_of(e.inode), 1);
+                let own = e.inode;
+                match self.convert(mount, e) {
+                    Ok(e) if take_ref => {
+                        self.learn(e.inode, child);
+                        Ok(e)
+                    }
+                    other => {
+                        fs.forget(ctx, own, 1);
+                        other
+                    }
                 }
-                Ok(e)
             }
             Ok(e) => {
                 if e.inode != 0 {
@@ -459,9 +463,4 @@ impl MountTree {
             _ => {}
         }
     }
-}
-
-/// The provider's own inode number inside a tree inode number.
-fn ino_of(ino: u64) -> u64 {
-    ino & VFS_MAX_INO
 }
