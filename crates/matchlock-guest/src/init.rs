@@ -16,9 +16,14 @@
 //! spawned afterwards inherits it with no race (the agent shares the quota; it is idle while
 //! commands run).
 //!
+//! Extra disks (`--disk`, volumes) are ext4; read-only ones are mounted `ro,noload` so a
+//! volume whose read-write owner crashed (journal needing recovery) can still be read.
+//!
 //! # Limitations
 //! No network configuration beyond `lo` (the network device owner configures `eth0`). The
 //! initramfs contents stay in memory after the switch (a few MiB at most: only `/init`).
+//! A read-only disk of a crashed owner shows its last checkpointed state: what was only in
+//! the journal is not replayed (that needs a read-write attach).
 
 use std::collections::HashMap;
 use std::io;
@@ -451,6 +456,12 @@ fn switch_root() -> Result<(), BootError> {
     nix::unistd::chdir("/").map_err(BootError::ChdirRoot)
 }
 
+/// ext4 options for a read-only extra disk: `noload` skips the journal, so a volume whose
+/// read-write owner died mid-write (its journal needs recovery, which would have to write
+/// to a device QEMU attached read-only) can still be mounted and read. What the guest then
+/// sees is the last checkpointed state: transactions only in the journal are not applied.
+const RO_EXT4_OPTIONS: &str = "noload";
+
 /// Mounts the extra disks (ext4) at their mount points, recording them for power-off.
 fn mount_extras(
     extras: Vec<(PathBuf, PathBuf, bool)>,
@@ -458,12 +469,12 @@ fn mount_extras(
 ) -> Result<(), BootError> {
     for (dev, target, readonly) in extras {
         mkdir_p(&target, 0o755)?;
-        let flags = if readonly {
-            MsFlags::MS_RDONLY
+        let (flags, data) = if readonly {
+            (MsFlags::MS_RDONLY, Some(RO_EXT4_OPTIONS))
         } else {
-            MsFlags::empty()
+            (MsFlags::empty(), None)
         };
-        do_mount(&dev.to_string_lossy(), &target, "ext4", flags, None)?;
+        do_mount(&dev.to_string_lossy(), &target, "ext4", flags, data)?;
         teardown
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

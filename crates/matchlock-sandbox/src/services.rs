@@ -19,7 +19,7 @@
 //! and tells the guest where to mount the share.
 //!
 //! # Limitations
-//! Mounts nested inside other mounts are refused (see `matchlock_vfs::router`).
+//! Mount nesting rules are the router's (see `matchlock_vfs::router`).
 
 use std::path::Path;
 use std::sync::Arc;

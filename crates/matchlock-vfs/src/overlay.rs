@@ -24,11 +24,19 @@
 //!
 //! # Limitations
 //! - A single file as the lower path is refused ([`OverlayError::LowerNotDirectory`]).
-//! - A lower directory is read once, when first used: host changes to it after that are not
-//!   seen. An uncopied file's bytes are read live, with the size recorded at listing.
+//! - A lower directory is read once, when first used (one `readdir` + `lstat` per entry of
+//!   that one directory, never the whole tree, never again per operation): host changes to
+//!   it after that are not seen. An uncopied file's bytes are read live, with the size
+//!   recorded at listing.
 //! - The merged namespace and all attributes live in memory (a few hundred bytes per lower
-//!   entry the guest has visited); only file data goes to the upper directory, without a
-//!   quota (`statfs` reports no limit).
+//!   entry the guest has visited); only file data goes to the upper directory.
+//! - The upper directory is bounded by a quota ([`OverlayFs::with_quota`]; the router gives
+//!   each overlay mount `router::OVERLAY_QUOTA`): a copy-up charges the file's size, writes
+//!   and truncates charge growth, holes included (the charge is by size, whatever the host
+//!   filesystem allocates), unlink and shrinking give it back; past it the guest gets
+//!   `ENOSPC` before anything is copied or written. Lower entries the guest lists count
+//!   their namespace charge (they may take the total past the quota; only new data is
+//!   refused). `statfs` reports the quota.
 //! - Host I/O runs under the table's lock: copying up a large file stalls the mount's other
 //!   operations for the duration of the copy.
 //! - Host descriptors are held only while the guest has a file open.
@@ -80,8 +88,20 @@ pub struct OverlayFs {
 
 impl OverlayFs {
     /// A view of `lower` whose changes go to `upper_dir`, which must be an existing empty
-    /// directory (the owner creates it in the VM's state directory and deletes it at stop).
+    /// directory (the owner creates it in the VM's state directory and deletes it at stop),
+    /// without a quota.
     pub fn new(lower: &Path, upper_dir: &Path) -> Result<OverlayFs, OverlayError> {
+        OverlayFs::with_quota(lower, upper_dir, u64::MAX)
+    }
+
+    /// [`OverlayFs::new`] with at most `quota` bytes in the upper directory (copied-up and
+    /// created files by size, plus the namespace's per-inode and per-name charge); past it
+    /// the guest gets `ENOSPC`.
+    pub fn with_quota(
+        lower: &Path,
+        upper_dir: &Path,
+        quota: u64,
+    ) -> Result<OverlayFs, OverlayError> {
         let lower = fs::canonicalize(lower).map_err(|source| OverlayError::LowerResolve {
             path: lower.to_path_buf(),
             source,
@@ -112,7 +132,7 @@ impl OverlayFs {
         let root_attr = store::attr_of(&meta);
         let store = Store::new(lower, upper_dir.to_path_buf());
         Ok(OverlayFs {
-            tree: Tree::new(u64::MAX, Some(store), Some(root_attr)),
+            tree: Tree::new(quota, Some(store), Some(root_attr)),
         })
     }
 }

@@ -1,10 +1,11 @@
 //! The mount router: one guarded provider per `vfs.mounts` entry, mounted at its guest path
-//! relative to the workspace in a `fuse_backend_rs::api::Vfs`.
+//! relative to the workspace in a [`MountTree`].
 //!
 //! # Design
-//! `Vfs` keeps a pseudo filesystem of the mount points and synthesises the intermediate
-//! directories (`/workspace/.host/example` makes `.host` appear); a mount equal to the
-//! workspace is mounted at `/`, which `Vfs` serves from that backend directly. Providers:
+//! The tree resolves by the longest guest prefix, mounts nested in other mounts included,
+//! and synthesises the intermediate directories (`/workspace/.host/example` makes `.host`
+//! appear; see [`crate::nested`]); a mount equal to the workspace is the tree's root.
+//! Providers:
 //! - `host_fs`: `PassthroughFs` rooted at the canonical host path. It opens every entry by
 //!   parent descriptor plus one name with `O_PATH | O_NOFOLLOW`, so a symlink in the share is
 //!   served as a symlink (the guest resolves it in its own tree) and never followed on the
@@ -20,21 +21,20 @@
 //! nothing reaches a host file's ownership through them.
 //!
 //! # Limitations
-//! A mount nested inside another mount (`/workspace` and `/workspace/sub`) is refused:
-//! `Vfs` only crosses into a mount from its pseudo directories, so the inner mount would
-//! be shadowed by the outer backend.
+//! A mount nested inside a single-file mount is refused (a file has no children).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fuse_backend_rs::api::{BackFileSystem, Vfs, VfsOptions};
+use fuse_backend_rs::api::BackFileSystem;
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use matchlock_api::{guest_path_within, MountConfig, VfsConfig};
 
 use crate::guard::{Guard, GuardOptions};
 use crate::memory::MemFs;
+use crate::nested::{MountTree, NestedError};
 use crate::overlay::OverlayFs;
 
 /// How long the guest may cache names and attributes of host files: host-side changes show
@@ -44,14 +44,21 @@ const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes a `memory` mount may hold (file data plus a small per-inode charge).
 pub const MEMORY_QUOTA: u64 = 256 << 20;
 
+/// Bytes an `overlay` mount's copy-ups may hold in the state directory: the default size of
+/// the sandbox's own disk, so a guest cannot fill the owner's filesystem through a share
+/// faster than through its root disk.
+pub const OVERLAY_QUOTA: u64 = matchlock_api::DEFAULT_DISK_SIZE_MB << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
     #[error("invalid vfs configuration")]
     Config(#[source] matchlock_api::ConfigError),
     #[error("a workspace at / is not supported: it would hide the guest's root filesystem")]
     RootWorkspace,
-    #[error("mount {inner:?} is nested inside mount {outer:?}: not supported yet")]
-    Nested { outer: String, inner: String },
+    #[error("mount {inner:?} is nested inside mount {outer:?}, which is a single file")]
+    NestedInFile { outer: String, inner: String },
+    #[error("mount tree")]
+    Tree(#[source] NestedError),
     #[error("mount {guest:?}: owner_uid/owner_gid are only supported for host_fs mounts")]
     OwnerOverride { guest: String },
     #[error("invalid vfs.interception")]
@@ -87,18 +94,12 @@ pub enum RouterError {
         #[source]
         source: std::io::Error,
     },
-    #[error("mount {guest:?} in the router")]
-    Mount {
-        guest: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
 }
 
 /// The router the server serves.
-pub type Router = Vfs;
+pub type Router = MountTree;
 
-/// Checks `cfg` without opening anything: validation, nesting, host paths (so a bad mount
+/// Checks `cfg` without opening anything: validation, host paths, nesting (so a bad mount
 /// fails before anything boots); returns the compiled interception rules (empty when
 /// there are none).
 pub fn preflight(cfg: &VfsConfig) -> Result<crate::intercept::Rules, RouterError> {
@@ -122,6 +123,7 @@ pub fn preflight(cfg: &VfsConfig) -> Result<crate::intercept::Rules, RouterError
             }
             _ => {}
         }
+        check_not_in_file(cfg, guest, m)?;
         if m.kind != "host_fs" && (m.owner_uid.is_some() || m.owner_gid.is_some()) {
             return Err(RouterError::OwnerOverride {
                 guest: guest.clone(),
@@ -136,23 +138,13 @@ pub fn preflight(cfg: &VfsConfig) -> Result<crate::intercept::Rules, RouterError
 pub fn build(cfg: &VfsConfig, scratch: &Path) -> Result<Router, RouterError> {
     check_shape(cfg)?;
     let ws = cfg.workspace();
-    let vfs = Vfs::new(VfsOptions {
-        no_open: false,
-        no_opendir: false,
-        no_writeback: true,
-        killpriv_v2: false,
-        ..VfsOptions::default()
-    });
+    let mut mounts = Vec::with_capacity(cfg.mounts.len());
     for (i, (guest, m)) in cfg.mounts.iter().enumerate() {
         let fs = provider(guest, m, &scratch.join(format!("mount-{i:03}")))?;
-        let rel = relative(guest, ws);
-        vfs.mount(fs, &rel).map_err(|e| RouterError::Mount {
-            guest: guest.clone(),
-            source: format!("{e:?}").into(),
-        })?;
-        tracing::debug!(guest = %guest, kind = %m.kind, readonly = m.readonly, "mounted");
+        tracing::debug!(guest = %guest, kind = %m.kind, readonly = m.readonly, "mount");
+        mounts.push((relative(guest, ws), fs));
     }
-    Ok(vfs)
+    MountTree::new(mounts).map_err(RouterError::Tree)
 }
 
 /// `guest` relative to the workspace, as an absolute router path (`/` for the workspace).
@@ -163,26 +155,29 @@ fn relative(guest: &str, ws: &str) -> String {
     }
 }
 
-/// The configuration's own rules: `ValidateVFS`, no workspace at `/`, no nested mounts.
+/// The configuration's own rules: `ValidateVFS`, no workspace at `/`.
 fn check_shape(cfg: &VfsConfig) -> Result<(), RouterError> {
     cfg.validate().map_err(RouterError::Config)?;
     if cfg.workspace() == "/" {
         return Err(RouterError::RootWorkspace);
     }
-    check_nesting(cfg)
+    Ok(())
 }
 
-fn check_nesting(cfg: &VfsConfig) -> Result<(), RouterError> {
-    let keys: Vec<&String> = cfg.mounts.keys().collect();
-    for outer in &keys {
-        for inner in &keys {
-            if outer != inner && guest_path_within(inner, outer) {
-                return Err(RouterError::Nested {
-                    outer: (*outer).clone(),
-                    inner: (*inner).clone(),
-                });
-            }
-        }
+/// Refuses a mount below `outer` when `outer` is a host_fs mount of a single file.
+fn check_not_in_file(cfg: &VfsConfig, outer: &str, m: &MountConfig) -> Result<(), RouterError> {
+    let Some(inner) = cfg
+        .mounts
+        .keys()
+        .find(|k| k.as_str() != outer && guest_path_within(k, outer))
+    else {
+        return Ok(());
+    };
+    if m.kind == "host_fs" && host_path(outer, m)?.1.is_file() {
+        return Err(RouterError::NestedInFile {
+            outer: outer.to_string(),
+            inner: inner.clone(),
+        });
     }
     Ok(())
 }
@@ -199,9 +194,11 @@ pub fn provider(guest: &str, m: &MountConfig, upper: &Path) -> Result<BackFileSy
                 path: upper.to_path_buf(),
                 source,
             })?;
-            let fs = OverlayFs::new(&lower, upper).map_err(|source| RouterError::Overlay {
-                guest: guest.to_string(),
-                source,
+            let fs = OverlayFs::with_quota(&lower, upper, OVERLAY_QUOTA).map_err(|source| {
+                RouterError::Overlay {
+                    guest: guest.to_string(),
+                    source,
+                }
             })?;
             Box::new(fs)
         }
@@ -310,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn nesting_refused_and_every_type_builds() {
+    fn nesting_builds_and_every_type_builds() {
         let dir = tempfile::tempdir().expect("tmp");
         let host = dir.path().to_str().expect("utf8").to_string();
         let m = |kind: &str| MountConfig {
@@ -325,9 +322,23 @@ mod tests {
         cfg.mounts.insert("/ws".into(), m("host_fs"));
         cfg.mounts.insert("/ws/sub".into(), m("host_fs"));
         let scratch = tempfile::tempdir().expect("scratch");
-        let e = build(&cfg, scratch.path()).err().expect("nested");
-        assert!(e.to_string().contains("nested"), "{e}");
-        assert!(preflight(&cfg).is_err());
+        preflight(&cfg).expect("nested preflight");
+        build(&cfg, scratch.path()).expect("nested");
+        // Nothing can be mounted below a single file.
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").expect("file");
+        cfg.mounts.insert(
+            "/ws".into(),
+            MountConfig {
+                kind: "host_fs".into(),
+                host_path: file.to_str().expect("utf8").into(),
+                ..MountConfig::default()
+            },
+        );
+        let e = preflight(&cfg).expect_err("below a file");
+        assert!(e.to_string().contains("single file"), "{e}");
+        let e = build(&cfg, scratch.path()).err().expect("below a file");
+        assert!(format!("{e:?}").contains("InsideFile"), "{e:?}");
         cfg.mounts.remove("/ws");
         cfg.mounts.insert("/ws/other".into(), m("host_fs"));
         build(&cfg, scratch.path()).expect("siblings");

@@ -23,8 +23,8 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::router::Router;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::api::Vfs;
 
 use crate::intercept::Intercept;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -64,7 +64,7 @@ pub enum ServerError {
 }
 
 struct FsBackend {
-    server: Server<Arc<Intercept<Vfs>>>,
+    server: Server<Arc<Intercept<Router>>>,
     mem: RwLock<Option<Mem>>,
     event_idx: std::sync::atomic::AtomicBool,
 }
@@ -213,7 +213,11 @@ pub struct FsServer {
 impl FsServer {
     /// Listens on `socket` (replacing a stale file) and serves `vfs` to the first front-end
     /// that connects, on a thread named `name`.
-    pub fn start(vfs: Intercept<Vfs>, socket: &Path, name: &str) -> Result<FsServer, ServerError> {
+    pub fn start(
+        vfs: Intercept<Router>,
+        socket: &Path,
+        name: &str,
+    ) -> Result<FsServer, ServerError> {
         let mut listener = Listener::new(socket, true).map_err(|source| ServerError::Listen {
             path: socket.to_path_buf(),
             source,

@@ -437,3 +437,62 @@ fn concurrent_first_writes_copy_up_once() {
     assert_eq!(fs::read_dir(&s.upper).expect("read upper").count(), 1);
     assert_eq!(snapshot(&s.lower), before);
 }
+
+/// Bytes of the regular files in `dir` (the overlay's flat upper directory).
+fn upper_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .expect("upper listing")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum()
+}
+
+/// The upper directory is bounded: copy-ups, new files and growth past the quota are
+/// `ENOSPC` before anything reaches the host; unlinking and shrinking give bytes back.
+#[test]
+fn upper_directory_is_bounded_by_the_quota() {
+    const QUOTA: u64 = 1 << 20;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (lower, upper) = (tmp.path().join("lower"), tmp.path().join("upper"));
+    fs::create_dir_all(&lower).expect("mkdir");
+    fs::create_dir(&upper).expect("mkdir");
+    fs::write(lower.join("big"), vec![7u8; 600 << 10]).expect("seed");
+    fs::write(lower.join("small"), b"small").expect("seed");
+    let ov = OverlayFs::with_quota(&lower, &upper, QUOTA).expect("overlay");
+    let fs: &Fs = &ov;
+
+    let st = fs.statfs(&root(), ROOT).expect("statfs");
+    assert_eq!(st.f_blocks * st.f_bsize, QUOTA, "statfs reports the quota");
+
+    // A one-byte write copies 600 KiB up: charged.
+    let big = lookup(fs, ROOT, "big").expect("big");
+    let fh = open(fs, big.inode, RW).expect("open");
+    write(fs, big.inode, fh, 0, b"x").expect("copy-up within the quota");
+    release(fs, big.inode, fh);
+    assert_eq!(upper_bytes(&upper), 600 << 10);
+
+    let (new, fh) = create(fs, ROOT, "new", 0o644, RW).expect("create");
+    write(fs, new.inode, fh, 0, &vec![1u8; 300 << 10]).expect("300 KiB fits");
+    let over = write(fs, new.inode, fh, 300 << 10, &vec![1u8; 200 << 10]);
+    assert_eq!(errno(over), libc::ENOSPC);
+    assert!(upper_bytes(&upper) <= QUOTA, "{}", upper_bytes(&upper));
+    // A hole counts too: the charge is by size.
+    assert_eq!(errno(set_size(fs, new.inode, 64 << 20)), libc::ENOSPC);
+    // Copying up another lower file past the quota is refused before the copy.
+    let small = lookup(fs, ROOT, "small").expect("small");
+    assert_eq!(errno(set_size(fs, small.inode, 200 << 10)), libc::ENOSPC);
+    assert_eq!(fs::read(lower.join("small")).expect("lower"), b"small");
+    release(fs, new.inode, fh);
+
+    // Shrinking gives bytes back.
+    set_size(fs, new.inode, 0).expect("truncate");
+    let fh = open(fs, new.inode, RW).expect("open");
+    write(fs, new.inode, fh, 0, &vec![1u8; 300 << 10]).expect("fits again after truncate");
+    release(fs, new.inode, fh);
+    // So does unlinking (once the kernel forgets the inode).
+    fs.unlink(&root(), ROOT, &c("new")).expect("unlink");
+    fs.forget(&root(), new.inode, 1);
+    let (again, fh) = create(fs, ROOT, "again", 0o644, RW).expect("create");
+    write(fs, again.inode, fh, 0, &vec![1u8; 350 << 10]).expect("fits after unlink");
+    release(fs, again.inode, fh);
+    assert!(upper_bytes(&upper) <= QUOTA, "{}", upper_bytes(&upper));
+}

@@ -16,6 +16,7 @@ use fuse_backend_rs::api::filesystem::{
 
 use super::node::{Content, Kind, Time, DOTDOT_SEQ, DOT_SEQ};
 use super::tree::{errno, OpenFile, State, Tree, INODE_COST, MAX_FILE_SIZE};
+use crate::overlay::store::Source;
 
 /// Largest single read or write the provider serves (the FUSE transport's own bound is lower).
 const MAX_IO: u32 = 16 * 1024 * 1024;
@@ -110,23 +111,36 @@ impl Tree {
     }
 
     fn write_content(&self, st: &mut State, ino: u64, offset: u64, data: &[u8]) -> io::Result<()> {
-        let growth = match &st.node(ino)?.kind {
+        let node = st.node(ino)?;
+        let size = node.attr.size;
+        let end = offset.saturating_add(data.len() as u64);
+        let growth = match &node.kind {
             Kind::File(Content::Mem(d)) => d.growth_for_write(offset, data.len() as u64),
-            Kind::File(Content::Host(_)) => 0,
+            Kind::File(Content::Host(f)) => upper_growth(f, size, end.max(size)),
             Kind::Dir(_) => return Err(errno(libc::EISDIR)),
             _ => return Err(errno(libc::EINVAL)),
         };
         st.charge(growth)?;
-        let size = st.node(ino)?.attr.size;
-        match &mut st.node_mut(ino)?.kind {
-            Kind::File(Content::Mem(d)) => d.write(offset, data),
-            Kind::File(Content::Host(f)) => match &self.store {
-                Some(store) => store.write(f, size, offset, data)?,
-                None => return Err(errno(libc::EIO)),
-            },
-            _ => return Err(errno(libc::EINVAL)),
-        }
-        Ok(())
+        let result = match &mut st.node_mut(ino)?.kind {
+            Kind::File(Content::Mem(d)) => {
+                d.write(offset, data);
+                Ok(())
+            }
+            Kind::File(Content::Host(f)) => {
+                let was_lower = matches!(f.source(), Source::Lower(_));
+                match &self.store {
+                    Some(store) => store
+                        .write(f, size, offset, data)
+                        .map_err(|e| (e, was_lower && matches!(f.source(), Source::Upper(_)))),
+                    None => Err((errno(libc::EIO), false)),
+                }
+            }
+            _ => Err((errno(libc::EINVAL), false)),
+        };
+        result.map_err(|(e, copied_up)| {
+            settle_failed(st, growth, copied_up, size);
+            e
+        })
     }
 
     /// Sets a regular file's size: shrinking frees data, growing leaves a hole.
@@ -134,14 +148,29 @@ impl Tree {
         if new_size > MAX_FILE_SIZE {
             return Err(errno(libc::EFBIG));
         }
-        let node = st.node_mut(ino)?;
+        let node = st.node(ino)?;
         let old = node.attr.size;
+        if let Kind::File(Content::Host(f)) = &node.kind {
+            let growth = upper_growth(f, old, new_size);
+            st.charge(growth)?;
+        }
+        let node = st.node_mut(ino)?;
         let freed = match &mut node.kind {
             Kind::File(Content::Mem(d)) => d.truncate(new_size),
             Kind::File(Content::Host(f)) => match &self.store {
                 Some(store) => {
-                    store.set_len(f, old, new_size)?;
-                    0
+                    let was_upper = matches!(f.source(), Source::Upper(_));
+                    let growth = upper_growth(f, old, new_size);
+                    if let Err(e) = store.set_len(f, old, new_size) {
+                        let copied_up = !was_upper && matches!(f.source(), Source::Upper(_));
+                        settle_failed(st, growth, copied_up, old.min(new_size));
+                        return Err(e);
+                    }
+                    if was_upper {
+                        old.saturating_sub(new_size)
+                    } else {
+                        0
+                    }
                 }
                 None => return Err(errno(libc::EIO)),
             },
@@ -350,6 +379,26 @@ fn zeroed_statvfs() -> io::Result<statvfs64> {
         type Handle = u64;
     }
     Defaults.statfs(&Context::new(), 0)
+}
+
+/// Quota bytes an overlay file's upper copy grows by when its size goes from `size` to
+/// `new_size`: a file still in the lower tree is copied up first (its bytes up to the new
+/// size then count), an upper copy grows by the difference. Holes count (the charge is by
+/// size, so it bounds the upper directory whatever the host filesystem allocates).
+fn upper_growth(f: &crate::overlay::store::HostFile, size: u64, new_size: u64) -> u64 {
+    match f.source() {
+        Source::Lower(_) => new_size,
+        Source::Upper(_) => new_size.saturating_sub(size),
+    }
+}
+
+/// Gives back the charge of a failed overlay write or truncate, keeping what a copy-up made
+/// before the failure holds (`kept` bytes now in the upper directory).
+fn settle_failed(st: &mut State, growth: u64, copied_up: bool, kept: u64) {
+    st.release_quota(growth);
+    if copied_up {
+        st.used = st.used.saturating_add(kept);
+    }
 }
 
 /// Reads a FUSE write's payload (bounded by the request's size).

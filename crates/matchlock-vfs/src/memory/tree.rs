@@ -288,6 +288,10 @@ impl Tree {
         match node.kind {
             Kind::File(Content::Mem(d)) => freed += d.stored(),
             Kind::File(Content::Host(f)) => {
+                // An upper copy's bytes were charged by size (see `io::upper_growth`).
+                if matches!(f.source(), crate::overlay::store::Source::Upper(_)) {
+                    freed += node.attr.size;
+                }
                 if let Some(store) = &self.store {
                     store.discard(ino, f);
                 }

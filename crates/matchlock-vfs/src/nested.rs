@@ -1,0 +1,466 @@
+//! The mount tree: providers mounted at guest paths, nested ones included, served as one
+//! filesystem (spec §9.3: the router resolves by the longest guest prefix).
+//!
+//! # Design
+//! `fuse_backend_rs::api::Vfs` only crosses into a mount from its own pseudo directories, so
+//! a mount inside another mount's tree (`/workspace` host_fs and `/workspace/sub` memory)
+//! would be shadowed by the outer backend. [`MountTree`] replaces it with a small layer of
+//! our own that knows the mount *paths*:
+//! - Every mount path and every directory on the way to one is a *path node* (built once).
+//!   A path node is served by whichever provider owns that path, or, when the owner has no
+//!   directory of that name (or no provider owns it at all), by a *synthesised* directory:
+//!   mode 0755, owned by root, and every write into or on it (create, mkdir, mknod,
+//!   symlink, link, unlink, rmdir, rename, setattr, xattrs, `access(W_OK)`) is `EROFS`:
+//!   nothing backs it, so there is nowhere to write to, whoever the caller is.
+//! - LOOKUP of a path node's child name never reaches the plain backend path: a mount point
+//!   answers with the inner provider's root (the outer's own entry of that name is hidden,
+//!   as with a Linux mount); an intermediate name answers with the owner's real directory
+//!   when it has one (shown, with the inner mount on top of its child) and with the
+//!   synthesised directory otherwise (a non-directory of that name is hidden).
+//! - Which backend directories are path nodes is learnt from those lookups and kept with the
+//!   kernel's reference count (forget drops it), like the interception layer's path table.
+//! - READDIR of a path node lists the mount points and intermediate names first (cookies
+//!   with the top bit set, which no backend cookie has: they are `off_t` values), then the
+//!   backend's own entries minus those names, so each shows once.
+//! - Inode numbers are `slot << 56 | backend inode` (slot 0: synthesised directories, slot
+//!   k: the k-th mount), so they stay unique across providers, as in `Vfs`; a mount at the
+//!   tree's root answers as the FUSE root inode.
+//! - Names that are path-node children cannot be created (`EEXIST`), removed or renamed
+//!   (`EBUSY`, as for a mount point); rename and link between two providers are `EXDEV`.
+//! - `..` is the guest kernel's: it walks its own dentry tree, so `..` from an inner mount's
+//!   root is the outer directory; the `..` entry READDIR shows in an inner root or a
+//!   synthesised directory names that directory too.
+//!
+//! The interception layer sits above this one, so it learns full guest paths through the
+//! same lookups whichever provider serves them.
+//!
+//! # Limitations
+//! - A host process renaming or deleting a real intermediate directory on the host while the
+//!   guest holds it keeps the old node attached to the mount until the guest forgets it.
+//! - At most 255 mounts (8 bits of slot), each with inode numbers below 2^56.
+//! - A mount nested under a single-file mount is refused (a file has no children).
+
+mod ops;
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuse_backend_rs::abi::fuse_abi::stat64;
+use fuse_backend_rs::api::filesystem::{Context, Entry, ROOT_ID};
+use fuse_backend_rs::api::{BackFileSystem, VFS_MAX_INO};
+
+/// Bits of an inode number below the slot.
+const SLOT_SHIFT: u32 = 56;
+/// Most mounts one tree holds.
+pub const MAX_MOUNTS: usize = 255;
+/// Marks a directory cookie as one of the tree's own entries.
+const OWN_COOKIE: u64 = 1 << 63;
+/// Mode of a synthesised directory: readable and searchable by all, owned by root.
+pub const SYNTH_MODE: u32 = 0o755;
+/// What a write into (or onto) a synthesised directory fails with: `EROFS`, because no
+/// provider backs it, whoever asks (`EACCES` would suggest that another user could).
+pub const SYNTH_WRITE: i32 = libc::EROFS;
+/// How long the guest may cache a synthesised directory (the owner may later gain a real one).
+const SYNTH_TTL: Duration = Duration::from_secs(1);
+
+/// Why a mount tree could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum NestedError {
+    #[error("more than {MAX_MOUNTS} mounts")]
+    TooMany,
+    #[error("mount {path:?}: the provider failed to start")]
+    Mount {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mount {path:?}: the provider's inode numbers do not fit the router's")]
+    InodeRange { path: String },
+    #[error("mount {inner:?} is nested inside {outer:?}, which is a single file")]
+    InsideFile { outer: String, inner: String },
+    #[error("mount path {path:?} is not absolute or has an empty, '.' or '..' component")]
+    BadPath { path: String },
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// One mounted provider.
+struct Mount {
+    fs: BackFileSystem,
+    /// The provider's root inode (its own number).
+    root: u64,
+    /// The path node it is mounted at.
+    node: usize,
+}
+
+/// A mount path or a directory on the way to one.
+struct PathNode {
+    parent: usize,
+    name: Vec<u8>,
+    children: Vec<usize>,
+    /// The mount (index into `mounts`) at exactly this path.
+    mount: Option<usize>,
+    /// The inode number the guest last reached this node's parent by (for `..`).
+    parent_ino: AtomicU64,
+}
+
+/// What an inode number names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The synthesised directory of a path node.
+    Synth(usize),
+    /// A provider's inode.
+    Backend { mount: usize, ino: u64 },
+}
+
+/// A backend directory that is a path node, with the references the guest holds to it.
+struct Learnt {
+    node: usize,
+    refs: u64,
+}
+
+/// Providers mounted at paths, served as one filesystem (see the module docs).
+pub struct MountTree {
+    nodes: Vec<PathNode>,
+    mounts: Vec<Mount>,
+    /// The mount at the tree's root, if any.
+    root_mount: Option<usize>,
+    learnt: Mutex<HashMap<u64, Learnt>>,
+    created: SystemTime,
+}
+
+/// The components of an absolute mount path (`/` has none).
+fn components(path: &str) -> Result<Vec<&[u8]>, NestedError> {
+    let bad = || NestedError::BadPath {
+        path: path.to_string(),
+    };
+    let rest = path.strip_prefix('/').ok_or_else(bad)?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    rest.split('/')
+        .map(|c| match c {
+            "" | "." | ".." => Err(bad()),
+            c => Ok(c.as_bytes()),
+        })
+        .collect()
+}
+
+impl MountTree {
+    /// Mounts each provider at its path (absolute, relative to the tree's root; `/` is the
+    /// root itself). Later duplicates of a path replace nothing: paths must be unique.
+    pub fn new(mounts: Vec<(String, BackFileSystem)>) -> Result<MountTree, NestedError> {
+        if mounts.len() > MAX_MOUNTS {
+            return Err(NestedError::TooMany);
+        }
+        let mut tree = MountTree {
+            nodes: vec![PathNode {
+                parent: 0,
+                name: Vec::new(),
+                children: Vec::new(),
+                mount: None,
+                parent_ino: AtomicU64::new(ROOT_ID),
+            }],
+            mounts: Vec::new(),
+            root_mount: None,
+            learnt: Mutex::new(HashMap::new()),
+            created: SystemTime::now(),
+        };
+        for (path, fs) in mounts {
+            tree.add(&path, fs)?;
+        }
+        tree.check_dirs()?;
+        Ok(tree)
+    }
+
+    fn add(&mut self, path: &str, fs: BackFileSystem) -> Result<(), NestedError> {
+        let mut node = 0;
+        for name in components(path)? {
+            node = match self.child_named(node, name) {
+                Some(c) => c,
+                None => {
+                    self.nodes.push(PathNode {
+                        parent: node,
+                        name: name.to_vec(),
+                        children: Vec::new(),
+                        mount: None,
+                        parent_ino: AtomicU64::new(ROOT_ID),
+                    });
+                    let c = self.nodes.len() - 1;
+                    self.nodes[node].children.push(c);
+                    c
+                }
+            };
+        }
+        let (entry, max) = fs.mount().map_err(|source| NestedError::Mount {
+            path: path.to_string(),
+            source,
+        })?;
+        if max > VFS_MAX_INO || entry.inode > VFS_MAX_INO || entry.inode == 0 {
+            return Err(NestedError::InodeRange {
+                path: path.to_string(),
+            });
+        }
+        let index = self.mounts.len();
+        self.mounts.push(Mount {
+            fs,
+            root: entry.inode,
+            node,
+        });
+        self.nodes[node].mount = Some(index);
+        if node == 0 {
+            self.root_mount = Some(index);
+        }
+        tracing::debug!(path, slot = index + 1, "mounted");
+        Ok(())
+    }
+
+    /// Refuses a mount below a provider whose root is not a directory.
+    fn check_dirs(&self) -> Result<(), NestedError> {
+        for m in &self.mounts {
+            if self.nodes[m.node].children.is_empty() {
+                continue;
+            }
+            let (st, _) =
+                m.fs.getattr(&Context::default(), m.root, None)
+                    .map_err(|source| NestedError::Mount {
+                        path: self.path_of(m.node),
+                        source,
+                    })?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                let inner = self.nodes[m.node].children[0];
+                return Err(NestedError::InsideFile {
+                    outer: self.path_of(m.node),
+                    inner: self.path_of(inner),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A path node's path, for messages.
+    fn path_of(&self, mut node: usize) -> String {
+        let mut parts = Vec::new();
+        while node != 0 {
+            parts.push(String::from_utf8_lossy(&self.nodes[node].name).into_owned());
+            node = self.nodes[node].parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+
+    fn child_named(&self, node: usize, name: &[u8]) -> Option<usize> {
+        self.nodes[node]
+            .children
+            .iter()
+            .copied()
+            .find(|c| self.nodes[*c].name == name)
+    }
+
+    /// The inode number of a provider's inode.
+    fn encode(&self, mount: usize, ino: u64) -> io::Result<u64> {
+        if self.root_mount == Some(mount) && ino == self.mounts[mount].root {
+            return Ok(ROOT_ID);
+        }
+        if ino > VFS_MAX_INO {
+            return Err(errno(libc::EIO));
+        }
+        Ok(((mount as u64 + 1) << SLOT_SHIFT) | ino)
+    }
+
+    fn synth_ino(node: usize) -> u64 {
+        node as u64 + 1
+    }
+
+    fn decode(&self, ino: u64) -> io::Result<Target> {
+        if ino == ROOT_ID {
+            if let Some(m) = self.root_mount {
+                return Ok(Target::Backend {
+                    mount: m,
+                    ino: self.mounts[m].root,
+                });
+            }
+        }
+        let slot = usize::try_from(ino >> SLOT_SHIFT).map_err(|_| errno(libc::ENOENT))?;
+        let low = ino & VFS_MAX_INO;
+        if slot == 0 {
+            let node = usize::try_from(low.wrapping_sub(1)).map_err(|_| errno(libc::ENOENT))?;
+            return if node < self.nodes.len() {
+                Ok(Target::Synth(node))
+            } else {
+                Err(errno(libc::ENOENT))
+            };
+        }
+        if slot > self.mounts.len() {
+            return Err(errno(libc::ENOENT));
+        }
+        Ok(Target::Backend {
+            mount: slot - 1,
+            ino: low,
+        })
+    }
+
+    /// The path node an inode number stands for, if it is one.
+    fn node_of(&self, ino: u64) -> io::Result<Option<usize>> {
+        Ok(match self.decode(ino)? {
+            Target::Synth(n) => Some(n),
+            Target::Backend { mount, ino: b } if b == self.mounts[mount].root => {
+                Some(self.mounts[mount].node)
+            }
+            Target::Backend { .. } => self.lock().get(&ino).map(|l| l.node),
+        })
+    }
+
+    /// The path-node child `name` of the directory `parent`, if it is one.
+    fn special_child(&self, parent: u64, name: &CStr) -> io::Result<Option<usize>> {
+        Ok(self
+            .node_of(parent)?
+            .and_then(|n| self.child_named(n, name.to_bytes())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Learnt>> {
+        // Every mutation is one map operation: a poisoned table is still consistent.
+        self.learnt.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn learn(&self, ino: u64, node: usize) {
+        let mut learnt = self.lock();
+        let l = learnt.entry(ino).or_insert(Learnt { node, refs: 0 });
+        l.node = node;
+        l.refs = l.refs.saturating_add(1);
+    }
+
+    fn unlearn(&self, ino: u64, count: u64) {
+        let mut learnt = self.lock();
+        if let Some(l) = learnt.get_mut(&ino) {
+            l.refs = l.refs.saturating_sub(count);
+            if l.refs == 0 {
+                learnt.remove(&ino);
+            }
+        }
+    }
+
+    /// A provider's entry with the tree's inode number.
+    fn convert(&self, mount: usize, mut e: Entry) -> io::Result<Entry> {
+        if e.inode == 0 {
+            return Ok(e);
+        }
+        e.inode = self.encode(mount, e.inode)?;
+        e.attr.st_ino = e.inode;
+        Ok(e)
+    }
+
+    fn synth_attr(&self, node: usize) -> stat64 {
+        // `Entry::default()` is the library's zeroed `stat64` (it has private padding).
+        let mut st: stat64 = Entry::default().attr;
+        let t = self
+            .created
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let secs = i64::try_from(t.as_secs()).unwrap_or(i64::MAX);
+        st.st_ino = MountTree::synth_ino(node);
+        st.st_mode = libc::S_IFDIR | SYNTH_MODE;
+        st.st_nlink = 2 + self.nodes[node].children.len() as u64;
+        st.st_uid = 0;
+        st.st_gid = 0;
+        st.st_size = 4096;
+        st.st_blksize = 4096;
+        st.st_atime = secs;
+        st.st_mtime = secs;
+        st.st_ctime = secs;
+        st
+    }
+
+    fn synth_entry(&self, node: usize) -> Entry {
+        Entry {
+            inode: MountTree::synth_ino(node),
+            generation: 0,
+            attr: self.synth_attr(node),
+            attr_flags: 0,
+            attr_timeout: SYNTH_TTL,
+            entry_timeout: SYNTH_TTL,
+        }
+    }
+
+    /// The entry of a mount's root (no provider reference is taken: its forget is ignored).
+    fn mount_root(&self, ctx: &Context, mount: usize) -> io::Result<Entry> {
+        let m = &self.mounts[mount];
+        let (attr, ttl) = m.fs.getattr(ctx, m.root, None)?;
+        self.convert(
+            mount,
+            Entry {
+                inode: m.root,
+                generation: 0,
+                attr,
+                attr_flags: 0,
+                attr_timeout: ttl,
+                entry_timeout: ttl,
+            },
+        )
+    }
+
+    /// The entry of path node `child`, reached from the directory `parent`; with `take_ref`
+    /// the guest kernel holds a reference to it afterwards.
+    fn resolve(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        child: usize,
+        take_ref: bool,
+    ) -> io::Result<Entry> {
+        self.nodes[child]
+            .parent_ino
+            .store(parent, Ordering::Relaxed);
+        if let Some(m) = self.nodes[child].mount {
+            return self.mount_root(ctx, m);
+        }
+        let Target::Backend { mount, ino } = self.decode(parent)? else {
+            return Ok(self.synth_entry(child));
+        };
+        let fs = &self.mounts[mount].fs;
+        let name = std::ffi::CString::new(self.nodes[child].name.clone())
+            .map_err(|_| errno(libc::EINVAL))?;
+        match fs.lookup(ctx, ino, &name) {
+            Ok(e) if e.inode != 0 && e.attr.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                let own = e.inode;
+                match self.convert(mount, e) {
+                    Ok(e) if take_ref => {
+                        self.learn(e.inode, child);
+                        Ok(e)
+                    }
+                    other => {
+                        fs.forget(ctx, own, 1);
+                        other
+                    }
+                }
+            }
+            Ok(e) => {
+                if e.inode != 0 {
+                    fs.forget(ctx, e.inode, 1);
+                }
+                Ok(self.synth_entry(child))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(self.synth_entry(child)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops `count` guest references to `ino`.
+    fn drop_refs(&self, ctx: &Context, ino: u64, count: u64) {
+        match self.decode(ino) {
+            Ok(Target::Backend { mount, ino: b }) if b != self.mounts[mount].root => {
+                self.unlearn(ino, count);
+                self.mounts[mount].fs.forget(ctx, b, count);
+            }
+            // Synthesised directories and mount roots take no provider reference.
+            _ => {}
+        }
+    }
+}
