@@ -22,8 +22,11 @@
 //!   page cache stays warm for every side, the root disk's image file included);
 //! - create / stat / unlink of 2,000 empty files: one `touch`, one `stat` and one `rm` each
 //!   with the 2,000 names on the command line (no per-file process);
-//! - `git status` in a committed tree of 10,000 files (100 directories of 100), created by
+//! - `git status` in a committed tree of 5,000 files (50 directories of 100), created by
 //!   the guest's own git before the runs, warm (the guest's caches as a developer has them).
+//!   5,000, not the 10,000 issue 10 asks for: building a 10,000-file tree and its objects
+//!   in the guest ran the server past this host's hard `RLIMIT_NOFILE` (20,000, and no
+//!   `CAP_SYS_RESOURCE` to raise it) even with the guest's caches dropped between chunks.
 //!
 //! virtiofsd: `$VIRTIOFSD`, else `virtiofsd` on `PATH` or in `~/.cargo/bin` (the Rust
 //! daemon, `scripts/install-deps.sh --bench`), else Debian's QEMU 7.2 C daemon at
@@ -62,20 +65,20 @@ const ROWS: &[(&str, &str, bool)] = &[
     ("create", "create 2,000 files", true),
     ("stat", "stat 2,000 files", true),
     ("unlink", "unlink 2,000 files", true),
-    ("git", "git status, 10,000-file tree", true),
+    ("git", "git status, 5,000-file tree", true),
 ];
 
-/// Creates the 10,000-file committed tree in `$1/repo` and warms it with one `git status`.
+/// Creates the 5,000-file committed tree in `$1/repo` and warms it with one `git status`.
 const SETUP: &str = r#"set -e
 mkdir -p "$1"; cd "$1"; rm -rf repo scratch; mkdir repo; cd repo
-for d in $(seq 0 99); do mkdir d$d; for f in $(seq 0 99); do echo "file $d $f" > d$d/f$f; done; done
+for d in $(seq 0 49); do mkdir d$d; for f in $(seq 0 99); do echo "file $d $f" > d$d/f$f; done; done
 sync; echo 2 > /proc/sys/vm/drop_caches
 git init -q .
 # In chunks with the guest's caches dropped in between: the guest would otherwise keep
 # every file and object it touched (20,000+ inodes), and each pins one host descriptor in
 # the server (the owner's hard RLIMIT_NOFILE on this host is 20,000, and neither server may
 # raise it without CAP_SYS_RESOURCE).
-for d in $(seq 0 99); do git add d$d; sync; echo 2 > /proc/sys/vm/drop_caches; done
+for d in $(seq 0 49); do git add d$d; sync; echo 2 > /proc/sys/vm/drop_caches; done
 git -c user.name=bench -c user.email=bench@invalid commit -q -m tree
 sync; echo 2 > /proc/sys/vm/drop_caches
 git status --porcelain > /dev/null
@@ -366,7 +369,7 @@ impl Bench {
             self.guest_script(id, SETUP, dir)
                 .with_context(|| format!("set up {name}"))?;
             eprintln!(
-                "vfs: {name}: 10,000-file tree committed in {:.1?}",
+                "vfs: {name}: 5,000-file tree committed in {:.1?}",
                 t.elapsed()
             );
         }
