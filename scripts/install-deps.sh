@@ -6,6 +6,9 @@
 # (the pull benchmark's independent baseline), and for the network tests iproute2 (`ip netns`)
 # and curl (the harness checks its test host from the owner's namespace); their guest image is
 # built from Debian packages with apt-get and dpkg-deb, present on every Debian host.
+# With --bench, also upstream virtiofsd (the Rust daemon, from the crate registry; it needs
+# libseccomp-dev and libcap-ng-dev), the workspace benchmark's baseline (`matchlock-bench vfs`;
+# without it the bench falls back to Debian's QEMU 7.2 C virtiofsd). Flags combine.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null; then
@@ -15,7 +18,16 @@ if ! command -v cargo >/dev/null; then
 fi
 pkgs=(qemu-system-x86 linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev
       cpio xz-utils e2fsprogs squashfs-tools-ng busybox-static)
-if [[ "${1:-}" == "--test" ]]; then pkgs+=(docker-registry python3 python3-venv skopeo iproute2 curl); fi
+test=0 bench=0
+for a in "$@"; do
+  case "$a" in
+    --test) test=1 ;;
+    --bench) bench=1 ;;
+    *) echo "usage: $0 [--test] [--bench]" >&2; exit 2 ;;
+  esac
+done
+if ((test)); then pkgs+=(docker-registry python3 python3-venv skopeo iproute2 curl); fi
+if ((bench)); then pkgs+=(libseccomp-dev libcap-ng-dev pkg-config); fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,4 +41,8 @@ fi
 if ! command -v vhost-device-vsock >/dev/null; then
   echo "installing vhost-device-vsock (cargo install, a few minutes)"
   cargo install --locked --quiet vhost-device-vsock@0.3.0
+fi
+if ((bench)) && ! command -v virtiofsd >/dev/null; then
+  echo "installing virtiofsd (cargo install, a few minutes)"
+  cargo install --locked --quiet virtiofsd@1.14.0
 fi

@@ -1,4 +1,4 @@
-//! `cargo run --release -p matchlock-bench -- [cold|exec|net|https|all|pull|scale] [--runs N]`
+//! `cargo run --release -p matchlock-bench -- [cold|exec|net|https|vfs|all|pull|scale] [--runs N]`
 //!
 //! Prints the performance ratios of DESIGN §11 from one run (these machines are noisy, so
 //! both sides of each ratio are measured back to back, interleaved):
@@ -12,6 +12,9 @@
 //!   through the sandbox's network stack vs. QEMU's `-netdev user` on the same kernel and
 //!   VM size, and the host memory of an idle sandbox with and without its network (see
 //!   `net.rs`);
+//! - vfs (needs root): sequential I/O, 2,000-file create/stat/unlink and `git status` on a
+//!   10,000-file tree through our workspace server vs. upstream `virtiofsd` on the same host
+//!   directory vs. the guest's root disk (see `vfs.rs`);
 //! - scale (only when asked for: takes minutes): 1, 4, 16 and 64 concurrent `run -- true`
 //!   and the host memory per idle sandbox with 1, 16 and 64 running (see `scale.rs`);
 //! - pull (only when asked for: needs `skopeo`, `docker-registry` and squashfs-tools-ng):
@@ -41,6 +44,7 @@ mod net;
 mod pull;
 mod scale;
 mod sink;
+mod vfs;
 
 const IMAGE: &str = "busybox:bench";
 
@@ -378,14 +382,14 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .context("--runs N")?
             }
-            "cold" | "exec" | "all" | "pull" | "net" | "https" | "scale" => what = a,
+            "cold" | "exec" | "all" | "pull" | "net" | "https" | "vfs" | "scale" => what = a,
             // The network benchmark's receiver, started by `net` in its own namespace.
             "net-sink" => {
                 let bytes = args.next().and_then(|v| v.parse().ok()).context("BYTES")?;
                 return sink::main(bytes);
             }
             other => bail!(
-                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|https|all|pull|scale] [--runs N]"
+                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|https|vfs|all|pull|scale] [--runs N]"
             ),
         }
     }
@@ -423,6 +427,9 @@ fn main() -> anyhow::Result<()> {
     }
     if what == "net" || what == "all" {
         bench.net()?;
+    }
+    if what == "vfs" || what == "all" {
+        bench.vfs()?;
     }
     if what == "all" {
         https::run(runs)?;

@@ -18,6 +18,15 @@
 //! `<state dir>/vfs.sock` in `prepare` (before QEMU starts), adds the `vhost-user-fs` device
 //! and tells the guest where to mount the share.
 //!
+//! Benchmark knob: with `MATCHLOCK_DEV_VHOST_USER_FS_SOCKET` set in the owner's environment
+//! ([`DEV_VHOST_USER_FS_SOCKET_ENV`]), QEMU's `vhost-user-fs` device connects to that socket
+//! (an externally started back-end, e.g. upstream `virtiofsd`) instead of the in-process
+//! server; the guest mounts the same tag at the same path, so `matchlock-bench vfs` compares
+//! the two servers on one VM image and one boot path. Whoever sets the owner's environment
+//! already controls the sandbox, so the knob grants nothing new; it is refused when the
+//! configuration has interception rules or events (the external server would silently skip
+//! them) and when the path is not a socket.
+//!
 //! # Limitations
 //! Mount nesting rules are the router's (see `matchlock_vfs::router`).
 
@@ -250,6 +259,37 @@ impl Services {
 /// File name of the virtio-fs socket in a sandbox's state directory.
 pub const VFS_SOCKET: &str = "vfs.sock";
 
+/// Benchmark knob: the socket of an external vhost-user-fs back-end to use instead of the
+/// in-process server (see the module docs).
+pub const DEV_VHOST_USER_FS_SOCKET_ENV: &str = "MATCHLOCK_DEV_VHOST_USER_FS_SOCKET";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalFsError {
+    #[error("{DEV_VHOST_USER_FS_SOCKET_ENV}={path}: not a unix socket")]
+    NotSocket { path: std::path::PathBuf },
+    #[error("{DEV_VHOST_USER_FS_SOCKET_ENV} cannot be used with vfs.interception: the external server would not enforce it")]
+    Interception,
+}
+
+/// The external back-end's socket when the benchmark knob is set, checked.
+fn external_fs_socket(
+    rules: &matchlock_vfs::intercept::Rules,
+) -> Result<Option<std::path::PathBuf>, ExternalFsError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(path) = std::env::var_os(DEV_VHOST_USER_FS_SOCKET_ENV).filter(|v| !v.is_empty())
+    else {
+        return Ok(None);
+    };
+    let path = std::path::PathBuf::from(path);
+    if !rules.blocks.is_empty() || rules.emit_events {
+        return Err(ExternalFsError::Interception);
+    }
+    match std::fs::metadata(&path) {
+        Ok(m) if m.file_type().is_socket() => Ok(Some(path)),
+        _ => Err(ExternalFsError::NotSocket { path }),
+    }
+}
+
 /// Directory, in a sandbox's state directory, where overlay mounts keep their copy-ups.
 pub const OVERLAY_DIR: &str = "overlay";
 
@@ -328,6 +368,15 @@ impl Service for FilesystemService {
         };
         if self.server.is_some() {
             return Err(fail("the filesystem service was prepared twice".into()));
+        }
+        if let Some(socket) = external_fs_socket(&self.rules).map_err(|e| fail(Box::new(e)))? {
+            tracing::warn!(socket = %socket.display(), "workspace served by an external vhost-user-fs back-end (benchmark knob)");
+            plan.vm.fs = Some(matchlock_vm::FsDevice {
+                socket,
+                tag: matchlock_guest_proto::WORKSPACE_TAG.to_string(),
+            });
+            plan.guest.workspace = Some(self.config.workspace().to_string());
+            return Ok(());
         }
         let scratch = dir.join(OVERLAY_DIR);
         self.scratch = Some(scratch.clone());

@@ -39,7 +39,7 @@ use crate::overlay::OverlayFs;
 
 /// How long the guest may cache names and attributes of host files: host-side changes show
 /// within this time.
-const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Bytes a `memory` mount may hold (file data plus a small per-inode charge).
 pub const MEMORY_QUOTA: u64 = 256 << 20;

@@ -12,6 +12,13 @@
 //! end; [`FsServer::stop`] also unblocks a listener that never saw QEMU (by connecting to
 //! it once) and joins the thread, bounded by [`STOP_WAIT`].
 //!
+//! `PassthroughFs` holds one `O_PATH` descriptor per host inode the guest has looked up and
+//! not forgotten (the guest forgets under memory pressure only), so a `git add` of 10,000
+//! files needs over 20,000 of them. [`FsServer::start`] raises the owner's `RLIMIT_NOFILE`
+//! as upstream `virtiofsd` does: to [`NOFILE_WANTED`] (capped by `fs.nr_open`) when it may
+//! raise the hard limit, else the soft limit to the hard one. Without it the guest gets
+//! `EMFILE` ("Too many open files") from lookups and closes past the limit.
+//!
 //! # Limitations
 //! One worker thread serves both queues (requests are answered one at a time). No DAX
 //! window, no notification queue.
@@ -44,6 +51,8 @@ use vmm_sys_util::event::{
 const NUM_QUEUES: usize = 2;
 /// Entries per queue (QEMU's `queue-size` must not exceed it).
 pub const QUEUE_SIZE: usize = 1024;
+/// Open descriptors the server asks for (upstream virtiofsd's default `--rlimit-nofile`).
+pub const NOFILE_WANTED: u64 = 1 << 20;
 /// How long [`FsServer::stop`] waits for the server thread.
 const STOP_WAIT: Duration = Duration::from_secs(3);
 
@@ -61,6 +70,30 @@ pub enum ServerError {
     Daemon(String),
     #[error("start the virtio-fs server thread")]
     Thread(#[source] io::Error),
+}
+
+/// Raises `RLIMIT_NOFILE` for the inode descriptors (see the module docs); returns the new
+/// soft limit. A failure leaves the limit as it was (the guest then sees `EMFILE` sooner).
+pub fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE_WANTED);
+    let want = NOFILE_WANTED.min(nr_open);
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        tracing::debug!(from = soft, to = want, "raised the open-file limit");
+        return want;
+    }
+    let target = hard.min(want.max(soft));
+    if soft < target && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
+        tracing::debug!(from = soft, to = target, "raised the open-file limit");
+        return target;
+    }
+    soft
 }
 
 struct FsBackend {
@@ -218,6 +251,7 @@ impl FsServer {
         socket: &Path,
         name: &str,
     ) -> Result<FsServer, ServerError> {
+        raise_nofile_limit();
         let mut listener = Listener::new(socket, true).map_err(|source| ServerError::Listen {
             path: socket.to_path_buf(),
             source,

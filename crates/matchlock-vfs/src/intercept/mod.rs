@@ -17,6 +17,14 @@
 //! checks only the old one), symlink, readlink, read, write/fallocate = `write`, release =
 //! `close` (event only: a close cannot be refused), fsync/fsyncdir = `sync`.
 //!
+//! A lookup of a name that does not exist is answered as a negative entry (inode 0) valid
+//! for [`NEGATIVE_TIMEOUT`] instead of `ENOENT`, so the guest kernel caches the miss, as
+//! upstream `virtiofsd` does with `cache=auto`: `git status` and compilers probe many names
+//! that are not there (`.gitignore` in every directory, include paths). The coherence cost
+//! is the same as for positive entries: a name the host creates after the guest missed it
+//! shows in the guest within that time (a name the guest creates shows at once: the kernel
+//! drops its own negative entry).
+//!
 //! # Limitations
 //! An inode whose path is unknown (see [`paths`]) is refused while any block rule could
 //! apply to the op (fail closed). Timestamps-only `setattr`, `getxattr`, `listxattr`, `access`,
@@ -28,7 +36,7 @@ pub mod rules;
 
 use std::ffi::CStr;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -59,6 +67,9 @@ pub struct FileEvent {
     pub gid: u32,
 }
 
+/// How long the guest may cache a name that does not exist (see the module docs).
+pub const NEGATIVE_TIMEOUT: Duration = crate::router::CACHE_TIMEOUT;
+
 /// Where events go. Must not block.
 pub type EventSink = Arc<dyn Fn(FileEvent) + Send + Sync>;
 
@@ -69,6 +80,8 @@ pub struct Intercept<F> {
     paths: Paths,
     workspace: String,
     sink: Option<EventSink>,
+    /// Attributes sent with negative entries (the kernel ignores them; FUSE needs some).
+    negative_attr: OnceLock<stat64>,
 }
 
 fn eperm() -> io::Error {
@@ -85,7 +98,34 @@ impl<F: FileSystem> Intercept<F> {
             paths: Paths::default(),
             workspace: trimmed.to_string(),
             sink,
+            negative_attr: OnceLock::new(),
         }
+    }
+
+    /// `ENOENT` from a lookup of `parent` as a negative entry the guest may cache.
+    fn negative(&self, ctx: &Context, parent: u64, e: io::Error) -> io::Result<Entry> {
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+        let attr = match self.negative_attr.get() {
+            Some(a) => *a,
+            None => {
+                // Any valid stat will do; the parent's is at hand (and exists: its lookup
+                // just ran).
+                let Ok((a, _)) = self.inner.getattr(ctx, parent.into(), None) else {
+                    return Err(e);
+                };
+                *self.negative_attr.get_or_init(|| a)
+            }
+        };
+        Ok(Entry {
+            inode: 0,
+            generation: 0,
+            attr,
+            attr_flags: 0,
+            attr_timeout: Duration::ZERO,
+            entry_timeout: NEGATIVE_TIMEOUT,
+        })
     }
 
     /// The inode table (tests, diagnostics).
@@ -240,6 +280,7 @@ impl<F: FileSystem> FileSystem for Intercept<F> {
         self.entry_op(ctx, Op::Stat, parent, name, 0, || {
             self.inner.lookup(ctx, parent.into(), name)
         })
+        .or_else(|e| self.negative(ctx, parent, e))
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
