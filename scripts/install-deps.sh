@@ -4,7 +4,8 @@
 # With --test, also what the test suite needs: a local registry (docker-registry) and
 # python3-venv (the RPC tests install the published Python SDK into a virtualenv), skopeo
 # (the pull benchmark's independent baseline), and for the network tests iproute2 (`ip netns`)
-# and curl (the harness checks its test host from the owner's namespace); their guest image is
+# and curl (the harness checks its test host from the owner's namespace), and git (the workspace
+# tests check with the host's git what the guest's git did); their guest image is
 # built from Debian packages with apt-get and dpkg-deb, present on every Debian host.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -15,7 +16,7 @@ if ! command -v cargo >/dev/null; then
 fi
 pkgs=(qemu-system-x86 linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev
       cpio xz-utils e2fsprogs squashfs-tools-ng busybox-static)
-if [[ "${1:-}" == "--test" ]]; then pkgs+=(docker-registry python3 python3-venv skopeo iproute2 curl); fi
+if [[ "${1:-}" == "--test" ]]; then pkgs+=(docker-registry python3 python3-venv skopeo iproute2 curl git); fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
