@@ -374,17 +374,23 @@ fn two_sandboxes_share_one_directory() {
     let (a, _ga) = start(std::slice::from_ref(&spec));
     let (b, _gb) = start(&[spec]);
 
-    // B caches `shared` (attributes: size 3) and polls for A's longer content and new file.
+    // B caches `shared` (attributes: size 3) and polls, without forking, for A's longer
+    // content and new file; it reports what it saw by creating `b-saw`.
     let poll = {
         let b = b.clone();
         std::thread::spawn(move || {
-            sh(
-                &b,
-                "cat /workspace/shared > /dev/null && touch /workspace/b-ready && \
-                 end=$(( $(date +%s) + 20 )); while [ $(date +%s) -lt $end ]; do \
-                   if [ \"$(cat /workspace/shared)\" = v2-longer-content ] && [ -e /workspace/from-a ]; \
-                   then touch /workspace/b-saw; exit 0; fi; done; exit 1",
-            )
+            env().run(&[
+                "exec", &b, "--", "python3", "-c",
+                "import os, time\n\
+                 open('/workspace/shared').read(); open('/workspace/b-ready', 'w').close()\n\
+                 end = time.time() + 20; stale = 0\n\
+                 while time.time() < end:\n\
+                 \x20   if open('/workspace/shared').read() == 'v2-longer-content\\n' \\\n\
+                 \x20           and os.path.exists('/workspace/from-a'):\n\
+                 \x20       open('/workspace/b-saw', 'w').close(); print('stale reads', stale); break\n\
+                 \x20   stale += 1\n\
+                 else: raise SystemExit('never saw the write')\n",
+            ])
         })
     };
     matchlock_test_support::wait_until(Duration::from_secs(60), "B read the file", || {
@@ -397,13 +403,17 @@ fn two_sandboxes_share_one_directory() {
     );
     let written = Instant::now();
     let bound = CACHE_TIMEOUT + Duration::from_secs(2);
-    let seen = matchlock_test_support::wait_until(bound + Duration::from_secs(10), "B saw", || {
-        share.join("b-saw").exists()
-    });
+    // A tight poll: the measured delay is B's, not a back-off's.
+    while !share.join("b-saw").exists() && written.elapsed() < bound + Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let delay = written.elapsed();
-    let (good, out, err) = poll.join().expect("poll");
-    assert!(seen.is_ok() && good, "B never saw A's write: {out}{err}");
-    eprintln!("B saw A's write {delay:?} after A's exec returned");
+    let polled = poll.join().expect("poll");
+    let out = ok(&polled);
+    eprintln!(
+        "B saw A's write {delay:?} after A's exec returned ({})",
+        out.trim()
+    );
     assert!(
         delay < bound,
         "B saw A's write only after {delay:?} (bound {bound:?})"
