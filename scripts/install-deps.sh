@@ -4,7 +4,8 @@
 # With --test, also what the test suite needs: a local registry (docker-registry) and
 # python3-venv (the RPC tests install the published Python SDK into a virtualenv), skopeo
 # (the pull benchmark's independent baseline), and for the network tests iproute2 (`ip netns`)
-# and curl (the harness checks its test host from the owner's namespace); their guest image is
+# and curl (the harness checks its test host from the owner's namespace), and git (the workspace
+# tests check with the host's git what the guest's git did); their guest image is
 # built from Debian packages with apt-get and dpkg-deb, present on every Debian host.
 # With --bench, also upstream virtiofsd (the Rust daemon, from the crate registry; it needs
 # libseccomp-dev and libcap-ng-dev), the workspace benchmark's baseline (`matchlock-bench vfs`;
@@ -26,7 +27,7 @@ for a in "$@"; do
     *) echo "usage: $0 [--test] [--bench]" >&2; exit 2 ;;
   esac
 done
-if ((test)); then pkgs+=(docker-registry python3 python3-venv skopeo iproute2 curl); fi
+if ((test)); then pkgs+=(docker-registry python3 python3-venv skopeo iproute2 curl git); fi
 if ((bench)); then pkgs+=(libseccomp-dev libcap-ng-dev pkg-config); fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -14,14 +14,22 @@
 //! - the backend always sees uid/gid 0 in the request context, so a passthrough backend never
 //!   switches credentials: files land owned by the sandbox owner's user, whoever the guest
 //!   caller is;
+//! - over host files (a `PassthroughFs` backend) the owner's user and group are shown to the
+//!   guest as root and host root as the owner's ids (a swap, so `chown` maps back the same
+//!   way): what the guest's root creates lands owned by the owner's user and still looks like
+//!   its own in the guest. Without it, an unprivileged owner's files look foreign to the
+//!   guest's root and tools that check ownership refuse them (`git`: "detected dubious
+//!   ownership"). The swap is the identity when the owner runs as root;
 //! - a read-only guard answers EROFS to every operation that writes (data, metadata,
 //!   names, xattrs, opens for writing or truncating);
 //! - a single-file guard serves one entry of a directory as the mount's root and refuses
 //!   every request on the directory itself, so the rest of that directory stays unreachable.
 //!
 //! # Limitations
-//! Ownership changes (`chown`) are passed through: the host kernel decides with the owner's
-//! privileges. Extended attributes are passed through (read-only guards refuse writes).
+//! Ownership changes (`chown`) are passed through (after the swap): the host kernel decides
+//! with the owner's privileges, so an unprivileged owner's guest cannot give files away.
+//! Host files owned by root and by the owner's user are told apart in the guest only through
+//! the swap (root's look owned by the owner's uid). Extended attributes are passed through (read-only guards refuse writes).
 
 use std::any::Any;
 use std::ffi::{CStr, CString};
@@ -37,6 +45,7 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyReader, ZeroCopyWriter, ROOT_ID,
 };
 use fuse_backend_rs::api::{BackFileSystem, BackendFileSystem, VFS_MAX_INO};
+use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 type Inode = u64;
@@ -59,6 +68,20 @@ pub struct GuardOptions {
 pub struct Guard {
     inner: BackFileSystem,
     opts: GuardOptions,
+    /// The owner's host user and group, swapped with root in what the guest sees; `None`
+    /// when the backend does not serve host files (its ids are the guest's own).
+    host_owner: Option<(u32, u32)>,
+}
+
+/// `id` as seen from the other side of the owner <-> root swap (its own inverse).
+pub fn swap_owner(id: u32, owner: u32) -> u32 {
+    if id == owner {
+        0
+    } else if id == 0 {
+        owner
+    } else {
+        id
+    }
 }
 
 fn err(code: i32) -> io::Error {
@@ -102,11 +125,34 @@ fn owner(ctx: &Context) -> Context {
 
 impl Guard {
     pub fn new(inner: BackFileSystem, opts: GuardOptions) -> Guard {
-        Guard { inner, opts }
+        let host_files = inner.as_any().is::<PassthroughFs<()>>();
+        let owner = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        Guard::with_host_owner(inner, opts, host_files.then_some(owner))
     }
 
-    /// Applies the reported-ownership override to attributes going to the guest.
+    /// A guard that swaps `host_owner` (uid, gid) with root in what the guest sees.
+    pub fn with_host_owner(
+        inner: BackFileSystem,
+        opts: GuardOptions,
+        host_owner: Option<(u32, u32)>,
+    ) -> Guard {
+        Guard {
+            inner,
+            opts,
+            host_owner,
+        }
+    }
+
+    /// Applies the owner <-> root swap and the reported-ownership override to attributes
+    /// going to the guest.
     fn present(&self, st: &mut stat64) {
+        if let Some((uid, gid)) = self.host_owner {
+            st.st_uid = swap_owner(st.st_uid, uid);
+            st.st_gid = swap_owner(st.st_gid, gid);
+        }
         if let Some(uid) = self.opts.owner_uid {
             st.st_uid = uid;
         }
@@ -222,6 +268,15 @@ impl FileSystem for Guard {
         self.writable()?;
         if valid.contains(SetattrValid::MODE) {
             attr.st_mode = strip_setid(attr.st_mode);
+        }
+        if let Some((uid, gid)) = self.host_owner {
+            // The guest's chown names ids as it sees them.
+            if valid.contains(SetattrValid::UID) {
+                attr.st_uid = swap_owner(attr.st_uid, uid);
+            }
+            if valid.contains(SetattrValid::GID) {
+                attr.st_gid = swap_owner(attr.st_gid, gid);
+            }
         }
         self.attr(self.inner.setattr(&owner(ctx), inode, attr, handle, valid))
     }

@@ -256,3 +256,50 @@ fn owner_override_is_what_the_guest_sees() {
             .expect("dir")
     );
 }
+
+/// An unprivileged owner (simulated as 1234:1235 over files this root test process owns):
+/// its files look like root's to the guest, root's look like the owner's, and a guest chown
+/// to "root" maps back to the owner's ids on the host.
+#[test]
+fn owner_and_root_are_swapped_for_host_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (uid, gid) = (1234, 1235);
+    std::fs::write(dir.path().join("mine"), "m").expect("mine");
+    std::fs::write(dir.path().join("roots"), "r").expect("roots");
+    std::fs::write(dir.path().join("other"), "o").expect("other");
+    std::os::unix::fs::chown(dir.path().join("mine"), Some(uid), Some(gid)).expect("chown");
+    std::os::unix::fs::chown(dir.path().join("roots"), Some(0), Some(0)).expect("chown");
+    std::os::unix::fs::chown(dir.path().join("other"), Some(777), Some(778)).expect("chown");
+    let g = Guard::with_host_owner(
+        passthrough(dir.path()).expect("passthrough"),
+        GuardOptions::default(),
+        Some((uid, gid)),
+    );
+    g.mount().expect("mount");
+    g.init(FsOptions::empty()).expect("init");
+    let ids = |name: &str| {
+        let e = g.lookup(&ctx(), ROOT_ID, &c(name)).expect("lookup");
+        (e.attr.st_uid, e.attr.st_gid)
+    };
+    assert_eq!(ids("mine"), (0, 0));
+    assert_eq!(ids("roots"), (uid, gid));
+    assert_eq!(ids("other"), (777, 778));
+    // chown to what the guest sees as root: the host file goes to the owner's ids.
+    let e = g.lookup(&ctx(), ROOT_ID, &c("other")).expect("lookup");
+    let mut attr = e.attr;
+    attr.st_uid = 0;
+    attr.st_gid = 0;
+    let (st, _) = g
+        .setattr(
+            &ctx(),
+            e.inode,
+            attr,
+            None,
+            SetattrValid::UID | SetattrValid::GID,
+        )
+        .expect("chown");
+    assert_eq!((st.st_uid, st.st_gid), (0, 0));
+    let meta = std::fs::metadata(dir.path().join("other")).expect("other");
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid));
+    assert_eq!(swap_owner(swap_owner(42, uid), uid), 42);
+}
