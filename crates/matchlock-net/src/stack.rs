@@ -71,7 +71,7 @@
 //! UDP datagram behind one goes to smoltcp, which refuses it (RST / port-unreachable), so
 //! it fails closed. Raw TCP flows carry no name, so under an allow-list
 //! they are judged by their IP literal (reference §7.7 "Passthrough") or by an allowed name
-//! the owner's DNS answered their address for ([`crate::answered`], UDP replies only);
+//! the owner's DNS answered their address for ([`crate::answered`], over UDP or TCP);
 //! without an
 //! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). Plain HTTP on
 //! ports other than 80 is spliced raw, not intercepted. A raw flow under interception whose
@@ -85,7 +85,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -564,8 +564,9 @@ struct Engine {
     /// question.
     dns_queue: HashMap<IpEndpoint, VecDeque<DnsSlot>>,
     dns_seq: u64,
-    /// Addresses the guest was sent in DNS answers, for raw flows under an allow-list.
-    answered: crate::answered::Answered,
+    /// Addresses the guest was sent in DNS answers (UDP here, TCP from the DNS-over-TCP
+    /// tasks), for raw flows under an allow-list.
+    answered: Arc<Mutex<crate::answered::Answered>>,
     udp_flows: HashMap<FlowKey, UdpFlow>,
     udp_tx: mpsc::Sender<(FlowKey, Vec<u8>)>,
     udp_rx: mpsc::Receiver<(FlowKey, Vec<u8>)>,
@@ -631,7 +632,7 @@ impl Engine {
             dns_in_flight: 0,
             dns_queue: HashMap::new(),
             dns_seq: 0,
-            answered: crate::answered::Answered::default(),
+            answered: Arc::default(),
             udp_flows: HashMap::new(),
             udp_tx,
             udp_rx,
@@ -824,7 +825,8 @@ impl Engine {
     fn check_raw(&self, ip: IpAddr) -> Result<(), crate::policy::Denied> {
         match self.cfg.policy.check_connect(&ip.to_string(), ip) {
             Err(crate::policy::Denied::NotAllowed { host }) => {
-                match self.answered.allowed_name(ip, &self.cfg.policy) {
+                let answered = lock(&self.answered);
+                match answered.allowed_name(ip, &self.cfg.policy) {
                     Some(name) => {
                         tracing::debug!(%ip, name, "raw flow allowed by a DNS answer");
                         self.cfg.policy.check_addr(ip)
@@ -878,7 +880,12 @@ impl Engine {
             return;
         };
         let (ours, theirs) = tokio::io::duplex(INTERCEPT_PIPE);
-        let served = tokio::spawn(crate::dns::serve_tcp(theirs, self.cfg.dns.clone()));
+        let answered = self.answered.clone();
+        let served = tokio::spawn(crate::dns::serve_tcp_with(
+            theirs,
+            self.cfg.dns.clone(),
+            move |reply| lock(&answered).record(reply),
+        ));
         let (rd, wr) = tokio::io::split(ours);
         self.attach(h, key, rd, wr, Some(served.abort_handle()));
     }
@@ -1065,7 +1072,7 @@ impl Engine {
                 break;
             };
             if let Some(reply) = reply {
-                self.answered.record(&reply);
+                lock(&self.answered).record(&reply);
                 if let Err(e) = s.send_slice(&reply, meta) {
                     tracing::debug!(error = %e, "DNS reply dropped");
                 }
@@ -1294,6 +1301,16 @@ fn udp_frame(
         &ChecksumCapabilities::default(),
     );
     Some(frame)
+}
+
+/// The answered-address table, even if a task panicked while holding it (its state is a
+/// plain map, valid after any partial update).
+fn lock(
+    answered: &Mutex<crate::answered::Answered>,
+) -> std::sync::MutexGuard<'_, crate::answered::Answered> {
+    answered
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Moves data both ways for one flow without blocking; true when the flow is finished.

@@ -1046,3 +1046,42 @@ fn raw_flows_may_reach_addresses_dns_answered_for_allowed_names() {
         "no RST"
     );
 }
+
+/// Sends one A query for `name` over TCP to `server`:53 and returns the reply.
+fn dns_tcp_query(g: &mut Guest, server: Ipv4Addr, name: &str, local_port: u16) -> Vec<u8> {
+    use simple_dns::{Name, Packet, Question, CLASS, QCLASS, QTYPE, TYPE};
+    let mut p = Packet::new_query(9);
+    p.questions.push(Question::new(
+        Name::new_unchecked(name),
+        QTYPE::TYPE(TYPE::A),
+        QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    let q = p.build_bytes_vec().expect("query");
+    let mut framed = u16::try_from(q.len()).expect("len").to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let h = g.connect_to(server, 53, local_port);
+    let reply = exchange(g, h, &framed);
+    let len = usize::from(u16::from_be_bytes([reply[0], reply[1]]));
+    assert_eq!(reply.len(), 2 + len, "one framed reply");
+    reply[2..].to_vec()
+}
+
+#[test]
+fn raw_flows_may_reach_addresses_dns_over_tcp_answered_for_allowed_names() {
+    let policy = Arc::new(Policy::new(["localhost"], false));
+    let mut g = Guest::with(policy, None, None);
+    let (port, upstream) = upstream_echo();
+    let h = g.connect(port, 41050);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
+    // An answer over TCP (to any address) opens the address, as one over UDP does.
+    let reply = dns_tcp_query(&mut g, Ipv4Addr::new(192, 0, 2, 53), "localhost", 41051);
+    let p = simple_dns::Packet::parse(&reply).expect("parse");
+    assert!(!p.answers.is_empty(), "{p:?}");
+    let h = g.connect(port, 41052);
+    assert_eq!(exchange(&mut g, h, b"after-tcp-dns"), b"got:after-tcp-dns");
+    assert_eq!(upstream.join().expect("upstream"), b"after-tcp-dns");
+}
