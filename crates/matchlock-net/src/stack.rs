@@ -45,9 +45,12 @@
 //! ClientHello drops the raw upstream connection and hands the flow, bytes included, to
 //! [`Interceptor::serve_tls`] for the same destination port, exactly as port 443 (SNI
 //! picks the leaf, each request's Host decides, secrets and hooks apply, upstream TLS
-//! verified). Anything else, silence for the whole window, or the upstream speaking first
-//! (SMTP, SSH banners) splices the flow raw, the peeked bytes first. The same bounded
-//! channels carry the data in both cases.
+//! verified). An HTTP/1.x request line does the same with [`Interceptor::serve_http`],
+//! exactly as port 80 (the Host decides, a placeholder toward another host gets 403 and
+//! never leaves), so plain HTTP on port 8080 is not spliced past the secrets. Anything
+//! else, silence for the whole window, or the upstream speaking first (SMTP, SSH banners)
+//! splices the flow raw, the peeked bytes first. The same bounded channels carry the data
+//! in every case.
 //!
 //! UDP to port 53 at any address is answered by [`crate::dns`]. Other UDP, in open egress
 //! ([`StackConfig::udp_egress`]), is taken before smoltcp: per guest flow (source,
@@ -73,8 +76,7 @@
 //! they are judged by their IP literal (reference §7.7 "Passthrough") or by an allowed name
 //! the owner's DNS answered their address for ([`crate::answered`], over UDP or TCP);
 //! without an
-//! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). Plain HTTP on
-//! ports other than 80 is spliced raw, not intercepted. A raw flow under interception whose
+//! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). A raw flow under interception whose
 //! guest sends nothing first waits [`tlssniff::SNIFF_WINDOW`] before bytes move unless the
 //! upstream speaks first. A guest RST closes the host socket gracefully (FIN), not with an RST.
 //! Forwarded UDP is not fragmented either way: a larger datagram is dropped. A host
@@ -1380,8 +1382,8 @@ type FromHost = mpsc::Sender<HostData>;
 
 /// A raw flow under interception, its upstream connected: its first bytes decide
 /// ([`tlssniff::peek`]) whether the upstream connection is dropped and the flow served by
-/// the interceptor as TLS to the same port, or spliced raw to that connection (the bytes
-/// read to decide go first either way).
+/// the interceptor as TLS or plain HTTP to the same port, or spliced raw to that
+/// connection (the bytes read to decide go first either way).
 async fn sniffed_flow(
     key: FlowKey,
     stream: TcpStream,
@@ -1398,12 +1400,19 @@ async fn sniffed_flow(
     };
     let (decision, first) = (peeked.decision, peeked.bytes);
     tracing::debug!(%dst, ?decision, bytes = first.len(), "first bytes of a raw flow");
-    if decision.intercept() {
+    if decision.intercept() || decision.intercept_http() {
         drop(stream);
         let (ours, theirs) = tokio::io::duplex(INTERCEPT_PIPE);
         let (rd, wr) = tokio::io::split(ours);
+        let served = async move {
+            if decision.intercept() {
+                icpt.serve_tls(dst, theirs).await;
+            } else {
+                icpt.serve_http(dst, theirs).await;
+            }
+        };
         tokio::join!(
-            icpt.serve_tls(dst, theirs),
+            served,
             host_reader(rd, tx, wake.clone()),
             write_first(wr, first, rx, failed, wake.clone()),
         );

@@ -1085,3 +1085,55 @@ fn raw_flows_may_reach_addresses_dns_over_tcp_answered_for_allowed_names() {
     assert_eq!(exchange(&mut g, h, b"after-tcp-dns"), b"got:after-tcp-dns");
     assert_eq!(upstream.join().expect("upstream"), b"after-tcp-dns");
 }
+
+#[test]
+fn plain_http_on_another_port_goes_to_the_interceptor() {
+    let (mut g, _icpt, seen) = intercepting_guest();
+    // 127.0.0.1 is allowed as a raw destination, so the flow is connected and sniffed; its
+    // request line hands it to the interceptor, which judges the Host (not allowed: 403).
+    let (port, upstream) = upstream_sink();
+    let h = g.connect(port, 41060);
+    let reply = exchange(
+        &mut g,
+        h,
+        b"GET /leak HTTP/1.1\r\nHost: evil.test\r\nX-Token: t\r\n\r\n",
+    );
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert!(reply.ends_with("Blocked by policy"), "{reply}");
+    // The raw upstream connection made before the guest was accepted was dropped unused.
+    assert_eq!(upstream.join().expect("upstream"), b"");
+    let ev = seen.lock().expect("events").clone();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(ev[0].blocked, "{ev:?}");
+    // A request line for an allowed Host is proxied to the same port.
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    // Its first connection is the raw one the stack made before the guest was accepted,
+    // closed unused; the interceptor's own connection carries the request.
+    let server = std::thread::spawn(move || loop {
+        let (mut c, _) = l.accept().expect("accept");
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match c.read(&mut b) {
+                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => break,
+            }
+        }
+        if got.is_empty() {
+            continue;
+        }
+        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .expect("reply");
+        return got;
+    });
+    let h = g.connect(port, 41061);
+    let req = format!("GET /fine HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n");
+    let reply = exchange(&mut g, h, req.as_bytes());
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.ends_with("ok"), "{reply}");
+    let got = String::from_utf8_lossy(&server.join().expect("server")).to_string();
+    assert!(got.starts_with("GET /fine HTTP/1.1\r\n"), "{got}");
+}
