@@ -48,8 +48,8 @@
 //! verified). An HTTP/1.x request line does the same with [`Interceptor::serve_http`],
 //! exactly as port 80 (the Host decides, a placeholder toward another host gets 403 and
 //! never leaves), so plain HTTP on port 8080 is not spliced past the secrets. Anything
-//! else, silence for the whole window, or the upstream speaking first (SMTP, SSH banners)
-//! splices the flow raw, the peeked bytes first. The same bounded channels carry the data
+//! else, or the upstream speaking first (SMTP, SSH banners) splices the flow raw, the
+//! peeked bytes first; a guest that sends nothing is waited for as long as it takes. The same bounded channels carry the data
 //! in every case.
 //!
 //! UDP to port 53 at any address is answered by [`crate::dns`]. Other UDP, in open egress
@@ -72,14 +72,14 @@
 //! # Limitations
 //! IPv6 extension headers (other than smoltcp's own handling) are not parsed: a TCP SYN or
 //! UDP datagram behind one goes to smoltcp, which refuses it (RST / port-unreachable), so
-//! it fails closed. Raw TCP flows carry no name, so under an allow-list
-//! they are judged by their IP literal (reference §7.7 "Passthrough") or by an allowed name
-//! the owner's DNS answered their address for ([`crate::answered`], over UDP or TCP);
-//! without an
-//! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). A raw flow under interception whose
-//! guest sends nothing first waits [`tlssniff::SNIFF_WINDOW`] before bytes move unless the
-//! upstream speaks first. A guest RST closes the host socket gracefully (FIN), not with an RST.
-//! Forwarded UDP is not fragmented either way: a larger datagram is dropped. A host
+//! it fails closed. Raw TCP flows carry no name, so under an allow-list they are judged by
+//! their IP literal (reference §7.7 "Passthrough") or by an allowed name the owner's DNS
+//! answered their address for ([`crate::answered`], over UDP or TCP); without an
+//! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). A raw flow
+//! under interception whose guest sends one word with no line end (`ping`) and waits gets
+//! it spliced only after [`tlssniff::SNIFF_WINDOW`]. A guest RST closes the host socket
+//! gracefully (FIN), not with an RST. Forwarded UDP is not fragmented either way: a larger
+//! datagram is dropped. A host
 //! socket's ICMP errors are not relayed to the guest (its datagrams just go unanswered).
 
 use std::collections::{HashMap, VecDeque};

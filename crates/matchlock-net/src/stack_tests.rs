@@ -1004,7 +1004,7 @@ fn raw_flows_under_interception_splice_both_ways_and_server_first() {
 }
 
 #[test]
-fn silent_guest_and_server_are_spliced_after_the_window() {
+fn a_guest_silent_past_the_window_is_still_sniffed() {
     let (mut g, _icpt, _) = intercepting_guest();
     // Neither side speaks at first: after the window the guest's late bytes still arrive.
     let (port, upstream) = upstream_echo();
@@ -1016,6 +1016,19 @@ fn silent_guest_and_server_are_spliced_after_the_window() {
     });
     assert_eq!(exchange(&mut g, h, b"late"), b"got:late");
     assert_eq!(upstream.join().expect("upstream"), b"late");
+    // A request line sent only after the window (a slow or loaded guest) is still
+    // intercepted, not spliced: the refused Host gets 403 and the upstream nothing.
+    let (port, upstream) = upstream_sink();
+    let h = g.connect(port, 41034);
+    assert!(g.until(5, |g| g.tcp(h).state() == tcp::State::Established));
+    let t = Instant::now();
+    g.until(2, |_| {
+        t.elapsed() > tlssniff::SNIFF_WINDOW + Duration::from_millis(200)
+    });
+    let reply = exchange(&mut g, h, b"GET /late HTTP/1.1\r\nHost: evil.test\r\n\r\n");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert_eq!(upstream.join().expect("upstream"), b"");
 }
 
 #[test]

@@ -26,8 +26,11 @@
 //! [`peek`] collects a flow's first chunks from the stack's guest-to-host channel until
 //! the parsers decide, the guest half-closes, the upstream speaks first (SMTP, SSH banners:
 //! [`Decision::ServerFirst`], neither a TLS nor an HTTP server ever does) or a deadline
-//! passes with nothing sent ([`Decision::Silent`]). The bytes it read
-//! are handed back so the caller can pass them on first, whichever way the flow goes.
+//! passes after the guest's first bytes. A guest that sends nothing is waited for, with no
+//! deadline: while neither side speaks there is nothing to splice, and a deadline there
+//! would let a guest (or a slow, loaded VM) skip interception by waiting before its
+//! ClientHello or request line. The bytes it read are handed back so the caller can pass
+//! them on first, whichever way the flow goes.
 //!
 //! [`Decision::intercept`] fails closed: a stream that looks like TLS but is not confirmed
 //! within the bounds (a hello dribbled past the deadline, split into many tiny records, or
@@ -43,7 +46,7 @@
 //! (rustls parses those). SSLv2-compatible hellos are not recognised (no client sends them
 //! any more); they are spliced raw like any other protocol. Plain HTTP is recognised from
 //! the first request of a connection only, and only as a client writes it: bytes that are
-//! not a request line (or a lone word dribbled past the window) are spliced raw to an
+//! not a request line (or a lone word and then nothing for the window) are spliced raw to an
 //! address the policy allowed, so a guest that wants to send a placeholder there in some
 //! other framing can; it is never substituted on that path (the real value never leaves),
 //! only not refused.
@@ -57,7 +60,7 @@ pub const MAX_HELLO: usize = 16 * 1024;
 /// Most bytes [`sniff`] looks at: one full-size record header plus [`MAX_HELLO`], with room
 /// for a few more record headers when the hello is fragmented.
 pub const MAX_PEEK: usize = MAX_HELLO + 64;
-/// How long [`peek`] waits for a guest's first bytes by default.
+/// How long [`peek`] gives a guest's first bytes, from the first of them, to decide.
 pub const SNIFF_WINDOW: Duration = Duration::from_secs(1);
 
 /// TLS record content type of handshake messages.
@@ -259,8 +262,6 @@ pub enum Decision {
     Incomplete,
     /// Not TLS.
     NotTls,
-    /// Nothing arrived before the deadline.
-    Silent,
     /// The upstream sent first, before the guest sent anything.
     ServerFirst,
     /// The guest half-closed (or the flow ended) before a TLS hello was complete; what was
@@ -324,9 +325,9 @@ pub struct Peeked {
     pub bytes: Vec<u8>,
 }
 
-/// Reads chunks from `rx` until [`sniff`] or [`sniff_http`] decides, `rx` closes, `window` passes, or, while
-/// the guest has sent nothing, `server_first` completes (the upstream spoke first, which a
-/// TLS server never does); `on_chunk` runs after each chunk (the stack wakes its loop:
+/// Reads chunks from `rx` until [`sniff`] or [`sniff_http`] decides, `rx` closes, `window`
+/// passes after the first chunk, or, while the guest has sent nothing, `server_first`
+/// completes (the upstream spoke first, which a TLS server never does); `on_chunk` runs after each chunk (the stack wakes its loop:
 /// channel capacity was freed). Holds at most [`MAX_PEEK`] bytes plus one chunk.
 pub async fn peek<F>(
     rx: &mut mpsc::Receiver<Vec<u8>>,
@@ -337,12 +338,18 @@ pub async fn peek<F>(
 where
     F: std::future::Future,
 {
-    let deadline = tokio::time::Instant::now() + window;
+    let mut deadline = None;
     let mut bytes = Vec::new();
     tokio::pin!(server_first);
     loop {
+        let recv = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, rx.recv()).await,
+                None => Ok(rx.recv().await),
+            }
+        };
         let next = tokio::select! {
-            r = tokio::time::timeout_at(deadline, rx.recv()) => r,
+            r = recv => r,
             _ = &mut server_first, if bytes.is_empty() => {
                 return Peeked { decision: Decision::ServerFirst, bytes };
             }
@@ -354,11 +361,12 @@ where
                 return Peeked { decision, bytes };
             }
             Err(_) => {
-                let decision = undecided(&bytes, Decision::Silent, Decision::NotTls);
+                let decision = undecided(&bytes, Decision::NotTls, Decision::NotTls);
                 return Peeked { decision, bytes };
             }
         };
         on_chunk();
+        deadline.get_or_insert_with(|| tokio::time::Instant::now() + window);
         bytes.extend_from_slice(&chunk);
         if let Some(decision) = decide(&bytes) {
             return Peeked { decision, bytes };

@@ -189,20 +189,22 @@ async fn a_slow_tls_sender_is_still_intercepted_after_the_window() {
 }
 
 #[tokio::test]
-async fn silence_closing_and_server_first_are_not_tls() {
-    let mut rx = sender(vec![], Duration::ZERO, false);
+async fn silence_is_waited_for_and_closing_and_server_first_are_not_tls() {
+    // A guest silent for longer than the window is still waited for: its late hello is
+    // intercepted (no deadline skips the sniffing; the window runs from the first byte).
+    let hello = client_hello("api.test");
+    let mut rx = sender(vec![hello.clone()], WINDOW * 2, false);
     let t = Instant::now();
     let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
-    assert_eq!(p.decision, Decision::Silent);
-    assert!(t.elapsed() >= WINDOW);
-    assert!(!p.decision.intercept());
+    assert!(t.elapsed() >= WINDOW * 2, "{:?}", t.elapsed());
+    assert_eq!(p.decision, Decision::ClientHello);
+    assert!(p.decision.intercept());
 
     let mut rx = sender(vec![], Duration::ZERO, true);
     let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
     assert_eq!(p.decision, Decision::Closed);
     assert!(!p.decision.intercept());
     // Half a hello, then the guest's FIN: still TLS-looking, so the interceptor gets it.
-    let hello = client_hello("api.test");
     let mut rx = sender(vec![hello[..20].to_vec()], Duration::ZERO, true);
     let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
     assert_eq!(p.decision, Decision::Incomplete);
