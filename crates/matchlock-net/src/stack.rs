@@ -23,7 +23,11 @@
 //! windows) and two bounded channels to the tasks that write to and read from the host
 //! socket. The loop never blocks: it moves guest data only into channel capacity it has
 //! reserved and host data only into socket buffer space, so one slow flow fills its own
-//! buffers and closes its own window, and no other. A guest FIN becomes a host-side
+//! buffers and closes its own window, and no other. Work per guest frame is kept small (the
+//! guest vCPU and this thread share the host's cores): chunks toward the host are sized to
+//! what is queued, one timer is re-armed per turn, and a flow's writer wakes the loop only
+//! when it frees a slot of a full channel (the only time the loop left guest data behind),
+//! not once per chunk. A guest FIN becomes a host-side
 //! `shutdown(Write)` after the data before it is written, a host EOF becomes a FIN to the
 //! guest after the data before it is sent (half-close both ways); host errors become an RST
 //! to the guest.
@@ -656,6 +660,9 @@ impl Engine {
         tracing::debug!(gateway = %self.cfg.gateway, guest = %self.cfg.guest, "network stack running");
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let wake = self.wake.clone();
+        // One timer, re-armed each turn (not a new timer entry per turn).
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
         loop {
             self.turn();
             let delay = self
@@ -671,13 +678,14 @@ impl Engine {
             } else {
                 delay
             };
+            timer.as_mut().reset(tokio::time::Instant::now() + delay);
             let turn = tokio::select! {
                 _ = &mut shutdown => Turn::Stop,
                 r = self.sock.recv(&mut buf) => Turn::Frame(r),
                 ev = self.events_rx.recv() => Turn::Event(ev),
                 r = self.udp_rx.recv() => Turn::UdpReply(r),
                 _ = wake.notified() => Turn::Wake,
-                _ = tokio::time::sleep(delay) => Turn::Wake,
+                _ = &mut timer => Turn::Wake,
                 _ = self.sock.writable(), if has_tx => Turn::Wake,
             };
             match turn {
@@ -1322,7 +1330,8 @@ fn service_flow(s: &mut tcp::Socket<'_>, f: &mut Flow) -> bool {
     if let Some(tx) = &f.to_host {
         while s.can_recv() {
             let Ok(permit) = tx.try_reserve() else { break };
-            let mut chunk = vec![0; CHUNK];
+            // Exactly what is queued (up to a chunk): no zeroing of a full chunk per frame.
+            let mut chunk = vec![0; s.recv_queue().min(CHUNK)];
             match s.recv_slice(&mut chunk) {
                 Ok(n) if n > 0 => {
                     chunk.truncate(n);
@@ -1474,7 +1483,13 @@ async fn host_writer<W: AsyncWrite + Unpin>(
     wake: Arc<Notify>,
 ) {
     while let Some(chunk) = rx.recv().await {
-        wake.notify_one(); // capacity freed: the loop may take more from the guest
+        // The loop leaves guest data in the socket only when this channel is full: wake it
+        // when this receive freed the first slot, not once per chunk (which cost a whole
+        // loop turn per guest frame). The loop and this task share one thread, so the
+        // channel cannot change between the loop's failed reserve and this check.
+        if rx.len() + 1 == CHANNEL_CHUNKS {
+            wake.notify_one();
+        }
         if wr.write_all(&chunk).await.is_err() {
             failed.store(true, Ordering::Relaxed);
             wake.notify_one();
