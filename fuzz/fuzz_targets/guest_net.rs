@@ -1,5 +1,6 @@
 //! What the guest sends the network stack and its DNS server, and what an upstream DNS
-//! server sends back, on arbitrary bytes: frame classification, TLS ClientHello detection,
+//! server sends back, on arbitrary bytes: frame classification, TLS ClientHello and HTTP
+//! request-line detection,
 //! DNS query decisions, reply fitting, upstream-reply validation and the recording of
 //! answered addresses must return, never panic.
 #![no_main]
@@ -19,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
     // A raw flow's first bytes (TLS ClientHello detection), and the bytes as a DNS reply
     // whose addresses the stack remembers for raw flows.
     let _ = matchlock_net::tlssniff::sniff(data);
+    let _ = matchlock_net::tlssniff::sniff_http(data);
     let mut answered = matchlock_net::answered::Answered::default();
     answered.record(data);
     let _ = answered.allowed_name(

@@ -3,7 +3,9 @@
 //! is allowed while the name it was answered for still is.
 //!
 //! # Design
-//! The stack records every DNS reply it sends the guest over UDP ([`Answered::record`]):
+//! The stack records every DNS reply it sends the guest, over UDP or TCP
+//! ([`Answered::record`]; the DNS-over-TCP tasks share the table with the loop behind a
+//! mutex held only for one reply's insertions or one lookup):
 //! each `A`/`AAAA` record's address is tied to the question's name (the name the policy
 //! judged before answering; a CNAME chain's intermediate names are not), for the record's
 //! TTL clamped to [`MIN_TTL`]..[`MAX_TTL`]. [`Answered::allows`] is asked only after the
@@ -18,8 +20,7 @@
 //! tens of KiB in practice).
 //!
 //! # Limitations
-//! Replies over DNS-over-TCP are not recorded (a guest resolving over TCP only must name
-//! the address in the allow-list). The address is not tied to the connection that follows
+//! The address is not tied to the connection that follows
 //! (any guest flow may use an address any allowed name resolved to), and a name that is
 //! allowed but resolves to an address shared with other services (a CDN) lets raw TCP reach
 //! that address on every port.

@@ -23,7 +23,11 @@
 //! windows) and two bounded channels to the tasks that write to and read from the host
 //! socket. The loop never blocks: it moves guest data only into channel capacity it has
 //! reserved and host data only into socket buffer space, so one slow flow fills its own
-//! buffers and closes its own window, and no other. A guest FIN becomes a host-side
+//! buffers and closes its own window, and no other. Work per guest frame is kept small (the
+//! guest vCPU and this thread share the host's cores): chunks toward the host are sized to
+//! what is queued, one timer is re-armed per turn, and a flow's writer wakes the loop only
+//! when it frees a slot of a full channel (the only time the loop left guest data behind),
+//! not once per chunk. A guest FIN becomes a host-side
 //! `shutdown(Write)` after the data before it is written, a host EOF becomes a FIN to the
 //! guest after the data before it is sent (half-close both ways); host errors become an RST
 //! to the guest.
@@ -45,9 +49,12 @@
 //! ClientHello drops the raw upstream connection and hands the flow, bytes included, to
 //! [`Interceptor::serve_tls`] for the same destination port, exactly as port 443 (SNI
 //! picks the leaf, each request's Host decides, secrets and hooks apply, upstream TLS
-//! verified). Anything else, silence for the whole window, or the upstream speaking first
-//! (SMTP, SSH banners) splices the flow raw, the peeked bytes first. The same bounded
-//! channels carry the data in both cases.
+//! verified). An HTTP/1.x request line does the same with [`Interceptor::serve_http`],
+//! exactly as port 80 (the Host decides, a placeholder toward another host gets 403 and
+//! never leaves), so plain HTTP on port 8080 is not spliced past the secrets. Anything
+//! else, or the upstream speaking first (SMTP, SSH banners) splices the flow raw, the
+//! peeked bytes first; a guest that sends nothing is waited for as long as it takes. The same bounded channels carry the data
+//! in every case.
 //!
 //! UDP to port 53 at any address is answered by [`crate::dns`]. Other UDP, in open egress
 //! ([`StackConfig::udp_egress`]), is taken before smoltcp: per guest flow (source,
@@ -69,15 +76,14 @@
 //! # Limitations
 //! IPv6 extension headers (other than smoltcp's own handling) are not parsed: a TCP SYN or
 //! UDP datagram behind one goes to smoltcp, which refuses it (RST / port-unreachable), so
-//! it fails closed. Raw TCP flows carry no name, so under an allow-list
-//! they are judged by their IP literal (reference §7.7 "Passthrough") or by an allowed name
-//! the owner's DNS answered their address for ([`crate::answered`], UDP replies only);
-//! without an
-//! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). Plain HTTP on
-//! ports other than 80 is spliced raw, not intercepted. A raw flow under interception whose
-//! guest sends nothing first waits [`tlssniff::SNIFF_WINDOW`] before bytes move unless the
-//! upstream speaks first. A guest RST closes the host socket gracefully (FIN), not with an RST.
-//! Forwarded UDP is not fragmented either way: a larger datagram is dropped. A host
+//! it fails closed. Raw TCP flows carry no name, so under an allow-list they are judged by
+//! their IP literal (reference §7.7 "Passthrough") or by an allowed name the owner's DNS
+//! answered their address for ([`crate::answered`], over UDP or TCP); without an
+//! interceptor, ports 80 and 443 are raw flows too (and nothing is sniffed). A raw flow
+//! under interception whose guest sends one word with no line end (`ping`) and waits gets
+//! it spliced only after [`tlssniff::SNIFF_WINDOW`]. A guest RST closes the host socket
+//! gracefully (FIN), not with an RST. Forwarded UDP is not fragmented either way: a larger
+//! datagram is dropped. A host
 //! socket's ICMP errors are not relayed to the guest (its datagrams just go unanswered).
 
 use std::collections::{HashMap, VecDeque};
@@ -85,7 +91,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -564,8 +570,9 @@ struct Engine {
     /// question.
     dns_queue: HashMap<IpEndpoint, VecDeque<DnsSlot>>,
     dns_seq: u64,
-    /// Addresses the guest was sent in DNS answers, for raw flows under an allow-list.
-    answered: crate::answered::Answered,
+    /// Addresses the guest was sent in DNS answers (UDP here, TCP from the DNS-over-TCP
+    /// tasks), for raw flows under an allow-list.
+    answered: Arc<Mutex<crate::answered::Answered>>,
     udp_flows: HashMap<FlowKey, UdpFlow>,
     udp_tx: mpsc::Sender<(FlowKey, Vec<u8>)>,
     udp_rx: mpsc::Receiver<(FlowKey, Vec<u8>)>,
@@ -631,7 +638,7 @@ impl Engine {
             dns_in_flight: 0,
             dns_queue: HashMap::new(),
             dns_seq: 0,
-            answered: crate::answered::Answered::default(),
+            answered: Arc::default(),
             udp_flows: HashMap::new(),
             udp_tx,
             udp_rx,
@@ -653,6 +660,9 @@ impl Engine {
         tracing::debug!(gateway = %self.cfg.gateway, guest = %self.cfg.guest, "network stack running");
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let wake = self.wake.clone();
+        // One timer, re-armed each turn (not a new timer entry per turn).
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
         loop {
             self.turn();
             let delay = self
@@ -668,13 +678,14 @@ impl Engine {
             } else {
                 delay
             };
+            timer.as_mut().reset(tokio::time::Instant::now() + delay);
             let turn = tokio::select! {
                 _ = &mut shutdown => Turn::Stop,
                 r = self.sock.recv(&mut buf) => Turn::Frame(r),
                 ev = self.events_rx.recv() => Turn::Event(ev),
                 r = self.udp_rx.recv() => Turn::UdpReply(r),
                 _ = wake.notified() => Turn::Wake,
-                _ = tokio::time::sleep(delay) => Turn::Wake,
+                _ = &mut timer => Turn::Wake,
                 _ = self.sock.writable(), if has_tx => Turn::Wake,
             };
             match turn {
@@ -824,7 +835,8 @@ impl Engine {
     fn check_raw(&self, ip: IpAddr) -> Result<(), crate::policy::Denied> {
         match self.cfg.policy.check_connect(&ip.to_string(), ip) {
             Err(crate::policy::Denied::NotAllowed { host }) => {
-                match self.answered.allowed_name(ip, &self.cfg.policy) {
+                let answered = lock(&self.answered);
+                match answered.allowed_name(ip, &self.cfg.policy) {
                     Some(name) => {
                         tracing::debug!(%ip, name, "raw flow allowed by a DNS answer");
                         self.cfg.policy.check_addr(ip)
@@ -878,7 +890,12 @@ impl Engine {
             return;
         };
         let (ours, theirs) = tokio::io::duplex(INTERCEPT_PIPE);
-        let served = tokio::spawn(crate::dns::serve_tcp(theirs, self.cfg.dns.clone()));
+        let answered = self.answered.clone();
+        let served = tokio::spawn(crate::dns::serve_tcp_with(
+            theirs,
+            self.cfg.dns.clone(),
+            move |reply| lock(&answered).record(reply),
+        ));
         let (rd, wr) = tokio::io::split(ours);
         self.attach(h, key, rd, wr, Some(served.abort_handle()));
     }
@@ -1065,7 +1082,7 @@ impl Engine {
                 break;
             };
             if let Some(reply) = reply {
-                self.answered.record(&reply);
+                lock(&self.answered).record(&reply);
                 if let Err(e) = s.send_slice(&reply, meta) {
                     tracing::debug!(error = %e, "DNS reply dropped");
                 }
@@ -1296,6 +1313,16 @@ fn udp_frame(
     Some(frame)
 }
 
+/// The answered-address table, even if a task panicked while holding it (its state is a
+/// plain map, valid after any partial update).
+fn lock(
+    answered: &Mutex<crate::answered::Answered>,
+) -> std::sync::MutexGuard<'_, crate::answered::Answered> {
+    answered
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Moves data both ways for one flow without blocking; true when the flow is finished.
 fn service_flow(s: &mut tcp::Socket<'_>, f: &mut Flow) -> bool {
     use tcp::State;
@@ -1303,7 +1330,8 @@ fn service_flow(s: &mut tcp::Socket<'_>, f: &mut Flow) -> bool {
     if let Some(tx) = &f.to_host {
         while s.can_recv() {
             let Ok(permit) = tx.try_reserve() else { break };
-            let mut chunk = vec![0; CHUNK];
+            // Exactly what is queued (up to a chunk): no zeroing of a full chunk per frame.
+            let mut chunk = vec![0; s.recv_queue().min(CHUNK)];
             match s.recv_slice(&mut chunk) {
                 Ok(n) if n > 0 => {
                     chunk.truncate(n);
@@ -1363,8 +1391,8 @@ type FromHost = mpsc::Sender<HostData>;
 
 /// A raw flow under interception, its upstream connected: its first bytes decide
 /// ([`tlssniff::peek`]) whether the upstream connection is dropped and the flow served by
-/// the interceptor as TLS to the same port, or spliced raw to that connection (the bytes
-/// read to decide go first either way).
+/// the interceptor as TLS or plain HTTP to the same port, or spliced raw to that
+/// connection (the bytes read to decide go first either way).
 async fn sniffed_flow(
     key: FlowKey,
     stream: TcpStream,
@@ -1381,12 +1409,19 @@ async fn sniffed_flow(
     };
     let (decision, first) = (peeked.decision, peeked.bytes);
     tracing::debug!(%dst, ?decision, bytes = first.len(), "first bytes of a raw flow");
-    if decision.intercept() {
+    if decision.intercept() || decision.intercept_http() {
         drop(stream);
         let (ours, theirs) = tokio::io::duplex(INTERCEPT_PIPE);
         let (rd, wr) = tokio::io::split(ours);
+        let served = async move {
+            if decision.intercept() {
+                icpt.serve_tls(dst, theirs).await;
+            } else {
+                icpt.serve_http(dst, theirs).await;
+            }
+        };
         tokio::join!(
-            icpt.serve_tls(dst, theirs),
+            served,
             host_reader(rd, tx, wake.clone()),
             write_first(wr, first, rx, failed, wake.clone()),
         );
@@ -1448,7 +1483,13 @@ async fn host_writer<W: AsyncWrite + Unpin>(
     wake: Arc<Notify>,
 ) {
     while let Some(chunk) = rx.recv().await {
-        wake.notify_one(); // capacity freed: the loop may take more from the guest
+        // The loop leaves guest data in the socket only when this channel is full: wake it
+        // when this receive freed the first slot, not once per chunk (which cost a whole
+        // loop turn per guest frame). The loop and this task share one thread, so the
+        // channel cannot change between the loop's failed reserve and this check.
+        if rx.len() + 1 == CHANNEL_CHUNKS {
+            wake.notify_one();
+        }
         if wr.write_all(&chunk).await.is_err() {
             failed.store(true, Ordering::Relaxed);
             wake.notify_one();

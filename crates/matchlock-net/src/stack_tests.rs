@@ -1004,7 +1004,7 @@ fn raw_flows_under_interception_splice_both_ways_and_server_first() {
 }
 
 #[test]
-fn silent_guest_and_server_are_spliced_after_the_window() {
+fn a_guest_silent_past_the_window_is_still_sniffed() {
     let (mut g, _icpt, _) = intercepting_guest();
     // Neither side speaks at first: after the window the guest's late bytes still arrive.
     let (port, upstream) = upstream_echo();
@@ -1016,6 +1016,19 @@ fn silent_guest_and_server_are_spliced_after_the_window() {
     });
     assert_eq!(exchange(&mut g, h, b"late"), b"got:late");
     assert_eq!(upstream.join().expect("upstream"), b"late");
+    // A request line sent only after the window (a slow or loaded guest) is still
+    // intercepted, not spliced: the refused Host gets 403 and the upstream nothing.
+    let (port, upstream) = upstream_sink();
+    let h = g.connect(port, 41034);
+    assert!(g.until(5, |g| g.tcp(h).state() == tcp::State::Established));
+    let t = Instant::now();
+    g.until(2, |_| {
+        t.elapsed() > tlssniff::SNIFF_WINDOW + Duration::from_millis(200)
+    });
+    let reply = exchange(&mut g, h, b"GET /late HTTP/1.1\r\nHost: evil.test\r\n\r\n");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert_eq!(upstream.join().expect("upstream"), b"");
 }
 
 #[test]
@@ -1045,4 +1058,95 @@ fn raw_flows_may_reach_addresses_dns_answered_for_allowed_names() {
         g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
         "no RST"
     );
+}
+
+/// Sends one A query for `name` over TCP to `server`:53 and returns the reply.
+fn dns_tcp_query(g: &mut Guest, server: Ipv4Addr, name: &str, local_port: u16) -> Vec<u8> {
+    use simple_dns::{Name, Packet, Question, CLASS, QCLASS, QTYPE, TYPE};
+    let mut p = Packet::new_query(9);
+    p.questions.push(Question::new(
+        Name::new_unchecked(name),
+        QTYPE::TYPE(TYPE::A),
+        QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    let q = p.build_bytes_vec().expect("query");
+    let mut framed = u16::try_from(q.len()).expect("len").to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let h = g.connect_to(server, 53, local_port);
+    let reply = exchange(g, h, &framed);
+    let len = usize::from(u16::from_be_bytes([reply[0], reply[1]]));
+    assert_eq!(reply.len(), 2 + len, "one framed reply");
+    reply[2..].to_vec()
+}
+
+#[test]
+fn raw_flows_may_reach_addresses_dns_over_tcp_answered_for_allowed_names() {
+    let policy = Arc::new(Policy::new(["localhost"], false));
+    let mut g = Guest::with(policy, None, None);
+    let (port, upstream) = upstream_echo();
+    let h = g.connect(port, 41050);
+    assert!(
+        g.until(3, |g| g.tcp(h).state() == tcp::State::Closed),
+        "no RST"
+    );
+    // An answer over TCP (to any address) opens the address, as one over UDP does.
+    let reply = dns_tcp_query(&mut g, Ipv4Addr::new(192, 0, 2, 53), "localhost", 41051);
+    let p = simple_dns::Packet::parse(&reply).expect("parse");
+    assert!(!p.answers.is_empty(), "{p:?}");
+    let h = g.connect(port, 41052);
+    assert_eq!(exchange(&mut g, h, b"after-tcp-dns"), b"got:after-tcp-dns");
+    assert_eq!(upstream.join().expect("upstream"), b"after-tcp-dns");
+}
+
+#[test]
+fn plain_http_on_another_port_goes_to_the_interceptor() {
+    let (mut g, _icpt, seen) = intercepting_guest();
+    // 127.0.0.1 is allowed as a raw destination, so the flow is connected and sniffed; its
+    // request line hands it to the interceptor, which judges the Host (not allowed: 403).
+    let (port, upstream) = upstream_sink();
+    let h = g.connect(port, 41060);
+    let reply = exchange(
+        &mut g,
+        h,
+        b"GET /leak HTTP/1.1\r\nHost: evil.test\r\nX-Token: t\r\n\r\n",
+    );
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert!(reply.ends_with("Blocked by policy"), "{reply}");
+    // The raw upstream connection made before the guest was accepted was dropped unused.
+    assert_eq!(upstream.join().expect("upstream"), b"");
+    let ev = seen.lock().expect("events").clone();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(ev[0].blocked, "{ev:?}");
+    // A request line for an allowed Host is proxied to the same port.
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    // Its first connection is the raw one the stack made before the guest was accepted,
+    // closed unused; the interceptor's own connection carries the request.
+    let server = std::thread::spawn(move || loop {
+        let (mut c, _) = l.accept().expect("accept");
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match c.read(&mut b) {
+                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => break,
+            }
+        }
+        if got.is_empty() {
+            continue;
+        }
+        c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .expect("reply");
+        return got;
+    });
+    let h = g.connect(port, 41061);
+    let req = format!("GET /fine HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n");
+    let reply = exchange(&mut g, h, req.as_bytes());
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.ends_with("ok"), "{reply}");
+    let got = String::from_utf8_lossy(&server.join().expect("server")).to_string();
+    assert!(got.starts_with("GET /fine HTTP/1.1\r\n"), "{got}");
 }

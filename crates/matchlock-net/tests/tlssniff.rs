@@ -1,11 +1,14 @@
 //! The ClientHello detector against real ClientHellos (rustls's, as a guest's TLS client
 //! sends them) cut and re-framed in every way the network may deliver them, and against
-//! other protocols' first bytes; [`peek`] against fast, slow, silent and closing senders.
+//! other protocols' first bytes; the HTTP request-line detector against request lines and
+//! text protocols; [`peek`] against fast, slow, silent and closing senders.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use matchlock_net::tlssniff::{peek, sniff, Decision, Sniff, MAX_HELLO, MAX_PEEK};
+use matchlock_net::tlssniff::{
+    peek, sniff, sniff_http, Decision, HttpSniff, Sniff, MAX_HELLO, MAX_METHOD, MAX_PEEK,
+};
 use tokio::sync::mpsc;
 
 /// The first flight of a real TLS client: one handshake record holding its ClientHello.
@@ -186,20 +189,22 @@ async fn a_slow_tls_sender_is_still_intercepted_after_the_window() {
 }
 
 #[tokio::test]
-async fn silence_closing_and_server_first_are_not_tls() {
-    let mut rx = sender(vec![], Duration::ZERO, false);
+async fn silence_is_waited_for_and_closing_and_server_first_are_not_tls() {
+    // A guest silent for longer than the window is still waited for: its late hello is
+    // intercepted (no deadline skips the sniffing; the window runs from the first byte).
+    let hello = client_hello("api.test");
+    let mut rx = sender(vec![hello.clone()], WINDOW * 2, false);
     let t = Instant::now();
     let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
-    assert_eq!(p.decision, Decision::Silent);
-    assert!(t.elapsed() >= WINDOW);
-    assert!(!p.decision.intercept());
+    assert!(t.elapsed() >= WINDOW * 2, "{:?}", t.elapsed());
+    assert_eq!(p.decision, Decision::ClientHello);
+    assert!(p.decision.intercept());
 
     let mut rx = sender(vec![], Duration::ZERO, true);
     let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
     assert_eq!(p.decision, Decision::Closed);
     assert!(!p.decision.intercept());
     // Half a hello, then the guest's FIN: still TLS-looking, so the interceptor gets it.
-    let hello = client_hello("api.test");
     let mut rx = sender(vec![hello[..20].to_vec()], Duration::ZERO, true);
     let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
     assert_eq!(p.decision, Decision::Incomplete);
@@ -223,4 +228,103 @@ async fn silence_closing_and_server_first_are_not_tls() {
     })
     .await;
     assert_eq!(p.decision, Decision::ClientHello);
+}
+
+#[test]
+fn http_request_lines_are_recognised_at_every_cut() {
+    let line = b"POST /v1/x?key=1 HTTP/1.1\r\nHost: api.test\r\n\r\n";
+    let at = line.iter().position(|b| *b == b' ').expect("space");
+    let version = line
+        .windows(5)
+        .position(|w| w == b"HTTP/")
+        .expect("version");
+    for cut in 0..=line.len() {
+        let want = if cut >= version + 5 {
+            HttpSniff::Request
+        } else if cut > at {
+            HttpSniff::NeedMoreAfterMethod
+        } else {
+            HttpSniff::NeedMore
+        };
+        assert_eq!(sniff_http(&line[..cut]), want, "cut {cut}");
+        // Never TLS, so the two never both claim a stream.
+        if cut > 0 {
+            assert_eq!(sniff(&line[..cut]), Sniff::NotTls, "cut {cut}");
+        }
+    }
+    for req in [
+        &b"GET / HTTP/1.0\r\n"[..],
+        b"CONNECT api.test:443 HTTP/1.1\r\n",
+        b"get http://x/ http/1.1\r\n", // any case: hyper decides what it accepts
+        b"PRI * HTTP/2.0\r\n",         // h2c prior knowledge: refused by the interceptor
+        b"GET /old\r\n",               // HTTP/0.9
+        b"GET /old\n",
+        b"M-SEARCH * HTTP/1.1\r\n",
+    ] {
+        assert_eq!(sniff_http(req), HttpSniff::Request, "{req:?}");
+    }
+}
+
+#[test]
+fn text_protocols_are_not_http_within_their_first_line() {
+    for other in [
+        &b"SET k v\r\n"[..],
+        b"get key\r\n", // memcached
+        b"GET key\r\n", // redis inline: no `/`, so not HTTP/0.9
+        b"EHLO x\r\n",
+        b"hello\n",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"GET  / HTTP/1.1\r\n", // two spaces
+        b"GET /a\tb HTTP/1.1\r\n",
+        b" GET / HTTP/1.1\r\n",
+        b"\x00GET / HTTP/1.1",
+        b"\x16\x03\x01",
+        b"GET / HTTX/1.1\r\n",
+    ] {
+        assert_eq!(sniff_http(other), HttpSniff::NotHttp, "{other:?}");
+    }
+    // A word longer than any method, and a method followed by a long target past MAX_PEEK
+    // (fail closed: still a request).
+    assert_eq!(sniff_http(&[b'A'; MAX_METHOD + 1]), HttpSniff::NotHttp);
+    assert_eq!(sniff_http(&[b'A'; MAX_METHOD]), HttpSniff::NeedMore);
+    let mut long = b"GET /".to_vec();
+    long.resize(MAX_PEEK + 10, b'a');
+    assert_eq!(
+        sniff_http(&long[..MAX_PEEK - 1]),
+        HttpSniff::NeedMoreAfterMethod
+    );
+    assert_eq!(sniff_http(&long), HttpSniff::Request);
+}
+
+#[tokio::test]
+async fn peek_sends_http_to_the_interceptor_and_fails_closed_on_a_dribble() {
+    // A request line in pieces: decided once `HTTP/` is there.
+    let mut rx = sender(
+        vec![b"GET /x ".to_vec(), b"HT".to_vec(), b"TP/1.1\r\n".to_vec()],
+        Duration::from_millis(5),
+        false,
+    );
+    let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
+    assert_eq!(p.decision, Decision::HttpRequest);
+    assert!(p.decision.intercept_http() && !p.decision.intercept());
+    assert_eq!(p.bytes, b"GET /x HTTP/1.1\r\n");
+    // Method and space, then nothing until the deadline (or the FIN): still HTTP.
+    for close in [false, true] {
+        let mut rx = sender(vec![b"GET /x".to_vec()], Duration::ZERO, close);
+        let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
+        assert_eq!(p.decision, Decision::HttpIncomplete, "close {close}");
+        assert!(p.decision.intercept_http());
+    }
+    // A bare word, then silence: spliced (an echo client's `ping` must still work).
+    let mut rx = sender(vec![b"ping-raw".to_vec()], Duration::ZERO, false);
+    let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
+    assert_eq!(p.decision, Decision::NotTls);
+    assert!(!p.decision.intercept_http() && !p.decision.intercept());
+    let mut rx = sender(vec![b"ping-raw".to_vec()], Duration::ZERO, true);
+    let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
+    assert_eq!(p.decision, Decision::Closed);
+    // A text command: spliced from its first line.
+    let mut rx = sender(vec![b"SET k v\r\n".to_vec()], Duration::ZERO, false);
+    let p = peek(&mut rx, WINDOW, std::future::pending::<()>(), || {}).await;
+    assert_eq!(p.decision, Decision::NotTls);
 }

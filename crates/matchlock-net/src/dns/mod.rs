@@ -51,7 +51,7 @@ use simple_dns::{
 
 use crate::policy::Policy;
 
-pub use tcp::{serve_tcp, MAX_TCP_PIPELINE, MAX_TCP_QUERIES, TCP_IDLE_TIMEOUT};
+pub use tcp::{serve_tcp, serve_tcp_with, MAX_TCP_PIPELINE, MAX_TCP_QUERIES, TCP_IDLE_TIMEOUT};
 
 /// TTL of every answer made in system mode, in seconds.
 pub const ANSWER_TTL: u32 = 30;

@@ -58,10 +58,20 @@ impl Drop for Pending {
 
 /// Serves DNS over TCP on `stream` until the client is done (see the module docs).
 pub async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(stream: S, resolver: Arc<DnsResolver>) {
+    serve_tcp_with(stream, resolver, |_| {}).await;
+}
+
+/// [`serve_tcp`], calling `on_reply` with each reply just before it is written to the
+/// client (the stack records the addresses it answered, as for UDP).
+pub async fn serve_tcp_with<S, F>(stream: S, resolver: Arc<DnsResolver>, on_reply: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(&[u8]),
+{
     let (rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel(MAX_TCP_PIPELINE);
     let reader = read_queries(rd, resolver, tx);
-    let writer = write_replies(wr, rx);
+    let writer = write_replies(wr, rx, on_reply);
     tokio::pin!(reader, writer);
     tokio::select! {
         () = &mut writer => {}
@@ -121,7 +131,11 @@ async fn read_queries<R: AsyncRead + Unpin>(
     );
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Pending>) {
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Pending>,
+    mut on_reply: impl FnMut(&[u8]),
+) {
     while let Some(mut pending) = rx.recv().await {
         let Ok(Some(reply)) = (&mut pending.0).await else {
             break;
@@ -129,6 +143,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<
         let Ok(len) = u16::try_from(reply.len()) else {
             break;
         };
+        on_reply(&reply);
         let mut framed = len.to_be_bytes().to_vec();
         framed.extend_from_slice(&reply);
         let write = async {

@@ -42,7 +42,8 @@
 //! [`MAX_UPSTREAM_CONNECTIONS`] once upgraded (it is bounded by the stack's flow limit
 //! instead). TLS on ports other than 443 reaches [`Interceptor::serve_tls`] only when the
 //! stack's sniffer recognises a ClientHello after the policy allowed the destination
-//! address ([`crate::tlssniff`]); plain HTTP is intercepted on port 80 only. The TLS handshakes and leaf signing run on the network thread.
+//! address ([`crate::tlssniff`]); plain HTTP on other ports likewise only when the sniffer
+//! recognises a request line. The TLS handshakes and leaf signing run on the network thread.
 
 pub mod ca;
 mod proxy;
@@ -208,7 +209,8 @@ impl Interceptor {
         self.ca.pem()
     }
 
-    /// Serves a guest's plain HTTP connection to `dst` (normally port 80) until it closes.
+    /// Serves a guest's plain HTTP connection to `dst` (port 80, or any port whose first
+    /// bytes were a request line) until it closes; the upstream port is `dst`'s.
     pub async fn serve_http<S>(self: Arc<Self>, dst: SocketAddr, guest: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
