@@ -100,16 +100,21 @@ impl Bench {
     fn setup(&self) -> anyhow::Result<()> {
         let mut archive = Vec::new();
         matchlock_test_support::busybox_image(&mut archive)?;
+        self.import(IMAGE, &archive)
+    }
+
+    /// `matchlock image import TAG` of a `docker save` archive.
+    fn import(&self, tag: &str, archive: &[u8]) -> anyhow::Result<()> {
         let mut child = self
             .matchlock()
-            .args(["image", "import", IMAGE])
+            .args(["image", "import", tag])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .context("spawn matchlock image import")?;
-        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, &archive)?;
+        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, archive)?;
         if !child.wait()?.success() {
-            bail!("image import failed");
+            bail!("image import of {tag} failed");
         }
         Ok(())
     }

@@ -233,18 +233,7 @@ impl Bench {
     fn import_nettest(&self) -> anyhow::Result<()> {
         let path = matchlock_test_support::nettest_image().context("build the nettest image")?;
         let archive = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
-        let mut child = self
-            .matchlock()
-            .args(["image", "import", IMAGE])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("spawn matchlock image import")?;
-        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, &archive)?;
-        if !child.wait()?.success() {
-            bail!("nettest image import failed");
-        }
-        Ok(())
+        self.import(IMAGE, &archive)
     }
 
     /// `matchlock run -d` with the share at `/workspace`; `knob` = the external server.
