@@ -19,6 +19,9 @@
 //! (editors, `git`, package managers), and its whiteouts are 0/0 character devices that an
 //! unprivileged owner cannot `mknod`. Both needs are met by keeping the namespace in memory.
 //!
+//! Lower files show the owner's ids and root swapped, as `host_fs` does (the guest root
+//! owns the user's files); ownership changes stay in the table like every other change.
+//!
 //! Symlinks in the lower tree are read with `readlink` and shown as symlinks; the host never
 //! follows them (see `store`). Lower FIFOs, sockets and devices are not shown.
 //!

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::{debug, warn};
 
+use crate::guard::swap_owner;
 use crate::memory::node::{Attr, Time};
 use crate::memory::tree::{errno, MAX_NAME, MAX_SYMLINK};
 
@@ -86,13 +87,20 @@ pub struct Store {
     next_upper: AtomicU64,
 }
 
-/// Attributes of a host file as the guest first sees them.
+/// Attributes of a host file as the guest first sees them. The owner's uid/gid and root are
+/// swapped, as on `host_fs` shares (`guard::swap_owner`), so an unprivileged owner's files
+/// are the guest root's own (`git` refuses a repository owned by someone else); the
+/// identity when the owner runs as root.
 pub fn attr_of(meta: &fs::Metadata) -> Attr {
     let t = |sec: i64, nsec: i64| Time { sec, nsec };
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     Attr {
         mode: meta.mode(),
-        uid: meta.uid(),
-        gid: meta.gid(),
+        uid: swap_owner(meta.uid(), uid),
+        gid: swap_owner(meta.gid(), gid),
         nlink: 1,
         size: if meta.is_dir() { 0 } else { meta.len() },
         atime: t(meta.atime(), meta.atime_nsec()),
