@@ -123,7 +123,7 @@ s.sendall(('GET /ws HTTP/1.1\r\nHost: web.test\r\nUpgrade: websocket\r\nConnecti
 h = b''
 while b'\r\n\r\n' not in h:
     h += s.recv(1)
-want = base64.b64encode(hashlib.sha1((k + '258EAFA5-E914-47DA-95CA-C5AB0DC11B85').encode()).digest())
+want = base64.b64encode(hashlib.sha1((k + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').encode()).digest())
 m, mask = b'ws-hello', os.urandom(4)
 s.sendall(bytes([0x81, 0x80 | len(m)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(m)))
 r = s.recv(2)
