@@ -35,6 +35,7 @@ pub mod answered;
 pub mod dns;
 pub mod events;
 pub mod hooks;
+pub mod icmp;
 pub mod intercept;
 pub mod policy;
 pub mod secrets;
