@@ -115,6 +115,16 @@ fn client(id: &str, args: &str) -> String {
     )
 }
 
+/// The network events (objects with a `url`) anywhere in an event-log record.
+fn network_events(v: serde_json::Value, out: &mut Vec<serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(ref m) if m.contains_key("url") => out.push(v),
+        serde_json::Value::Object(m) => m.into_iter().for_each(|(_, c)| network_events(c, out)),
+        serde_json::Value::Array(a) => a.into_iter().for_each(|c| network_events(c, out)),
+        _ => {}
+    }
+}
+
 #[test]
 fn websocket_over_http2_is_relayed_and_follows_the_policy() {
     let e = env();
@@ -175,6 +185,27 @@ fn websocket_over_http2_is_relayed_and_follows_the_policy() {
         format!("Bearer {SECRET}"),
         "{got}"
     );
+
+    // Events: the handshakes and the refusals, without the secret's value.
+    let events = ok(&e.run(&["log", "--events", &id]));
+    let mut found = Vec::new();
+    for line in events.lines() {
+        if let Ok(v) = serde_json::from_str(line) {
+            network_events(v, &mut found);
+        }
+    }
+    let any = |pred: &dyn Fn(&serde_json::Value) -> bool| found.iter().any(pred);
+    assert!(
+        any(&|v| v["method"] == "CONNECT"
+            && v["url"] == "https://web.test/ws"
+            && v["status_code"] == 200),
+        "{events}"
+    );
+    assert!(
+        any(&|v| v["host"] == "evil.test" && v["blocked"] == true && v["status_code"] == 403),
+        "{events}"
+    );
+    assert!(!events.contains(SECRET), "{events}");
 
     let log = net.log_text("https");
     assert!(
