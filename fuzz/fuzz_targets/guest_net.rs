@@ -1,5 +1,6 @@
 //! What the guest sends the network stack and its DNS server, and what an upstream DNS
-//! server sends back, on arbitrary bytes: frame classification, TLS ClientHello and HTTP
+//! server sends back, on arbitrary bytes: frame classification, ICMP echo parsing and
+//! reply framing, TLS ClientHello and HTTP
 //! request-line detection,
 //! DNS query decisions, reply fitting, upstream-reply validation and the recording of
 //! answered addresses must return, never panic.
@@ -17,6 +18,10 @@ fuzz_target!(|data: &[u8]| {
         v6: Some(Ipv6Addr::new(0xfd00, 0x6d6c, 0, 0, 0, 0, 0, 2)),
     };
     let _ = matchlock_net::stack::classify(data, gw, 1500);
+    // An echo request beyond the gateway, and the reply framed for it.
+    if let Some(req) = matchlock_net::icmp::EchoRequest::parse(data) {
+        let _ = req.reply_frame([2, 0, 0, 0, 0, 1], &req.data);
+    }
     // A raw flow's first bytes (TLS ClientHello detection), and the bytes as a DNS reply
     // whose addresses the stack remembers for raw flows.
     let _ = matchlock_net::tlssniff::sniff(data);

@@ -166,7 +166,8 @@ fn ipv6_and_udp_in_open_egress() {
     let udp = net.log_text("udp");
     assert!(!udp.contains("blocked"), "{udp}");
 
-    // ICMPv6 echo: the gateway answers, nothing else does.
+    // ICMPv6 echo: the gateway answers, nothing else does (ping sockets are not permitted in
+    // this owner's namespace; e2e_icmp.rs covers relaying).
     let (okk, text, _) = guest(e, &id, "busybox ping -6 -c 1 -W 5 fd00:6d6c::2");
     assert!(okk, "{text}");
     let (okk, text, _) = guest(e, &id, &format!("busybox ping -6 -c 1 -W 2 {HOST_IP6}"));

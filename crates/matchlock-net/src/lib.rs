@@ -21,6 +21,9 @@
 //! [`hooks`] is the hook-rule engine (spec §7.7.1) the interceptor applies to requests and
 //! responses.
 //!
+//! [`icmp`] relays the guest's ICMP / ICMPv6 echo requests beyond the gateway, once the
+//! stack's policy check allowed the address pinged, through unprivileged ping sockets.
+//!
 //! [`tlssniff`] recognises a TLS ClientHello in a raw flow's first bytes, so that under
 //! interception TLS on any port (after the policy allowed its address) is intercepted
 //! like port 443.
@@ -35,6 +38,7 @@ pub mod answered;
 pub mod dns;
 pub mod events;
 pub mod hooks;
+pub mod icmp;
 pub mod intercept;
 pub mod policy;
 pub mod secrets;

@@ -63,9 +63,11 @@
 //! back to the guest as frames built here (from the destination's address and port).
 //! Refused destinations are dropped with a blocked event. Under interception
 //! (`udp_egress` off) such UDP gets smoltcp's ICMP port-unreachable and nothing leaves the
-//! host. ICMP and ICMPv6 echo are answered for the gateway addresses only; echo and errors
-//! to any other address are dropped (no fake reachability); ICMPv6 neighbor discovery,
-//! router solicitation and MLD always reach smoltcp.
+//! host. ICMP and ICMPv6 echo to the gateway addresses are answered by smoltcp; an echo
+//! request to any other address is judged like a raw TCP flow to it ([`Engine::check_raw`])
+//! and, if allowed, sent from the host by [`crate::icmp`] (refused: no reply, a blocked
+//! event); other ICMP to other addresses is dropped (no fake reachability); ICMPv6 neighbor
+//! discovery, router solicitation and MLD always reach smoltcp.
 //!
 //! Memory is bounded per sandbox: at most [`MAX_FLOWS`] flows of two [`SOCKET_BUFFER`]s
 //! plus 2 × 4 × 16 KiB of channel each (about 64 MiB in the worst case), 1024 queued frames
@@ -394,7 +396,10 @@ pub enum Ingress {
         payload: std::ops::Range<usize>,
         mac: [u8; 6],
     },
-    /// Dropped before smoltcp: ICMP / ICMPv6 echo and errors to any address but the
+    /// An ICMP / ICMPv6 echo request to an address other than the gateway's: relayed by
+    /// [`crate::icmp`] when the policy allows the address, else dropped.
+    Echo,
+    /// Dropped before smoltcp: ICMP / ICMPv6 echo replies and errors to any address but the
     /// gateway's (smoltcp's any-IP mode would otherwise answer echo requests for every
     /// address, faking reachability), and frames larger than the link allows. ICMPv6
     /// neighbour discovery, router solicitation and MLD always reach smoltcp.
@@ -418,7 +423,10 @@ pub fn classify(frame: &[u8], gw: Gateways, mtu: u16) -> Ingress {
                 return Ingress::Other;
             };
             if ip.next_header() == IpProtocol::Icmp && ip.dst_addr() != gw.v4 {
-                return Ingress::Drop;
+                return match crate::icmp::is_echo_request_v4(ip.payload()) {
+                    true => Ingress::Echo,
+                    false => Ingress::Drop,
+                };
             }
             if ip.more_frags() || ip.frag_offset() != 0 {
                 return Ingress::Other;
@@ -434,6 +442,9 @@ pub fn classify(frame: &[u8], gw: Gateways, mtu: u16) -> Ingress {
             let (s, d, p) = (ip.src_addr(), ip.dst_addr(), ip.next_header());
             if p == IpProtocol::Icmpv6 && Some(d) != gw.v6 {
                 // Types 1-4 are errors, 128/129 echo; NDP, RS/RA and MLD are 130 and up.
+                if crate::icmp::is_echo_request_v6(ip.payload()) {
+                    return Ingress::Echo;
+                }
                 if ip.payload().first().is_none_or(|t| *t <= 129) {
                     return Ingress::Drop;
                 }
@@ -501,6 +512,8 @@ enum Event {
         seq: u64,
         reply: Option<Vec<u8>>,
     },
+    /// An echo reply frame for the guest ([`crate::icmp`]).
+    EchoReply(Vec<u8>),
 }
 
 /// A guest DNS query being answered.
@@ -582,6 +595,8 @@ struct Engine {
     events_rx: mpsc::Receiver<Event>,
     wake: Arc<Notify>,
     epoch: std::time::Instant,
+    /// Relays echo requests beyond the gateway.
+    echoer: crate::icmp::Echoer,
 }
 
 enum Turn {
@@ -624,6 +639,14 @@ impl Engine {
         let dns = sockets.add(dns);
         let (events_tx, events_rx) = mpsc::channel(MAX_FLOWS + MAX_DNS_IN_FLIGHT);
         let (udp_tx, udp_rx) = mpsc::channel(UDP_REPLY_QUEUE);
+        let echo_tx = events_tx.clone();
+        let echoer = crate::icmp::Echoer::new(
+            cfg.gateway_mac,
+            Arc::new(move |frame| {
+                // A full queue drops the reply, as a congested link would.
+                let _ = echo_tx.try_send(Event::EchoReply(frame));
+            }),
+        );
         Engine {
             cfg,
             sock,
@@ -647,6 +670,7 @@ impl Engine {
             events_rx,
             wake: Arc::new(Notify::new()),
             epoch,
+            echoer,
         }
     }
 
@@ -773,9 +797,24 @@ impl Engine {
                     self.udp_datagram(key, data, mac);
                 }
             }
+            Ingress::Echo => self.echo(frame),
             Ingress::Drop => {}
             _ => self.feed(frame.to_vec(), false),
         }
+    }
+
+    /// A guest echo request beyond the gateway: relayed from the host if the policy allows
+    /// the address pinged (as for a raw TCP flow), else dropped with a blocked event.
+    fn echo(&mut self, frame: &[u8]) {
+        let Some(req) = crate::icmp::EchoRequest::parse(frame) else {
+            return;
+        };
+        if let Err(denied) = self.check_raw(req.dst) {
+            tracing::info!(dst = %req.dst, reason = %denied, "guest echo request refused by policy");
+            let ev = events::blocked(&req.dst.to_string(), &denied.to_string());
+            return events::emit(self.cfg.events.as_ref(), ev);
+        }
+        self.echoer.send(req);
     }
 
     fn feed(&mut self, frame: Vec<u8>, front: bool) {
@@ -863,6 +902,11 @@ impl Engine {
                 }
             }
             Event::Dns { client, seq, reply } => self.dns_answered(client, seq, reply),
+            Event::EchoReply(frame) => {
+                if self.dev.tx.len() < MAX_QUEUED_FRAMES {
+                    self.dev.tx.push_back(frame);
+                }
+            }
         }
     }
 

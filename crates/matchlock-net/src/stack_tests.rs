@@ -393,8 +393,13 @@ fn classify_reads_only_well_formed_syns() {
     frame[16..18].copy_from_slice(&400u16.to_be_bytes()); // longer than the frame
     assert_eq!(classify(&frame, GWS, 1500), Ingress::Other);
     frame[16..18].copy_from_slice(&40u16.to_be_bytes());
-    frame[23] = 1; // ICMP: only the gateway's is answered
+    frame[23] = 1; // ICMP beyond the gateway: echo requests go to the policy, the rest is dropped
     assert_eq!(classify(&frame, GWS, 1500), Ingress::Drop);
+    frame[34..36].copy_from_slice(&[8, 0]); // echo request
+    assert_eq!(classify(&frame, GWS, 1500), Ingress::Echo);
+    frame[34..36].copy_from_slice(&[0, 0]); // echo reply
+    assert_eq!(classify(&frame, GWS, 1500), Ingress::Drop);
+    frame[34..36].copy_from_slice(&[8, 0]);
     frame[30..34].copy_from_slice(&GW.octets());
     assert_eq!(classify(&frame, GWS, 1500), Ingress::Other);
     assert_eq!(classify(&vec![0u8; 1515], GWS, 1500), Ingress::Drop);
@@ -570,7 +575,9 @@ fn ndp_is_answered_and_icmpv6_echo_only_for_the_gateway() {
         };
         icmpv6_frame(GW_MAC, GUEST6, dst, &r)
     };
-    let elsewhere = Ipv6Addr::new(0x2606, 0x4700, 0, 0, 0, 0, 0, 0x1111);
+    // A blocked (documentation) address: an echo to an allowed one would be sent from this
+    // host (`crate::icmp`), and no test may send a packet off the machine.
+    let elsewhere = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x1111);
     let frames = [
         ns,
         echo(GW6, b"to-gateway"),

@@ -1,6 +1,7 @@
 //! The network test image (`nettest`): a minimal Debian root with real clients (curl with
 //! OpenSSL, python3 with `ssl`/`socket`/`http.client`/`urllib`, a system CA bundle, `getent`,
-//! dash as `/bin/sh`, busybox for `ip`/`ping`/`nslookup`, git for the workspace tests), built offline from the host's
+//! dash as `/bin/sh`, busybox for `ip`/`ping`/`nslookup`, git for the workspace tests, python3-h2 for
+//! WebSocket over HTTP/2), built offline from the host's
 //! configured Debian mirror and cached as a `docker save` archive.
 //!
 //! # Design
@@ -49,6 +50,8 @@ pub const NETTEST_PACKAGES: &[&str] = &[
     "ca-certificates",
     "busybox",
     "git",
+    // HTTP/2 client for the WebSocket-over-h2 tests (pure Python: h2, hpack, hyperframe).
+    "python3-h2",
 ];
 
 /// Packages apt pulls in that nothing in a test sandbox runs (package management).

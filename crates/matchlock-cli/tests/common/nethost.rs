@@ -295,6 +295,47 @@ impl NetHost {
             .expect("ip netns exec")
     }
 
+    /// Sets the owner's namespace's `net.ipv4.ping_group_range` (it covers IPv6 too):
+    /// `"0 2147483647"` lets every group open ping sockets, `"1 0"` (the kernel default)
+    /// none.
+    pub fn set_ping_group_range(&self, range: &str) {
+        let arg = format!("net.ipv4.ping_group_range={range}");
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.sandbox_ns,
+            "sysctl",
+            "-q",
+            "-w",
+            &arg,
+        ]);
+    }
+
+    /// ICMP echo requests the test host's kernel has received so far, (IPv4, IPv6): its
+    /// namespace's `Icmp: InEchos` and `Icmp6InEchos` counters.
+    pub fn echoes_received(&self) -> (u64, u64) {
+        let read_ns = |file: &str| {
+            let o = sh(&["ip", "netns", "exec", &self.host_ns, "cat", file]);
+            assert!(o.status.success(), "read {file}: {}", stderr(&o));
+            stdout(&o)
+        };
+        let snmp = read_ns("/proc/net/snmp");
+        let icmp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Icmp:")).collect();
+        let (names, values) = (icmp[0].split_whitespace(), icmp[1].split_whitespace());
+        let v4 = names
+            .zip(values)
+            .find(|(n, _)| *n == "InEchos")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("InEchos in /proc/net/snmp");
+        let v6 = read_ns("/proc/net/snmp6")
+            .lines()
+            .find_map(|l| l.strip_prefix("Icmp6InEchos"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Icmp6InEchos in /proc/net/snmp6");
+        (v4, v6)
+    }
+
     /// `cmd` (a `matchlock` command) to run in the owner's namespace, trusting the test CA.
     pub fn wrap(&self, cmd: Command) -> Command {
         let mut c = Command::new("ip");

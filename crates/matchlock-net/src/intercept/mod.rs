@@ -7,7 +7,8 @@
 //! ([`Interceptor::serve_http`], [`Interceptor::serve_tls`]); this module never sees
 //! packets. Both sides speak HTTP through hyper (no hand-written parser): the guest side is
 //! served with `hyper::server::conn` (HTTP/1.1 with keep-alive, chunked and close-delimited
-//! bodies and upgrades; HTTP/2 when the guest's TLS ClientHello offers `h2`), the upstream
+//! bodies and upgrades; HTTP/2 when the guest's TLS ClientHello offers `h2`, with RFC 8441
+//! extended CONNECT for WebSocket, see `websocket.rs`), the upstream
 //! side is a hyper client connection over TCP or rustls (HTTP/2 when the upstream picks it
 //! through ALPN). Bodies are streamed frame by frame in both directions, never buffered or
 //! rewritten, so server-sent events reach the guest as they are produced.
@@ -36,11 +37,13 @@
 //! flight closes a guest connection.
 //!
 //! # Limitations
-//! WebSocket over HTTP/2 (RFC 8441 extended CONNECT) is not supported; HTTP/1.1 upgrades
-//! are. Upstream HTTP is HTTP/1.1 only for plain port 80 (no h2c). Hook rules (§7.7.1) are
-//! not applied yet. An upgraded (WebSocket) connection stops counting toward
-//! [`MAX_UPSTREAM_CONNECTIONS`] once upgraded (it is bounded by the stack's flow limit
-//! instead). TLS on ports other than 443 reaches [`Interceptor::serve_tls`] only when the
+//! Upstream HTTP is HTTP/1.1 only for plain port 80 (no h2c). A WebSocket always goes
+//! upstream as an HTTP/1.1 upgrade, also when the guest used HTTP/2 (`websocket.rs`). Hook
+//! rules see the handshake (before phase) but not the frames. An HTTP/1.1 upgraded
+//! connection stops counting toward [`MAX_UPSTREAM_CONNECTIONS`] once upgraded (it is
+//! bounded by the stack's flow limit instead, being one guest flow); an HTTP/2 WebSocket
+//! keeps one upstream slot for its whole life, since up to [`MAX_H2_STREAMS`] of them
+//! share one guest flow, and keeps its guest connection from being closed as idle. TLS on ports other than 443 reaches [`Interceptor::serve_tls`] only when the
 //! stack's sniffer recognises a ClientHello after the policy allowed the destination
 //! address ([`crate::tlssniff`]); plain HTTP on other ports likewise only when the sniffer
 //! recognises a request line. The TLS handshakes and leaf signing run on the network thread.
@@ -48,6 +51,7 @@
 pub mod ca;
 mod proxy;
 mod upstream;
+mod websocket;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -314,7 +318,8 @@ where
         async move { Ok::<_, Infallible>(c.handle(req).await) }
     });
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.max_concurrent_streams(MAX_H2_STREAMS)
+    b.enable_connect_protocol()
+        .max_concurrent_streams(MAX_H2_STREAMS)
         .max_header_list_size(MAX_H2_HEADER_LIST)
         .timer(TokioTimer::new());
     let served = b.serve_connection(TokioIo::new(io), svc);

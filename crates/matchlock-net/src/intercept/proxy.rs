@@ -17,7 +17,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::upstream::{self, Sender};
+use super::websocket;
 use super::{Interceptor, Pool};
 use crate::events::{self, NetworkEvent};
 use crate::hooks::Phase;
@@ -176,14 +179,15 @@ impl Conn {
         mut req: Request<Incoming>,
         t: &Target,
     ) -> Result<Response<RespBody>, Refusal> {
-        if req.method() == Method::CONNECT {
+        let h2_ws = websocket::is_h2_websocket(&req);
+        if req.method() == Method::CONNECT && !h2_ws {
             return Err(Refusal::Blocked("CONNECT tunnels are not supported".into()));
         }
         self.icpt
             .policy
             .check_host(&t.host)
             .map_err(|d| Refusal::Blocked(d.to_string()))?;
-        let upgrade = wants_upgrade(&req);
+        let upgrade = h2_ws || wants_upgrade(&req);
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let hooks = self.icpt.hooks.clone();
@@ -198,6 +202,13 @@ impl Conn {
             .filter(|h| !upgrade && h.has_phase(Phase::After))
             .map(|_| copy_parts(&parts));
         self.apply_secrets(&t.host, &mut parts)?;
+        let ws_key = h2_ws.then(|| websocket::to_h1_upgrade(&mut parts));
+        // An HTTP/2 WebSocket holds an upstream slot for its life: many can share one guest
+        // connection, so the stack's per-flow limit alone does not bound them.
+        let tunnel_slot = match h2_ws {
+            true => Some(self.tunnel_slot()?),
+            false => None,
+        };
         let mut sender = self.sender(&t.host, upgrade).await?;
         let out = outgoing(parts, body, t, self.scheme(), sender.is_h2(), upgrade)?;
         let result = sender.send(out).await;
@@ -209,12 +220,12 @@ impl Conn {
             Refusal::Failed("Upstream request failed")
         })?;
         *resp.version_mut() = Version::HTTP_11;
-        match on_upgrade {
-            Some(guest) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(splice(guest, up));
+        if let Some(guest) = on_upgrade {
+            if let Some(r) = self.upgraded(guest, &mut resp, ws_key.as_deref(), tunnel_slot)? {
+                return Ok(r);
             }
-            _ => strip_hop_by_hop(resp.headers_mut(), false),
+        } else {
+            strip_hop_by_hop(resp.headers_mut(), false);
         }
         let (Some(h), Some(seen)) = (&hooks, &seen) else {
             return Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()));
@@ -237,6 +248,61 @@ impl Conn {
                 .boxed_unsync()
         };
         Ok(Response::from_parts(rp, body))
+    }
+
+    /// One upstream slot for an HTTP/2 WebSocket's whole life.
+    fn tunnel_slot(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+        self.icpt
+            .upstream_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                tracing::warn!("upstream connection limit reached: 502");
+                Refusal::Failed("Too many upstream connections")
+            })
+    }
+
+    /// Handles the upstream's answer to an upgrade: on `101`, splices the two upgraded
+    /// connections (for an HTTP/2 WebSocket, `ws_key` is set and the answer to the guest is
+    /// the returned `200`); anything else goes back to the guest as a plain response, except
+    /// a success to an HTTP/2 WebSocket that did not upgrade (`502`: it cannot be relayed).
+    fn upgraded(
+        &self,
+        guest: hyper::upgrade::OnUpgrade,
+        resp: &mut Response<Incoming>,
+        ws_key: Option<&str>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<Option<Response<RespBody>>, Refusal> {
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let Some(key) = ws_key else {
+            if switched {
+                let up = hyper::upgrade::on(&mut *resp);
+                tokio::spawn(splice(guest, up, None));
+            } else {
+                strip_hop_by_hop(resp.headers_mut(), false);
+            }
+            return Ok(None);
+        };
+        if !switched {
+            if resp.status().is_success() {
+                return Err(Refusal::Failed("Upstream did not accept the WebSocket"));
+            }
+            strip_hop_by_hop(resp.headers_mut(), false);
+            return Ok(None);
+        }
+        if !websocket::accept_matches(resp.headers(), key) {
+            tracing::debug!(dst = %self.dst, "upstream WebSocket accept key mismatch");
+            return Err(Refusal::Failed("Upstream WebSocket handshake failed"));
+        }
+        let up = hyper::upgrade::on(&mut *resp);
+        let hold = Hold {
+            _active: ActiveGuard::new(self.active.clone()),
+            _slot: slot,
+        };
+        tokio::spawn(splice(guest, up, Some(hold)));
+        let mut ok = plain_empty(StatusCode::OK);
+        *ok.headers_mut() = websocket::negotiated(resp.headers());
+        Ok(Some(ok))
     }
 
     /// Applies §7.6 to the request: refuses a leaked placeholder, substitutes in header
@@ -362,6 +428,17 @@ fn plain(status: StatusCode, body: &'static str) -> Response<RespBody> {
     resp
 }
 
+/// An empty response (the answer to an HTTP/2 WebSocket).
+fn plain_empty(status: StatusCode) -> Response<RespBody> {
+    let mut resp = Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp
+}
+
 fn content_length(h: &HeaderMap) -> u64 {
     h.get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -457,8 +534,20 @@ fn outgoing(
     Ok(Request::from_parts(parts, body))
 }
 
+/// What an HTTP/2 WebSocket keeps while it is relayed: its guest connection counted as
+/// busy (never closed as idle; an HTTP/1.1 upgrade leaves the idle check behind anyway) and
+/// its upstream slot.
+struct Hold {
+    _active: ActiveGuard,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
 /// Copies bytes both ways between the upgraded guest and upstream connections.
-async fn splice(guest: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn splice(
+    guest: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _hold: Option<Hold>,
+) {
     match tokio::join!(guest, upstream) {
         (Ok(g), Ok(u)) => {
             let (mut g, mut u) = (TokioIo::new(g), TokioIo::new(u));

@@ -27,7 +27,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 const MAX_BODY: usize = 1 << 20;
 const MAX_WS_MESSAGE: u64 = 64 * 1024;
-const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85";
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// What a connection adds to each request's log record (peer, SNI, ALPN).
 #[derive(Clone)]
