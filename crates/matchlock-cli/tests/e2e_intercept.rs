@@ -242,13 +242,14 @@ fn interception_secrets_and_adversarial_cases() {
         true,
     );
     assert!(out.contains("raw-ok"), "{out}");
+    // Timed around connect() alone, inside one process: a client's own start-up under a
+    // loaded host once took >2 s of a shell-measured bound (curl refused after 36 ms).
     let out = sh(
         &id,
-        "t=$(date +%s%N); curl -sS --max-time 30 telnet://198.51.100.3:7 </dev/null; \
-         echo \" rc=$? ms=$(( ($(date +%s%N) - t) / 1000000 ))\"",
+        "python3 -c \"import socket,time\nt=time.monotonic()\ntry:\n  socket.create_connection(('198.51.100.3',7),30)\n  print('connected')\nexcept ConnectionRefusedError:\n  print('refused ms=%d' % ((time.monotonic()-t)*1000))\"",
         true,
     );
-    assert!(out.contains(" rc=7 "), "{out}");
+    assert!(out.contains("refused ms="), "{out}");
     let ms: u64 = out
         .split("ms=")
         .nth(1)
