@@ -25,6 +25,12 @@
 //! - a single-file guard serves one entry of a directory as the mount's root and refuses
 //!   every request on the directory itself, so the rest of that directory stays unreachable.
 //!
+//! - a backend out of descriptors (`EMFILE`/`ENFILE`: a passthrough backend holds one per
+//!   inode the guest has looked up, and the owner's hard open-file limit caps them) fails
+//!   that request with the error, which the guest sees as "Too many open files", and the
+//!   owner logs a warning (at most every [`FD_WARN_EVERY`]) naming the limit: the guest
+//!   recovers once its kernel forgets inodes (memory pressure, `drop_caches`).
+//!
 //! # Limitations
 //! Ownership changes (`chown`) are passed through (after the swap): the host kernel decides
 //! with the owner's privileges, so an unprivileged owner's guest cannot give files away.
@@ -50,6 +56,47 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 
 type Inode = u64;
 type Handle = u64;
+
+/// Least time between two out-of-descriptors warnings.
+pub const FD_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Seconds since the epoch of the last out-of-descriptors warning (0: none yet).
+static FD_WARNED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Passes `r` through; on `EMFILE`/`ENFILE` warns the owner (rate-limited).
+fn note_fd_pressure<T>(r: io::Result<T>) -> io::Result<T> {
+    if let Err(e) = &r {
+        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+            warn_fd_pressure();
+        }
+    }
+    r
+}
+
+fn warn_fd_pressure() {
+    use std::sync::atomic::Ordering;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = FD_WARNED_AT.load(Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last) < FD_WARN_EVERY.as_secs() {
+        return;
+    }
+    if FD_WARNED_AT
+        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_err()
+    {
+        return;
+    }
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(0, |(soft, _)| soft);
+    tracing::warn!(
+        limit,
+        "workspace: the open-file limit is reached (one descriptor per file the guest has \
+         looked up); the guest gets \"Too many open files\" until it forgets some \
+         (raise the hard limit: ulimit -Hn)"
+    );
+}
 
 /// How a [`Guard`] restricts its backend.
 #[derive(Debug, Clone, Default)]
@@ -162,7 +209,7 @@ impl Guard {
     }
 
     fn entry(&self, r: io::Result<Entry>) -> io::Result<Entry> {
-        r.map(|mut e| {
+        note_fd_pressure(r).map(|mut e| {
             self.present(&mut e.attr);
             e
         })
@@ -380,7 +427,7 @@ impl FileSystem for Guard {
         if open_writes(flags) {
             self.writable()?;
         }
-        self.inner.open(&owner(ctx), inode, flags, fuse_flags)
+        note_fd_pressure(self.inner.open(&owner(ctx), inode, flags, fuse_flags))
     }
 
     fn create(
@@ -395,7 +442,8 @@ impl FileSystem for Guard {
             mode: strip_setid(args.mode),
             ..args
         };
-        let (mut e, h, o, p) = self.inner.create(&owner(ctx), parent, name, args)?;
+        let (mut e, h, o, p) =
+            note_fd_pressure(self.inner.create(&owner(ctx), parent, name, args))?;
         self.present(&mut e.attr);
         Ok((e, h, o, p))
     }
@@ -550,7 +598,7 @@ impl FileSystem for Guard {
         flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions)> {
         self.reachable(inode)?;
-        self.inner.opendir(&owner(ctx), inode, flags)
+        note_fd_pressure(self.inner.opendir(&owner(ctx), inode, flags))
     }
 
     fn readdir(

@@ -31,6 +31,16 @@
 //!   root is the outer directory; the `..` entry READDIR shows in an inner root or a
 //!   synthesised directory names that directory too.
 //!
+//! - FLUSH (sent on every `close` of a file) is answered `ENOSYS`, so the guest kernel
+//!   stops sending it after the first (`fc->no_flush`), as for a server without `flush`:
+//!   one round trip less per `close` of a file.
+//!   Nothing needs it: the guest kernel writes dirty data back before it would send FLUSH
+//!   (and there is no writeback cache), POSIX locks stay in the guest kernel (no provider
+//!   implements GETLK/SETLK, so the host descriptor holds none to release), and `memory`
+//!   ignores it. What is lost is a host filesystem's error at `close` of a duplicate
+//!   descriptor (NFS can report deferred write errors there): the guest sees them at
+//!   `fsync` or never, as it would for any cached write.
+//!
 //! The interception layer sits above this one, so it learns full guest paths through the
 //! same lookups whichever provider serves them.
 //!

@@ -8,7 +8,10 @@
 //! queues (hiprio and one request queue, 1024 entries each) to one worker thread. Each
 //! descriptor chain becomes a `Reader`/`Writer` pair over guest memory that
 //! `fuse_backend_rs::api::server::Server` decodes and answers; malformed requests get an
-//! empty used entry, never a panic. When QEMU exits the connection breaks and the threads
+//! empty used entry, never a panic. Each answer is published and, when the guest asked for
+//! it (`EVENT_IDX`), signalled at once, as upstream `virtiofsd` does: signalling once per
+//! batch made a guest with several requests in flight (readahead, `git`'s parallel `lstat`s,
+//! the `FORGET`s after unlinks) wait for the whole batch. When QEMU exits the connection breaks and the threads
 //! end; [`FsServer::stop`] also unblocks a listener that never saw QEMU (by connecting to
 //! it once) and joins the thread, bounded by [`STOP_WAIT`].
 //!
@@ -110,7 +113,10 @@ impl FsBackend {
             .clone()
     }
 
-    /// Answers every available request on `vring`; returns whether any was used.
+    /// Answers every available request on `vring`, signalling the guest after each one
+    /// (when it asked to be): a guest with several requests in flight (readahead, git's
+    /// parallel `lstat`s) resumes on the first answer while the next is being served, rather
+    /// than after the whole batch. Returns whether any was used.
     fn drain(&self, vring: &VringRwLock, mem: &Mem) -> io::Result<bool> {
         let guard = mem.memory();
         let chains: Vec<_> = vring
@@ -142,13 +148,12 @@ impl FsBackend {
             vring
                 .add_used(head, len)
                 .map_err(|e| io::Error::other(format!("add used: {e}")))?;
-        }
-        if used
-            && vring
+            if vring
                 .needs_notification()
                 .map_err(|e| io::Error::other(format!("needs notification: {e}")))?
-        {
-            vring.signal_used_queue()?;
+            {
+                vring.signal_used_queue()?;
+            }
         }
         Ok(used)
     }

@@ -343,3 +343,29 @@ fn synthesised_directories_are_0755_root_and_read_only() {
     let y = lookup(fs, x.inode, "y").expect("y");
     mkdir(fs, y.inode, "ok").expect("mkdir in the mount");
 }
+
+/// FLUSH is answered `ENOSYS` for every provider (the guest kernel then stops sending it, one
+/// round trip less per `close`), and what was written is there without it.
+#[test]
+fn flush_is_enosys_for_every_provider() {
+    let s = setup();
+    let fs: &Fs = &s.router;
+    let (f, fh) = create(fs, ROOT, "flushed.txt", 0o644, RW).expect("create on host_fs");
+    assert_eq!(errno(fs.flush(&root(), f.inode, fh, 0)), libc::ENOSYS);
+    assert!(s.host.path().join("flushed.txt").is_file());
+    let sub = lookup(fs, ROOT, "sub").expect("memory mount");
+    let (m, mh) = create(fs, sub.inode, "m", 0o644, RW).expect("create in memory");
+    write(fs, m.inode, mh, 0, b"data").expect("write");
+    assert_eq!(errno(fs.flush(&root(), m.inode, mh, 0)), libc::ENOSYS);
+    assert_eq!(contents(fs, m.inode), b"data");
+    let x = lookup(fs, ROOT, "x").expect("synthesised directory");
+    let y = lookup(fs, x.inode, "y").expect("overlay mount");
+    let keep = lookup(fs, y.inode, "keep").expect("overlay file");
+    let (kh, _, _) = fs
+        .open(&root(), keep.inode, libc::O_RDONLY as u32, 0)
+        .expect("open in overlay");
+    assert_eq!(
+        errno(fs.flush(&root(), keep.inode, kh.unwrap_or(0), 0)),
+        libc::ENOSYS
+    );
+}

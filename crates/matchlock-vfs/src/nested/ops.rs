@@ -419,19 +419,16 @@ impl FileSystem for MountTree {
         )
     }
 
+    /// `ENOSYS`, which makes the guest kernel stop sending FLUSH (one round trip per
+    /// `close`): no provider needs it (see the module docs).
     fn flush(
         &self,
-        ctx: &Context,
-        inode: Inode,
-        handle: Handle,
-        lock_owner: u64,
+        _ctx: &Context,
+        _inode: Inode,
+        _handle: Handle,
+        _lock_owner: u64,
     ) -> io::Result<()> {
-        match self.decode(inode)? {
-            Target::Synth(_) => Ok(()),
-            Target::Backend { mount, ino } => {
-                self.mounts[mount].fs.flush(ctx, ino, handle, lock_owner)
-            }
-        }
+        Err(errno(libc::ENOSYS))
     }
 
     fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
