@@ -26,7 +26,7 @@
 //! # Limitations
 //! - The interception path excludes the VM, virtio-net and the smoltcp stack: it measures
 //!   the interceptor (TLS termination, policy, re-origination upstream), not a guest's
-//!   request end to end.
+//!   request end to end (that is `https --vm`, [`crate::https_vm`]).
 //! - mitmproxy runs with its defaults (quiet): it buffers whole bodies rather than streaming
 //!   them (`stream_large_bodies` unset), which is part of what its throughput row shows.
 //! - Client, proxy and upstream share this machine's cores; the figures are for one run.
@@ -80,8 +80,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A throwaway CA and a leaf for `localhost` / 127.0.0.1 signed by it.
-struct TestCa {
+/// A throwaway CA and a leaf for `localhost` / 127.0.0.1 (or other names) signed by it.
+pub(crate) struct TestCa {
     ca_der: CertificateDer<'static>,
     ca_pem: String,
     chain: Vec<CertificateDer<'static>>,
@@ -90,6 +90,11 @@ struct TestCa {
 
 impl TestCa {
     fn new() -> anyhow::Result<TestCa> {
+        TestCa::for_names(&["localhost", "127.0.0.1"])
+    }
+
+    /// A CA and a leaf whose subject alternative names are `names`.
+    pub(crate) fn for_names(names: &[&str]) -> anyhow::Result<TestCa> {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let ca_key = KeyPair::generate()?;
         let mut p = CertificateParams::new(Vec::<String>::new())?;
@@ -100,8 +105,12 @@ impl TestCa {
             .push(DnType::CommonName, "matchlock bench CA");
         let ca = p.self_signed(&ca_key)?;
         let key = KeyPair::generate()?;
-        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
-        p.distinguished_name.push(DnType::CommonName, "localhost");
+        let mut p =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        p.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("localhost"),
+        );
         let leaf = p.signed_by(&key, &ca, &ca_key)?;
         Ok(TestCa {
             ca_der: ca.der().clone(),
@@ -111,13 +120,18 @@ impl TestCa {
         })
     }
 
+    /// The CA certificate, PEM.
+    pub(crate) fn pem(&self) -> &str {
+        &self.ca_pem
+    }
+
     fn roots(&self) -> anyhow::Result<RootCertStore> {
         let mut r = RootCertStore::empty();
         r.add(self.ca_der.clone())?;
         Ok(r)
     }
 
-    fn server_config(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    pub(crate) fn server_config(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let key = PrivateKeyDer::Pkcs8(self.key.clone_key());
         let mut c = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
@@ -170,14 +184,18 @@ impl Drop for Worker {
     }
 }
 
-/// The upstream: HTTPS on `listener`, `/large` or else the small body.
-async fn upstream(listener: std::net::TcpListener, tls: Arc<rustls::ServerConfig>) {
+/// The upstream: HTTPS on `listener`, `/large` (`large` bytes) or else the small body.
+pub(crate) async fn upstream(
+    listener: std::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    large: usize,
+) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         return eprintln!("upstream: listener unusable");
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let small = Bytes::from(vec![b's'; SMALL]);
-    let large = Bytes::from(vec![b'l'; LARGE]);
+    let large = Bytes::from(vec![b'l'; large]);
     while let Ok((tcp, _)) = listener.accept().await {
         let _ = tcp.set_nodelay(true);
         let (acceptor, small, large) = (acceptor.clone(), small.clone(), large.clone());
@@ -477,7 +495,7 @@ pub fn run(rounds: usize) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let port = listener.local_addr()?.port();
     let tls = ca.server_config()?;
-    let _upstream = Worker::spawn("bench-upstream", move || upstream(listener, tls))?;
+    let _upstream = Worker::spawn("bench-upstream", move || upstream(listener, tls, LARGE))?;
 
     let icpt = Arc::new(Interceptor::new(InterceptConfig {
         policy: Arc::new(Policy::new(["localhost"], false)),

@@ -12,6 +12,9 @@
 //!   through the sandbox's network stack vs. QEMU's `-netdev user` on the same kernel and
 //!   VM size, and the host memory of an idle sandbox with and without its network (see
 //!   `net.rs`);
+//! - https: HTTPS latency and throughput through the interceptor alone vs. direct vs.
+//!   mitmproxy (`https.rs`); with `--vm` (needs root), end to end from curl in a sandbox
+//!   through interception vs. the open network (`https_vm.rs`);
 //! - vfs (needs root): sequential I/O, 2,000-file create/stat/unlink and `git status` on a
 //!   10,000-file tree through our workspace server vs. upstream `virtiofsd` on the same host
 //!   directory vs. the guest's root disk (see `vfs.rs`);
@@ -40,6 +43,7 @@ use matchlock_sandbox::{RunningSandbox, StartOptions};
 mod breakdown;
 mod floor;
 mod https;
+mod https_vm;
 mod net;
 mod pull;
 mod scale;
@@ -379,6 +383,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut what = "all".to_string();
     let mut runs = 5;
+    let mut vm = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => {
@@ -388,17 +393,21 @@ fn main() -> anyhow::Result<()> {
                     .context("--runs N")?
             }
             "cold" | "exec" | "all" | "pull" | "net" | "https" | "vfs" | "scale" => what = a,
+            // `https --vm`: the end-to-end figure through a sandbox (needs root, like `net`).
+            "--vm" => vm = true,
+            // The HTTPS upstream of `https --vm`, started in the receiver's namespace.
+            "https-upstream" => return https_vm::upstream_main(),
             // The network benchmark's receiver, started by `net` in its own namespace.
             "net-sink" => {
                 let bytes = args.next().and_then(|v| v.parse().ok()).context("BYTES")?;
                 return sink::main(bytes);
             }
             other => bail!(
-                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|https|vfs|all|pull|scale] [--runs N]"
+                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|https [--vm]|vfs|all|pull|scale] [--runs N]"
             ),
         }
     }
-    if what == "https" {
+    if what == "https" && !vm {
         return https::run(runs);
     }
     let bin = match std::env::var_os("MATCHLOCK_BIN") {
@@ -422,6 +431,9 @@ fn main() -> anyhow::Result<()> {
     println!("accelerator: {:?} ({})", accel.accel, accel.reason);
     if what == "pull" {
         return bench.pull();
+    }
+    if what == "https" {
+        return bench.https_vm();
     }
     bench.setup()?;
     if what == "cold" || what == "all" {

@@ -89,17 +89,21 @@ fn rate(kind: &str, line: &str) -> anyhow::Result<f64> {
     Ok(bytes as f64 / (1024.0 * 1024.0) / (nanos as f64 / 1e9))
 }
 
-/// The two namespaces, the veth and the receiver; all removed on drop.
-struct Lab {
+/// The two namespaces, the veth and the receiver (and the HTTPS upstream of `https --vm`);
+/// all removed on drop. The sandbox namespace's `/etc/hosts` (`/etc/netns/<ns>/hosts`)
+/// names the receiver `bench.test`.
+pub(crate) struct Lab {
     sandbox_ns: String,
     receiver_ns: String,
     sink: Option<Child>,
     sink_in: Option<ChildStdin>,
     lines: Option<mpsc::Receiver<String>>,
+    upstream: Option<Child>,
+    dir: tempfile::TempDir,
 }
 
 impl Lab {
-    fn new() -> anyhow::Result<Lab> {
+    pub(crate) fn new() -> anyhow::Result<Lab> {
         let pid = std::process::id();
         let mut lab = Lab {
             sandbox_ns: format!("mlb-s-{pid}"),
@@ -107,10 +111,49 @@ impl Lab {
             sink: None,
             sink_in: None,
             lines: None,
+            upstream: None,
+            dir: tempfile::Builder::new()
+                .prefix("ml-lab-")
+                .tempdir_in("/tmp")?,
         };
         lab.build(&format!("mlb{pid}a"), &format!("mlb{pid}b"))?;
+        lab.hosts_file()?;
         lab.start_sink()?;
         Ok(lab)
+    }
+
+    /// A scratch directory removed with the lab.
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn etc_netns(&self) -> std::path::PathBuf {
+        Path::new("/etc/netns").join(&self.sandbox_ns)
+    }
+
+    /// The sandbox namespace's `/etc/hosts`: the receiver as `bench.test`, nothing else.
+    fn hosts_file(&self) -> anyhow::Result<()> {
+        let dir = self.etc_netns();
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let hosts = format!(
+            "127.0.0.1 localhost\n{RECEIVER} {}\n",
+            crate::https_vm::NAME
+        );
+        std::fs::write(dir.join("hosts"), hosts)?;
+        Ok(())
+    }
+
+    /// Starts `https-upstream` in the receiver namespace; returns its CA (PEM).
+    pub(crate) fn start_https_upstream(&mut self) -> anyhow::Result<String> {
+        let exe = std::env::current_exe()?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.receiver_ns])
+            .arg(exe)
+            .arg("https-upstream");
+        let mut child = crate::https_vm::spawn_piped(c)?;
+        let out = child.stdout.take().context("upstream stdout")?;
+        self.upstream = Some(child);
+        crate::https_vm::read_ca(out)
     }
 
     fn build(&self, va: &str, vb: &str) -> anyhow::Result<()> {
@@ -218,11 +261,15 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         drop(self.sink_in.take());
-        if let Some(mut c) = self.sink.take() {
-            // `ip netns exec` execs the receiver, so this pid is the receiver itself.
+        // `ip netns exec` execs its command, so these pids are the servers themselves.
+        for mut c in [self.sink.take(), self.upstream.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_dir_all(self.etc_netns());
         let _ = run(&["ip", "netns", "del", &self.sandbox_ns]);
         let _ = run(&["ip", "netns", "del", &self.receiver_ns]);
     }
@@ -384,6 +431,34 @@ fn host_tsc_khz() -> Option<u64> {
     (mhz.is_finite() && mhz > 0.0 && mhz < 1.0e6).then(|| (mhz * 1000.0).round() as u64)
 }
 
+/// Runs `cmd` to completion (output captured), killing it after `timeout`.
+pub(crate) fn output_within(
+    mut cmd: Command,
+    timeout: Duration,
+) -> anyhow::Result<std::process::Output> {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {:?}", cmd.get_program()))?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            // The child is ours and not yet reaped (its waiter still holds it).
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            bail!(
+                "{:?} did not finish within {timeout:?}",
+                cmd.get_args().collect::<Vec<_>>()
+            )
+        }
+    }
+}
+
 /// Transfer rates in MiB/s, per run.
 #[derive(Default)]
 struct Rates {
@@ -422,8 +497,22 @@ struct IdleMemory {
 impl Bench {
     /// Starts a detached sandbox (in the sandbox namespace) and returns its id.
     fn start_sandbox(&self, lab: &Lab, extra: &[&str]) -> anyhow::Result<String> {
+        self.start_sandbox_with(lab, IMAGE, extra, &[])
+    }
+
+    /// [`Bench::start_sandbox`] of `image`, the owner's environment plus `env`.
+    pub(crate) fn start_sandbox_with(
+        &self,
+        lab: &Lab,
+        image: &str,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<String> {
         let mut c = self.matchlock();
-        c.args(["run", "--image", IMAGE, "-d"]).args(extra);
+        c.args(["run", "--image", image, "-d"]).args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
         let o = lab.in_sandbox_ns(&c).output().context("matchlock run -d")?;
         if !o.status.success() {
             bail!(

@@ -12,7 +12,7 @@
 //! refused.
 //!
 //! [`stack`] is that userspace stack (smoltcp on the VM's virtio-net through a QEMU unix
-//! datagram netdev): it terminates every guest TCP flow and re-originates it from the host
+//! stream netdev, framed by `link`): it terminates every guest TCP flow and re-originates it from the host
 //! only after the policy allows the address; [`dns`] answers the guest's DNS queries.
 //! [`intercept`] serves guest HTTP (80) and TLS (443) flows the stack hands over: requests
 //! are judged by their own Host, secrets are substituted or refused, and the host re-sends
@@ -40,6 +40,7 @@ pub mod events;
 pub mod hooks;
 pub mod icmp;
 pub mod intercept;
+mod link;
 pub mod policy;
 pub mod secrets;
 pub mod stack;

@@ -2,10 +2,11 @@
 //! which terminates every guest flow and re-originates it from the host after the policy.
 //!
 //! # Design
-//! QEMU's `-netdev dgram` sends each Ethernet frame of the guest NIC as one unix datagram to
-//! the socket [`Stack::start`] binds (before QEMU starts), and receives ours on its own
-//! socket. One thread per sandbox runs a single-threaded tokio runtime whose loop owns the
-//! smoltcp interface. The interface is the guest's gateway and accepts packets for every
+//! QEMU's `-netdev stream` connects to the unix stream socket [`Stack::start`] binds (before
+//! QEMU starts) and sends each Ethernet frame of the guest NIC behind a 4-byte length; ours
+//! go back the same way ([`crate::link`]: many frames per read and per write, a length
+//! above the link's largest frame closes the link). One thread per sandbox runs a
+//! single-threaded tokio runtime whose loop owns the smoltcp interface. The interface is the guest's gateway and accepts packets for every
 //! destination address (smoltcp "any IP"), so a guest TCP connection to `a.b.c.d:p` ends in
 //! a smoltcp socket listening on exactly `a.b.c.d:p`. With [`StackConfig::ipv6`] the same
 //! holds for IPv6: the interface also has the IPv6 gateway address (smoltcp answers the
@@ -71,7 +72,8 @@
 //!
 //! Memory is bounded per sandbox: at most [`MAX_FLOWS`] flows of two [`SOCKET_BUFFER`]s
 //! plus 2 × 4 × 16 KiB of channel each (about 64 MiB in the worst case), 1024 queued frames
-//! each way, and 64 DNS queries in flight; at most [`MAX_UDP_FLOWS`] UDP flows (closed
+//! each way plus the link's 64 KiB read and 256 KiB write buffers, and 64 DNS queries in
+//! flight; at most [`MAX_UDP_FLOWS`] UDP flows (closed
 //! after [`UDP_IDLE_TIMEOUT`] without traffic), 256 host replies queued for all of them,
 //! and no datagram larger than one IP packet on the guest link.
 //!
@@ -90,7 +92,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::net::UnixDatagram as StdUnixDatagram;
+use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,12 +108,13 @@ use smoltcp::wire::{
     TcpPacket, UdpPacket, UdpRepr,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket, UnixDatagram};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::AbortHandle;
 
 use crate::events::{self, EventSink};
 use crate::intercept::Interceptor;
+use crate::link::{Link, LinkReady};
 use crate::policy::Policy;
 use crate::tlssniff;
 
@@ -134,9 +137,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DNS_IN_FLIGHT: usize = 64;
 /// Frames waiting for smoltcp or for QEMU; more are dropped (TCP retransmits).
 const MAX_QUEUED_FRAMES: usize = 1024;
-/// Largest datagram read from QEMU (a frame is at most MTU + 14 bytes).
+/// Largest datagram read from a host UDP socket.
 const MAX_DATAGRAM: usize = 65_536;
-/// Datagrams read from QEMU per loop turn before smoltcp runs.
+/// Frames taken from QEMU per loop turn before smoltcp runs.
 const INGRESS_BATCH: usize = 64;
 /// Most forwarded UDP flows (guest address and port, destination) per sandbox; datagrams of
 /// new flows beyond it are dropped until one goes idle.
@@ -149,10 +152,8 @@ const UDP_REPLY_QUEUE: usize = 256;
 /// Settings of one sandbox's stack.
 #[derive(Clone)]
 pub struct StackConfig {
-    /// The socket the stack binds; QEMU sends the guest's frames there.
+    /// The unix stream socket the stack listens on; QEMU (`-netdev stream`) connects to it.
     pub socket: PathBuf,
-    /// QEMU's socket (`-netdev dgram` `local.path`); the stack sends frames there.
-    pub peer: PathBuf,
     /// The gateway's address (the stack's own address on the guest link).
     pub gateway: Ipv4Addr,
     /// The guest's address.
@@ -183,7 +184,6 @@ impl std::fmt::Debug for StackConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StackConfig")
             .field("socket", &self.socket)
-            .field("peer", &self.peer)
             .field("gateway", &self.gateway)
             .field("guest", &self.guest)
             .field("prefix_len", &self.prefix_len)
@@ -274,7 +274,7 @@ impl Stack {
     /// Binds `cfg.socket` (so QEMU can start right after) and starts the stack's thread.
     pub fn start(cfg: StackConfig) -> Result<Stack, StackError> {
         cfg.validate()?;
-        let sock = StdUnixDatagram::bind(&cfg.socket).map_err(|source| StackError::Bind {
+        let sock = StdUnixListener::bind(&cfg.socket).map_err(|source| StackError::Bind {
             path: cfg.socket.clone(),
             source,
         })?;
@@ -289,8 +289,8 @@ impl Stack {
             .name("matchlock-net".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    match UnixDatagram::from_std(sock) {
-                        Ok(sock) => Engine::new(cfg, sock).run(rx).await,
+                    match Link::new(sock, cfg.mtu) {
+                        Ok(link) => Engine::new(cfg, link).run(rx).await,
                         Err(e) => tracing::error!(error = %e, "network stack socket unusable"),
                     }
                 });
@@ -566,9 +566,8 @@ impl Drop for UdpFlow {
 
 struct Engine {
     cfg: StackConfig,
-    sock: UnixDatagram,
-    /// Whether `sock` is connected to QEMU's socket.
-    connected: bool,
+    /// QEMU's connection: the guest's frames.
+    link: Link,
     iface: Interface,
     dev: Queues,
     sockets: SocketSet<'static>,
@@ -601,14 +600,14 @@ struct Engine {
 
 enum Turn {
     Stop,
-    Frame(std::io::Result<usize>),
+    Link(LinkReady),
     Event(Option<Event>),
     UdpReply(Option<(FlowKey, Vec<u8>)>),
     Wake,
 }
 
 impl Engine {
-    fn new(cfg: StackConfig, sock: UnixDatagram) -> Engine {
+    fn new(cfg: StackConfig, link: Link) -> Engine {
         let mut dev = Queues {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
@@ -649,8 +648,7 @@ impl Engine {
         );
         Engine {
             cfg,
-            sock,
-            connected: false,
+            link,
             iface,
             dev,
             sockets,
@@ -682,60 +680,61 @@ impl Engine {
 
     async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
         tracing::debug!(gateway = %self.cfg.gateway, guest = %self.cfg.guest, "network stack running");
-        let mut buf = vec![0u8; MAX_DATAGRAM];
         let wake = self.wake.clone();
         // One timer, re-armed each turn (not a new timer entry per turn).
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         loop {
+            self.ingest();
             self.turn();
             let delay = self
                 .iface
                 .poll_delay(self.now(), &self.sockets)
                 .map(|d| Duration::from_micros(d.total_micros()))
                 .unwrap_or(Duration::from_secs(1));
-            let has_tx = !self.dev.tx.is_empty();
             // With the frame queue to QEMU full, smoltcp has work it cannot do yet and
-            // reports it as due now: wait for QEMU (writable) instead of spinning.
-            let delay = if self.dev.tx.len() >= MAX_QUEUED_FRAMES {
+            // reports it as due now: wait for QEMU (writable) instead of spinning. Frames
+            // already read but not yet taken (a full batch) are work due now.
+            let delay = if self.link.has_frame() {
+                Duration::ZERO
+            } else if self.dev.tx.len() >= MAX_QUEUED_FRAMES {
                 delay.max(Duration::from_millis(5))
             } else {
                 delay
             };
             timer.as_mut().reset(tokio::time::Instant::now() + delay);
+            let want_write = !self.dev.tx.is_empty() || self.link.pending_out();
             let turn = tokio::select! {
                 _ = &mut shutdown => Turn::Stop,
-                r = self.sock.recv(&mut buf) => Turn::Frame(r),
+                r = self.link.ready(want_write) => Turn::Link(r),
                 ev = self.events_rx.recv() => Turn::Event(ev),
                 r = self.udp_rx.recv() => Turn::UdpReply(r),
                 _ = wake.notified() => Turn::Wake,
                 _ = &mut timer => Turn::Wake,
-                _ = self.sock.writable(), if has_tx => Turn::Wake,
             };
             match turn {
                 Turn::Stop => break,
-                Turn::Frame(Ok(n)) => {
-                    self.ingress(buf.get(..n).unwrap_or_default());
-                    self.drain_socket(&mut buf);
-                }
-                Turn::Frame(Err(e)) => {
-                    tracing::warn!(error = %e, "network stack socket receive failed");
+                Turn::Link(LinkReady::Accepted(s)) => self.link.attach(s),
+                Turn::Link(LinkReady::Failed(e)) => {
+                    tracing::warn!(error = %e, "network stack socket failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Turn::Event(Some(ev)) => self.event(ev),
                 Turn::UdpReply(Some((key, data))) => self.udp_reply(key, &data),
-                Turn::Event(None) | Turn::UdpReply(None) | Turn::Wake => {}
+                Turn::Link(LinkReady::Io) | Turn::Event(None) | Turn::UdpReply(None) => {}
+                Turn::Wake => {}
             }
         }
         tracing::debug!(flows = self.flows.len(), "network stack stopped");
     }
 
-    /// Reads the datagrams already queued (up to a batch) without waiting.
-    fn drain_socket(&mut self, buf: &mut [u8]) {
+    /// Takes the frames QEMU has sent (up to a batch) without waiting: those already read,
+    /// then what the socket has (tokio knows without a system call when it has nothing).
+    fn ingest(&mut self) {
         for _ in 0..INGRESS_BATCH {
-            match self.sock.try_recv(buf) {
-                Ok(n) => self.ingress(buf.get(..n).unwrap_or_default()),
-                Err(_) => break,
+            match self.link.next_frame() {
+                Some(frame) => self.ingress(frame),
+                None => break,
             }
         }
     }
@@ -758,40 +757,18 @@ impl Engine {
         self.flush();
     }
 
-    /// Sends queued frames to QEMU. The socket is connected to QEMU's once that exists:
-    /// only then does "writable" mean the peer has room (Linux reports an unconnected
-    /// datagram socket as always writable), and only QEMU can send us frames.
+    /// Sends queued frames to QEMU, as many as its socket takes now.
     fn flush(&mut self) {
-        if !self.connected {
-            if self.dev.tx.is_empty() {
-                return;
-            }
-            if let Err(e) = self.sock.connect(&self.cfg.peer) {
-                // QEMU is not up yet: the frames are lost, as on a wire.
-                tracing::trace!(error = %e, "QEMU's netdev socket not ready");
-                self.dev.tx.clear();
-                return;
-            }
-            self.connected = true;
-        }
-        while let Some(frame) = self.dev.tx.front() {
-            match self.sock.try_send(frame) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                // QEMU gone: the frame is lost.
-                Err(e) => tracing::trace!(error = %e, "frame to QEMU dropped"),
-            }
-            self.dev.tx.pop_front();
-        }
+        self.link.send(&mut self.dev.tx);
     }
 
-    fn ingress(&mut self, frame: &[u8]) {
+    fn ingress(&mut self, frame: Vec<u8>) {
         let gw = Gateways {
             v4: self.cfg.gateway,
             v6: self.cfg.ipv6.map(|v6| v6.gateway),
         };
-        match classify(frame, gw, self.cfg.mtu) {
-            Ingress::Syn(key) if !self.by_key.contains_key(&key) => self.syn(key, frame),
+        match classify(&frame, gw, self.cfg.mtu) {
+            Ingress::Syn(key) if !self.by_key.contains_key(&key) => self.syn(key, &frame),
             Ingress::Udp { key, payload, mac } if self.cfg.udp_egress => {
                 if let Some(data) = frame.get(payload) {
                     self.udp_datagram(key, data, mac);
@@ -799,7 +776,7 @@ impl Engine {
             }
             Ingress::Echo => self.echo(frame),
             Ingress::Drop => {}
-            _ => self.feed(frame.to_vec(), false),
+            _ => self.feed(frame, false),
         }
     }
 

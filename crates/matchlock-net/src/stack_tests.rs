@@ -1,8 +1,10 @@
 //! The stack against a "guest" that is a second smoltcp interface on the other end of the
-//! datagram socket pair, as QEMU would be: real frames, real TCP, upstreams on loopback.
+//! stream socket, as QEMU would be (length-prefixed frames): real frames, real TCP,
+//! upstreams on loopback.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::time::Instant;
 
 use super::*;
@@ -22,8 +24,15 @@ struct Guest {
     iface: Interface,
     dev: Queues,
     sockets: SocketSet<'static>,
-    sock: StdUnixDatagram,
-    stack_path: PathBuf,
+    sock: StdUnixStream,
+    /// Bytes read from the stack, not yet split into frames.
+    inbuf: Vec<u8>,
+    /// Length-prefixed frames not yet written to the stack.
+    outbuf: Vec<u8>,
+    /// Most bytes per write (small values split frames across writes).
+    write_chunk: usize,
+    /// The stack closed the stream.
+    eof: bool,
     epoch: Instant,
     _stack: Stack,
     _dir: tempfile::TempDir,
@@ -54,12 +63,8 @@ impl Guest {
             .try_init();
         let dir = tempfile::tempdir().expect("tempdir");
         let stack_path = dir.path().join("net.sock");
-        let peer = dir.path().join("qemu.sock");
-        let sock = StdUnixDatagram::bind(&peer).expect("bind guest end");
-        sock.set_nonblocking(true).expect("nonblocking");
         let stack = Stack::start(StackConfig {
             socket: stack_path.clone(),
-            peer,
             gateway: GW,
             guest: GUEST,
             prefix_len: 24,
@@ -80,6 +85,8 @@ impl Guest {
             events,
         })
         .expect("start stack");
+        let sock = StdUnixStream::connect(&stack_path).expect("connect to the stack");
+        sock.set_nonblocking(true).expect("nonblocking");
         let mut dev = Queues {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
@@ -106,7 +113,10 @@ impl Guest {
             dev,
             sockets: SocketSet::new(Vec::new()),
             sock,
-            stack_path,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            write_chunk: usize::MAX,
+            eof: false,
             epoch: Instant::now(),
             _stack: stack,
             _dir: dir,
@@ -114,19 +124,54 @@ impl Guest {
     }
 
     fn poll(&mut self) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        while let Ok(n) = self.sock.recv(&mut buf) {
-            self.dev.rx.push_back(buf[..n].to_vec());
+        while let Some(f) = self.recv_raw() {
+            self.dev.rx.push_back(f);
         }
         let now = smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64);
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
-        // Like QEMU, keep frames the stack's socket has no room for yet.
-        while let Some(f) = self.dev.tx.front() {
-            match self.sock.send_to(f, &self.stack_path) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                _ => self.dev.tx.pop_front(),
-            };
+        while let Some(f) = self.dev.tx.pop_front() {
+            self.send_raw(&f);
         }
+    }
+
+    /// Queues one frame behind its length and writes what the stack's socket takes; like
+    /// QEMU, keeps the rest for later.
+    fn send_raw(&mut self, frame: &[u8]) {
+        let len = u32::try_from(frame.len()).expect("frame length");
+        self.outbuf.extend_from_slice(&len.to_be_bytes());
+        self.outbuf.extend_from_slice(frame);
+        self.write_out();
+    }
+
+    fn write_out(&mut self) {
+        while !self.outbuf.is_empty() {
+            let n = self.outbuf.len().min(self.write_chunk);
+            match self.sock.write(&self.outbuf[..n]) {
+                Ok(n) => drop(self.outbuf.drain(..n)),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// The next whole frame from the stack, if one is there.
+    fn recv_raw(&mut self) -> Option<Vec<u8>> {
+        self.write_out();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            match self.sock.read(&mut buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+        }
+        let head: [u8; 4] = self.inbuf.get(..4)?.try_into().ok()?;
+        let len = u32::from_be_bytes(head) as usize;
+        let frame = self.inbuf.get(4..4 + len)?.to_vec();
+        self.inbuf.drain(..4 + len);
+        Some(frame)
     }
 
     /// Polls until `done` holds or `secs` pass; returns whether it held.
@@ -218,6 +263,95 @@ fn tcp_round_trip_with_half_close() {
     assert_eq!(upstream.join().expect("upstream"), data);
     assert_eq!(&reply[..4], b"got:");
     assert_eq!(&reply[4..], &data[..]);
+}
+
+#[test]
+fn frames_split_across_writes_are_reassembled() {
+    let mut g = Guest::new(Policy::new(std::iter::empty(), false));
+    // Every length prefix and frame arrives in pieces of 3 bytes.
+    g.write_chunk = 3;
+    let (port, upstream) = upstream_echo();
+    let h = g.connect(port, 40011);
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let reply = exchange(&mut g, h, &data);
+    assert_eq!(upstream.join().expect("upstream"), data);
+    assert_eq!(&reply[4..], &data[..]);
+}
+
+/// A guest frame length above MTU + Ethernet header + VLAN tag closes the link (the stack
+/// never reads or allocates it); one of exactly that size is taken (and dropped as too long
+/// for the link by `classify`) and the link stays up.
+#[test]
+fn oversized_frame_length_closes_the_link() {
+    let mut g = Guest::new(Policy::new(std::iter::empty(), false));
+    let (port, upstream) = upstream_echo();
+    g.send_raw(&[0u8; 1500 + 18]);
+    let h = g.connect(port, 40012);
+    let reply = exchange(&mut g, h, b"still up");
+    assert_eq!(upstream.join().expect("upstream"), b"still up");
+    assert_eq!(reply, b"got:still up");
+    assert!(!g.eof);
+    assert!(answers_arp(&mut g), "no ARP reply on an open link");
+    // Only the header: the stack must act on the length alone.
+    g.outbuf
+        .extend_from_slice(&(1500u32 + 18 + 1).to_be_bytes());
+    g.write_out();
+    assert!(g.until(5, |g| g.eof), "the link stayed open");
+    // A new connection is not served: the link is down for good (an ARP request, which
+    // the stack answered above, gets nothing).
+    let mut again = StdUnixStream::connect(g._dir.path().join("net.sock")).expect("connect");
+    again
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let arp = arp_request();
+    let len = u32::try_from(arp.len()).expect("len");
+    again.write_all(&len.to_be_bytes()).expect("write");
+    again.write_all(&arp).expect("write");
+    let mut b = [0u8; 1];
+    assert!(
+        !matches!(again.read(&mut b), Ok(n) if n > 0),
+        "a second link was served"
+    );
+}
+
+/// An ARP request from the guest for the gateway's address.
+fn arp_request() -> Vec<u8> {
+    use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr};
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(GUEST_MAC),
+        source_protocol_addr: GUEST,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: GW,
+    };
+    let mut f = vec![0u8; 14 + repr.buffer_len()];
+    EthernetRepr {
+        src_addr: EthernetAddress(GUEST_MAC),
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
+    repr.emit(&mut ArpPacket::new_unchecked(&mut f[14..]));
+    f
+}
+
+/// Whether the stack answers an ARP request on the guest's link within two seconds.
+fn answers_arp(g: &mut Guest) -> bool {
+    g.send_raw(&arp_request());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match g.recv_raw() {
+            Some(f) => {
+                let arp = EthernetFrame::new_checked(&f[..])
+                    .is_ok_and(|e| e.ethertype() == EthernetProtocol::Arp);
+                if arp {
+                    return true;
+                }
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    false
 }
 
 #[test]
@@ -532,17 +666,16 @@ fn icmpv6_exchange(
     within: Duration,
 ) -> Vec<(u8, Ipv6Addr, Vec<u8>)> {
     for f in frames {
-        g.sock.send_to(f, &g.stack_path).expect("send frame");
+        g.send_raw(f);
     }
     let mut got = Vec::new();
     let deadline = Instant::now() + within;
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     while Instant::now() < deadline {
-        let Ok(n) = g.sock.recv(&mut buf) else {
+        let Some(buf) = g.recv_raw() else {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         };
-        let Ok(eth) = EthernetFrame::new_checked(&buf[..n]) else {
+        let Ok(eth) = EthernetFrame::new_checked(&buf[..]) else {
             continue;
         };
         let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else {

@@ -7,8 +7,9 @@
 //! no NIC at all). [`for_config`] turns the configuration into a service: the policy
 //! (allow-list plus the secrets' hosts, blocked address ranges unless `block_private_ips`
 //! is false), the secrets with their placeholders, the MTU and the DNS servers.
-//! [`NetworkService::prepare`] binds the stack's datagram socket in the sandbox's state
-//! directory before QEMU starts, adds the `-netdev dgram` device to the VM and the guest's
+//! [`NetworkService::prepare`] binds the stack's unix stream socket in the sandbox's state
+//! directory before QEMU starts, adds the `-netdev stream` device (QEMU connects to that
+//! socket; frames are length-prefixed) to the VM and the guest's
 //! static IPv4 and IPv6 addresses, gateways and MTU to the boot configuration (no DHCP or
 //! router advertisements on the boot path),
 //! and points the guest's resolver at the gateway (or the configured servers; the stack
@@ -59,10 +60,8 @@ pub const PREFIX_LEN6: u8 = 64;
 pub const DEFAULT_MTU: u16 = 1500;
 const GUEST_MAC: [u8; 6] = [0x02, 0x4d, 0x4c, 0x00, 0x00, 0x0f];
 const GATEWAY_MAC: [u8; 6] = [0x02, 0x4d, 0x4c, 0x00, 0x00, 0x02];
-/// The stack's socket (QEMU sends the guest's frames there).
+/// The stack's socket (QEMU connects to it and sends the guest's frames there).
 pub const STACK_SOCKET: &str = "net.sock";
-/// QEMU's end of the netdev.
-pub const QEMU_SOCKET: &str = "net-qemu.sock";
 
 /// Where the guest finds the interception CA (written by the guest at boot).
 pub const GUEST_CA_FILE: &str = "/etc/ssl/certs/matchlock-ca.crt";
@@ -295,16 +294,13 @@ impl Service for NetworkService {
     }
 
     fn host_files(&self, dir: &Path) -> Vec<PathBuf> {
-        vec![dir.join(STACK_SOCKET), dir.join(QEMU_SOCKET)]
+        vec![dir.join(STACK_SOCKET)]
     }
 
     fn prepare(&mut self, plan: &mut BootPlan, dir: &Path) -> Result<(), ServiceError> {
         let socket = dir.join(STACK_SOCKET);
-        let local = dir.join(QEMU_SOCKET);
-        for f in [&socket, &local] {
-            remove_stale(f)?;
-        }
-        self.files = vec![socket.clone(), local.clone()];
+        remove_stale(&socket)?;
+        self.files = vec![socket.clone()];
         let events = self.event_sink();
         let intercept = if self.intercepting {
             let icpt = Interceptor::new(InterceptConfig {
@@ -329,7 +325,6 @@ impl Service for NetworkService {
         }));
         let stack = Stack::start(StackConfig {
             socket: socket.clone(),
-            peer: local.clone(),
             gateway: GATEWAY_ADDR,
             guest: GUEST_ADDR,
             prefix_len: PREFIX_LEN,
@@ -353,8 +348,7 @@ impl Service for NetworkService {
         })?;
         self.stack = Some(stack);
         plan.vm.net = Some(NetDevice {
-            local,
-            remote: socket,
+            socket,
             mac: GUEST_MAC,
         });
         plan.guest.net = Some(GuestNet {

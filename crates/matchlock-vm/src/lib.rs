@@ -97,14 +97,13 @@ pub struct FsDevice {
     pub tag: String,
 }
 
-/// A virtio-net device whose Ethernet frames travel as unix datagrams (`-netdev dgram`, one
-/// frame per datagram) between QEMU and the host's userspace network stack.
+/// A virtio-net device whose Ethernet frames travel over a unix stream socket (`-netdev
+/// stream`, each frame behind a 4-byte big-endian length) between QEMU and the host's
+/// userspace network stack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetDevice {
-    /// The socket QEMU binds (its end); must not exist yet.
-    pub local: PathBuf,
-    /// The socket the network stack has bound before QEMU starts; QEMU sends frames there.
-    pub remote: PathBuf,
+    /// The socket the network stack listens on before QEMU starts; QEMU connects to it.
+    pub socket: PathBuf,
     /// The guest NIC's MAC address.
     pub mac: [u8; 6],
 }

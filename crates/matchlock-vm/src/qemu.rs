@@ -311,15 +311,15 @@ fn fs_args(f: &crate::FsDevice) -> Result<[String; 4], VmError> {
     ])
 }
 
-/// `-netdev dgram` over unix sockets and the microvm virtio-net device on it.
+/// `-netdev stream` connecting to the network stack's unix socket (QEMU is the client:
+/// the stack listens before QEMU starts) and the microvm virtio-net device on it.
 fn netdev_args(n: &crate::NetDevice) -> Result<[String; 4], VmError> {
     let m = n.mac;
     Ok([
         "-netdev".into(),
         format!(
-            "dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-            qemu_escape(utf8(&n.local, "netdev socket")?),
-            qemu_escape(utf8(&n.remote, "network stack socket")?)
+            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+            qemu_escape(utf8(&n.socket, "network stack socket")?)
         ),
         "-device".into(),
         format!(
@@ -735,15 +735,13 @@ mod tests {
             "{none}"
         );
         c.net = Some(crate::NetDevice {
-            local: d.join("net-qemu.sock"),
-            remote: d.join("net,stack.sock"),
+            socket: d.join("net,stack.sock"),
             mac: [0x02, 0x4d, 0x4c, 0, 0, 0x0f],
         });
         let s = joined(&qemu_args(&c, Accel::Tcg, None, &d.join("v.sock")).expect("args"));
         assert!(
             s.contains(
-                "-netdev dgram,id=net0,local.type=unix,local.path=/s/net-qemu.sock,\
-                 remote.type=unix,remote.path=/s/net,,stack.sock \
+                "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/s/net,,stack.sock \
                  -device virtio-net-device,netdev=net0,mac=02:4d:4c:00:00:0f"
             ),
             "{s}"
