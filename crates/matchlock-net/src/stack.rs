@@ -774,7 +774,7 @@ impl Engine {
                     self.udp_datagram(key, data, mac);
                 }
             }
-            Ingress::Echo => self.echo(frame),
+            Ingress::Echo => self.echo(&frame),
             Ingress::Drop => {}
             _ => self.feed(frame, false),
         }
