@@ -216,39 +216,44 @@ fn rpc_files_exec_and_stalled_stream() {
     assert_eq!(v["exit_code"], 3, "{v}");
     assert_eq!(unb64(&v["stdout"]).trim().len(), 8, "{v}");
 
-    // A guest command that never reads its stdin while the host streams into it (through
-    // the CLI and the exec relay): that stream runs out of credit; RPC requests on the same
-    // sandbox keep working, also while an exec_stream is in flight.
+    // A 32 MiB stdout whose host reader (the CLI's stdout, through the exec relay) stalls:
+    // per-stream credit stops the guest's writer after a bounded amount (without flow
+    // control the bytes would pile up in the host and the command would finish), while
+    // RPC requests on the same sandbox keep working, also with an exec_stream in flight.
     r.request("exec_stream", json!({"command": "sleep 600"}), json!(5));
-    let mut stuck = serial(&["exec", "-i", &id, "--", "sleep", "600"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+    let flood = "dd if=/dev/zero bs=65536 count=512 2>/dev/null; touch /tmp/flood-done";
+    let mut stuck = serial(&["exec", &id, "--", "sh", "-c", flood])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("stuck exec");
-    let mut stdin = stuck.stdin.take().expect("stdin");
-    let feeder = std::thread::spawn(move || {
-        let chunk = vec![b'x'; 1 << 16];
-        let mut sent = 0usize;
-        while sent < (256 << 20) && stdin.write_all(&chunk).is_ok() {
-            sent += chunk.len();
-        }
-        sent
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        !feeder.is_finished(),
-        "256 MiB went into a command that never reads"
-    );
+        .expect("stalled exec");
+    std::thread::sleep(Duration::from_secs(5));
     for i in 0..3u64 {
         let t = Instant::now();
         let v = r.call("exec", json!({"command": format!("echo ping{i}")}), 10 + i);
         assert_eq!(unb64(&v["stdout"]).trim(), format!("ping{i}"));
         assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     }
-    let _ = stuck.kill();
-    let _ = stuck.wait();
-    let _ = feeder.join();
+    let probe = "test -e /tmp/flood-done && echo DONE || echo STALLED";
+    let v = r.call("exec", json!({ "command": probe }), 14);
+    assert_eq!(
+        unb64(&v["stdout"]).trim(),
+        "STALLED",
+        "the stalled stream was not held back"
+    );
+    let mut n = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut so = stuck.stdout.take().expect("stdout");
+    loop {
+        match so.read(&mut buf).expect("read flood") {
+            0 => break,
+            k => n += k,
+        }
+    }
+    assert!(stuck.wait().expect("wait").success());
+    assert_eq!(n, 32 << 20);
+    let v = r.call("exec", json!({ "command": probe }), 15);
+    assert_eq!(unb64(&v["stdout"]).trim(), "DONE");
     r.call("cancel", json!({"id": 5}), 20);
     r.response(&json!(5));
     r.call("close", json!({}), 21);
