@@ -24,7 +24,7 @@ cd "$here"
 export PATH="$HOME/.cargo/bin:$PATH"
 seconds=${FUZZ_SECONDS:-30}
 triple=$(rustc -vV | sed -n 's/^host: //p')
-all_targets=(guest_frame image_archive rpc_request oci_manifest docker_auth guest_net intercept_stream)
+all_targets=(guest_frame guest_mux image_archive rpc_request oci_manifest docker_auth guest_net intercept_stream)
 targets=("$@")
 ((${#targets[@]})) || targets=("${all_targets[@]}")
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

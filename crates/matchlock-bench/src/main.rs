@@ -145,6 +145,7 @@ impl Bench {
             vsock_binary: None,
             net: None,
             fs: None,
+            channel: matchlock_vm::Channel::Vsock,
         };
         let t = Instant::now();
         let m = matchlock_vm::backend("qemu")?.start(&cfg)?;

@@ -1,4 +1,5 @@
-//! Host <-> guest wire protocol, spoken over vsock.
+//! Host <-> guest wire protocol, spoken over vsock or over the multiplexed virtio-serial
+//! channel ([`mux`]), which carries the same connections as logical streams.
 //!
 //! # Design
 //! Every message is one frame: a 1-byte [`FrameType`], a 4-byte big-endian payload length and
@@ -35,6 +36,8 @@
 //! Payloads are bounded by [`MAX_PAYLOAD`]; larger data is chunked by the sender.
 
 #![forbid(unsafe_code)]
+
+pub mod mux;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};

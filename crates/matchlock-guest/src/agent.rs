@@ -3,7 +3,8 @@
 //! # Design
 //! One thread per connection, one request per connection (see the protocol crate). The
 //! dispatcher is generic over [`Conn`] so tests drive it over `UnixStream::pair()`; only
-//! [`serve`] knows about vsock. Power-off is a callback supplied by `init`, so the agent
+//! [`serve`] knows about vsock, and [`serve_streams`] takes the streams of the virtio-serial
+//! host channel (`hostchan`), whose only peer is the host by construction. Power-off is a callback supplied by `init`, so the agent
 //! itself never reboots the machine (and tests can observe the request).
 //!
 //! Only the host may connect: [`serve`] closes any connection whose peer CID is not
@@ -18,7 +19,9 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use matchlock_guest_proto::{
@@ -169,17 +172,31 @@ pub fn serve(listener: vsock::VsockListener, agent: Arc<Agent>) {
                 continue;
             }
         };
-        let agent = Arc::clone(&agent);
-        let spawned = std::thread::Builder::new()
-            .name("session".into())
-            .spawn(move || {
-                if let Err(e) = handle(stream, &agent) {
-                    tracing::debug!(error = %crate::chain(&e), "session ended with an error");
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a session thread");
-        }
+        spawn_session(stream, &agent);
+    }
+}
+
+/// Serves streams of the virtio-serial host channel (see `hostchan`): every stream that
+/// reaches the listener was opened by the host, so no peer check is needed. Returns when
+/// the channel's listener is gone.
+pub fn serve_streams(streams: Receiver<UnixStream>, agent: Arc<Agent>) {
+    for stream in streams {
+        spawn_session(stream, &agent);
+    }
+}
+
+/// Runs one session on its own thread.
+fn spawn_session<C: Conn>(stream: C, agent: &Arc<Agent>) {
+    let agent = Arc::clone(agent);
+    let spawned = std::thread::Builder::new()
+        .name("session".into())
+        .spawn(move || {
+            if let Err(e) = handle(stream, &agent) {
+                tracing::debug!(error = %crate::chain(&e), "session ended with an error");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a session thread");
     }
 }
 

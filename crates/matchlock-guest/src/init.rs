@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use matchlock_guest_proto::mux::Mux;
 use matchlock_guest_proto::{
     read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, Hello,
     ProtoError, ReadyTimes, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT, WORKSPACE_TAG,
@@ -45,6 +46,7 @@ use vsock::{VsockListener, VsockStream, VMADDR_CID_ANY};
 use crate::agent::{self, Agent, HOST_CID};
 use crate::etc;
 use crate::exec::ExecContext;
+use crate::hostchan;
 use crate::reaper;
 
 const DIAL_RETRY: Duration = Duration::from_millis(20);
@@ -116,6 +118,8 @@ pub enum BootError {
         #[source]
         source: io::Error,
     },
+    #[error("opening the host channel")]
+    HostChannel(#[source] crate::hostchan::HostChanError),
     #[error("starting the agent thread")]
     AgentThread(#[source] io::Error),
     #[error("sending ready")]
@@ -138,7 +142,7 @@ fn console(msg: &str) {
 pub fn run() -> ! {
     let init_us = crate::sys::boottime_us();
     let teardown = Arc::new(Mutex::new(Teardown::default()));
-    let mut boot_conn: Option<VsockStream> = None;
+    let mut boot_conn: Option<BootConn> = None;
     match boot(&mut boot_conn, &teardown, init_us) {
         Ok(()) => loop {
             std::thread::park();
@@ -189,10 +193,41 @@ fn mount_tolerant(source: &str, target: &Path, fstype: &str, flags: MsFlags, dat
     }
 }
 
-fn dial_host() -> Result<VsockStream, BootError> {
+/// The boot connection: a vsock stream or a stream of the virtio-serial channel.
+trait BootStream: io::Read + io::Write + Send {}
+impl<T: io::Read + io::Write + Send> BootStream for T {}
+type BootConn = Box<dyn BootStream>;
+
+/// How the agent reaches the host: vsock, or the virtio-serial channel's mux.
+enum Transport {
+    Vsock,
+    Serial(Mux),
+}
+
+/// The transport the host selected on the kernel command line (opens the serial port now,
+/// before any other process exists).
+fn transport() -> Result<Transport, BootError> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if hostchan::selected(&cmdline) {
+        Ok(Transport::Serial(
+            hostchan::start().map_err(BootError::HostChannel)?,
+        ))
+    } else {
+        Ok(Transport::Vsock)
+    }
+}
+
+fn dial_host(transport: &Transport) -> Result<BootConn, BootError> {
     let start = Instant::now();
     loop {
-        match VsockStream::connect_with_cid_port(HOST_CID, READY_PORT) {
+        let dialed = match transport {
+            Transport::Vsock => VsockStream::connect_with_cid_port(HOST_CID, READY_PORT)
+                .map(|s| Box::new(s) as BootConn),
+            Transport::Serial(mux) => mux
+                .open(READY_PORT, DIAL_TIMEOUT)
+                .map(|s| Box::new(s) as BootConn),
+        };
+        match dialed {
             Ok(s) => return Ok(s),
             Err(e) if start.elapsed() >= DIAL_TIMEOUT => {
                 return Err(BootError::Dial {
@@ -308,12 +343,13 @@ fn set_clock(now: (i64, u32)) {
 }
 
 fn boot(
-    boot_conn: &mut Option<VsockStream>,
+    boot_conn: &mut Option<BootConn>,
     teardown: &Arc<Mutex<Teardown>>,
     init_us: u64,
 ) -> Result<(), BootError> {
     early_setup();
-    let conn = boot_conn.insert(dial_host()?);
+    let transport = transport()?;
+    let conn = boot_conn.insert(dial_host(&transport)?);
     let hello_us = crate::sys::boottime_us();
     let cfg = handshake(conn)?;
     let serials: Vec<&str> = cfg.disks.iter().map(|d| d.serial.as_str()).collect();
@@ -347,7 +383,7 @@ fn boot(
     if let Some(ws) = &cfg.workspace {
         mount_workspace(ws, teardown)?;
     }
-    start_agent(cfg.privileged, teardown)?;
+    start_agent(&transport, cfg.privileged, teardown)?;
     let times = ReadyTimes {
         init_us,
         hello_us,
@@ -389,7 +425,7 @@ fn early_setup() {
 }
 
 /// Sends `Hello`, reads the `BootConfig`, sets the clock and validates the hosts entries.
-fn handshake(conn: &mut VsockStream) -> Result<BootConfig, BootError> {
+fn handshake(conn: &mut BootConn) -> Result<BootConfig, BootError> {
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -523,15 +559,29 @@ fn mount_workspace(path: &str, teardown: &Mutex<Teardown>) -> Result<(), BootErr
     Ok(())
 }
 
+/// Where host connections to the agent arrive.
+enum Listener {
+    Vsock(VsockListener),
+    Serial(std::sync::mpsc::Receiver<std::os::unix::net::UnixStream>),
+}
+
 /// Binds the agent's listener and starts serving it on its own thread.
-fn start_agent(privileged: bool, teardown: &Arc<Mutex<Teardown>>) -> Result<(), BootError> {
-    let listener =
-        VsockListener::bind_with_cid_port(VMADDR_CID_ANY, SERVICE_PORT).map_err(|source| {
-            BootError::Listen {
-                port: SERVICE_PORT,
-                source,
-            }
-        })?;
+fn start_agent(
+    transport: &Transport,
+    privileged: bool,
+    teardown: &Arc<Mutex<Teardown>>,
+) -> Result<(), BootError> {
+    let listener = match transport {
+        Transport::Vsock => Listener::Vsock(
+            VsockListener::bind_with_cid_port(VMADDR_CID_ANY, SERVICE_PORT).map_err(|source| {
+                BootError::Listen {
+                    port: SERVICE_PORT,
+                    source,
+                }
+            })?,
+        ),
+        Transport::Serial(mux) => Listener::Serial(mux.listen(SERVICE_PORT)),
+    };
     let shutdown_state = Arc::clone(teardown);
     let agent = Arc::new(Agent {
         exec: ExecContext {
@@ -542,7 +592,10 @@ fn start_agent(privileged: bool, teardown: &Arc<Mutex<Teardown>>) -> Result<(), 
     });
     std::thread::Builder::new()
         .name("agent".into())
-        .spawn(move || agent::serve(listener, agent))
+        .spawn(move || match listener {
+            Listener::Vsock(l) => agent::serve(l, agent),
+            Listener::Serial(streams) => agent::serve_streams(streams, agent),
+        })
         .map_err(BootError::AgentThread)?;
     Ok(())
 }

@@ -15,6 +15,7 @@ mod etc;
 mod exec;
 mod files;
 mod forward;
+mod hostchan;
 mod init;
 mod reaper;
 mod spawn;

@@ -35,7 +35,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines of console output quoted when boot fails.
 const CONSOLE_TAIL_LINES: usize = 30;
 /// Files in the VM directory that exist only while the VM runs.
-const RUNTIME_FILES: [&str; 4] = ["upper.ext4", "vsock.sock", "vhost-vsock.sock", "exec.sock"];
+const RUNTIME_FILES: [&str; 5] = [
+    "upper.ext4",
+    "vsock.sock",
+    "vhost-vsock.sock",
+    matchlock_vm::chan::CHAN_SOCKET,
+    "exec.sock",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -64,6 +70,8 @@ pub enum SandboxError {
     Initramfs(#[source] matchlock_vm::assets::AssetError),
     #[error("guest kernel not found at {0} (build it with scripts/build-kernel.sh, or set MATCHLOCK_KERNEL)")]
     KernelMissing(PathBuf),
+    #[error("choose the host channel")]
+    Channel(#[source] matchlock_vm::ParseChannelError),
     #[error("listen for the guest at {path}")]
     ReadyListen {
         path: PathBuf,
@@ -289,7 +297,9 @@ impl Sandbox {
         self.lock_disks(paths, spec)?;
         let upper = self.create_upper_disk(paths, spec.config.resources.disk_size_mb)?;
         let (ready, ready_path) = self.bind_ready_socket()?;
+        let channel = matchlock_vm::Channel::from_env().map_err(SandboxError::Channel)?;
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper);
+        plan.vm.channel = channel;
         lock(&self.services)
             .events
             .open_log(&self.dir.join("logs").join(crate::services::EVENT_LOG));
@@ -357,6 +367,7 @@ impl Sandbox {
             vsock,
             ready_path.clone(),
             self.dir.join("vhost-vsock.sock"),
+            self.dir.join(matchlock_vm::chan::CHAN_SOCKET),
             self.dir.join(crate::relay::SOCKET_NAME),
         ] {
             self.record("socket", Resource::File(f))?;
@@ -397,6 +408,7 @@ impl Sandbox {
             vsock_binary: None,
             net: None,
             fs: None,
+            channel: matchlock_vm::Channel::Vsock,
         };
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()

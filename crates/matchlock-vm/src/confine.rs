@@ -310,6 +310,7 @@ mod tests {
             console_max_bytes: crate::console::DEFAULT_CONSOLE_MAX_BYTES,
             net: None,
             fs: None,
+            channel: crate::Channel::Vsock,
             accel: Accel::Tcg,
             extra_cmdline: Vec::new(),
             qemu_binary: None,

@@ -16,7 +16,10 @@
 //!   waiter thread; see [`qemu`] and the `spawn` module. Both run confined (QEMU's seccomp
 //!   sandbox and a Landlock ruleset limiting them to the VM's own files); see [`confine`].
 //! - The guest vsock is reached through the hybrid (Firecracker) protocol on a unix socket in
-//!   the VM's state directory ([`hybrid`]), which `vhost-device-vsock` speaks.
+//!   the VM's state directory ([`hybrid`]), which `vhost-device-vsock` speaks. With
+//!   [`Channel::Serial`] (developer knob `MATCHLOCK_DEV_CHANNEL=serial`) the same
+//!   [`Machine::connect`] and ready-socket interfaces run over one multiplexed virtio-serial
+//!   port instead ([`chan`]), which migrates and needs no helper process.
 //!
 //! # Limitations
 //! - Only the QEMU backend exists; only x86_64 hosts and guests.
@@ -26,6 +29,7 @@
 
 pub mod accel;
 pub mod assets;
+pub mod chan;
 pub mod confine;
 pub mod console;
 pub mod cpio;
@@ -39,6 +43,7 @@ use std::time::Duration;
 
 pub use accel::{detect_accel, Accel, AccelChoice, ParseAccelError};
 pub use assets::AssetError;
+pub use chan::{Channel, ParseChannelError, CHANNEL_ENV};
 pub use confine::{host_confinement, Confinement};
 pub use qemu::{qemu_version, vsock_backend_path};
 
@@ -86,6 +91,8 @@ pub struct VmConfig {
     pub net: Option<NetDevice>,
     /// A vhost-user-fs device, when the sandbox has a workspace (none: no share).
     pub fs: Option<FsDevice>,
+    /// The host<->guest channel's transport (vsock, or the virtio-serial mux of [`chan`]).
+    pub channel: Channel,
 }
 
 /// A virtio-fs device whose requests a vhost-user backend in the sandbox owner serves.
@@ -122,7 +129,8 @@ pub trait Backend: Send + Sync {
 pub trait Machine: Send + Sync {
     /// Pids of the VMM and its helper processes, for state records.
     fn pids(&self) -> Vec<u32>;
-    /// The hybrid-vsock base socket (`<state_dir>/vsock.sock`).
+    /// The hybrid-vsock base socket (`<state_dir>/vsock.sock`); guest-initiated streams to
+    /// host port P arrive at `<base>_<P>` over either channel.
     fn vsock_path(&self) -> &Path;
     /// Opens a host-to-guest vsock connection to `port`, retrying until the guest listens or
     /// `timeout` passes; fails early if the VM exits.
@@ -224,6 +232,12 @@ pub enum VmError {
     #[error("connect to guest vsock port {port}")]
     Connect {
         port: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listen on the host channel socket in {dir}")]
+    ChannelListen {
+        dir: PathBuf,
         #[source]
         source: std::io::Error,
     },

@@ -1,4 +1,5 @@
-//! The QEMU `microvm` backend with a vhost-user vsock device served by `vhost-device-vsock`.
+//! The QEMU `microvm` backend with a vhost-user vsock device served by `vhost-device-vsock`
+//! (default) or a virtio-serial host channel ([`crate::chan`], no helper process).
 //!
 //! # Design
 //! Start order: `vhost-device-vsock --vm guest-cid=3,socket=<dir>/vhost-vsock.sock,
@@ -26,6 +27,11 @@
 //!
 //! So ACPI stays on ([`MICROVM_ACPI_OFF`] is false). `pci=off` made no measurable difference.
 //!
+//! With [`Channel::Serial`] the vsock device and its helper are replaced by
+//! `virtio-serial-device` with one `virtserialport` on a chardev that connects to the
+//! owner's `<dir>/chan.sock` (bound before QEMU starts), and the kernel command line gets
+//! `matchlock.chan=serial` so the guest agent opens the port instead of dialing vsock.
+//!
 //! The serial console is a `stdio` chardev: QEMU's stdout, its stderr and the stderr of
 //! `vhost-device-vsock` share one pipe that the owner copies into the capped, rotating
 //! console log (`console.rs`), so a boot failure report shows all three. When QEMU exits (guest power-off, panic, kill), its waiter
@@ -51,6 +57,7 @@ use matchlock_guest_proto::GUEST_CID;
 
 use crate::accel::{detect_accel, kvm_usable, Accel};
 use crate::assets::private_dir;
+use crate::chan::{Channel, HostChannel, CHAN_SOCKET};
 use crate::confine::{landlock_for, qemu_supports_sandbox, Rules, QEMU_SANDBOX};
 use crate::console::ConsoleLog;
 use crate::spawn::{spawn_tied, Supervised};
@@ -200,17 +207,23 @@ fn kernel_cmdline(cfg: &VmConfig, accel: Accel, tsc_khz: Option<u64>) -> String 
             words.push(format!("tsc_early_khz={khz}"));
         }
     }
+    if cfg.channel == Channel::Serial {
+        words.push("matchlock.chan=serial".to_owned());
+    }
     words.push("init=/init".to_owned());
     words.extend(cfg.extra_cmdline.iter().cloned());
     words.join(" ")
 }
 
 /// QEMU's argument vector (without the binary). `accel` is `Kvm` or `Tcg`.
+///
+/// `chan_socket` is the vhost-user socket of `vhost-device-vsock` (vsock) or the owner's
+/// channel socket (serial), per `cfg.channel`.
 fn qemu_args(
     cfg: &VmConfig,
     accel: Accel,
     tsc_khz: Option<u64>,
-    vhost_socket: &Path,
+    chan_socket: &Path,
 ) -> Result<Vec<OsString>, VmError> {
     let mem = cfg.memory_mb;
     let mut machine = "microvm,memory-backend=mem".to_owned();
@@ -262,14 +275,17 @@ fn qemu_args(
         utf8(&cfg.initramfs, "initramfs")?.to_owned(),
         "-append".into(),
         kernel_cmdline(cfg, accel, tsc_khz),
-        "-chardev".into(),
-        format!(
-            "socket,id=vs,path={}",
-            qemu_escape(utf8(vhost_socket, "vhost socket")?)
-        ),
-        "-device".into(),
-        "vhost-user-vsock-device,chardev=vs".into(),
     ]);
+    let socket = qemu_escape(utf8(chan_socket, "channel socket")?);
+    match cfg.channel {
+        Channel::Vsock => a.extend([
+            "-chardev".into(),
+            format!("socket,id=vs,path={socket}"),
+            "-device".into(),
+            "vhost-user-vsock-device,chardev=vs".into(),
+        ]),
+        Channel::Serial => a.extend(crate::chan::qemu_args(&socket)),
+    }
     for (i, d) in cfg.disks.iter().enumerate() {
         let ro = if d.readonly { "on" } else { "off" };
         a.push("-drive".into());
@@ -404,14 +420,15 @@ fn remove_stale(path: &Path) -> Result<(), VmError> {
     }
 }
 
-/// A running QEMU VM and its `vhost-device-vsock` helper.
+/// A running QEMU VM and its `vhost-device-vsock` helper (none with the serial channel).
 pub struct QemuMachine {
     id: String,
     vsock_path: PathBuf,
     console_log: PathBuf,
     console: Arc<ConsoleLog>,
     qemu: Arc<Supervised>,
-    vsock: Arc<Supervised>,
+    vsock: Option<Arc<Supervised>>,
+    chan: Option<HostChannel>,
 }
 
 impl QemuMachine {
@@ -431,7 +448,6 @@ impl QemuMachine {
             }
         };
         let qemu_bin = qemu_path(cfg.qemu_binary.as_deref())?;
-        let vsock_bin = vsock_backend_path(cfg.vsock_binary.as_deref())?;
         let tsc_khz = if accel == Accel::Tcg {
             let khz = fs::read_to_string("/proc/cpuinfo")
                 .ok()
@@ -452,7 +468,11 @@ impl QemuMachine {
         let vsock_path = cfg.state_dir.join(VSOCK_SOCKET);
         remove_stale(&vhost_socket)?;
         remove_stale(&vsock_path)?;
-        let mut args = qemu_args(cfg, accel, tsc_khz, &vhost_socket)?;
+        let chan_socket = match cfg.channel {
+            Channel::Vsock => vhost_socket.clone(),
+            Channel::Serial => cfg.state_dir.join(CHAN_SOCKET),
+        };
+        let mut args = qemu_args(cfg, accel, tsc_khz, &chan_socket)?;
         match qemu_supports_sandbox(&qemu_bin) {
             Ok(()) => args.extend([OsString::from("-sandbox"), OsString::from(QEMU_SANDBOX)]),
             Err(why) => warn_once_no_seccomp(&why),
@@ -473,39 +493,28 @@ impl QemuMachine {
         console.pump(pipe_r).map_err(console_err)?;
         let append = || pipe_w.try_clone().map_err(console_err);
 
-        // 1. vhost-device-vsock.
-        let mut cmd = Command::new(&vsock_bin);
-        cmd.arg("--vm").arg(format!(
-            "guest-cid={GUEST_CID},socket={},uds-path={}",
-            utf8(&vhost_socket, "vhost socket")?,
-            utf8(&vsock_path, "vsock socket")?
-        ));
-        cmd.stdout(Stdio::null()).stderr(append()?);
-        let fd = confined("vhost-device-vsock", cfg, &vsock_bin, accel)?;
-        let child = spawn_tied(cmd, fd).map_err(|source| VmError::SpawnVsockBackend {
-            binary: vsock_bin.clone(),
-            source,
-        })?;
-        let vsock = Supervised::new("vhost-device-vsock", child, None).map_err(|source| {
-            VmError::SpawnWaiter {
-                what: "vhost-device-vsock",
-                source,
+        // 1. The channel: vhost-device-vsock, or the owner's listener for QEMU's chardev.
+        let (vsock, chan) = match cfg.channel {
+            Channel::Vsock => {
+                let helper = start_vsock_helper(cfg, accel, &vhost_socket, &vsock_path, append()?)?;
+                (Some(helper), None)
             }
-        })?;
-        let deadline = Instant::now() + VSOCK_STARTUP;
-        while !vhost_socket.exists() {
-            if let Some(status) = vsock.status() {
-                return Err(VmError::VsockBackendExited { status });
+            Channel::Serial => {
+                let chan =
+                    HostChannel::listen(&cfg.state_dir, vsock_path.clone()).map_err(|source| {
+                        VmError::ChannelListen {
+                            dir: cfg.state_dir.clone(),
+                            source,
+                        }
+                    })?;
+                (None, Some(chan))
             }
-            if Instant::now() >= deadline {
-                let _ = vsock.signal();
-                return Err(VmError::VsockBackendTimeout {
-                    socket: vhost_socket,
-                    timeout: VSOCK_STARTUP,
-                });
+        };
+        let stop_helper = || {
+            if let Some(v) = &vsock {
+                let _ = v.signal();
             }
-            thread::sleep(VSOCK_POLL);
-        }
+        };
 
         // 2. QEMU; when it exits the helper has nothing left to serve.
         let mut cmd = Command::new(&qemu_bin);
@@ -513,46 +522,39 @@ impl QemuMachine {
         match append().and_then(|out| Ok((out, append()?))) {
             Ok((out, err)) => cmd.stdout(out).stderr(err),
             Err(e) => {
-                let _ = vsock.signal();
+                stop_helper();
                 return Err(e);
             }
         };
         // Only the children hold the pipe now: its end is the end of both processes.
         drop(pipe_w);
         tracing::debug!(id = %cfg.id, ?args, "starting QEMU");
-        let fd = match confined("qemu", cfg, &qemu_bin, accel) {
-            Ok(fd) => fd,
-            Err(e) => {
-                let _ = vsock.signal();
-                return Err(e);
+        let fd = confined("qemu", cfg, &qemu_bin, accel).inspect_err(|_| stop_helper())?;
+        let child = spawn_tied(cmd, fd).map_err(|source| {
+            stop_helper();
+            VmError::SpawnQemu {
+                binary: qemu_bin,
+                source,
             }
-        };
-        let child = match spawn_tied(cmd, fd) {
-            Ok(c) => c,
-            Err(source) => {
-                let _ = vsock.signal();
-                return Err(VmError::SpawnQemu {
-                    binary: qemu_bin,
-                    source,
-                });
-            }
-        };
-        let helper = Arc::clone(&vsock);
+        })?;
+        let helper = vsock.clone();
         let qemu = Supervised::new(
             "qemu",
             child,
             Some(Box::new(move || {
-                let _ = helper.signal();
+                if let Some(h) = helper {
+                    let _ = h.signal();
+                }
             })),
         )
         .map_err(|source| {
-            let _ = vsock.signal();
+            stop_helper();
             VmError::SpawnWaiter {
                 what: "qemu",
                 source,
             }
         })?;
-        tracing::info!(id = %cfg.id, qemu_pid = qemu.pid(), vsock_pid = vsock.pid(), %accel, "VM started");
+        tracing::info!(id = %cfg.id, qemu_pid = qemu.pid(), vsock_pid = vsock.as_ref().map(|v| v.pid()), channel = ?cfg.channel, %accel, "VM started");
         Ok(QemuMachine {
             id: cfg.id.clone(),
             vsock_path,
@@ -560,13 +562,75 @@ impl QemuMachine {
             console,
             qemu,
             vsock,
+            chan,
         })
     }
+
+    /// The helpers and the VMM, for signalling and reaping.
+    fn children(&self) -> impl Iterator<Item = &Arc<Supervised>> {
+        std::iter::once(&self.qemu).chain(self.vsock.as_ref())
+    }
+
+    /// One connection attempt over the channel in use.
+    fn connect_once(&self, port: u32, attempt: Duration) -> io::Result<UnixStream> {
+        match &self.chan {
+            Some(chan) => chan.open(port, attempt).map_err(|e| match e.kind() {
+                // Nothing listens yet: retried like the hybrid backend's reset.
+                io::ErrorKind::ConnectionRefused => io::Error::new(io::ErrorKind::UnexpectedEof, e),
+                _ => e,
+            }),
+            None => hybrid::connect(&self.vsock_path, port, attempt),
+        }
+    }
+}
+
+/// Starts `vhost-device-vsock` and waits for its socket (see the module docs).
+fn start_vsock_helper(
+    cfg: &VmConfig,
+    accel: Accel,
+    vhost_socket: &Path,
+    vsock_path: &Path,
+    stderr: io::PipeWriter,
+) -> Result<Arc<Supervised>, VmError> {
+    let vsock_bin = vsock_backend_path(cfg.vsock_binary.as_deref())?;
+    let mut cmd = Command::new(&vsock_bin);
+    cmd.arg("--vm").arg(format!(
+        "guest-cid={GUEST_CID},socket={},uds-path={}",
+        utf8(vhost_socket, "vhost socket")?,
+        utf8(vsock_path, "vsock socket")?
+    ));
+    cmd.stdout(Stdio::null()).stderr(stderr);
+    let fd = confined("vhost-device-vsock", cfg, &vsock_bin, accel)?;
+    let child = spawn_tied(cmd, fd).map_err(|source| VmError::SpawnVsockBackend {
+        binary: vsock_bin.clone(),
+        source,
+    })?;
+    let vsock = Supervised::new("vhost-device-vsock", child, None).map_err(|source| {
+        VmError::SpawnWaiter {
+            what: "vhost-device-vsock",
+            source,
+        }
+    })?;
+    let deadline = Instant::now() + VSOCK_STARTUP;
+    while !vhost_socket.exists() {
+        if let Some(status) = vsock.status() {
+            return Err(VmError::VsockBackendExited { status });
+        }
+        if Instant::now() >= deadline {
+            let _ = vsock.signal();
+            return Err(VmError::VsockBackendTimeout {
+                socket: vhost_socket.to_path_buf(),
+                timeout: VSOCK_STARTUP,
+            });
+        }
+        thread::sleep(VSOCK_POLL);
+    }
+    Ok(vsock)
 }
 
 impl Machine for QemuMachine {
     fn pids(&self) -> Vec<u32> {
-        vec![self.qemu.pid(), self.vsock.pid()]
+        self.children().map(|c| c.pid()).collect()
     }
 
     fn vsock_path(&self) -> &Path {
@@ -581,7 +645,7 @@ impl Machine for QemuMachine {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = left.min(CONNECT_ATTEMPT);
-            match hybrid::connect(&self.vsock_path, port, attempt) {
+            match self.connect_once(port, attempt) {
                 Ok(s) => return Ok(s),
                 Err(e)
                     if matches!(
@@ -610,14 +674,17 @@ impl Machine for QemuMachine {
     }
 
     fn kill(&self) -> Result<(), VmError> {
-        for child in [&self.qemu, &self.vsock] {
+        if let Some(chan) = &self.chan {
+            chan.close();
+        }
+        for child in self.children() {
             child.signal().map_err(|source| VmError::Kill {
                 what: child.what(),
                 pid: child.pid(),
                 source,
             })?;
         }
-        for child in [&self.qemu, &self.vsock] {
+        for child in self.children() {
             if !child.wait(REAP_TIMEOUT) {
                 tracing::warn!(id = %self.id, what = child.what(), pid = child.pid(), "child not reaped after SIGKILL");
             }
@@ -640,8 +707,9 @@ impl Machine for QemuMachine {
 
 impl Drop for QemuMachine {
     fn drop(&mut self) {
-        let _ = self.qemu.signal();
-        let _ = self.vsock.signal();
+        for child in self.children() {
+            let _ = child.signal();
+        }
     }
 }
 
@@ -697,6 +765,7 @@ mod tests {
             vsock_binary: None,
             net: None,
             fs: None,
+            channel: crate::Channel::Vsock,
         }
     }
 
@@ -798,6 +867,20 @@ mod tests {
         } else {
             "-M microvm,memory-backend=mem "
         }));
+    }
+
+    #[test]
+    fn serial_channel_argv() {
+        let d = Path::new("/s");
+        let mut c = cfg(d);
+        c.channel = Channel::Serial;
+        let args = qemu_args(&c, Accel::Tcg, None, &d.join(CHAN_SOCKET)).expect("args");
+        let s = joined(&args);
+        assert!(s.contains(
+            "-device virtio-serial-device,max_ports=2 -chardev socket,id=chan,path=/s/chan.sock -device virtserialport,chardev=chan,name=matchlock.0"
+        ), "{s}");
+        assert!(!s.contains("vhost-user-vsock"), "{s}");
+        assert!(s.contains("matchlock.chan=serial init=/init"), "{s}");
     }
 
     #[test]

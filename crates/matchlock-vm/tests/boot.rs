@@ -70,6 +70,7 @@ fn config_with(dir: &Path, initramfs: PathBuf) -> VmConfig {
         vsock_binary: None,
         net: None,
         fs: None,
+        channel: matchlock_vm::Channel::Vsock,
     }
 }
 

@@ -75,6 +75,7 @@ fn config(dir: &Path, kernel: PathBuf, script: &str) -> VmConfig {
         console_max_bytes: matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES,
         net: None,
         fs: None,
+        channel: matchlock_vm::Channel::Vsock,
         accel: Accel::Tcg,
         extra_cmdline: Vec::new(),
         qemu_binary: None,

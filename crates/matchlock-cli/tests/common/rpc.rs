@@ -58,7 +58,7 @@ impl Rpc {
         Rpc::spawn(cmd)
     }
 
-    fn spawn(mut cmd: Command) -> Rpc {
+    pub fn spawn(mut cmd: Command) -> Rpc {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
