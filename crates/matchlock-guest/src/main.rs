@@ -19,7 +19,9 @@ mod init;
 mod reaper;
 mod spawn;
 mod sys;
+mod timer;
 mod user;
+mod warm;
 
 use std::error::Error;
 
