@@ -316,9 +316,6 @@ fn boot(
 ) -> Result<(), BootError> {
     early_setup();
     let timer_probe = crate::timer::Probe::start().map_err(BootError::Timer)?;
-    if let Err(e) = crate::warm::start() {
-        tracing::warn!(error = %e, "no warm-up thread");
-    }
     let conn = boot_conn.insert(dial_host()?);
     let hello_us = crate::sys::boottime_us();
     let cfg = handshake(conn)?;

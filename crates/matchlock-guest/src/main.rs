@@ -21,7 +21,6 @@ mod spawn;
 mod sys;
 mod timer;
 mod user;
-mod warm;
 
 use std::error::Error;
 

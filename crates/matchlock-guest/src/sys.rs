@@ -208,23 +208,6 @@ pub fn boottime_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// Moves the calling thread to `SCHED_IDLE`: it then runs only when nothing else wants the
-/// CPU (Linux schedules threads individually, so the rest of the process is unaffected).
-pub fn set_thread_idle_priority() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid `sched_param` for the duration of the call; pid 0 is the
-    // calling thread.
-    check(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) })
-}
-
-/// The calling thread's scheduling policy (`SCHED_*`).
-#[cfg(test)]
-pub fn thread_sched_policy() -> io::Result<libc::c_int> {
-    // SAFETY: no pointers; pid 0 is the calling thread.
-    let policy = unsafe { libc::sched_getscheduler(0) };
-    check(policy).map(|()| policy)
-}
-
 /// A pidfd for `pid` (readable once it has exited), close-on-exec.
 pub fn pidfd_open(pid: i32) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;

@@ -13,12 +13,10 @@
 //!   sometimes hangs the guest), `reboot=t` (fast power-off), `panic=-1` plus `-no-reboot`
 //!   so a guest reboot or panic ends QEMU;
 //! - PVH direct boot of the uncompressed `vmlinux` (0.2 s faster than `bzImage`);
-//! - TCG: `tb-size=16` ([`TCG_TB_SIZE_MB`]): the translation cache is anonymous memory
-//!   touched as code is translated and never returned, and with QEMU 7.2's 1 GiB default an
-//!   idle VM kept ~45 MiB of boot-time translations (its anonymous PSS 62 MiB, 35 MiB with
-//!   16 MiB, 25 MiB with 8). Measured as QEMU's CPU time to `Ready` and for the first two
-//!   execs (3 runs each, load ~11): default 1.32-1.42 s, 16 MiB 1.11-1.49 s, 8 MiB
-//!   1.47-1.58 s with execs 2-3x slower (cache thrashing), so 16;
+//! - TCG: QEMU's default translation cache (`tb-size`, 1 GiB, touched as code is
+//!   translated): an idle VM keeps ~45 MiB of it. `tb-size=16` cut that to ~18 MiB but made
+//!   the first exec after boot ~4x slower and the power-off 2-3x (retranslation after cache
+//!   flushes; `matchlock-bench cold`, docs/testing.md), so it is not set;
 //! - TCG: `tsc=reliable`: QEMU's TCG TSC follows the host clock, but the kernel's clocksource
 //!   watchdog checks it against jiffies, whose ticks arrive late when the host is loaded;
 //!   under load it declared the TSC unstable in every boot seen ("TSC found unstable after
@@ -46,8 +44,7 @@
 //! Paths passed to QEMU and `vhost-device-vsock` must be UTF-8; commas are escaped for QEMU
 //! but rejected in the state directory (the `--vm` option of `vhost-device-vsock` cannot
 //! escape them). Disk serials are limited to 20 bytes (virtio-blk). No network device yet.
-//! A guest whose hot code exceeds the 16 MiB translation cache pays retranslation after each
-//! flush (not measured beyond boot and `exec`). No balloon: `virtio-balloon-device,
+//! No balloon: `virtio-balloon-device,
 //! free-page-reporting=on` was tried and returned nothing measurable (docs/testing.md, "Many
 //! sandboxes").
 
@@ -73,10 +70,6 @@ use crate::{hybrid, Backend, Machine, VmConfig, VmError};
 
 /// Whether to boot with `-M microvm,acpi=off`; measured slower by ~0.1 s (module docs).
 pub const MICROVM_ACPI_OFF: bool = false;
-/// TCG translation cache size (MiB), `-accel tcg,tb-size=`: QEMU 7.2's default is 1 GiB,
-/// touched as code is translated, so an idle VM kept ~45 MiB of boot-time translations
-/// resident; 16 MiB bounds that at no measured boot cost (module docs).
-pub const TCG_TB_SIZE_MB: u32 = 16;
 /// Hybrid vsock base socket name inside the state directory.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// vhost-user control socket name inside the state directory.
@@ -256,9 +249,9 @@ fn qemu_args(
         Accel::Kvm => a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
         _ => {
             let tcg = if cfg.vcpus > 1 {
-                format!("tcg,thread=multi,tb-size={TCG_TB_SIZE_MB}")
+                "tcg,thread=multi".to_owned()
             } else {
-                format!("tcg,tb-size={TCG_TB_SIZE_MB}")
+                "tcg".to_owned()
             };
             a.extend([
                 "-accel".into(),
@@ -794,7 +787,7 @@ mod tests {
         assert!(s.contains("-global virtio-mmio.force-legacy=false"));
         assert!(s.contains("-nodefaults -no-user-config -nographic -no-reboot"));
         assert!(
-            s.contains("-accel tcg,tb-size=16 -cpu max,-erms,-fsrm -smp 1 -m 256M"),
+            s.contains("-accel tcg -cpu max,-erms,-fsrm -smp 1 -m 256M"),
             "{s}"
         );
         assert!(s.contains("-chardev stdio,id=con,signal=off -serial chardev:con"));
@@ -831,13 +824,12 @@ mod tests {
         let mut c = cfg(d);
         c.vcpus = 2;
         let s = joined(&qemu_args(&c, Accel::Tcg, None, Path::new("/v")).expect("args"));
-        assert!(s.contains("-accel tcg,thread=multi,tb-size=16 -cpu max,-erms,-fsrm -smp 2"));
+        assert!(s.contains("-accel tcg,thread=multi -cpu max,-erms,-fsrm -smp 2"));
         let args = qemu_args(&c, Accel::Kvm, Some(1000), Path::new("/v")).expect("args");
         let s = joined(&args);
         assert!(s.contains("-accel kvm -cpu host -smp 2"));
         assert!(!s.contains("tsc_early_khz"), "omitted under KVM: {s}");
         assert!(!s.contains("tsc=reliable"), "omitted under KVM: {s}");
-        assert!(!s.contains("tb-size"), "TCG only: {s}");
     }
 
     #[test]
