@@ -20,6 +20,7 @@ mod init;
 mod reaper;
 mod spawn;
 mod sys;
+mod timer;
 mod user;
 
 use std::error::Error;

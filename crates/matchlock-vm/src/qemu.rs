@@ -13,7 +13,16 @@
 //! - kernel command line `tsc_early_khz=<host kHz>` under TCG (without it TSC calibration
 //!   sometimes hangs the guest), `reboot=t` (fast power-off), `panic=-1` plus `-no-reboot`
 //!   so a guest reboot or panic ends QEMU;
-//! - PVH direct boot of the uncompressed `vmlinux` (0.2 s faster than `bzImage`).
+//! - PVH direct boot of the uncompressed `vmlinux` (0.2 s faster than `bzImage`);
+//! - TCG: QEMU's default translation cache (`tb-size`, 1 GiB, touched as code is
+//!   translated): an idle VM keeps ~45 MiB of it. `tb-size=16` cut that to ~18 MiB but made
+//!   the first exec after boot ~4x slower and the power-off 2-3x (retranslation after cache
+//!   flushes; `matchlock-bench cold`, docs/testing.md), so it is not set;
+//! - TCG: `tsc=reliable`: QEMU's TCG TSC follows the host clock, but the kernel's clocksource
+//!   watchdog checks it against jiffies, whose ticks arrive late when the host is loaded;
+//!   under load it declared the TSC unstable in every boot seen ("TSC found unstable after
+//!   boot") and switched the guest to `refined-jiffies` (10 ms resolution, time that only
+//!   advances with timer ticks).
 //!
 //! ACPI (measured here, QEMU 7.2 TCG, `-smp 1 -m 256`, vsock + rng devices, busybox init
 //! that mounts sysfs, lists `/sys/bus/virtio/devices` and reboots; 8 runs each, wall time
@@ -41,6 +50,9 @@
 //! Paths passed to QEMU and `vhost-device-vsock` must be UTF-8; commas are escaped for QEMU
 //! but rejected in the state directory (the `--vm` option of `vhost-device-vsock` cannot
 //! escape them). Disk serials are limited to 20 bytes (virtio-blk). No network device yet.
+//! No balloon: `virtio-balloon-device,
+//! free-page-reporting=on` was tried and returned nothing measurable (docs/testing.md, "Many
+//! sandboxes").
 
 use std::ffi::OsString;
 use std::fs;
@@ -206,6 +218,10 @@ fn kernel_cmdline(cfg: &VmConfig, accel: Accel, tsc_khz: Option<u64>) -> String 
         if let Some(khz) = tsc_khz {
             words.push(format!("tsc_early_khz={khz}"));
         }
+        // QEMU's TCG TSC follows the host clock; the kernel's clocksource watchdog compares
+        // it with jiffies, whose ticks arrive late on a loaded host, and then switches the
+        // guest to the 10 ms `refined-jiffies` clocksource (module docs).
+        words.push("tsc=reliable".to_owned());
     }
     if cfg.channel == Channel::Serial {
         words.push("matchlock.chan=serial".to_owned());
@@ -246,13 +262,13 @@ fn qemu_args(
         Accel::Kvm => a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
         _ => {
             let tcg = if cfg.vcpus > 1 {
-                "tcg,thread=multi"
+                "tcg,thread=multi".to_owned()
             } else {
-                "tcg"
+                "tcg".to_owned()
             };
             a.extend([
                 "-accel".into(),
-                tcg.into(),
+                tcg,
                 "-cpu".into(),
                 "max,-erms,-fsrm".into(),
             ]);
@@ -860,7 +876,7 @@ mod tests {
             .expect("-append");
         assert_eq!(
             append,
-            "console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=2596148 init=/init matchlock.debug=1"
+            "console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=2596148 tsc=reliable init=/init matchlock.debug=1"
         );
         assert!(s.starts_with(if MICROVM_ACPI_OFF {
             "-M microvm,memory-backend=mem,acpi=off "
@@ -894,6 +910,7 @@ mod tests {
         let s = joined(&args);
         assert!(s.contains("-accel kvm -cpu host -smp 2"));
         assert!(!s.contains("tsc_early_khz"), "omitted under KVM: {s}");
+        assert!(!s.contains("tsc=reliable"), "omitted under KVM: {s}");
     }
 
     #[test]
