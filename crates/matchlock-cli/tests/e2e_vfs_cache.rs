@@ -89,34 +89,25 @@ fn many_files_under_a_low_open_file_limit() {
     let e = env();
     let tmp = tempfile::tempdir().expect("tmp");
     let ws = format!("{}:/workspace:host_fs", s(tmp.path()));
-    let base = e.cmd();
-    let mut c = Command::new("sh");
-    for (k, v) in base.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    c.args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
-        .arg(base.get_program())
-        .args([
-            "run",
-            "--image",
-            IMAGE,
-            "--workspace",
-            "/workspace",
-            "-v",
-            &ws,
-            "--",
-        ])
-        .args([
-            "sh",
-            "-c",
-            "mkdir /workspace/d && i=0; while [ $i -lt 600 ]; do \
+    let mut c = e.cmd_with_ulimit("-Sn 256");
+    c.args([
+        "run",
+        "--image",
+        IMAGE,
+        "--workspace",
+        "/workspace",
+        "-v",
+        &ws,
+        "--",
+    ])
+    .args([
+        "sh",
+        "-c",
+        "mkdir /workspace/d && i=0; while [ $i -lt 600 ]; do \
              echo x > /workspace/d/f$i || exit 9; i=$((i+1)); done; \
              ls /workspace/d | wc -l; cat /workspace/d/* | wc -l",
-        ])
-        .stdin(Stdio::null());
+    ])
+    .stdin(Stdio::null());
     let o = c.output().expect("spawn");
     let out = stdout(&o);
     assert!(o.status.success(), "{out}{}", stderr(&o));

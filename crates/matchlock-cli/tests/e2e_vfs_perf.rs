@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{env, stderr, stdout, IMAGE};
@@ -25,39 +25,30 @@ fn past_the_hard_open_file_limit_the_guest_gets_emfile_and_recovers() {
     let e = env();
     let tmp = tempfile::tempdir().expect("tmp");
     let ws = format!("{}:/workspace:host_fs", s(tmp.path()));
-    let base = e.cmd();
-    let mut c = Command::new("sh");
-    for (k, v) in base.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    c.args(["-c", "ulimit -n 200 && exec \"$0\" \"$@\""])
-        .arg(base.get_program())
-        .args([
-            "run",
-            "--privileged",
-            "--image",
-            IMAGE,
-            "--workspace",
-            "/workspace",
-            "-v",
-            &ws,
-            "--",
-        ])
-        .args([
-            "sh",
-            "-c",
-            "mkdir /workspace/d && i=0; while [ $i -lt 1000 ]; do \
+    let mut c = e.cmd_with_ulimit("-n 200");
+    c.args([
+        "run",
+        "--privileged",
+        "--image",
+        IMAGE,
+        "--workspace",
+        "/workspace",
+        "-v",
+        &ws,
+        "--",
+    ])
+    .args([
+        "sh",
+        "-c",
+        "mkdir /workspace/d && i=0; while [ $i -lt 1000 ]; do \
              { echo x > /workspace/d/f$i; } 2>/tmp/err || break; i=$((i+1)); done; \
              echo made $i; cat /tmp/err; \
              echo 2 > /proc/sys/vm/drop_caches; sleep 1; \
              echo listed $(ls /workspace/d | wc -l); \
              echo 2 > /proc/sys/vm/drop_caches; sleep 1; \
              echo read $(cat /workspace/d/f0 /workspace/d/f$((i-1)) | wc -l)",
-        ])
-        .stdin(Stdio::null());
+    ])
+    .stdin(Stdio::null());
     let t = Instant::now();
     let o = c.output().expect("spawn");
     let took = t.elapsed();

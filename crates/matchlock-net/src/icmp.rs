@@ -44,6 +44,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
+use crate::ErrorChain;
+
 /// Echo requests in flight per sandbox; more are dropped until one is answered or times out.
 pub const MAX_OUTSTANDING: usize = 16;
 /// How long an echo waits for its reply.
@@ -328,21 +330,6 @@ async fn echo(req: &EchoRequest) -> Result<Vec<u8>, EchoError> {
         {
             return Ok(reply[ECHO_HEADER..].to_vec());
         }
-    }
-}
-
-/// An error and its sources on one line.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
     }
 }
 

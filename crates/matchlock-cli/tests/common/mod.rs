@@ -139,6 +139,23 @@ impl TestEnv {
         c
     }
 
+    /// `matchlock` as [`TestEnv::cmd`] runs it, started by `sh` after `ulimit <limit>`
+    /// (e.g. `-Sn 256`): the sandbox owner inherits the lowered resource limit.
+    pub fn cmd_with_ulimit(&self, limit: &str) -> Command {
+        let base = self.cmd();
+        let mut c = Command::new("sh");
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.args(["-c", &format!("ulimit {limit} && exec \"$0\" \"$@\"")])
+            .arg(base.get_program())
+            .stdin(Stdio::null());
+        c
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_matchlock"));
         c.env("HOME", self.home.path())

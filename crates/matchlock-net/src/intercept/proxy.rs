@@ -26,6 +26,7 @@ use crate::events::{self, NetworkEvent};
 use crate::hooks::Phase;
 use crate::policy::strip_port;
 use crate::secrets::OutgoingRequest;
+use crate::ErrorChain;
 
 /// Errors of a response body to the guest (upstream, or a hook's body transform).
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -396,21 +397,6 @@ impl Conn {
     fn put_back(&self, host: &str, s: Sender) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         *pool = Some((host.to_string(), s));
-    }
-}
-
-/// An error and its sources on one line.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
     }
 }
 
