@@ -128,16 +128,8 @@ fn network_events(v: serde_json::Value, out: &mut Vec<serde_json::Value>) {
 #[test]
 fn websocket_over_http2_is_relayed_and_follows_the_policy() {
     let e = env();
-    let image = nethost::nettest_image(e);
     let net = NetHost::new();
-    let mut run = e.cmd();
-    run.args(["run", "--image", image, "-d"])
-        .args(["--allow-host", "web.test", "--secret", "API_TOKEN@api.test"])
-        .env("API_TOKEN", SECRET)
-        .env("MATCHLOCK_LOG", "warn,matchlock_net=info");
-    let id = ok(&net.wrap(run).output().expect("run -d"))
-        .trim()
-        .to_string();
+    let id = net.detached_intercepting(e, SECRET);
     let _guard = e.guard(&id);
 
     // Allowed: the guest's h2 server offers extended CONNECT; both messages come back.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use common::{env, ok};
+use common::env;
 use nethost::NetHost;
 
 const SECRET: &str = "netx-s3cr3t-value";
@@ -62,16 +62,8 @@ except OSError as err:
 #[test]
 fn dns_over_tcp_answers_and_plain_http_on_other_ports_follow_the_policy() {
     let e = env();
-    let image = nethost::nettest_image(e);
     let net = NetHost::new();
-    let mut run = e.cmd();
-    run.args(["run", "--image", image, "-d"])
-        .args(["--allow-host", "web.test", "--secret", "API_TOKEN@api.test"])
-        .env("API_TOKEN", SECRET)
-        .env("MATCHLOCK_LOG", "warn,matchlock_net=info");
-    let id = ok(&net.wrap(run).output().expect("run -d"))
-        .trim()
-        .to_string();
+    let id = net.detached_intercepting(e, SECRET);
     let _guard = e.guard(&id);
 
     // First, before anything resolved web.test over UDP: the TCP answer opens its address.

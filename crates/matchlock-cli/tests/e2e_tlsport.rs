@@ -11,7 +11,7 @@ mod common;
 #[path = "common/nethost.rs"]
 mod nethost;
 
-use common::{env, ok};
+use common::env;
 use nethost::NetHost;
 
 const SECRET: &str = "tlsport-s3cr3t-value";
@@ -25,16 +25,8 @@ fn sh(id: &str, script: &str, want_ok: bool) -> String {
 #[test]
 fn tls_on_other_ports_is_intercepted_and_raw_tcp_still_works() {
     let e = env();
-    let image = nethost::nettest_image(e);
     let net = NetHost::new();
-    let mut run = e.cmd();
-    run.args(["run", "--image", image, "-d"])
-        .args(["--allow-host", "web.test", "--secret", "API_TOKEN@api.test"])
-        .env("API_TOKEN", SECRET)
-        .env("MATCHLOCK_LOG", "warn,matchlock_net=info");
-    let id = ok(&net.wrap(run).output().expect("run -d"))
-        .trim()
-        .to_string();
+    let id = net.detached_intercepting(e, SECRET);
     let _guard = e.guard(&id);
 
     // TLS on 9443 toward the secret's host: the guest verified the sandbox CA (it does not

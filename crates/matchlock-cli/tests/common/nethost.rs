@@ -354,6 +354,22 @@ impl NetHost {
     }
 }
 
+impl NetHost {
+    /// A detached nettest sandbox in this host's namespace under interception: allow-list
+    /// `web.test`, secret `API_TOKEN` (value `secret`) bound to `api.test`, net logs at info.
+    /// Returns its ID; the caller takes the stop guard.
+    pub fn detached_intercepting(&self, env: &TestEnv, secret: &str) -> String {
+        let mut run = env.cmd();
+        run.args(["run", "--image", nettest_image(env), "-d"])
+            .args(["--allow-host", "web.test", "--secret", "API_TOKEN@api.test"])
+            .env("API_TOKEN", secret)
+            .env("MATCHLOCK_LOG", "warn,matchlock_net=info");
+        let out = self.wrap(run).output().expect("run -d");
+        assert!(out.status.success(), "run -d: {}", stderr(&out));
+        stdout(&out).trim().to_string()
+    }
+}
+
 impl Default for NetHost {
     fn default() -> Self {
         Self::new()
