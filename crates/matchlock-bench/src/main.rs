@@ -380,6 +380,24 @@ impl Bench {
     }
 }
 
+/// What `--help` prints: the rows each benchmark measures and what it needs.
+const HELP: &str = "\
+usage: matchlock-bench [cold|exec|net|https [--vm]|vfs|all|pull|scale] [--runs N]
+
+Prints each DESIGN section 11 ratio from one run, both sides measured back to back.
+  cold    `matchlock run -- true` vs. a bare QEMU boot, with a per-phase breakdown
+  exec    warm `exec true` (in-process, relay, rpc, CLI) vs. the emulated floor
+  net     bulk TCP through the sandbox stack vs. QEMU -netdev user (needs root)
+  https   HTTPS through the interceptor vs. direct; --vm: from curl in a sandbox (root)
+  vfs     workspace I/O and git status vs. virtiofsd vs. the root disk (needs root)
+  all     cold, exec, net and vfs (the default)
+  pull    `matchlock pull` vs. skopeo + tar + tar2sqfs (local registry)
+  scale   1/4/16/64 concurrent sandboxes and host memory per idle sandbox (minutes)
+  --runs N  rounds per row (default 5); medians are printed
+
+Needs the guest kernel and runtime (MATCHLOCK_KERNEL, MATCHLOCK_GUEST_INIT or the standard
+locations) and the matchlock binary (MATCHLOCK_BIN, default: next to this one).";
+
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut what = "all".to_string();
@@ -396,6 +414,10 @@ fn main() -> anyhow::Result<()> {
             "cold" | "exec" | "all" | "pull" | "net" | "https" | "vfs" | "scale" => what = a,
             // `https --vm`: the end-to-end figure through a sandbox (needs root, like `net`).
             "--vm" => vm = true,
+            "-h" | "--help" => {
+                println!("{HELP}");
+                return Ok(());
+            }
             // The HTTPS upstream of `https --vm`, started in the receiver's namespace.
             "https-upstream" => return https_vm::upstream_main(),
             // The network benchmark's receiver, started by `net` in its own namespace.
@@ -403,9 +425,7 @@ fn main() -> anyhow::Result<()> {
                 let bytes = args.next().and_then(|v| v.parse().ok()).context("BYTES")?;
                 return sink::main(bytes);
             }
-            other => bail!(
-                "unknown argument {other:?}; usage: matchlock-bench [cold|exec|net|https [--vm]|vfs|all|pull|scale] [--runs N]"
-            ),
+            other => bail!("unknown argument {other:?}; see matchlock-bench --help"),
         }
     }
     if what == "https" && !vm {

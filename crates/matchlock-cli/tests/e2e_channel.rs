@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -133,7 +132,7 @@ fn exec_stdio_flood_isolation_forward_and_port_exclusivity() {
         .read_line(&mut line)
         .expect("read");
     assert!(line.contains("Forwarding"), "{line}");
-    assert_eq!(roundtrip(port, "abc\n"), "cba\n");
+    assert_eq!(common::forward_roundtrip(port, "abc\n"), "cba\n");
     let _ = pf.kill();
     let _ = pf.wait();
 
@@ -258,23 +257,4 @@ fn rpc_files_exec_and_stalled_stream() {
     r.response(&json!(5));
     r.call("close", json!({}), 21);
     assert!(r.finish().success());
-}
-
-/// Sends `msg`, half-closes, reads the reply; retries while the guest service is starting.
-fn roundtrip(port: u16, msg: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        c.write_all(msg.as_bytes()).expect("write");
-        c.shutdown(std::net::Shutdown::Write).expect("half-close");
-        let mut out = String::new();
-        let _ = c.read_to_string(&mut out);
-        if !out.is_empty() {
-            return out;
-        }
-        assert!(Instant::now() < deadline, "no reply through the forward");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -382,7 +382,7 @@ fn port_forward_through_rpc_and_cli() {
     assert_eq!(b["address"], "127.0.0.1");
     assert_eq!(b["remote_port"], 7000);
     let port = b["local_port"].as_u64().expect("port") as u16;
-    assert_eq!(roundtrip(port, "hello\n"), "olleh\n");
+    assert_eq!(common::forward_roundtrip(port, "hello\n"), "olleh\n");
 
     // The CLI reaches the same sandbox through its exec relay.
     let cli_port = {
@@ -403,7 +403,7 @@ fn port_forward_through_rpc_and_cli() {
         line.trim(),
         format!("Forwarding 127.0.0.1:{cli_port} -> sandbox:7000")
     );
-    assert_eq!(roundtrip(cli_port, "abc\n"), "cba\n");
+    assert_eq!(common::forward_roundtrip(cli_port, "abc\n"), "cba\n");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pf.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -417,25 +417,6 @@ fn port_forward_through_rpc_and_cli() {
         TcpStream::connect(("127.0.0.1", port)).is_err(),
         "listener survived close"
     );
-}
-
-/// Sends `msg`, half-closes, reads the reply; retries while the guest service is starting.
-fn roundtrip(port: u16, msg: &str) -> String {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        c.write_all(msg.as_bytes()).expect("write");
-        c.shutdown(std::net::Shutdown::Write).expect("half-close");
-        let mut out = String::new();
-        let _ = c.read_to_string(&mut out);
-        if !out.is_empty() {
-            return out;
-        }
-        assert!(Instant::now() < deadline, "no reply through the forward");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
@@ -483,7 +464,7 @@ fn run_publish_forwards_ports() {
         line.trim(),
         format!("Forwarding 127.0.0.1:{port} -> sandbox:7000")
     );
-    assert_eq!(roundtrip(port, "ping\n"), "gnip\n");
+    assert_eq!(common::forward_roundtrip(port, "ping\n"), "gnip\n");
     // nc exits after one connection, so the run ends with its exit code.
     assert!(child.wait().expect("wait").success());
 }

@@ -298,8 +298,7 @@ impl Sandbox {
         let upper = self.create_upper_disk(paths, spec.config.resources.disk_size_mb)?;
         let (ready, ready_path) = self.bind_ready_socket()?;
         let channel = matchlock_vm::Channel::from_env().map_err(SandboxError::Channel)?;
-        let mut plan = self.boot_plan(spec, kernel, initramfs, upper);
-        plan.vm.channel = channel;
+        let mut plan = self.boot_plan(spec, kernel, initramfs, upper, channel);
         lock(&self.services)
             .events
             .open_log(&self.dir.join("logs").join(crate::services::EVENT_LOG));
@@ -389,6 +388,7 @@ impl Sandbox {
         kernel: PathBuf,
         initramfs: PathBuf,
         upper: PathBuf,
+        channel: matchlock_vm::Channel,
     ) -> BootPlan {
         let (disks, guest_disks) = disk_layout(spec, upper);
         let res = &spec.config.resources;
@@ -408,7 +408,7 @@ impl Sandbox {
             vsock_binary: None,
             net: None,
             fs: None,
-            channel: matchlock_vm::Channel::Vsock,
+            channel,
         };
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()

@@ -298,3 +298,27 @@ pub fn sdk_python() -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Sends `msg` to 127.0.0.1:`port` (a published port), half-closes, and returns the reply;
+/// retries every 200 ms for up to 60 s while the guest's service is still starting.
+pub fn forward_roundtrip(port: u16, msg: &str) -> String {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        c.write_all(msg.as_bytes()).expect("write");
+        c.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        if !out.is_empty() {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reply through the forward"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
