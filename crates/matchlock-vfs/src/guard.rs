@@ -36,6 +36,10 @@
 //! with the owner's privileges, so an unprivileged owner's guest cannot give files away.
 //! Host files owned by root and by the owner's user are told apart in the guest only through
 //! the swap (root's look owned by the owner's uid). Extended attributes are passed through (read-only guards refuse writes).
+//! With an unprivileged owner, `git` on both sides sees other uid/gid than the index the
+//! other side wrote, so each refreshes (re-reads) and rewrites it after the other touched
+//! it; `core.checkStat minimal` in the repository avoids that (docs/testing.md has the
+//! figures). The swap stays: without it the guest's git refuses the repository.
 
 use std::any::Any;
 use std::ffi::{CStr, CString};

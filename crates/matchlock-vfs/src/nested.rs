@@ -22,9 +22,28 @@
 //! - READDIR of a path node lists the mount points and intermediate names first (cookies
 //!   with the top bit set, which no backend cookie has: they are `off_t` values), then the
 //!   backend's own entries minus those names, so each shows once.
-//! - Inode numbers are `slot << 56 | backend inode` (slot 0: synthesised directories, slot
+//! - FUSE node ids are `slot << 56 | backend inode` (slot 0: synthesised directories, slot
 //!   k: the k-th mount), so they stay unique across providers, as in `Vfs`; a mount at the
 //!   tree's root answers as the FUSE root inode.
+//! - The inode numbers the guest *sees* (`st_ino`, `d_ino`) are not the node ids (the guest
+//!   kernel keys its inodes by node id and shows `attr.ino`, as with virtiofsd). One host
+//!   device per tree is *the host device*: the device of the workspace's own mount when
+//!   that is a host mount (`host_fs`), else of the first host mount. An entry of a host
+//!   mount on that device shows the host's `st_ino`, so an index the host's `git` wrote
+//!   (it records `st_ino`) matches in the guest and the other way round; hard links share
+//!   it and a rename keeps it, as on the host. Everything else (a host mount or a host
+//!   submount on another device, `memory`, `overlay`, synthesised directories) shows a
+//!   number of our own, `k << 56 | backend inode` for mount k (`0xff << 56 | n` for
+//!   synthesised directory n), which is stable while the tree lives. Own numbers are at or
+//!   above 2^56 and a host number is shown only below it, so the two never collide: the guest
+//!   sees one `st_dev` for the whole share, and `(dev, ino)` is what `cp -a`, `tar`, `du` and
+//!   `rsync -H` take for hard links and `find` for directory loops. A host number at or above
+//!   2^56 (not made by ext4, xfs, btrfs or tmpfs in practice) is shown as an own number.
+//!   Two host mounts of the same device show the host's numbers both; the same host file
+//!   reached through both (overlapping shares) then shows one number, as with a bind mount.
+//!   `overlay` keeps own numbers even for untouched lower files: two lower names of one host
+//!   inode are separate files in its view, so the host's number would make them false hard
+//!   links.
 //! - Names that are path-node children cannot be created (`EEXIST`), removed or renamed
 //!   (`EBUSY`, as for a mount point); rename and link between two providers are `EXDEV`.
 //! - `..` is the guest kernel's: it walks its own dentry tree, so `..` from an inner mount's
@@ -47,7 +66,13 @@
 //! # Limitations
 //! - A host process renaming or deleting a real intermediate directory on the host while the
 //!   guest holds it keeps the old node attached to the mount until the guest forgets it.
-//! - At most 255 mounts (8 bits of slot), each with inode numbers below 2^56.
+//! - At most 254 mounts (8 bits of slot; slot 255 numbers synthesised directories in what
+//!   the guest sees), each with inode numbers below 2^56.
+//! - A plain READDIR of a host directory is served from the provider's READDIRPLUS (the
+//!   provider's READDIR gives its node ids, not the host's numbers, after the same
+//!   per-entry lookup), so `d_ino` and `st_ino` agree everywhere; the attributes it fetches
+//!   are dropped.
+//! - `git` also compares uid/gid: see [`crate::guard`] (the owner/root swap).
 //! - A mount nested under a single-file mount is refused (a file has no children).
 
 mod ops;
@@ -65,8 +90,12 @@ use fuse_backend_rs::api::{BackFileSystem, VFS_MAX_INO};
 
 /// Bits of an inode number below the slot.
 const SLOT_SHIFT: u32 = 56;
-/// Most mounts one tree holds.
-pub const MAX_MOUNTS: usize = 255;
+/// Most mounts one tree holds (slot 255 is the synthesised directories' in shown numbers).
+pub const MAX_MOUNTS: usize = 254;
+/// Host inode numbers at or above this are not shown (our own numbers live there).
+pub const HOST_INO_LIMIT: u64 = 1 << SLOT_SHIFT;
+/// The slot of synthesised directories in the inode numbers the guest sees.
+const SYNTH_SHOWN_SLOT: u64 = 0xff;
 /// Marks a directory cookie as one of the tree's own entries.
 const OWN_COOKIE: u64 = 1 << 63;
 /// Mode of a synthesised directory: readable and searchable by all, owned by root.
@@ -103,6 +132,9 @@ fn errno(code: i32) -> io::Error {
 /// One mounted provider.
 struct Mount {
     fs: BackFileSystem,
+    /// Whether its attributes are a host file's (`host_fs`): then they may show the host's
+    /// `st_ino` (see the module docs).
+    host_inodes: bool,
     /// The provider's root inode (its own number).
     root: u64,
     /// The path node it is mounted at.
@@ -143,6 +175,17 @@ pub struct MountTree {
     root_mount: Option<usize>,
     learnt: Mutex<HashMap<u64, Learnt>>,
     created: SystemTime,
+    /// The host device whose inode numbers the guest sees (see the module docs).
+    host_dev: Option<u64>,
+}
+
+/// One provider to mount: where, and whether it serves host files (`host_fs`), whose
+/// inode numbers the guest may see.
+pub struct TreeMount {
+    /// Absolute path relative to the tree's root (`/` is the root itself).
+    pub path: String,
+    pub fs: BackFileSystem,
+    pub host_inodes: bool,
 }
 
 /// The components of an absolute mount path (`/` has none).
@@ -165,8 +208,23 @@ fn components(path: &str) -> Result<Vec<&[u8]>, NestedError> {
 
 impl MountTree {
     /// Mounts each provider at its path (absolute, relative to the tree's root; `/` is the
-    /// root itself). Later duplicates of a path replace nothing: paths must be unique.
+    /// root itself), none of them showing host inode numbers. Later duplicates of a path
+    /// replace nothing: paths must be unique.
     pub fn new(mounts: Vec<(String, BackFileSystem)>) -> Result<MountTree, NestedError> {
+        MountTree::with_mounts(
+            mounts
+                .into_iter()
+                .map(|(path, fs)| TreeMount {
+                    path,
+                    fs,
+                    host_inodes: false,
+                })
+                .collect(),
+        )
+    }
+
+    /// [`MountTree::new`] with each mount saying whether it serves host files.
+    pub fn with_mounts(mounts: Vec<TreeMount>) -> Result<MountTree, NestedError> {
         if mounts.len() > MAX_MOUNTS {
             return Err(NestedError::TooMany);
         }
@@ -182,15 +240,44 @@ impl MountTree {
             root_mount: None,
             learnt: Mutex::new(HashMap::new()),
             created: SystemTime::now(),
+            host_dev: None,
         };
-        for (path, fs) in mounts {
-            tree.add(&path, fs)?;
+        for m in mounts {
+            tree.add(&m.path, m.fs, m.host_inodes)?;
         }
         tree.check_dirs()?;
+        tree.pick_host_dev()?;
         Ok(tree)
     }
 
-    fn add(&mut self, path: &str, fs: BackFileSystem) -> Result<(), NestedError> {
+    /// Chooses the host device whose inode numbers the guest sees: the root mount's when it
+    /// serves host files, else the first host mount's.
+    fn pick_host_dev(&mut self) -> Result<(), NestedError> {
+        let first = self
+            .root_mount
+            .filter(|m| self.mounts[*m].host_inodes)
+            .or_else(|| self.mounts.iter().position(|m| m.host_inodes));
+        let Some(first) = first else {
+            return Ok(());
+        };
+        let m = &self.mounts[first];
+        let (st, _) =
+            m.fs.getattr(&Context::default(), m.root, None)
+                .map_err(|source| NestedError::Mount {
+                    path: self.path_of(m.node),
+                    source,
+                })?;
+        self.host_dev = Some(st.st_dev);
+        tracing::debug!(dev = st.st_dev, "host inode numbers shown for this device");
+        Ok(())
+    }
+
+    fn add(
+        &mut self,
+        path: &str,
+        fs: BackFileSystem,
+        host_inodes: bool,
+    ) -> Result<(), NestedError> {
         let mut node = 0;
         for name in components(path)? {
             node = match self.child_named(node, name) {
@@ -221,6 +308,7 @@ impl MountTree {
         let index = self.mounts.len();
         self.mounts.push(Mount {
             fs,
+            host_inodes,
             root: entry.inode,
             node,
         });
@@ -287,6 +375,43 @@ impl MountTree {
 
     fn synth_ino(node: usize) -> u64 {
         node as u64 + 1
+    }
+
+    /// The inode number the guest sees for synthesised directory `node`.
+    fn synth_shown(node: usize) -> u64 {
+        (SYNTH_SHOWN_SLOT << SLOT_SHIFT) | MountTree::synth_ino(node)
+    }
+
+    /// Our own number for provider inode `ino` of `mount` (as its node id, but also for a
+    /// root mount's root, whose node id is the FUSE root's).
+    fn own_ino(mount: usize, ino: u64) -> u64 {
+        ((mount as u64 + 1) << SLOT_SHIFT) | (ino & VFS_MAX_INO)
+    }
+
+    /// The inode number the guest sees for provider inode `ino` of `mount` with the
+    /// attributes `st` (see the module docs).
+    fn shown_ino(&self, mount: usize, ino: u64, st: &stat64) -> u64 {
+        let host = self.mounts[mount].host_inodes
+            && self.host_dev == Some(st.st_dev)
+            && st.st_ino != 0
+            && st.st_ino < HOST_INO_LIMIT;
+        if host {
+            st.st_ino
+        } else {
+            MountTree::own_ino(mount, ino)
+        }
+    }
+
+    /// The inode number the guest sees for the tree's node id `node_id` (one `getattr` of
+    /// a provider inode).
+    fn shown_of(&self, ctx: &Context, node_id: u64) -> io::Result<u64> {
+        match self.decode(node_id)? {
+            Target::Synth(n) => Ok(MountTree::synth_shown(n)),
+            Target::Backend { mount, ino } => {
+                let (st, _) = self.mounts[mount].fs.getattr(ctx, ino, None)?;
+                Ok(self.shown_ino(mount, ino, &st))
+            }
+        }
     }
 
     fn decode(&self, ino: u64) -> io::Result<Target> {
@@ -362,8 +487,8 @@ impl MountTree {
         if e.inode == 0 {
             return Ok(e);
         }
+        e.attr.st_ino = self.shown_ino(mount, e.inode, &e.attr);
         e.inode = self.encode(mount, e.inode)?;
-        e.attr.st_ino = e.inode;
         Ok(e)
     }
 
@@ -375,7 +500,7 @@ impl MountTree {
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
         let secs = i64::try_from(t.as_secs()).unwrap_or(i64::MAX);
-        st.st_ino = MountTree::synth_ino(node);
+        st.st_ino = MountTree::synth_shown(node);
         st.st_mode = libc::S_IFDIR | SYNTH_MODE;
         st.st_nlink = 2 + self.nodes[node].children.len() as u64;
         st.st_uid = 0;

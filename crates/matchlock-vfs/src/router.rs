@@ -16,6 +16,9 @@
 //! - `overlay`: [`OverlayFs`] over the host directory, its copy-ups in a fresh directory
 //!   under the caller's scratch directory (the VM's state directory), removed with it.
 //!
+//! `host_fs` mounts show the host's inode numbers where they cannot collide with others in
+//! the tree (see [`crate::nested`]); the other types show the tree's own numbers.
+//!
 //! A read-only mount of any type is also wrapped in the [`Guard`] (`EROFS` on every write
 //! path); `memory` and `overlay` keep the guest's uid/gid on what it creates, since
 //! nothing reaches a host file's ownership through them.
@@ -34,7 +37,7 @@ use matchlock_api::{guest_path_within, MountConfig, VfsConfig};
 
 use crate::guard::{Guard, GuardOptions};
 use crate::memory::MemFs;
-use crate::nested::{MountTree, NestedError};
+use crate::nested::{MountTree, NestedError, TreeMount};
 use crate::overlay::OverlayFs;
 
 /// How long the guest may cache names and attributes of host files: host-side changes show
@@ -142,9 +145,13 @@ pub fn build(cfg: &VfsConfig, scratch: &Path) -> Result<Router, RouterError> {
     for (i, (guest, m)) in cfg.mounts.iter().enumerate() {
         let fs = provider(guest, m, &scratch.join(format!("mount-{i:03}")))?;
         tracing::debug!(guest = %guest, kind = %m.kind, readonly = m.readonly, "mount");
-        mounts.push((relative(guest, ws), fs));
+        mounts.push(TreeMount {
+            path: relative(guest, ws),
+            fs,
+            host_inodes: m.kind == "host_fs",
+        });
     }
-    MountTree::new(mounts).map_err(RouterError::Tree)
+    MountTree::with_mounts(mounts).map_err(RouterError::Tree)
 }
 
 /// `guest` relative to the workspace, as an absolute router path (`/` for the workspace).

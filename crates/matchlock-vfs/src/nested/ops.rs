@@ -79,9 +79,15 @@ impl MountTree {
         self.convert(mount, e?)
     }
 
-    fn attr(&self, ino: u64, r: io::Result<(stat64, Duration)>) -> io::Result<(stat64, Duration)> {
+    /// Attributes of provider inode `ino` of `mount` with the inode number the guest sees.
+    fn attr(
+        &self,
+        mount: usize,
+        ino: u64,
+        r: io::Result<(stat64, Duration)>,
+    ) -> io::Result<(stat64, Duration)> {
         r.map(|(mut st, d)| {
-            st.st_ino = ino;
+            st.st_ino = self.shown_ino(mount, ino, &st);
             (st, d)
         })
     }
@@ -106,22 +112,23 @@ impl MountTree {
         let skip = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, (name, child)) in all.into_iter().enumerate().skip(skip) {
             let (d_ino, entry) = match child {
-                None if name == b"." => (ino, None),
-                None => (parent, None),
+                None if name == b"." => (MountTree::synth_shown(node), None),
+                None => (self.shown_of(ctx, parent)?, None),
                 Some(c) => {
                     let e = self.resolve(ctx, ino, c, plus)?;
-                    (e.inode, plus.then_some(e))
+                    (e.attr.st_ino, Some(e))
                 }
             };
+            let node_id = entry.as_ref().map(|e| e.inode);
             let d = DirEntry {
                 ino: d_ino,
                 offset: i as u64 + 1,
                 type_: libc::DT_DIR.into(),
                 name,
             };
-            if add(d, entry)? == 0 {
-                if plus && child.is_some() {
-                    self.drop_refs(ctx, d_ino, 1);
+            if add(d, entry.filter(|_| plus))? == 0 {
+                if let Some(id) = node_id.filter(|_| plus) {
+                    self.drop_refs(ctx, id, 1);
                 }
                 break;
             }
@@ -151,7 +158,7 @@ impl MountTree {
             for (i, c) in children.iter().enumerate().skip(skip) {
                 let e = self.resolve(ctx, ino, *c, plus)?;
                 let d = DirEntry {
-                    ino: e.inode,
+                    ino: e.attr.st_ino,
                     offset: OWN_COOKIE | (i as u64 + 1),
                     type_: (e.attr.st_mode & libc::S_IFMT) >> 12,
                     name: &self.nodes[*c].name,
@@ -166,43 +173,83 @@ impl MountTree {
             }
             backend_offset = 0;
         }
-        // `..` of a mount's root names the directory it is mounted in.
+        self.list_backend(ctx, &r, ino, node, handle, size, backend_offset, plus, add)
+    }
+
+    /// Lists the provider's entries of directory `ino` (path node `node`, if it is one)
+    /// from the provider's `offset`, without the names its path-node children hide.
+    #[allow(clippy::too_many_arguments)]
+    fn list_backend(
+        &self,
+        ctx: &Context,
+        r: &Real<'_>,
+        ino: u64,
+        node: Option<usize>,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        plus: bool,
+        add: &mut dyn FnMut(DirEntry, Option<Entry>) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let children: &[usize] = node.map_or(&[], |n| &self.nodes[n].children);
+        // `..` of a mount's root names the directory it is mounted in (the tree's root:
+        // itself, as at a filesystem's root; the guest kernel resolves `..` above it).
         let root_parent = node
-            .filter(|n| *n != 0 && self.nodes[*n].mount.is_some())
-            .map(|n| {
-                self.nodes[n]
+            .filter(|n| self.nodes[*n].mount.is_some())
+            .map(|n| match n {
+                0 => ino,
+                n => self.nodes[n]
                     .parent_ino
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .load(std::sync::atomic::Ordering::Relaxed),
             });
+        // Worked out before the listing, and references dropped after it: a provider holds
+        // its locks while it calls back.
+        let dot = self.shown_of(ctx, ino)?;
+        let dotdot = root_parent.map(|p| self.shown_of(ctx, p)).transpose()?;
+        let mut drop_later = Vec::new();
         let hidden = |name: &[u8]| children.iter().any(|c| self.nodes[*c].name == name);
         let mount = r.mount;
         let mut forward = |mut d: DirEntry, e: Option<Entry>| -> io::Result<usize> {
+            let held = e.as_ref().map_or(0, |e| e.inode);
             if hidden(d.name) {
-                if let Some(e) = e.filter(|e| e.inode != 0) {
-                    r.fs.forget(ctx, e.inode, 1);
-                }
+                drop_later.extend((held != 0).then_some(held));
                 // Accepted (not shown): the listing goes on.
                 return Ok(1);
             }
+            // A plain READDIR served by READDIRPLUS (below) keeps no reference.
+            let keep = plus || held == 0;
+            if !keep {
+                drop_later.push(held);
+            }
             let e = e.map(|e| self.convert(mount, e)).transpose()?;
-            d.ino = match (d.name, root_parent, &e) {
-                (b".", _, _) => ino,
+            d.ino = match (d.name, dotdot, &e) {
+                (b".", _, _) => dot,
                 (b"..", Some(p), _) => p,
-                (_, _, Some(e)) if e.inode != 0 => e.inode,
-                _ if d.ino != 0 => self.encode(mount, d.ino)?,
+                (_, _, Some(e)) if e.inode != 0 => e.attr.st_ino,
+                _ if d.ino != 0 => MountTree::own_ino(mount, d.ino),
                 _ => 0,
             };
-            add(d, e)
+            let n = add(d, e)?;
+            if n == 0 && !keep {
+                // The provider drops the reference of an entry that did not fit.
+                drop_later.pop();
+            }
+            Ok(n)
         };
-        if plus {
-            r.fs.readdirplus(ctx, r.ino, handle, size, backend_offset, &mut |d, e| {
+        // A host provider's READDIR gives its own node ids as `d_ino` (it looks every entry
+        // up for them), not the host's numbers: its READDIRPLUS costs the same lookups and
+        // carries the attributes the shown number needs.
+        let res = if plus || self.mounts[mount].host_inodes {
+            r.fs.readdirplus(ctx, r.ino, handle, size, offset, &mut |d, e| {
                 forward(d, Some(e))
             })
         } else {
-            r.fs.readdir(ctx, r.ino, handle, size, backend_offset, &mut |d| {
-                forward(d, None)
-            })
+            r.fs.readdir(ctx, r.ino, handle, size, offset, &mut |d| forward(d, None))
+        };
+        for held in drop_later {
+            r.fs.forget(ctx, held, 1);
         }
+        res
     }
 }
 
@@ -252,7 +299,7 @@ impl FileSystem for MountTree {
             Target::Synth(n) => Ok((self.synth_attr(n), super::SYNTH_TTL)),
             Target::Backend { mount, ino } => {
                 let fs = &self.mounts[mount].fs;
-                self.attr(inode, fs.getattr(ctx, ino, handle))
+                self.attr(mount, ino, fs.getattr(ctx, ino, handle))
             }
         }
     }
@@ -266,7 +313,11 @@ impl FileSystem for MountTree {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         let r = self.real(inode, SYNTH_WRITE)?;
-        self.attr(inode, r.fs.setattr(ctx, r.ino, attr, handle, valid))
+        self.attr(
+            r.mount,
+            r.ino,
+            r.fs.setattr(ctx, r.ino, attr, handle, valid),
+        )
     }
 
     fn readlink(&self, ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
