@@ -29,8 +29,9 @@
 //!   the server past this host's hard `RLIMIT_NOFILE` (20,000, no `CAP_SYS_RESOURCE` to
 //!   raise it): every file and object the guest creates stays looked up, and a passthrough
 //!   server holds one `O_PATH` descriptor per looked-up inode. The guest's first
-//!   `git status` refreshes the index (it sees other inode numbers and devices than the
-//!   host's git recorded); the second warms the caches.
+//!   `git status` warms the caches (it refreshes the index only where the guest sees other
+//!   stat data than the host's git recorded: on the root disk's copy, and for an
+//!   unprivileged owner, whose uid/gid the workspace swaps with root); the second too.
 //!
 //! virtiofsd: `$VIRTIOFSD`, else `virtiofsd` on `PATH` or in `~/.cargo/bin` (the Rust
 //! daemon, `scripts/install-deps.sh --bench`), else Debian's QEMU 7.2 C daemon at
@@ -87,9 +88,9 @@ const TREE_FILES: usize = 100;
 const TREE_TAR: &str = "repo.tar";
 
 /// Readies the host-built tree in `$1/repo` (unpacked from the archive `$2` first when
-/// given) and warms it: the first `git status` refreshes the index (the guest sees other
-/// inode numbers and devices than the host's git recorded), the second is a measured one's
-/// twin.
+/// given) and warms it: the first `git status` fills the caches (and refreshes the index where the
+/// guest's stat data differ from what the host's git recorded), the second is a measured
+/// one's twin.
 const SETUP: &str = r#"set -e
 mkdir -p "$1"; cd "$1"
 if [ -n "$2" ]; then rm -rf repo; busybox tar -xf "$2"; fi
