@@ -27,10 +27,12 @@ type Phase = dyn Fn(&Sample) -> Option<Duration>;
 
 /// One in-process cold start.
 pub struct Sample {
-    phases: BootPhases,
-    first_exec: Duration,
+    pub(crate) phases: BootPhases,
+    pub(crate) first_exec: Duration,
     close: Duration,
     total: Duration,
+    /// The VM's console log (read before the sandbox is removed).
+    pub(crate) console: String,
 }
 
 impl Bench {
@@ -85,12 +87,14 @@ impl Bench {
             sb.close(Duration::from_secs(2), "benchmark done").await?;
             let close = c.elapsed();
             let total = t.elapsed();
+            let console = std::fs::read_to_string(sb.console_log()).unwrap_or_default();
             let _ = sb.remove();
             Ok(Sample {
                 phases: sb.boot_phases(),
                 first_exec,
                 close,
                 total,
+                console,
             })
         })
     }

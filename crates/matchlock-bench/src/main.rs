@@ -1,4 +1,4 @@
-//! `cargo run --release -p matchlock-bench -- [cold|exec|net|https|vfs|all|pull|scale] [--runs N]`
+//! `cargo run --release -p matchlock-bench -- [cold|exec|net|https|vfs|all|pull|scale|channels] [--runs N]`
 //!
 //! Prints the performance ratios of DESIGN §11 from one run (these machines are noisy, so
 //! both sides of each ratio are measured back to back, interleaved):
@@ -22,7 +22,9 @@
 //!   and the host memory per idle sandbox with 1, 16 and 64 running (see `scale.rs`);
 //! - pull (only when asked for: needs `skopeo`, `docker-registry` and squashfs-tools-ng):
 //!   `matchlock pull` of a ~100 MB image from a local registry vs. an independent baseline,
-//!   `skopeo copy` to an OCI layout plus a `tar` unpack (whiteouts applied) and `tar2sqfs`.
+//!   `skopeo copy` to an OCI layout plus a `tar` unpack (whiteouts applied) and `tar2sqfs`;
+//! - channels (only when asked for): boot phases and initcall times of the vsock and the
+//!   virtio-serial host channel, interleaved (see `channels.rs`).
 //!
 //! Needs the kernel and guest runtime (`MATCHLOCK_KERNEL`, `MATCHLOCK_GUEST_INIT` or the
 //! standard locations) and the `matchlock` binary (`MATCHLOCK_BIN`, default: next to this one).
@@ -41,6 +43,7 @@ use matchlock_sandbox::paths::Paths;
 use matchlock_sandbox::{RunningSandbox, StartOptions};
 
 mod breakdown;
+mod channels;
 mod floor;
 mod https;
 mod https_vm;
@@ -125,10 +128,22 @@ impl Bench {
 
     /// Boots the same kernel + initramfs with no disks; the guest powers off at init.
     fn bare_boot(&self) -> anyhow::Result<Duration> {
+        Ok(self.bare_boot_with(matchlock_vm::Channel::Vsock, &[])?.0)
+    }
+
+    /// [`Self::bare_boot`] with `channel`'s device and `extra` kernel options; returns the
+    /// time to power-off and the console log.
+    fn bare_boot_with(
+        &self,
+        channel: matchlock_vm::Channel,
+        extra: &[&str],
+    ) -> anyhow::Result<(Duration, String)> {
         let dir = tempfile::tempdir()?;
         let guest = matchlock_vm::assets::find_guest_binary()?;
         let initramfs =
             matchlock_vm::assets::initramfs_for(&guest, &self.paths().initramfs_cache())?;
+        let mut extra_cmdline = vec!["matchlock.poweroff=1".to_owned()];
+        extra_cmdline.extend(extra.iter().map(|s| (*s).to_owned()));
         let cfg = matchlock_vm::VmConfig {
             id: "bench".into(),
             state_dir: dir.path().to_path_buf(),
@@ -140,19 +155,23 @@ impl Bench {
             console_log: dir.path().join("console.log"),
             console_max_bytes: matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES,
             accel: matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel,
-            extra_cmdline: vec!["matchlock.poweroff=1".into()],
+            extra_cmdline,
             qemu_binary: None,
             vsock_binary: None,
             net: None,
             fs: None,
-            channel: matchlock_vm::Channel::Vsock,
+            channel,
         };
         let t = Instant::now();
         let m = matchlock_vm::backend("qemu")?.start(&cfg)?;
         if !m.wait_exit(Duration::from_secs(60)) {
             bail!("bare boot did not power off: {}", m.console_tail(20));
         }
-        Ok(t.elapsed())
+        let took = t.elapsed();
+        drop(m);
+        let console = std::fs::read_to_string(dir.path().join("console.log"))
+            .context("read the bare boot's console log")?;
+        Ok((took, console))
     }
 
     fn cold_run(&self) -> anyhow::Result<Duration> {
@@ -382,7 +401,7 @@ impl Bench {
 
 /// What `--help` prints: the rows each benchmark measures and what it needs.
 const HELP: &str = "\
-usage: matchlock-bench [cold|exec|net|https [--vm]|vfs|all|pull|scale] [--runs N]
+usage: matchlock-bench [cold|exec|net|https [--vm]|vfs|all|pull|scale|channels] [--runs N]
 
 Prints each DESIGN section 11 ratio from one run, both sides measured back to back.
   cold    `matchlock run -- true` vs. a bare QEMU boot, with a per-phase breakdown
@@ -393,6 +412,7 @@ Prints each DESIGN section 11 ratio from one run, both sides measured back to ba
   all     cold, exec, net and vfs (the default)
   pull    `matchlock pull` vs. skopeo + tar + tar2sqfs (local registry)
   scale   1/4/16/64 concurrent sandboxes and host memory per idle sandbox (minutes)
+  channels  boot phases and initcall times, vsock vs. virtio-serial host channel
   --runs N  rounds per row (default 5); medians are printed
 
 Needs the guest kernel and runtime (MATCHLOCK_KERNEL, MATCHLOCK_GUEST_INIT or the standard
@@ -411,7 +431,9 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .context("--runs N")?
             }
-            "cold" | "exec" | "all" | "pull" | "net" | "https" | "vfs" | "scale" => what = a,
+            "cold" | "exec" | "all" | "pull" | "net" | "https" | "vfs" | "scale" | "channels" => {
+                what = a
+            }
             // `https --vm`: the end-to-end figure through a sandbox (needs root, like `net`).
             "--vm" => vm = true,
             "-h" | "--help" => {
@@ -457,6 +479,9 @@ fn main() -> anyhow::Result<()> {
         return bench.https_vm();
     }
     bench.setup()?;
+    if what == "channels" {
+        return bench.channels();
+    }
     if what == "cold" || what == "all" {
         bench.cold()?;
     }

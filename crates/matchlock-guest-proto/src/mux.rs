@@ -388,8 +388,9 @@ impl Mux {
     /// Serves one session of the channel: frames from `reader`, ours to `writer`, until the
     /// reader ends or sends something untrustworthy. Every stream is reset at the end when
     /// `reset_on_end` or when at least one frame arrived (an EOF before any frame only means
-    /// the peer is not connected yet: a virtio-serial port reads EOF then).
-    pub fn run_session<R: Read>(&self, mut reader: R, writer: Writer) -> Result<(), MuxError> {
+    /// the peer is not connected yet: a virtio-serial port reads EOF then). Returns the number
+    /// of frames received.
+    pub fn run_session<R: Read>(&self, mut reader: R, writer: Writer) -> Result<u64, MuxError> {
         *lock(&self.inner.writer) = Some(writer);
         self.inner.session.notify_all();
         let mut frames = 0u64;
@@ -399,7 +400,7 @@ impl Mux {
                     frames += 1;
                     self.dispatch(f);
                 }
-                Ok(None) => break Ok(()),
+                Ok(None) => break Ok(frames),
                 Err(e) => break Err(e),
             }
         };
@@ -866,7 +867,7 @@ mod tests {
     struct RawPeer {
         s: UnixStream,
         host: Mux,
-        session: thread::JoinHandle<Result<(), MuxError>>,
+        session: thread::JoinHandle<Result<u64, MuxError>>,
     }
 
     fn raw_peer() -> RawPeer {

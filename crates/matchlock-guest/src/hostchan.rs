@@ -105,6 +105,9 @@ pub fn start() -> Result<Mux, HostChanError> {
 }
 
 fn serve(port: &File, mux: &Mux) {
+    let opened = Instant::now();
+    // Sessions that read EOF before any frame: the host end was not connected.
+    let mut empty = 0u64;
     loop {
         let (reader, writer) = match port.try_clone().and_then(|r| Ok((r, port.try_clone()?))) {
             Ok(p) => p,
@@ -114,8 +117,19 @@ fn serve(port: &File, mux: &Mux) {
                 continue;
             }
         };
-        if let Err(e) = mux.run_session(reader, Box::new(writer)) {
-            tracing::warn!(error = %crate::chain(&e), "host channel session ended");
+        match mux.run_session(reader, Box::new(writer)) {
+            Ok(0) => {
+                empty += 1;
+                if empty == 1 {
+                    let ms = opened.elapsed().as_millis();
+                    tracing::info!(ms, "host channel not connected yet; polling");
+                }
+            }
+            Ok(frames) => {
+                tracing::info!(frames, empty, "host channel session ended");
+                empty = 0;
+            }
+            Err(e) => tracing::warn!(error = %crate::chain(&e), "host channel session ended"),
         }
         std::thread::sleep(RECONNECT_POLL);
     }

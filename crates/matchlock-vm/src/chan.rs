@@ -177,7 +177,7 @@ fn serve(listener: &UnixListener, mux: &Mux, closed: &AtomicBool) {
         }
     };
     match mux.run_session(conn, Box::new(writer)) {
-        Ok(()) => tracing::debug!("host channel closed by QEMU"),
+        Ok(frames) => tracing::debug!(frames, "host channel closed by QEMU"),
         Err(e) => {
             let cause = std::error::Error::source(&e).map(ToString::to_string);
             tracing::error!(error = %e, cause = ?cause, "host channel ended: invalid frame from the guest");
