@@ -1,5 +1,5 @@
-//! End to end: the guest NIC's two transports (`matchlock_net::vhost`, the default, and
-//! `-netdev stream`, `MATCHLOCK_DEV_NET_TRANSPORT=stream`), each carrying a bulk TCP
+//! End to end: the guest NIC's two transports (`-netdev stream`, the default, and
+//! vhost-user-net, `MATCHLOCK_DEV_NET_TRANSPORT=vhost-user`), each carrying a bulk TCP
 //! exchange both ways at once through the stack to the test host's echo server, with the
 //! bytes checked; and a bad transport name failing before boot. The owner runs in the test
 //! network namespace (`common/nethost.rs`): nothing leaves the machine.
@@ -78,8 +78,11 @@ fn both_transports_carry_bulk_tcp_both_ways() {
     let image = nethost::nettest_image(e);
     let net = NetHost::new();
     for (vars, netdev) in [
-        (&[][..], "-netdev vhost-user,id=net0,chardev=netchr"),
-        (&[(TRANSPORT_ENV, "stream")][..], "-netdev stream,id=net0"),
+        (&[][..], "-netdev stream,id=net0"),
+        (
+            &[(TRANSPORT_ENV, "vhost-user")][..],
+            "-netdev vhost-user,id=net0,chardev=netchr",
+        ),
     ] {
         let id = start(&net, image, vars);
         let _guard = e.guard(&id);

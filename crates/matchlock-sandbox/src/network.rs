@@ -9,9 +9,9 @@
 //! is false), the secrets with their placeholders, the MTU and the DNS servers.
 //! [`NetworkService::prepare`] binds the stack's unix socket in the sandbox's state
 //! directory before QEMU starts, adds the virtio-net device to the VM (QEMU connects to that
-//! socket: `-netdev vhost-user` by default, the stack serving the virtqueues from the shared
-//! guest memory; `-netdev stream`, length-prefixed frames, above an MTU of 1500, for
-//! snapshot boots via [`NetworkService::set_transport`], or by [`NET_TRANSPORT_ENV`]) and the guest's
+//! socket: `-netdev stream`, length-prefixed frames, by default and for snapshot boots via
+//! [`NetworkService::set_transport`]; `-netdev vhost-user`, the stack serving the virtqueues
+//! from the shared guest memory, with [`NET_TRANSPORT_ENV`]`=vhost-user`) and the guest's
 //! static IPv4 and IPv6 addresses, gateways and MTU to the boot configuration (no DHCP or
 //! router advertisements on the boot path),
 //! and points the guest's resolver at the gateway (or the configured servers; the stack
@@ -87,15 +87,15 @@ pub struct NetworkService {
     transport: NetTransport,
 }
 
-/// The developer setting that selects the NIC's transport: `vhost-user` (the default when
-/// the MTU is at most 1500) or `stream` (the default above it).
+/// The developer setting that selects the NIC's transport: `stream` (the default) or
+/// `vhost-user` (MTU at most 1500). vhost-user-net is not the default because it did not
+/// lower the host CPU per MiB under TCG (docs/testing.md, "Network").
 pub const NET_TRANSPORT_ENV: &str = "MATCHLOCK_DEV_NET_TRANSPORT";
 
 /// The transport [`NET_TRANSPORT_ENV`] selects for a link of `mtu`.
 fn transport_from_env(mtu: u16) -> Result<NetTransport, NetworkSetupError> {
     let fits = mtu <= VHOST_USER_MAX_MTU;
     match std::env::var(NET_TRANSPORT_ENV).as_deref() {
-        Err(_) | Ok("") if fits => Ok(NetTransport::VhostUser),
         Err(_) | Ok("") | Ok("stream") => Ok(NetTransport::Stream),
         Ok("vhost-user") if fits => Ok(NetTransport::VhostUser),
         Ok("vhost-user") => Err(NetworkSetupError::TransportMtu(mtu)),
@@ -319,7 +319,8 @@ impl NetworkService {
     }
 
     /// Overrides the transport before [`Service::prepare`]: a VM restored from a snapshot
-    /// needs [`NetTransport::Stream`] (QEMU 7.2 cannot migrate vhost-user devices).
+    /// needs [`NetTransport::Stream`] (QEMU 7.2 cannot migrate vhost-user devices), which is
+    /// the default unless [`NET_TRANSPORT_ENV`] asks for vhost-user.
     pub fn set_transport(&mut self, transport: NetTransport) {
         self.transport = transport;
     }
