@@ -29,6 +29,7 @@
 //! sandbox's QEMU is, and its guest runs from an initramfs rather than the image's root
 //! disk; neither is on the data path measured. MTU is the default 1500 on both.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -459,16 +460,105 @@ pub(crate) fn output_within(
     }
 }
 
-/// Transfer rates in MiB/s, per run.
+/// Transfer rates in MiB/s, per run, and the host CPU the transfers took.
 #[derive(Default)]
 struct Rates {
     up: Vec<f64>,
     down: Vec<f64>,
+    cpu_up: CpuUse,
+    cpu_down: CpuUse,
 }
 
 fn median_f(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Host CPU seconds by thread group, summed over the transfers of one side and direction.
+#[derive(Default)]
+struct CpuUse {
+    secs: BTreeMap<String, f64>,
+    mib: f64,
+}
+
+impl CpuUse {
+    /// Adds the CPU time the threads of `procs` spent between `before` and `after`.
+    fn add(&mut self, before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, mib: f64) {
+        for (k, v) in after {
+            let d = v - before.get(k).copied().unwrap_or_default();
+            *self.secs.entry(k.clone()).or_default() += d.max(0.0);
+        }
+        self.mib += mib;
+    }
+
+    /// Milliseconds of CPU per MiB moved, per group and in all.
+    fn per_mib(&self) -> (Vec<(String, f64)>, f64) {
+        let mib = self.mib.max(f64::MIN_POSITIVE);
+        let rows = self
+            .secs
+            .iter()
+            .map(|(k, v)| (k.clone(), v * 1000.0 / mib))
+            .collect();
+        (rows, self.secs.values().sum::<f64>() * 1000.0 / mib)
+    }
+}
+
+/// Clock ticks per second of `/proc` CPU times.
+fn clock_ticks() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU seconds (user + system) of every thread of the processes `procs` (pid, role), by
+/// group: QEMU's main thread (the one whose id is the pid) apart from its other threads
+/// (the vCPU, RCU and I/O workers: QEMU does not name them), the owner's threads by name
+/// (`matchlock-net` is the stack; `matchlock-vnet*` and the `vring_worker` that moves
+/// the frames are the vhost-user-net backend).
+fn thread_cpu(procs: &[(u32, &str)]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for &(pid, role) in procs {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                continue;
+            };
+            let tid: u32 = t.file_name().to_string_lossy().parse().unwrap_or_default();
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = stat.get(open + 1..close).unwrap_or_default();
+            let f: Vec<&str> = stat
+                .get(close + 1..)
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect();
+            // Fields 14 and 15 of stat(5); the slice starts at field 3.
+            let ticks: f64 = [11, 12]
+                .iter()
+                .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+                .sum();
+            let group = match role {
+                "qemu" if tid == pid => "QEMU main thread".to_string(),
+                "qemu" => "QEMU other threads (vCPU, ...)".to_string(),
+                _ if comm == "matchlock-net" => "owner stack thread (matchlock-net)".to_string(),
+                _ if comm.starts_with("matchlock-vnet") || comm == "vring_worker" => {
+                    "owner vhost-user-net threads".to_string()
+                }
+                _ => "owner other threads".to_string(),
+            };
+            *out.entry(group).or_default() += ticks / clock_ticks();
+        }
+    }
+    out
 }
 
 /// Proportional set size of a process in KiB (`Pss:` of `smaps_rollup`).
@@ -589,19 +679,51 @@ impl Bench {
             .with_context(|| format!("slirp guest: {cmd:?}"))
     }
 
-    /// Interleaved transfers, a warm-up of each first; (ours, slirp).
-    fn throughput(&self, lab: &mut Lab, id: &str) -> anyhow::Result<(Rates, Rates)> {
+    /// Interleaved transfers, a warm-up of each first, with the host CPU time of each
+    /// side's processes (`ours`: the owner and its QEMU; the slirp VM's QEMU, `slirp_pid`)
+    /// over each transfer; (ours, slirp).
+    fn throughput(
+        &self,
+        lab: &mut Lab,
+        id: &str,
+        slirp_pid: u32,
+    ) -> anyhow::Result<(Rates, Rates)> {
         let (up, down) = (upload_cmd(), download_cmd());
+        let mine = self.sandbox_procs(id)?;
+        let theirs = [(slirp_pid, "qemu")];
+        let mib = (TRANSFER / (1024 * 1024)) as f64;
         self.ours(lab, id, &up, "recv")?;
         self.slirp(lab, &up, "recv")?;
         let (mut ours, mut slirp) = (Rates::default(), Rates::default());
         for _ in 0..self.runs {
+            let b = thread_cpu(&mine);
             ours.up.push(self.ours(lab, id, &up, "recv")?);
+            ours.cpu_up.add(&b, &thread_cpu(&mine), mib);
+            let b = thread_cpu(&theirs);
             slirp.up.push(self.slirp(lab, &up, "recv")?);
+            slirp.cpu_up.add(&b, &thread_cpu(&theirs), mib);
+            let b = thread_cpu(&mine);
             ours.down.push(self.ours(lab, id, &down, "sent")?);
+            ours.cpu_down.add(&b, &thread_cpu(&mine), mib);
+            let b = thread_cpu(&theirs);
             slirp.down.push(self.slirp(lab, &down, "sent")?);
+            slirp.cpu_down.add(&b, &thread_cpu(&theirs), mib);
         }
         Ok((ours, slirp))
+    }
+
+    /// The sandbox's owner and QEMU (pid, role).
+    fn sandbox_procs(&self, id: &str) -> anyhow::Result<Vec<(u32, &'static str)>> {
+        let state = matchlock_state::StateDb::open(&self.paths().state)?;
+        let mut procs = vec![(state.get(id)?.pid, "owner")];
+        let record = state.lifecycle_latest(id)?.context("no lifecycle record")?;
+        for p in &record.resources.processes {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid))?;
+            if comm.starts_with("qemu") {
+                procs.push((p.pid, "qemu"));
+            }
+        }
+        Ok(procs)
     }
 
     pub(crate) fn net(&self) -> anyhow::Result<()> {
@@ -626,7 +748,7 @@ impl Bench {
         std::thread::sleep(Duration::from_secs(2));
         let mut mem = self.idle_memory(id)?;
         let vm = self.slirp_vm(lab)?;
-        let (ours, slirp) = self.throughput(lab, id)?;
+        let (ours, slirp) = self.throughput(lab, id, vm.qemu.id())?;
         lab.command("quit")?;
         drop(vm);
         std::thread::sleep(Duration::from_secs(2));
@@ -649,6 +771,32 @@ fn print_net(runs: usize, ours: Rates, slirp: Rates, net: &IdleMemory, none: &Id
     println!("  host -> guest, matchlock stack:       {od:.1} MiB/s");
     println!("  host -> guest, QEMU -netdev user:     {sd:.1} MiB/s");
     println!("  ratio: {:.2}x (no target)", od / sd);
+    let transport = std::env::var("MATCHLOCK_DEV_NET_TRANSPORT").unwrap_or_default();
+    let transport = if transport.is_empty() {
+        "default"
+    } else {
+        &transport
+    };
+    println!(
+        "host CPU per MiB moved (ms/MiB, user + system, summed over the timed transfers; \
+         ours: owner + QEMU, transport {transport}; slirp: QEMU):"
+    );
+    for (dir, o, sl) in [
+        ("guest -> host", &ours.cpu_up, &slirp.cpu_up),
+        ("host -> guest", &ours.cpu_down, &slirp.cpu_down),
+    ] {
+        let ((orows, ototal), (srows, stotal)) = (o.per_mib(), sl.per_mib());
+        println!(
+            "  {dir}: ours {ototal:.1} ms/MiB, slirp {stotal:.1} ms/MiB = {:.2}x",
+            ototal / stotal.max(f64::MIN_POSITIVE)
+        );
+        for (k, v) in orows {
+            println!("    ours  {k:<38} {v:6.1}");
+        }
+        for (k, v) in srows {
+            println!("    slirp {k:<38} {v:6.1}");
+        }
+    }
     println!("idle sandbox host memory (PSS; QEMU shown apart, mostly guest RAM):");
     println!(
         "  with network:  owner {} (target <= 30 MiB), helpers {}, QEMU {}",

@@ -45,6 +45,8 @@ pub mod policy;
 pub mod secrets;
 pub mod stack;
 pub mod tlssniff;
+pub mod vhost;
+mod vhost_shim;
 
 /// An error and its sources on one line.
 pub(crate) struct ErrorChain<'a>(&'a dyn std::error::Error);

@@ -249,3 +249,60 @@ impl Link {
         self.woff = 0;
     }
 }
+
+/// The guest's NIC either way: QEMU's stream ([`Link`]) or the vhost-user queues
+/// ([`crate::vhost::VhostLink`]).
+pub(crate) enum NetLink {
+    Stream(Link),
+    Vhost(crate::vhost::VhostLink),
+}
+
+impl NetLink {
+    /// See [`Link::ready`]; the vhost-user link resolves when its backend has frames for
+    /// the stack or room for more of the stack's.
+    pub(crate) async fn ready(&self, want_write: bool) -> LinkReady {
+        match self {
+            NetLink::Stream(l) => l.ready(want_write).await,
+            NetLink::Vhost(v) => {
+                v.ready().await;
+                LinkReady::Io
+            }
+        }
+    }
+
+    pub(crate) fn attach(&mut self, stream: UnixStream) {
+        match self {
+            NetLink::Stream(l) => l.attach(stream),
+            NetLink::Vhost(_) => tracing::warn!("stream connection to a vhost-user link refused"),
+        }
+    }
+
+    pub(crate) fn has_frame(&self) -> bool {
+        match self {
+            NetLink::Stream(l) => l.has_frame(),
+            NetLink::Vhost(v) => v.has_frame(),
+        }
+    }
+
+    pub(crate) fn next_frame(&mut self) -> Option<Vec<u8>> {
+        match self {
+            NetLink::Stream(l) => l.next_frame(),
+            NetLink::Vhost(v) => v.next_frame(),
+        }
+    }
+
+    /// Whether frames already taken from the stack's queue still wait for the link.
+    pub(crate) fn pending_out(&self) -> bool {
+        match self {
+            NetLink::Stream(l) => l.pending_out(),
+            NetLink::Vhost(_) => false,
+        }
+    }
+
+    pub(crate) fn send(&mut self, tx: &mut VecDeque<Vec<u8>>) {
+        match self {
+            NetLink::Stream(l) => l.send(tx),
+            NetLink::Vhost(v) => v.send(tx),
+        }
+    }
+}

@@ -114,7 +114,7 @@ use tokio::task::AbortHandle;
 
 use crate::events::{self, EventSink};
 use crate::intercept::Interceptor;
-use crate::link::{Link, LinkReady};
+use crate::link::{Link, LinkReady, NetLink};
 use crate::policy::Policy;
 use crate::tlssniff;
 
@@ -149,11 +149,27 @@ pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Host replies waiting for the loop, all UDP flows together; more are dropped.
 const UDP_REPLY_QUEUE: usize = 256;
 
+/// How QEMU's virtio-net device reaches the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `-netdev stream`: QEMU copies each frame to the stack's unix stream socket
+    /// ([`crate::link`]). Works for snapshot boots (QEMU can migrate it).
+    Stream,
+    /// `-netdev vhost-user`: the stack serves the virtqueues from the guest's shared memory
+    /// ([`crate::vhost`]); needs an MTU of at most [`VHOST_USER_MAX_MTU`].
+    VhostUser,
+}
+
+/// Largest MTU the vhost-user transport carries (no mergeable receive buffers).
+pub const VHOST_USER_MAX_MTU: u16 = 1500;
+
 /// Settings of one sandbox's stack.
 #[derive(Clone)]
 pub struct StackConfig {
-    /// The unix stream socket the stack listens on; QEMU (`-netdev stream`) connects to it.
+    /// The unix socket the stack listens on; QEMU connects to it.
     pub socket: PathBuf,
+    /// How QEMU's NIC reaches the stack.
+    pub transport: Transport,
     /// The gateway's address (the stack's own address on the guest link).
     pub gateway: Ipv4Addr,
     /// The guest's address.
@@ -184,6 +200,7 @@ impl std::fmt::Debug for StackConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StackConfig")
             .field("socket", &self.socket)
+            .field("transport", &self.transport)
             .field("gateway", &self.gateway)
             .field("guest", &self.guest)
             .field("prefix_len", &self.prefix_len)
@@ -217,6 +234,8 @@ pub enum StackError {
         #[source]
         source: std::io::Error,
     },
+    #[error("serve vhost-user-net")]
+    Vhost(#[source] crate::vhost::VhostError),
     #[error("make the network stack socket non-blocking")]
     NonBlocking(#[source] std::io::Error),
     #[error("build the network stack runtime")]
@@ -237,6 +256,9 @@ impl StackConfig {
         }
         if !(576..=9000).contains(&self.mtu) {
             return invalid("MTU must be 576..=9000");
+        }
+        if self.transport == Transport::VhostUser && self.mtu > VHOST_USER_MAX_MTU {
+            return invalid("the vhost-user transport carries an MTU of at most 1500");
         }
         let mask = u32::MAX << (32 - u32::from(self.prefix_len));
         if u32::from(self.gateway) & mask != u32::from(self.guest) & mask {
@@ -264,6 +286,12 @@ impl StackConfig {
     }
 }
 
+/// The listening end QEMU connects to, made before the stack's thread starts.
+enum Endpoint {
+    Stream(StdUnixListener),
+    Vhost(crate::vhost::VhostLink),
+}
+
 /// A running stack; stopped on [`Stack::stop`] or drop.
 pub struct Stack {
     shutdown: Option<oneshot::Sender<()>>,
@@ -274,12 +302,21 @@ impl Stack {
     /// Binds `cfg.socket` (so QEMU can start right after) and starts the stack's thread.
     pub fn start(cfg: StackConfig) -> Result<Stack, StackError> {
         cfg.validate()?;
-        let sock = StdUnixListener::bind(&cfg.socket).map_err(|source| StackError::Bind {
-            path: cfg.socket.clone(),
-            source,
-        })?;
-        sock.set_nonblocking(true)
-            .map_err(StackError::NonBlocking)?;
+        let endpoint = match cfg.transport {
+            Transport::Stream => {
+                let sock =
+                    StdUnixListener::bind(&cfg.socket).map_err(|source| StackError::Bind {
+                        path: cfg.socket.clone(),
+                        source,
+                    })?;
+                sock.set_nonblocking(true)
+                    .map_err(StackError::NonBlocking)?;
+                Endpoint::Stream(sock)
+            }
+            Transport::VhostUser => Endpoint::Vhost(
+                crate::vhost::VhostLink::start(&cfg.socket, cfg.mtu).map_err(StackError::Vhost)?,
+            ),
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -289,7 +326,11 @@ impl Stack {
             .name("matchlock-net".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    match Link::new(sock, cfg.mtu) {
+                    let link = match endpoint {
+                        Endpoint::Stream(sock) => Link::new(sock, cfg.mtu).map(NetLink::Stream),
+                        Endpoint::Vhost(v) => Ok(NetLink::Vhost(v)),
+                    };
+                    match link {
                         Ok(link) => Engine::new(cfg, link).run(rx).await,
                         Err(e) => tracing::error!(error = %e, "network stack socket unusable"),
                     }
@@ -566,8 +607,8 @@ impl Drop for UdpFlow {
 
 struct Engine {
     cfg: StackConfig,
-    /// QEMU's connection: the guest's frames.
-    link: Link,
+    /// QEMU's connection or the vhost-user queues: the guest's frames.
+    link: NetLink,
     iface: Interface,
     dev: Queues,
     sockets: SocketSet<'static>,
@@ -607,7 +648,7 @@ enum Turn {
 }
 
 impl Engine {
-    fn new(cfg: StackConfig, link: Link) -> Engine {
+    fn new(cfg: StackConfig, link: NetLink) -> Engine {
         let mut dev = Queues {
             rx: VecDeque::new(),
             tx: VecDeque::new(),

@@ -65,6 +65,7 @@ impl Guest {
         let stack_path = dir.path().join("net.sock");
         let stack = Stack::start(StackConfig {
             socket: stack_path.clone(),
+            transport: Transport::Stream,
             gateway: GW,
             guest: GUEST,
             prefix_len: 24,

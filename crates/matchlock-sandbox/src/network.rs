@@ -7,9 +7,11 @@
 //! no NIC at all). [`for_config`] turns the configuration into a service: the policy
 //! (allow-list plus the secrets' hosts, blocked address ranges unless `block_private_ips`
 //! is false), the secrets with their placeholders, the MTU and the DNS servers.
-//! [`NetworkService::prepare`] binds the stack's unix stream socket in the sandbox's state
-//! directory before QEMU starts, adds the `-netdev stream` device (QEMU connects to that
-//! socket; frames are length-prefixed) to the VM and the guest's
+//! [`NetworkService::prepare`] binds the stack's unix socket in the sandbox's state
+//! directory before QEMU starts, adds the virtio-net device to the VM (QEMU connects to that
+//! socket: `-netdev stream`, length-prefixed frames, by default and for snapshot boots via
+//! [`NetworkService::set_transport`]; `-netdev vhost-user`, the stack serving the virtqueues
+//! from the shared guest memory, with [`NET_TRANSPORT_ENV`]`=vhost-user`) and the guest's
 //! static IPv4 and IPv6 addresses, gateways and MTU to the boot configuration (no DHCP or
 //! router advertisements on the boot path),
 //! and points the guest's resolver at the gateway (or the configured servers; the stack
@@ -34,8 +36,8 @@ use matchlock_guest_proto::{GuestNet, GuestNet6};
 use matchlock_net::policy::Policy;
 pub use matchlock_net::secrets::{parse_secret_spec, SecretSpec, SecretSpecError};
 use matchlock_net::secrets::{Secret, Secrets};
-use matchlock_net::stack::{Ipv6Link, Stack, StackConfig};
-use matchlock_vm::NetDevice;
+use matchlock_net::stack::{Ipv6Link, Stack, StackConfig, Transport, VHOST_USER_MAX_MTU};
+use matchlock_vm::{NetDevice, NetTransport};
 
 use crate::services::{BootPlan, EventHub, SandboxEvent, Service, ServiceError};
 use matchlock_api::rpc::NetworkEventInfo;
@@ -82,6 +84,23 @@ pub struct NetworkService {
     hooks: Arc<HookRules>,
     stack: Option<Stack>,
     files: Vec<PathBuf>,
+    transport: NetTransport,
+}
+
+/// The developer setting that selects the NIC's transport: `stream` (the default) or
+/// `vhost-user` (MTU at most 1500). vhost-user-net is not the default because it did not
+/// lower the host CPU per MiB under TCG (docs/testing.md, "Network").
+pub const NET_TRANSPORT_ENV: &str = "MATCHLOCK_DEV_NET_TRANSPORT";
+
+/// The transport [`NET_TRANSPORT_ENV`] selects for a link of `mtu`.
+fn transport_from_env(mtu: u16) -> Result<NetTransport, NetworkSetupError> {
+    let fits = mtu <= VHOST_USER_MAX_MTU;
+    match std::env::var(NET_TRANSPORT_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("stream") => Ok(NetTransport::Stream),
+        Ok("vhost-user") if fits => Ok(NetTransport::VhostUser),
+        Ok("vhost-user") => Err(NetworkSetupError::TransportMtu(mtu)),
+        Ok(other) => Err(NetworkSetupError::Transport(other.to_string())),
+    }
 }
 
 /// Failures turning a network configuration into a network service.
@@ -93,6 +112,10 @@ pub enum NetworkSetupError {
     DnsServer(String),
     #[error("invalid secret name {0:?}: must be a valid environment variable name")]
     SecretName(String),
+    #[error("{NET_TRANSPORT_ENV}={0:?} is not a transport (expected `vhost-user` or `stream`)")]
+    Transport(String),
+    #[error("{NET_TRANSPORT_ENV}=vhost-user carries an MTU of at most 1500, not {0}")]
+    TransportMtu(u16),
     #[error("invalid network.interception")]
     Hooks(#[source] matchlock_net::hooks::HookError),
 }
@@ -160,6 +183,7 @@ pub fn for_config(
         hooks: Arc::new(hooks),
         stack: None,
         files: Vec::new(),
+        transport: transport_from_env(mtu)?,
     };
     Ok(Some((service, control)))
 }
@@ -288,6 +312,20 @@ fn remove_stale(path: &Path) -> Result<(), ServiceError> {
     }
 }
 
+impl NetworkService {
+    /// The NIC's transport ([`NET_TRANSPORT_ENV`] or the default).
+    pub fn transport(&self) -> NetTransport {
+        self.transport
+    }
+
+    /// Overrides the transport before [`Service::prepare`]: a VM restored from a snapshot
+    /// needs [`NetTransport::Stream`] (QEMU 7.2 cannot migrate vhost-user devices), which is
+    /// the default unless [`NET_TRANSPORT_ENV`] asks for vhost-user.
+    pub fn set_transport(&mut self, transport: NetTransport) {
+        self.transport = transport;
+    }
+}
+
 impl Service for NetworkService {
     fn name(&self) -> &'static str {
         "network"
@@ -325,6 +363,10 @@ impl Service for NetworkService {
         }));
         let stack = Stack::start(StackConfig {
             socket: socket.clone(),
+            transport: match self.transport {
+                NetTransport::Stream => Transport::Stream,
+                NetTransport::VhostUser => Transport::VhostUser,
+            },
             gateway: GATEWAY_ADDR,
             guest: GUEST_ADDR,
             prefix_len: PREFIX_LEN,
@@ -350,6 +392,7 @@ impl Service for NetworkService {
         plan.vm.net = Some(NetDevice {
             socket,
             mac: GUEST_MAC,
+            transport: self.transport,
         });
         plan.guest.net = Some(GuestNet {
             address: GUEST_ADDR,

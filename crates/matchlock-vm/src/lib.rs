@@ -113,6 +113,19 @@ pub struct NetDevice {
     pub socket: PathBuf,
     /// The guest NIC's MAC address.
     pub mac: [u8; 6],
+    /// How the NIC's frames reach the stack.
+    pub transport: NetTransport,
+}
+
+/// The netdev between the guest NIC and the sandbox's network stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetTransport {
+    /// `-netdev stream`: QEMU copies every frame to the stack's unix stream socket
+    /// (migratable: the transport for snapshot boots).
+    Stream,
+    /// `-netdev vhost-user`: the stack serves the virtqueues from the shared guest memory
+    /// (QEMU 7.2 cannot migrate it).
+    VhostUser,
 }
 
 /// A way to run VMs (QEMU today).

@@ -343,22 +343,35 @@ fn fs_args(f: &crate::FsDevice) -> Result<[String; 4], VmError> {
     ])
 }
 
-/// `-netdev stream` connecting to the network stack's unix socket (QEMU is the client:
-/// the stack listens before QEMU starts) and the microvm virtio-net device on it.
-fn netdev_args(n: &crate::NetDevice) -> Result<[String; 4], VmError> {
+/// The microvm virtio-net device on the network stack's unix socket (the stack listens
+/// before QEMU starts; QEMU is the client): `-netdev stream` (length-prefixed frames), or
+/// `-netdev vhost-user` with 1024-entry queues (the backend's maximum; QEMU allows a
+/// transmit queue above 256 only for vhost-user).
+fn netdev_args(n: &crate::NetDevice) -> Result<Vec<String>, VmError> {
     let m = n.mac;
-    Ok([
-        "-netdev".into(),
-        format!(
-            "stream,id=net0,server=off,addr.type=unix,addr.path={}",
-            qemu_escape(utf8(&n.socket, "network stack socket")?)
-        ),
-        "-device".into(),
-        format!(
-            "virtio-net-device,netdev=net0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        ),
-    ])
+    let mac = format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    );
+    let socket = qemu_escape(utf8(&n.socket, "network stack socket")?);
+    Ok(match n.transport {
+        crate::NetTransport::Stream => vec![
+            "-netdev".into(),
+            format!("stream,id=net0,server=off,addr.type=unix,addr.path={socket}"),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={mac}"),
+        ],
+        crate::NetTransport::VhostUser => vec![
+            "-chardev".into(),
+            format!("socket,id=netchr,path={socket}"),
+            "-netdev".into(),
+            "vhost-user,id=net0,chardev=netchr".into(),
+            "-device".into(),
+            format!(
+                "virtio-net-device,netdev=net0,mac={mac},rx_queue_size=1024,tx_queue_size=1024"
+            ),
+        ],
+    })
 }
 
 fn validate(cfg: &VmConfig) -> Result<(), VmError> {
@@ -822,12 +835,26 @@ mod tests {
         c.net = Some(crate::NetDevice {
             socket: d.join("net,stack.sock"),
             mac: [0x02, 0x4d, 0x4c, 0, 0, 0x0f],
+            transport: crate::NetTransport::Stream,
         });
         let s = joined(&qemu_args(&c, Accel::Tcg, None, &d.join("v.sock")).expect("args"));
         assert!(
             s.contains(
                 "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/s/net,,stack.sock \
                  -device virtio-net-device,netdev=net0,mac=02:4d:4c:00:00:0f"
+            ),
+            "{s}"
+        );
+        if let Some(n) = c.net.as_mut() {
+            n.transport = crate::NetTransport::VhostUser;
+        }
+        let s = joined(&qemu_args(&c, Accel::Tcg, None, &d.join("v.sock")).expect("args"));
+        assert!(
+            s.contains(
+                "-chardev socket,id=netchr,path=/s/net,,stack.sock \
+                 -netdev vhost-user,id=net0,chardev=netchr \
+                 -device virtio-net-device,netdev=net0,mac=02:4d:4c:00:00:0f,\
+                 rx_queue_size=1024,tx_queue_size=1024"
             ),
             "{s}"
         );
