@@ -365,9 +365,21 @@ impl Sandbox {
         ready: &StdUnixListener,
         deadline: Instant,
     ) -> Result<Launched, SandboxError> {
-        plan.guest.random_seed = crate::snapshot::seed().unwrap_or_default();
+        plan.guest.random_seed = match crate::snapshot::seed() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(id = %self.id, error = %error_chain(&e), "no random seed for the guest");
+                Vec::new()
+            }
+        };
         if crate::snapshot::enabled() {
-            match crate::snapshot::ineligible(&plan.vm) {
+            // Without a seed a restored guest would keep the snapshot's CRNG state.
+            let ineligible = if plan.guest.random_seed.is_empty() {
+                Some("no host random seed")
+            } else {
+                crate::snapshot::ineligible(&plan.vm)
+            };
+            match ineligible {
                 Some(why) => {
                     tracing::info!(id = %self.id, reason = why, "snapshot boot not possible; cold boot")
                 }
