@@ -263,3 +263,31 @@ fn workspace_sandbox_cold_boots() {
     assert_eq!(snapshots(), before, "no snapshot for a workspace sandbox");
     env().kill_and_rm(&id);
 }
+
+#[test]
+fn two_first_runs_at_once_leave_one_snapshot() {
+    let _l = lock();
+    for s in snapshots() {
+        std::fs::remove_dir_all(s).expect("clear cache");
+    }
+    let a = std::thread::spawn(|| detached(&[]));
+    let b = std::thread::spawn(|| detached(&[]));
+    let (ida, loga) = a.join().expect("a");
+    let (idb, logb) = b.join().expect("b");
+    let _ga = env().guard(&ida);
+    let _gb = env().guard(&idb);
+    for (id, log) in [(&ida, &loga), (&idb, &logb)] {
+        assert!(log.contains("restored from snapshot"), "{log}");
+        assert_eq!(exec(id, "echo up").trim(), "up");
+    }
+    assert_eq!(snapshots().len(), 1, "{:?}", snapshots());
+    let leftovers: Vec<_> = std::fs::read_dir(snapshots_dir())
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "temporaries left: {leftovers:?}");
+    env().kill_and_rm(&ida);
+    env().kill_and_rm(&idb);
+}
