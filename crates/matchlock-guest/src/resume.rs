@@ -13,8 +13,9 @@
 //! stream until [`RESUME_WAIT`].
 //!
 //! # Limitations
-//! After a restore the thread reading the old stream stays blocked for the life of the VM
-//! (one idle thread in PID 1).
+//! One idle thread stays in PID 1 for the life of the VM: after a cold boot the one waiting
+//! for a host-opened stream (the ready port stays listened on; only the host can open
+//! streams), after a restore the one reading the old stream.
 
 #![forbid(unsafe_code)]
 
