@@ -1,4 +1,4 @@
-//! `cargo run --release -p matchlock-bench -- [cold|exec|net|https|vfs|all|pull|scale|channels] [--runs N]`
+//! `cargo run --release -p matchlock-bench -- [cold|exec|net|https|vfs|all|pull|scale|channels|snapshot] [--runs N]`
 //!
 //! Prints the performance ratios of DESIGN §11 from one run (these machines are noisy, so
 //! both sides of each ratio are measured back to back, interleaved):
@@ -18,6 +18,8 @@
 //! - vfs (needs root): sequential I/O, 2,000-file create/stat/unlink and `git status` on a
 //!   10,000-file tree through our workspace server vs. upstream `virtiofsd` on the same host
 //!   directory vs. the guest's root disk (see `vfs.rs`);
+//! - snapshot (only when asked for): `run -- true` restored from a snapshot vs. cold vs.
+//!   bare boot, and restored `run -d` + first exec (see `snapshot.rs`);
 //! - scale (only when asked for: takes minutes): 1, 4, 16 and 64 concurrent `run -- true`
 //!   and the host memory per idle sandbox with 1, 16 and 64 running (see `scale.rs`);
 //! - pull (only when asked for: needs `skopeo`, `docker-registry` and squashfs-tools-ng):
@@ -51,6 +53,7 @@ mod net;
 mod pull;
 mod scale;
 mod sink;
+mod snapshot;
 mod vfs;
 
 const IMAGE: &str = "busybox:bench";
@@ -161,6 +164,7 @@ impl Bench {
             net: None,
             fs: None,
             channel,
+            snapshot: None,
         };
         let t = Instant::now();
         let m = matchlock_vm::backend("qemu")?.start(&cfg)?;
@@ -401,7 +405,7 @@ impl Bench {
 
 /// What `--help` prints: the rows each benchmark measures and what it needs.
 const HELP: &str = "\
-usage: matchlock-bench [cold|exec|net|https [--vm]|vfs|all|pull|scale|channels] [--runs N]
+usage: matchlock-bench [cold|exec|net|https [--vm]|vfs|all|pull|scale|channels|snapshot] [--runs N]
 
 Prints each DESIGN section 11 ratio from one run, both sides measured back to back.
   cold    `matchlock run -- true` vs. a bare QEMU boot, with a per-phase breakdown
@@ -413,6 +417,8 @@ Prints each DESIGN section 11 ratio from one run, both sides measured back to ba
   pull    `matchlock pull` vs. skopeo + tar + tar2sqfs (local registry)
   scale   1/4/16/64 concurrent sandboxes and host memory per idle sandbox (minutes)
   channels  boot phases and initcall times, vsock vs. virtio-serial host channel
+  snapshot  `run -- true` restored from a snapshot (MATCHLOCK_DEV_SNAPSHOT=1) vs. cold
+          (serial channel) vs. bare boot, and restored `run -d` + first exec
   --runs N  rounds per row (default 5); medians are printed
 
 Needs the guest kernel and runtime (MATCHLOCK_KERNEL, MATCHLOCK_GUEST_INIT or the standard
@@ -431,9 +437,8 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|v| v.parse().ok())
                     .context("--runs N")?
             }
-            "cold" | "exec" | "all" | "pull" | "net" | "https" | "vfs" | "scale" | "channels" => {
-                what = a
-            }
+            "cold" | "exec" | "all" | "pull" | "net" | "https" | "vfs" | "scale" | "channels"
+            | "snapshot" => what = a,
             // `https --vm`: the end-to-end figure through a sandbox (needs root, like `net`).
             "--vm" => vm = true,
             "-h" | "--help" => {
@@ -499,6 +504,9 @@ fn main() -> anyhow::Result<()> {
     }
     if what == "scale" {
         bench.scale()?;
+    }
+    if what == "snapshot" {
+        bench.snapshot()?;
     }
     Ok(())
 }

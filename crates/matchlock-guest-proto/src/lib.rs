@@ -417,6 +417,11 @@ pub struct BootConfig {
     /// workspace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+    /// Host random bytes the guest credits to its kernel's pool (`RNDADDENTROPY`) before
+    /// forcing a CRNG reseed, so VMs restored from one snapshot do not share random state
+    /// (empty: none sent; at most 256 bytes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub random_seed: Vec<u8>,
 }
 
 /// The virtio-fs mount tag of the workspace share.

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use matchlock_guest_proto::mux::Mux;
 use matchlock_guest_proto::{
-    read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, Hello,
-    ProtoError, ReadyTimes, PROTOCOL_VERSION, READY_PORT, SERVICE_PORT, WORKSPACE_TAG,
+    read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, ProtoError,
+    ReadyTimes, READY_PORT, SERVICE_PORT, WORKSPACE_TAG,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -126,6 +126,10 @@ pub enum BootError {
     Ready(#[source] ProtoError),
     #[error("checking the guest timer")]
     Timer(#[source] crate::timer::TimerError),
+    #[error("boot handshake over the host channel")]
+    Resume(#[source] crate::resume::ResumeError),
+    #[error("reseeding the kernel CRNG with the host's seed")]
+    Reseed(#[source] std::io::Error),
 }
 
 /// What power-off must clean up.
@@ -352,9 +356,15 @@ fn boot(
     early_setup();
     let timer_probe = crate::timer::Probe::start().map_err(BootError::Timer)?;
     let transport = transport()?;
-    let conn = boot_conn.insert(dial_host(&transport)?);
-    let hello_us = crate::sys::boottime_us();
-    let cfg = handshake(conn)?;
+    let (cfg, hello_us) = match &transport {
+        Transport::Vsock => {
+            let conn = boot_conn.insert(dial_host(&transport)?);
+            let hello_us = crate::sys::boottime_us();
+            (handshake(conn)?, hello_us)
+        }
+        Transport::Serial(mux) => serial_handshake(mux, boot_conn)?,
+    };
+    fresh_identity(&cfg)?;
     let serials: Vec<&str> = cfg.disks.iter().map(|d| d.serial.as_str()).collect();
     let devices = find_disks(&serials)?;
     let plan = plan_root(&cfg.disks, &devices)?;
@@ -397,7 +407,9 @@ fn boot(
         ready_us: crate::sys::boottime_us(),
     };
     let ready = Frame::json(FrameType::Ready, &times).map_err(BootError::Ready)?;
-    write_frame(conn, &ready).map_err(BootError::Ready)?;
+    if let Some(conn) = boot_conn.as_mut() {
+        write_frame(conn, &ready).map_err(BootError::Ready)?;
+    }
     *boot_conn = None;
     tracing::info!(hostname = %hostname, "ready");
     Ok(())
@@ -433,18 +445,62 @@ fn early_setup() {
 
 /// Sends `Hello`, reads the `BootConfig`, sets the clock and validates the hosts entries.
 fn handshake(conn: &mut BootConn) -> Result<BootConfig, BootError> {
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let frame = Frame::json(FrameType::Hello, &hello).map_err(BootError::Hello)?;
-    write_frame(conn, &frame).map_err(BootError::Hello)?;
+    crate::resume::send_hello(conn).map_err(BootError::Hello)?;
     let cfg: BootConfig = read_frame_required(conn)
         .and_then(|f| f.expect(FrameType::BootConfig, "boot config"))
         .map_err(BootError::ReadConfig)?;
     set_clock(cfg.now_unix);
     etc::validate_hosts(&cfg.add_hosts).map_err(BootError::Hosts)?;
     Ok(cfg)
+}
+
+/// The handshake over the serial channel, which also accepts a restoring host's new ready
+/// stream ([`crate::resume`]). Returns the config and the boot time of `Hello`.
+fn serial_handshake(
+    mux: &Mux,
+    boot_conn: &mut Option<BootConn>,
+) -> Result<(BootConfig, u64), BootError> {
+    // Listen before dialing: a snapshot is taken after `Hello`, with this listener in place.
+    let fresh = mux.listen(READY_PORT);
+    let dialed = dial_serial(mux)?;
+    *boot_conn = dialed.try_clone().ok().map(|c| Box::new(c) as BootConn);
+    let hello_us = crate::sys::boottime_us();
+    let (cfg, conn, restored) =
+        crate::resume::handshake(dialed, fresh).map_err(BootError::Resume)?;
+    *boot_conn = Some(Box::new(conn));
+    if restored {
+        console("resumed from a snapshot");
+    }
+    set_clock(cfg.now_unix);
+    etc::validate_hosts(&cfg.add_hosts).map_err(BootError::Hosts)?;
+    Ok((cfg, hello_us))
+}
+
+/// Opens the ready stream over the serial channel, retrying until [`DIAL_TIMEOUT`].
+fn dial_serial(mux: &Mux) -> Result<std::os::unix::net::UnixStream, BootError> {
+    let start = Instant::now();
+    loop {
+        match mux.open(READY_PORT, DIAL_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() >= DIAL_TIMEOUT => {
+                return Err(BootError::Dial {
+                    port: READY_PORT,
+                    source: e,
+                })
+            }
+            Err(_) => std::thread::sleep(DIAL_RETRY),
+        }
+    }
+}
+
+/// Mixes the host's seed into the kernel's random pool and forces a reseed of the CRNG
+/// before any user code runs: restored VMs share the snapshot's CRNG state, so a failure
+/// fails the boot (closed) rather than running with it.
+fn fresh_identity(cfg: &BootConfig) -> Result<(), BootError> {
+    if cfg.random_seed.is_empty() {
+        return Ok(());
+    }
+    crate::sys::add_entropy_and_reseed(&cfg.random_seed).map_err(BootError::Reseed)
 }
 
 /// Mounts the lowers and the upper and assembles the overlay at [`MERGED_DIR`], keeping an

@@ -18,6 +18,7 @@ mod forward;
 mod hostchan;
 mod init;
 mod reaper;
+mod resume;
 mod spawn;
 mod sys;
 mod timer;

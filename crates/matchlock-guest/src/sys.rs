@@ -494,6 +494,44 @@ pub fn apply_child_setup(setup: &ChildSetup, groups: &[libc::gid_t]) -> io::Resu
     Ok(())
 }
 
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`); not in the `libc` crate.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`, Linux 4.17+); not in the `libc` crate.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+/// Largest seed accepted (bytes).
+pub const MAX_SEED: usize = 256;
+
+/// Credits `seed` to the kernel's input pool (`RNDADDENTROPY`, needs `CAP_SYS_ADMIN`) and
+/// forces the CRNG to reseed from it now (`RNDRESEEDCRNG`).
+pub fn add_entropy_and_reseed(seed: &[u8]) -> io::Result<()> {
+    if seed.is_empty() || seed.len() > MAX_SEED {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("seed of {} bytes (1-{MAX_SEED})", seed.len()),
+        ));
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let words = seed.len().div_ceil(4);
+    let mut info: Vec<libc::c_int> = vec![0; 2 + words];
+    let bits = libc::c_int::try_from(seed.len() * 8).unwrap_or(0);
+    let size = libc::c_int::try_from(seed.len()).unwrap_or(0);
+    info[0] = bits;
+    info[1] = size;
+    for (i, chunk) in seed.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = libc::c_int::from_ne_bytes(w);
+    }
+    // SAFETY: `info` is a valid rand_pool_info of `size` bytes of buffer that outlives the
+    // call; the kernel only reads it.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) })?;
+    // SAFETY: no argument.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

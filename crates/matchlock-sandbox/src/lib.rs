@@ -38,6 +38,7 @@ mod running;
 mod sandbox;
 pub mod services;
 pub mod signals;
+pub mod snapshot;
 
 pub use running::{RunningSandbox, StartError, StartOptions, StopReason};
 pub use sandbox::*;

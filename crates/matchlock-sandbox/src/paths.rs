@@ -48,6 +48,11 @@ impl Paths {
         self.cache.join("disk-templates")
     }
 
+    /// Post-boot VM snapshots ([`crate::snapshot`]).
+    pub fn snapshots(&self) -> PathBuf {
+        self.cache.join("snapshots")
+    }
+
     /// Named volumes: one `<name>.ext4` image each (the reference's
     /// `~/.cache/matchlock/volumes`). The one place this directory is computed.
     pub fn volumes(&self) -> PathBuf {

@@ -6,7 +6,10 @@
 //! the [`BootPlan`] (QEMU devices and the guest's boot configuration), let the services add
 //! to it, start the VM, and run the boot handshake. Every host file and process is recorded
 //! in the state DB before (files) or right after (processes) it is created. Any failure
-//! tears down what exists so far. Commands reach the guest through [`Sandbox::exec`] or
+//! tears down what exists so far. With `MATCHLOCK_DEV_SNAPSHOT=1` the VM is restored from
+//! a cached post-boot snapshot (made by the first eligible run, [`crate::snapshot`]) and
+//! the host opens the ready stream; any failure there falls back to a cold boot with a
+//! warning and a `matchlock:` line in the console log. Commands reach the guest through [`Sandbox::exec`] or
 //! [`Sandbox::open_exec`], the one place where the sandbox's exec defaults are applied.
 
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -27,6 +30,19 @@ use crate::exec::{run_exec, ExecDefaults, ExecError, ExecIo};
 use crate::paths::Paths;
 use crate::phases::{BootMarks, BootPhases};
 use crate::services::{BootPlan, SandboxEvent, ServiceError, Services};
+
+/// How long a restored guest may take to say `Hello` again before the snapshot counts as
+/// broken.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long saving a snapshot may take.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// When the VM process was up and the guest said `Hello`, and the guest's boot times.
+struct Launched {
+    spawned: Instant,
+    hello: Instant,
+    times: Option<ReadyTimes>,
+}
 
 /// How long the guest may take from VM start to `Ready` before we give up.
 const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -121,6 +137,8 @@ pub enum HandshakeError {
     GuestFailed(String),
     #[error("unexpected {0:?} frame during boot")]
     Unexpected(FrameType),
+    #[error("open the restored guest's ready stream")]
+    Resume(#[source] matchlock_vm::VmError),
 }
 
 /// Why a clean guest shutdown did not happen.
@@ -204,6 +222,8 @@ pub struct Sandbox {
     pub boot_time: Duration,
     /// Where [`Sandbox::boot_time`] went.
     pub boot_phases: BootPhases,
+    /// Console lines about the snapshot path, written once the final VM runs.
+    boot_notes: Vec<String>,
 }
 
 fn exec_defaults(spec: &SandboxSpec) -> ExecDefaults {
@@ -266,6 +286,7 @@ impl Sandbox {
             disk_locks: Mutex::new(Vec::new()),
             boot_time: Duration::ZERO,
             boot_phases: BootPhases::default(),
+            boot_notes: Vec::new(),
         };
         match sb.boot(paths, &spec) {
             Ok(()) => {
@@ -297,7 +318,11 @@ impl Sandbox {
         self.lock_disks(paths, spec)?;
         let upper = self.create_upper_disk(paths, spec.config.resources.disk_size_mb)?;
         let (ready, ready_path) = self.bind_ready_socket()?;
-        let channel = matchlock_vm::Channel::from_env().map_err(SandboxError::Channel)?;
+        let channel = if crate::snapshot::enabled() {
+            matchlock_vm::Channel::Serial
+        } else {
+            matchlock_vm::Channel::from_env().map_err(SandboxError::Channel)?
+        };
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper, channel);
         lock(&self.services)
             .events
@@ -310,28 +335,186 @@ impl Sandbox {
             .prepare(&mut plan, &self.dir)
             .map_err(SandboxError::Service)?;
         let spawn = Instant::now();
-        self.start_vm(&plan.vm)?;
-        let spawned = Instant::now();
-        tracing::debug!(ms = ms(started.elapsed()), "VM started");
         let deadline = started + boot_timeout();
-        let (hello, times) = handshake(&ready, self.machine.as_ref(), &plan.guest, deadline)
-            .map_err(|e| SandboxError::NotReady {
-                reason: error_chain(&e),
-                console: self.machine.console_tail(CONSOLE_TAIL_LINES),
-            })?;
+        let launched = self.launch(paths, &mut plan, &ready, deadline);
+        self.flush_notes();
+        let launched = launched?;
         let marks = BootMarks {
             start: started,
             spawn,
-            spawned,
-            hello,
+            spawned: launched.spawned,
+            hello: launched.hello,
             ready: Instant::now(),
         };
+        let times = launched.times;
         self.boot_phases = BootPhases::new(&marks, times);
         drop(ready);
         let _ = std::fs::remove_file(&ready_path);
         self.boot_time = started.elapsed();
         tracing::info!(id = %self.id, boot_ms = ms(self.boot_time), "sandbox ready");
         Ok(())
+    }
+
+    /// Starts the VM and runs the boot handshake: from a cached snapshot when the developer
+    /// switch is on and the VM is eligible (making the snapshot first if there is none),
+    /// else, or when that fails, a cold boot.
+    fn launch(
+        &mut self,
+        paths: &Paths,
+        plan: &mut BootPlan,
+        ready: &StdUnixListener,
+        deadline: Instant,
+    ) -> Result<Launched, SandboxError> {
+        plan.guest.random_seed = match crate::snapshot::seed() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(id = %self.id, error = %error_chain(&e), "no random seed for the guest");
+                Vec::new()
+            }
+        };
+        if crate::snapshot::enabled() {
+            // Without a seed a restored guest would keep the snapshot's CRNG state.
+            let ineligible = if plan.guest.random_seed.is_empty() {
+                Some("no host random seed")
+            } else {
+                crate::snapshot::ineligible(&plan.vm)
+            };
+            match ineligible {
+                Some(why) => {
+                    tracing::info!(id = %self.id, reason = why, "snapshot boot not possible; cold boot")
+                }
+                None => match self.launch_from_snapshot(paths, plan, ready, deadline) {
+                    Ok(l) => return Ok(l),
+                    Err(why) => {
+                        tracing::warn!(id = %self.id, error = %why, "snapshot boot failed; cold boot");
+                        self.console_note(&format!("snapshot boot failed, cold boot: {why}"));
+                        self.stop_machine();
+                    }
+                },
+            }
+        }
+        self.start_vm(&plan.vm)?;
+        let spawned = Instant::now();
+        let (hello, times) = handshake(ready, self.machine.as_ref(), &mut plan.guest, deadline)
+            .map_err(|e| self.not_ready(&e))?;
+        Ok(Launched {
+            spawned,
+            hello,
+            times,
+        })
+    }
+
+    fn not_ready(&self, e: &HandshakeError) -> SandboxError {
+        SandboxError::NotReady {
+            reason: error_chain(e),
+            console: self.machine.console_tail(CONSOLE_TAIL_LINES),
+        }
+    }
+
+    /// The snapshot path of [`Sandbox::launch`]; errors are rendered for the warning.
+    fn launch_from_snapshot(
+        &mut self,
+        paths: &Paths,
+        plan: &mut BootPlan,
+        ready: &StdUnixListener,
+        deadline: Instant,
+    ) -> Result<Launched, String> {
+        let cache = crate::snapshot::SnapshotCache::new(paths.snapshots());
+        let key = crate::snapshot::key(&plan.vm).map_err(|e| error_chain(&e))?;
+        let entry = match cache.lookup(&key, plan.vm.memory_mb) {
+            Some(e) => e,
+            None => self.make_snapshot(&cache, &key, plan, ready, deadline)?,
+        };
+        let t = Instant::now();
+        let mut vm = plan.vm.clone();
+        vm.snapshot = Some(matchlock_vm::SnapshotMode::Restore {
+            ram: entry.ram(),
+            state: entry.state(),
+        });
+        if let Err(e) = self.start_vm(&vm) {
+            cache.discard(&entry);
+            return Err(error_chain(&e));
+        }
+        let spawned = Instant::now();
+        let resume_deadline = deadline.min(spawned + RESUME_TIMEOUT);
+        let (mut conn, hello) = match open_ready(self.machine.as_ref(), resume_deadline) {
+            Ok(c) => c,
+            Err(e) => {
+                // The guest never said Hello again: the snapshot is unusable.
+                cache.discard(&entry);
+                return Err(error_chain(&e));
+            }
+        };
+        let times = finish_handshake(&mut conn, &mut plan.guest).map_err(|e| error_chain(&e))?;
+        let short = key.get(..12).unwrap_or(&key);
+        self.console_note(&format!(
+            "restored from snapshot {short} (VM start + state load {} ms)",
+            ms(spawned - t)
+        ));
+        tracing::info!(id = %self.id, snapshot = short, load_ms = ms(spawned - t), "restored from snapshot");
+        Ok(Launched {
+            spawned,
+            hello,
+            times,
+        })
+    }
+
+    /// Cold boots a VM with file-backed RAM to the snapshot point (`Hello`), saves it,
+    /// kills it and moves the snapshot into the cache.
+    fn make_snapshot(
+        &mut self,
+        cache: &crate::snapshot::SnapshotCache,
+        key: &str,
+        plan: &BootPlan,
+        ready: &StdUnixListener,
+        deadline: Instant,
+    ) -> Result<crate::snapshot::Entry, String> {
+        let pending = cache.begin(key).map_err(|e| error_chain(&e))?;
+        let mut vm = plan.vm.clone();
+        vm.snapshot = Some(matchlock_vm::SnapshotMode::Make { ram: pending.ram() });
+        let t = Instant::now();
+        self.start_vm(&vm).map_err(|e| error_chain(&e))?;
+        let mut conn =
+            accept_guest(ready, self.machine.as_ref(), deadline).map_err(|e| error_chain(&e))?;
+        read_hello(&mut conn, deadline).map_err(|e| error_chain(&e))?;
+        self.machine
+            .save_snapshot(&pending.state(), SAVE_TIMEOUT)
+            .map_err(|e| error_chain(&e))?;
+        self.stop_machine();
+        drop(conn);
+        let entry = pending.commit().map_err(|e| error_chain(&e))?;
+        self.console_note(&format!(
+            "made snapshot {} ({} ms)",
+            key.get(..12).unwrap_or(key),
+            ms(t.elapsed())
+        ));
+        tracing::info!(id = %self.id, ms = ms(t.elapsed()), "snapshot made");
+        Ok(entry)
+    }
+
+    /// Kills the current VM (a snapshot maker, or a failed restore) before the next start.
+    fn stop_machine(&mut self) {
+        let _ = self.machine.kill();
+        let none: Arc<dyn Machine> = Arc::new(NoMachine);
+        self.machine = none.clone();
+        self.link = Arc::new(GuestLink { machine: none });
+    }
+
+    /// Queues a `matchlock:` line for the VM's console log; written by
+    /// [`Sandbox::flush_notes`] once the VM that stays has started (each start truncates
+    /// the log).
+    fn console_note(&mut self, msg: &str) {
+        self.boot_notes.push(format!("matchlock: {msg}\n"));
+    }
+
+    fn flush_notes(&mut self) {
+        let notes = std::mem::take(&mut self.boot_notes);
+        if let Some(mut w) = self.console_writer() {
+            use std::io::Write;
+            for n in notes {
+                let _ = w.write_all(n.as_bytes());
+            }
+        }
     }
 
     /// Locks every extra disk for its mode before QEMU sees it, so a disk attached
@@ -409,6 +592,7 @@ impl Sandbox {
             net: None,
             fs: None,
             channel,
+            snapshot: None,
         };
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()
@@ -439,6 +623,7 @@ impl Sandbox {
             net: None,
             ca_pem: None,
             workspace: None,
+            random_seed: Vec::new(),
         };
         BootPlan { vm, guest }
     }
@@ -703,32 +888,70 @@ fn accept_guest(
 fn handshake(
     ready: &StdUnixListener,
     machine: &dyn Machine,
-    cfg: &BootConfig,
+    cfg: &mut BootConfig,
     deadline: Instant,
 ) -> Result<(Instant, Option<ReadyTimes>), HandshakeError> {
     let mut conn = accept_guest(ready, machine, deadline)?;
+    let hello_at = read_hello(&mut conn, deadline)?;
+    let times = finish_handshake(&mut conn, cfg)?;
+    Ok((hello_at, times))
+}
+
+/// Reads and checks the guest's `Hello`; returns when it arrived.
+fn read_hello(
+    conn: &mut std::os::unix::net::UnixStream,
+    deadline: Instant,
+) -> Result<Instant, HandshakeError> {
     let _ = conn.set_nonblocking(false);
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(100));
     let _ = conn.set_read_timeout(Some(remaining));
-    let hello: Hello = read_frame_required(&mut conn)
+    let hello: Hello = read_frame_required(conn)
         .map_err(HandshakeError::Proto)?
         .expect(FrameType::Hello, "hello")
         .map_err(HandshakeError::Proto)?;
-    let hello_at = Instant::now();
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(HandshakeError::Version {
             guest: hello.protocol_version,
             host: PROTOCOL_VERSION,
         });
     }
-    let frame = Frame::json(FrameType::BootConfig, cfg).map_err(HandshakeError::Proto)?;
-    write_frame(&mut conn, &frame).map_err(HandshakeError::Proto)?;
-    let reply = read_frame_required(&mut conn).map_err(HandshakeError::Proto)?;
+    Ok(Instant::now())
+}
+
+/// A restored guest's boot stream: the host opens it (the guest's own one belonged to the
+/// snapshot's owner) and the guest says `Hello` again on it.
+fn open_ready(
+    machine: &dyn Machine,
+    deadline: Instant,
+) -> Result<(std::os::unix::net::UnixStream, Instant), HandshakeError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut conn = machine
+        .connect(READY_PORT, left)
+        .map_err(HandshakeError::Resume)?;
+    let hello = read_hello(&mut conn, deadline)?;
+    Ok((conn, hello))
+}
+
+/// Sends `BootConfig` (with the current time) and waits for `Ready` or `BootFailed`.
+fn finish_handshake(
+    conn: &mut std::os::unix::net::UnixStream,
+    cfg: &mut BootConfig,
+) -> Result<Option<ReadyTimes>, HandshakeError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    cfg.now_unix = (
+        i64::try_from(now.as_secs()).unwrap_or(0),
+        now.subsec_nanos(),
+    );
+    let frame = Frame::json(FrameType::BootConfig, &*cfg).map_err(HandshakeError::Proto)?;
+    write_frame(conn, &frame).map_err(HandshakeError::Proto)?;
+    let reply = read_frame_required(conn).map_err(HandshakeError::Proto)?;
     match reply.kind {
         // Times are informational: an empty or malformed payload is no failure.
-        FrameType::Ready => Ok((hello_at, reply.parse::<ReadyTimes>("ready").ok())),
+        FrameType::Ready => Ok(reply.parse::<ReadyTimes>("ready").ok()),
         FrameType::BootFailed => Err(HandshakeError::GuestFailed(
             String::from_utf8_lossy(&reply.payload).into_owned(),
         )),

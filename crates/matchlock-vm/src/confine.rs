@@ -105,6 +105,11 @@ impl Rules {
         if accel == Accel::Kvm {
             r.read_write.push(PathBuf::from("/dev/kvm"));
         }
+        if let Some(snap) = &cfg.snapshot {
+            // QEMU 7.2 opens a file RAM backend read-write even when mapped private
+            // (crate::snapshot, Limitations).
+            r.read_write.push(snap.ram().to_owned());
+        }
         r
     }
 
@@ -311,6 +316,7 @@ mod tests {
             net: None,
             fs: None,
             channel: crate::Channel::Vsock,
+            snapshot: None,
             accel: Accel::Tcg,
             extra_cmdline: Vec::new(),
             qemu_binary: None,

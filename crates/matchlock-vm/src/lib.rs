@@ -35,6 +35,8 @@ pub mod console;
 pub mod cpio;
 pub mod hybrid;
 pub mod qemu;
+pub mod qmp;
+pub mod snapshot;
 mod spawn;
 
 use std::os::unix::net::UnixStream;
@@ -45,7 +47,7 @@ pub use accel::{detect_accel, Accel, AccelChoice, ParseAccelError};
 pub use assets::AssetError;
 pub use chan::{Channel, ParseChannelError, CHANNEL_ENV};
 pub use confine::{host_confinement, Confinement};
-pub use qemu::{qemu_version, vsock_backend_path};
+pub use qemu::{qemu_version, snapshot_key_material, vsock_backend_path};
 
 /// A block device given to the guest as a `virtio-blk` device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +95,11 @@ pub struct VmConfig {
     pub fs: Option<FsDevice>,
     /// The host<->guest channel's transport (vsock, or the virtio-serial mux of [`chan`]).
     pub channel: Channel,
+    /// Make or restore a snapshot ([`snapshot`]; serial channel only). None: memfd RAM.
+    pub snapshot: Option<SnapshotMode>,
 }
+
+pub use snapshot::SnapshotMode;
 
 /// A virtio-fs device whose requests a vhost-user backend in the sandbox owner serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +167,12 @@ pub trait Machine: Send + Sync {
     fn console(&self) -> Option<std::sync::Arc<console::ConsoleLog>> {
         None
     }
+    /// Saves the paused guest's device state to `state` (its RAM stays in the file given
+    /// by [`SnapshotMode::Make`]) and leaves the VM paused; see [`snapshot`].
+    fn save_snapshot(&self, state: &Path, timeout: Duration) -> Result<(), VmError> {
+        let _ = (state, timeout);
+        Err(VmError::SnapshotUnsupported)
+    }
 }
 
 /// Returns the backend called `kind` (`"qemu"`).
@@ -176,6 +188,22 @@ pub fn backend(kind: &str) -> Result<Box<dyn Backend>, VmError> {
 /// Errors of VM backends.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    #[error("this VM was not started to make a snapshot")]
+    SnapshotUnsupported,
+    #[error("save the snapshot")]
+    SnapshotSave(#[source] snapshot::SnapshotError),
+    #[error("restore the snapshot (last console lines: {console:?})")]
+    SnapshotRestore {
+        console: String,
+        #[source]
+        source: snapshot::SnapshotError,
+    },
+    #[error("read {path} for the snapshot key")]
+    SnapshotIdentity {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("unknown VM backend {kind:?} (known: qemu)")]
     UnknownBackend { kind: String },
     #[error("qemu-system-x86_64 not found in PATH; install the qemu-system-x86 package")]

@@ -41,6 +41,11 @@
 //! owner's `<dir>/chan.sock` (bound before QEMU starts), and the kernel command line gets
 //! `matchlock.chan=serial` so the guest agent opens the port instead of dialing vsock.
 //!
+//! With a [`crate::SnapshotMode`] (developer switch `MATCHLOCK_DEV_SNAPSHOT=1`, serial
+//! channel only) guest RAM is a `memory-backend-file` instead of memfd and QEMU gets a QMP
+//! socket (`<dir>/qmp.sock`); a restore adds `-incoming defer` and [`QemuMachine::start`]
+//! loads the saved state before it returns ([`crate::snapshot`]).
+//!
 //! The serial console is a `stdio` chardev: QEMU's stdout, its stderr and the stderr of
 //! `vhost-device-vsock` share one pipe that the owner copies into the capped, rotating
 //! console log (`console.rs`), so a boot failure report shows all three. When QEMU exits (guest power-off, panic, kill), its waiter
@@ -246,11 +251,15 @@ fn qemu_args(
     if MICROVM_ACPI_OFF {
         machine.push_str(",acpi=off");
     }
+    let memory = match &cfg.snapshot {
+        None => format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        Some(snap) => snap.memory_object(mem, &qemu_escape(utf8(snap.ram(), "snapshot RAM")?)),
+    };
     let mut a: Vec<String> = vec![
         "-M".into(),
         machine,
         "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        memory,
         "-global".into(),
         "virtio-mmio.force-legacy=false".into(),
         "-nodefaults".into(),
@@ -319,7 +328,94 @@ fn qemu_args(
         a.extend(fs_args(f)?);
     }
     a.extend(["-device".into(), "virtio-rng-device".into()]);
+    if let Some(snap) = &cfg.snapshot {
+        let qmp = cfg.state_dir.join(crate::snapshot::QMP_SOCKET);
+        a.extend([
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                qemu_escape(utf8(&qmp, "QMP socket")?)
+            ),
+        ]);
+        if matches!(snap, crate::SnapshotMode::Restore { .. }) {
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
+    }
     Ok(a.into_iter().map(OsString::from).collect())
+}
+
+/// Everything a snapshot of `cfg` depends on, as text for the snapshot key: QEMU's
+/// argument vector with the per-VM paths replaced (so it carries the kernel command line,
+/// memory, vCPUs, accelerator and device layout), each disk's serial, mode and size (the
+/// guest reads capacities at probe), and the identity (path, device, inode, size, mtime)
+/// of the QEMU binary, the kernel and the initramfs, so a rebuilt file never restores an
+/// old snapshot.
+pub fn snapshot_key_material(cfg: &VmConfig) -> Result<String, VmError> {
+    let accel = match cfg.accel {
+        Accel::Auto => detect_accel(Accel::Auto).accel,
+        other => other,
+    };
+    let tsc_khz = if accel == Accel::Tcg {
+        fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| host_tsc_khz(&c))
+    } else {
+        None
+    };
+    let mut norm = cfg.clone();
+    norm.state_dir = PathBuf::from("/vm");
+    norm.kernel = PathBuf::from("/kernel");
+    norm.initramfs = PathBuf::from("/initramfs");
+    norm.snapshot = None;
+    if let Some(n) = &mut norm.net {
+        n.socket = PathBuf::from("/vm/net");
+    }
+    if let Some(f) = &mut norm.fs {
+        f.socket = PathBuf::from("/vm/fs");
+    }
+    for (i, d) in norm.disks.iter_mut().enumerate() {
+        d.path = PathBuf::from(format!("/disk{i}"));
+    }
+    let args = qemu_args(&norm, accel, tsc_khz, Path::new("/vm/chan"))?;
+    let mut text: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    for d in &cfg.disks {
+        let len = fs::metadata(&d.path)
+            .map_err(|source| VmError::SnapshotIdentity {
+                path: d.path.clone(),
+                source,
+            })?
+            .len();
+        text.push(format!("disk {} ro={} size={len}", d.serial, d.readonly));
+    }
+    let qemu = qemu_path(cfg.qemu_binary.as_deref())?;
+    for (what, p) in [
+        ("qemu", &qemu),
+        ("kernel", &cfg.kernel),
+        ("initramfs", &cfg.initramfs),
+    ] {
+        text.push(format!("{what} {}", file_identity(p)?));
+    }
+    Ok(text.join("\n"))
+}
+
+fn file_identity(p: &Path) -> Result<String, VmError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(p).map_err(|source| VmError::SnapshotIdentity {
+        path: p.to_owned(),
+        source,
+    })?;
+    Ok(format!(
+        "{} dev={} ino={} size={} mtime={}.{}",
+        p.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
 }
 
 /// The vhost-user-fs device on the backend's socket (queue size 1024, the backend's maximum).
@@ -458,7 +554,12 @@ pub struct QemuMachine {
     qemu: Arc<Supervised>,
     vsock: Option<Arc<Supervised>>,
     chan: Option<HostChannel>,
+    /// The QMP socket, when the VM was started with a snapshot mode.
+    qmp: Option<PathBuf>,
 }
+
+/// How long loading a snapshot may take (QEMU start to `running`).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl QemuMachine {
     /// Starts the helper, then QEMU. See the module docs for the order and the recipe.
@@ -497,6 +598,7 @@ impl QemuMachine {
         let vsock_path = cfg.state_dir.join(VSOCK_SOCKET);
         remove_stale(&vhost_socket)?;
         remove_stale(&vsock_path)?;
+        remove_stale(&cfg.state_dir.join(crate::snapshot::QMP_SOCKET))?;
         let chan_socket = match cfg.channel {
             Channel::Vsock => vhost_socket.clone(),
             Channel::Serial => cfg.state_dir.join(CHAN_SOCKET),
@@ -584,7 +686,7 @@ impl QemuMachine {
             }
         })?;
         tracing::info!(id = %cfg.id, qemu_pid = qemu.pid(), vsock_pid = vsock.as_ref().map(|v| v.pid()), channel = ?cfg.channel, %accel, "VM started");
-        Ok(QemuMachine {
+        let machine = QemuMachine {
             id: cfg.id.clone(),
             vsock_path,
             console_log: cfg.console_log.clone(),
@@ -592,7 +694,25 @@ impl QemuMachine {
             qemu,
             vsock,
             chan,
-        })
+            qmp: cfg
+                .snapshot
+                .as_ref()
+                .map(|_| cfg.state_dir.join(crate::snapshot::QMP_SOCKET)),
+        };
+        if let (Some(crate::SnapshotMode::Restore { state, .. }), Some(qmp)) =
+            (&cfg.snapshot, &machine.qmp)
+        {
+            let deadline = Instant::now() + RESTORE_TIMEOUT;
+            if let Err(source) = crate::snapshot::load(qmp, state, deadline) {
+                let _ = machine.kill();
+                machine.console.wait_drained(Duration::from_secs(1));
+                return Err(VmError::SnapshotRestore {
+                    console: tail_lines(&machine.console_log, 3),
+                    source,
+                });
+            }
+        }
+        Ok(machine)
     }
 
     /// The helpers and the VMM, for signalling and reaping.
@@ -732,6 +852,11 @@ impl Machine for QemuMachine {
     fn console(&self) -> Option<Arc<ConsoleLog>> {
         Some(self.console.clone())
     }
+
+    fn save_snapshot(&self, state: &Path, timeout: Duration) -> Result<(), VmError> {
+        let qmp = self.qmp.as_ref().ok_or(VmError::SnapshotUnsupported)?;
+        crate::snapshot::save(qmp, state, timeout).map_err(VmError::SnapshotSave)
+    }
 }
 
 impl Drop for QemuMachine {
@@ -795,6 +920,7 @@ mod tests {
             net: None,
             fs: None,
             channel: crate::Channel::Vsock,
+            snapshot: None,
         }
     }
 

@@ -71,6 +71,7 @@ fn config_with(dir: &Path, initramfs: PathBuf) -> VmConfig {
         net: None,
         fs: None,
         channel: matchlock_vm::Channel::Vsock,
+        snapshot: None,
     }
 }
 

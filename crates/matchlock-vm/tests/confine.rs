@@ -76,6 +76,7 @@ fn config(dir: &Path, kernel: PathBuf, script: &str) -> VmConfig {
         net: None,
         fs: None,
         channel: matchlock_vm::Channel::Vsock,
+        snapshot: None,
         accel: Accel::Tcg,
         extra_cmdline: Vec::new(),
         qemu_binary: None,

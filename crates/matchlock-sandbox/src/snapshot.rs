@@ -1,0 +1,401 @@
+//! The snapshot cache: post-boot VM snapshots keyed by everything they depend on, so
+//! `run` can restore one instead of cold booting (developer switch
+//! `MATCHLOCK_DEV_SNAPSHOT=1`, which implies the virtio-serial channel; docs/snapshots.md).
+//!
+//! # Design
+//! - **Snapshot point**: the guest has finished init, sent `Hello` and waits for
+//!   `BootConfig`. Nothing per-sandbox has reached it: the kernel command line carries no
+//!   sandbox data, disks are probed but not opened or mounted, no user code ran. The
+//!   restored guest gets its identity in `BootConfig`: clock, hostname, and a 32-byte host
+//!   seed it credits with `RNDADDENTROPY` before forcing `RNDRESEEDCRNG`.
+//! - **Key** ([`key`]): SHA-256 of [`matchlock_vm::snapshot_key_material`]: QEMU's argument
+//!   vector with per-VM paths normalised (kernel command line incl. `tsc_early_khz`,
+//!   memory, vCPUs, accelerator, device layout), each disk's serial, mode and size (the
+//!   guest reads capacities at probe, so the image's squashfs size is part of the key: the
+//!   first run of each image makes its snapshot), and the identity of the QEMU binary, the
+//!   kernel and the initramfs (which is named by the guest runtime's hash).
+//! - **Eligibility** ([`ineligible`]): the virtio-serial channel, no vhost-user-fs
+//!   (workspace) and no vhost-user-net (vhost-user devices cannot migrate); others cold
+//!   boot. A network device on `-netdev stream` (the default transport) is fine: its MAC
+//!   is the same for every sandbox and in the key with the device, the stack's socket is
+//!   reconnected by the new QEMU, and `eth0` is configured only from `BootConfig`.
+//! - **Cache layout**: `<cache>/snapshots/<key>/{ram,state}`, directories 0700, files 0600.
+//!   A snapshot is written into `.tmp-<pid>-<nanos>/` and renamed into place; when two first
+//!   runs race, the first rename wins and the loser deletes its copy and uses the winner's.
+//!   A snapshot is removed by renaming it to `.dead-*` first, so a concurrent restore that
+//!   already opened its files is unaffected.
+//! - **Validation** before a restore: the RAM file must be exactly the VM's memory size and
+//!   the state file 1 byte..[`MAX_STATE`]; anything else is discarded. A restore that fails
+//!   (QEMU refuses the stream, the guest does not answer within the bound) is discarded by
+//!   the caller, which then cold boots with a warning.
+//!
+//! # Limitations
+//! The identity of QEMU, kernel and initramfs is their file metadata (path, device, inode,
+//! size, mtime), not a content hash (hashing the kernel would cost more than the restore
+//! saves); a file rewritten in place with its mtime forged is not noticed.
+
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use matchlock_vm::VmConfig;
+
+/// The developer switch.
+pub const SNAPSHOT_ENV: &str = "MATCHLOCK_DEV_SNAPSHOT";
+/// Version of the key material; bump when its meaning changes.
+const KEY_VERSION: &str = "matchlock-snapshot v1";
+/// Largest device-state file accepted (the measured one is ~200 KB).
+pub const MAX_STATE: u64 = 64 * 1024 * 1024;
+/// Bytes of host randomness sent to each guest.
+pub const SEED_BYTES: usize = 32;
+/// Temporary and dead directories older than this are removed by the next writer.
+const STALE_AFTER: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotCacheError {
+    #[error("compute the snapshot key")]
+    Key(#[source] matchlock_vm::VmError),
+    #[error("create the snapshot directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("create the RAM file {path}")]
+    CreateRam {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("move the new snapshot into place at {path}")]
+    Commit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read host randomness")]
+    Seed(#[source] std::io::Error),
+}
+
+/// Whether the developer switch is on (`MATCHLOCK_DEV_SNAPSHOT=1`).
+pub fn enabled() -> bool {
+    std::env::var(SNAPSHOT_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Why a VM cannot be snapshotted or restored (`None`: it can).
+pub fn ineligible(vm: &VmConfig) -> Option<&'static str> {
+    if vm.channel != matchlock_vm::Channel::Serial {
+        return Some("the vsock channel cannot migrate");
+    }
+    if vm.fs.is_some() {
+        return Some("vhost-user-fs (workspace) cannot migrate");
+    }
+    if vm
+        .net
+        .as_ref()
+        .is_some_and(|n| n.transport == matchlock_vm::NetTransport::VhostUser)
+    {
+        return Some("vhost-user-net cannot migrate");
+    }
+    None
+}
+
+/// The cache key of `vm`'s snapshot (hex SHA-256).
+pub fn key(vm: &VmConfig) -> Result<String, SnapshotCacheError> {
+    let material = matchlock_vm::snapshot_key_material(vm).map_err(SnapshotCacheError::Key)?;
+    Ok(key_of(&material))
+}
+
+fn key_of(material: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(KEY_VERSION.as_bytes());
+    h.update(b"\n");
+    h.update(material.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Fresh host randomness for one guest's `BootConfig`.
+pub fn seed() -> Result<Vec<u8>, SnapshotCacheError> {
+    let mut buf = vec![0u8; SEED_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(SnapshotCacheError::Seed)?;
+    Ok(buf)
+}
+
+/// A snapshot's files.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub dir: PathBuf,
+}
+
+impl Entry {
+    pub fn ram(&self) -> PathBuf {
+        self.dir.join("ram")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+}
+
+/// `<cache>/snapshots`.
+#[derive(Debug, Clone)]
+pub struct SnapshotCache {
+    root: PathBuf,
+}
+
+impl SnapshotCache {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    /// The valid snapshot for `key` of a VM with `memory_mb`, if any; an invalid one is
+    /// discarded.
+    pub fn lookup(&self, key: &str, memory_mb: u32) -> Option<Entry> {
+        let entry = Entry {
+            dir: self.root.join(key),
+        };
+        if !entry.dir.is_dir() {
+            return None;
+        }
+        let ram_ok = std::fs::metadata(entry.ram())
+            .is_ok_and(|m| m.is_file() && m.len() == u64::from(memory_mb) * 1024 * 1024);
+        let state_ok = std::fs::metadata(entry.state())
+            .is_ok_and(|m| m.is_file() && m.len() > 0 && m.len() <= MAX_STATE);
+        if ram_ok && state_ok {
+            return Some(entry);
+        }
+        tracing::warn!(dir = %entry.dir.display(), ram_ok, state_ok, "invalid snapshot discarded");
+        self.discard(&entry);
+        None
+    }
+
+    /// Removes a snapshot (renamed aside first, see the module docs).
+    pub fn discard(&self, entry: &Entry) {
+        let dead = self.root.join(format!(".dead-{}", unique()));
+        if std::fs::rename(&entry.dir, &dead).is_ok() {
+            let _ = std::fs::remove_dir_all(&dead);
+        }
+    }
+
+    /// Starts writing a snapshot: a private temporary directory with an empty RAM file.
+    pub fn begin(&self, key: &str) -> Result<Pending, SnapshotCacheError> {
+        matchlock_vm::assets::private_dir(&self.root).map_err(|source| {
+            SnapshotCacheError::CreateDir {
+                path: self.root.clone(),
+                source,
+            }
+        })?;
+        self.remove_stale();
+        let tmp = self.root.join(format!(".tmp-{}", unique()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(|source| SnapshotCacheError::CreateDir {
+                path: tmp.clone(),
+                source,
+            })?;
+        let pending = Pending {
+            tmp: Some(tmp),
+            target: self.root.join(key),
+        };
+        let ram = pending.ram();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&ram)
+            .map_err(|source| SnapshotCacheError::CreateRam { path: ram, source })?;
+        Ok(pending)
+    }
+
+    /// Removes temporary and dead directories left by crashed writers.
+    fn remove_stale(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age > STALE_AFTER);
+            if old && (name.starts_with(".tmp-") || name.starts_with(".dead-")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// A snapshot being written; removed on drop unless committed.
+pub struct Pending {
+    tmp: Option<PathBuf>,
+    target: PathBuf,
+}
+
+impl Pending {
+    fn dir(&self) -> &Path {
+        self.tmp.as_deref().unwrap_or(&self.target)
+    }
+    pub fn ram(&self) -> PathBuf {
+        self.dir().join("ram")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    /// Moves the snapshot into place; if another writer got there first, its snapshot is
+    /// used and this one removed.
+    pub fn commit(mut self) -> Result<Entry, SnapshotCacheError> {
+        let Some(tmp) = self.tmp.take() else {
+            return Ok(Entry {
+                dir: self.target.clone(),
+            });
+        };
+        match std::fs::rename(&tmp, &self.target) {
+            Ok(()) => Ok(Entry {
+                dir: self.target.clone(),
+            }),
+            Err(_) if self.target.is_dir() => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Ok(Entry {
+                    dir: self.target.clone(),
+                })
+            }
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(SnapshotCacheError::Commit {
+                    path: self.target.clone(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+    }
+}
+
+/// A name no other writer on this host uses at the same time.
+fn unique() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn vm(channel: matchlock_vm::Channel) -> VmConfig {
+        VmConfig {
+            id: "t".into(),
+            state_dir: "/nonexistent".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            disks: Vec::new(),
+            console_log: "/c".into(),
+            console_max_bytes: 1,
+            accel: matchlock_vm::Accel::Tcg,
+            extra_cmdline: Vec::new(),
+            qemu_binary: None,
+            vsock_binary: None,
+            net: None,
+            fs: None,
+            channel,
+            snapshot: None,
+        }
+    }
+
+    #[test]
+    fn only_migratable_device_sets_are_eligible() {
+        use matchlock_vm::{Channel, NetDevice, NetTransport};
+        assert!(ineligible(&vm(Channel::Vsock)).is_some());
+        let mut v = vm(Channel::Serial);
+        assert_eq!(ineligible(&v), None);
+        let mut net = NetDevice {
+            socket: "/n".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+            transport: NetTransport::Stream,
+        };
+        v.net = Some(net.clone());
+        assert_eq!(ineligible(&v), None);
+        net.transport = NetTransport::VhostUser;
+        v.net = Some(net);
+        assert_eq!(ineligible(&v), Some("vhost-user-net cannot migrate"));
+    }
+
+    #[test]
+    fn key_depends_on_every_byte_of_the_material() {
+        let a = key_of("-m 256M\ndisk ml-lower0 ro=true size=4096");
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, key_of("-m 256M\ndisk ml-lower0 ro=true size=4096"));
+        assert_ne!(a, key_of("-m 256M\ndisk ml-lower0 ro=true size=8192"));
+        assert_ne!(a, key_of("-m 512M\ndisk ml-lower0 ro=true size=4096"));
+    }
+
+    fn write_snapshot(cache: &SnapshotCache, key: &str, ram_len: u64) -> Entry {
+        let p = cache.begin(key).expect("begin");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.ram())
+            .and_then(|f| f.set_len(ram_len))
+            .expect("ram");
+        std::fs::write(p.state(), b"state").expect("state");
+        p.commit().expect("commit")
+    }
+
+    #[test]
+    fn commit_lookup_race_and_discard() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = SnapshotCache::new(dir.path().join("snapshots"));
+        assert!(cache.lookup("k", 1).is_none());
+        let e = write_snapshot(&cache, "k", 1024 * 1024);
+        let mode = std::fs::metadata(&cache.root)
+            .expect("root")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let ram_mode = std::fs::metadata(e.ram())
+            .expect("ram")
+            .permissions()
+            .mode();
+        assert_eq!(ram_mode & 0o777, 0o600);
+        assert!(cache.lookup("k", 1).is_some());
+        // A second writer for the same key loses the rename and uses the first snapshot.
+        let again = write_snapshot(&cache, "k", 1024 * 1024);
+        assert_eq!(again.dir, e.dir);
+        let names: Vec<String> = std::fs::read_dir(&cache.root)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["k".to_string()], "no temporary left behind");
+        // Wrong memory size: discarded.
+        assert!(cache.lookup("k", 2).is_none());
+        assert!(!e.dir.exists());
+        // Truncated state: discarded.
+        let e = write_snapshot(&cache, "t", 1024 * 1024);
+        std::fs::write(e.state(), b"").expect("truncate");
+        assert!(cache.lookup("t", 1).is_none());
+        // An abandoned writer leaves nothing.
+        drop(cache.begin("z").expect("begin"));
+        assert!(std::fs::read_dir(&cache.root).expect("ls").next().is_none());
+    }
+}
