@@ -21,7 +21,8 @@
 //!
 //! # Limitations
 //! One session per QEMU process: when QEMU disconnects, every stream is reset and the
-//! listener is closed (restore, which would accept again, is not built yet). A guest that
+//! listener is closed (a snapshot restore is a new QEMU process with its own listener, see
+//! docs/snapshots.md; the restored guest gets the new session's streams). A guest that
 //! never reads the channel can stall the owner's writes to it (its own sandbox only).
 
 use std::io;
