@@ -47,6 +47,8 @@ use rustix::fs::{FileType, Mode, OFlags, RawDir, ResolveFlags, SeekFrom};
 pub const MAX_BUF: usize = 1 << 20;
 /// Largest mount table read (bytes).
 pub const MAX_MOUNTINFO: u64 = 4 << 20;
+/// Bytes reserved for the mount table before reading it.
+const MOUNTINFO_HINT: usize = 64 << 10;
 
 /// Why the share root could not be opened for listings.
 #[derive(Debug, thiserror::Error)]
@@ -186,7 +188,9 @@ impl HostDirs {
 /// `None` when the table cannot be read whole.
 fn mount_points_in(dir: &Path) -> Option<Vec<Vec<u8>>> {
     let file = std::fs::File::open("/proc/self/mountinfo").ok()?;
-    let mut text = Vec::new();
+    // Room for a typical table up front: the kernel fills a read whole, so this is one
+    // `read` and the one that sees the end (growing from empty reads in small steps).
+    let mut text = Vec::with_capacity(MOUNTINFO_HINT);
     file.take(MAX_MOUNTINFO + 1).read_to_end(&mut text).ok()?;
     if text.len() as u64 > MAX_MOUNTINFO {
         return None;
