@@ -58,6 +58,8 @@ use fuse_backend_rs::api::{BackFileSystem, BackendFileSystem, VFS_MAX_INO};
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use crate::hostdir::{HostDirs, Listed};
+
 type Inode = u64;
 type Handle = u64;
 
@@ -122,6 +124,9 @@ pub struct Guard {
     /// The owner's host user and group, swapped with root in what the guest sees; `None`
     /// when the backend does not serve host files (its ids are the guest's own).
     host_owner: Option<(u32, u32)>,
+    /// Plain READDIR from `getdents64` over a `PassthroughFs` (see [`crate::hostdir`]);
+    /// `None` when the share root could not be opened (listings then fall back).
+    dirs: Option<HostDirs>,
 }
 
 /// `id` as seen from the other side of the owner <-> root swap (its own inverse).
@@ -190,11 +195,64 @@ impl Guard {
         opts: GuardOptions,
         host_owner: Option<(u32, u32)>,
     ) -> Guard {
+        let dirs = inner
+            .as_any()
+            .downcast_ref::<PassthroughFs<()>>()
+            .filter(|_| opts.single_file.is_none())
+            .and_then(|fs| {
+                HostDirs::new(fs)
+                    .inspect_err(|e| tracing::debug!(error = %e, "READDIR falls back to lookups"))
+                    .ok()
+            });
         Guard {
             inner,
             opts,
             host_owner,
+            dirs,
         }
+    }
+
+    /// A plain READDIR of a host directory: `d_ino` is the host's `st_ino` for entries on
+    /// the directory's device and 0 for the others (mount points), never the library's
+    /// node id. From `getdents64` when the directory can be re-opened safely, else from the
+    /// library's READDIRPLUS (references dropped).
+    #[allow(clippy::too_many_arguments)]
+    fn host_readdir(
+        &self,
+        fs: &PassthroughFs<()>,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let (st, _) = self.inner.getattr(ctx, inode, None)?;
+        if let Some(dirs) = &self.dirs {
+            if dirs.list(fs, inode, &st, size, offset, add_entry)? == Listed::Done {
+                return Ok(());
+            }
+        }
+        let mut held = Vec::new();
+        let res = self
+            .inner
+            .readdirplus(ctx, inode, handle, size, offset, &mut |mut d, e| {
+                d.ino = if e.inode != 0 && e.attr.st_dev == st.st_dev {
+                    e.attr.st_ino
+                } else {
+                    0
+                };
+                let n = add_entry(d);
+                // The library drops the reference of an entry that did not fit itself.
+                if e.inode != 0 && !matches!(n, Ok(0)) {
+                    held.push(e.inode);
+                }
+                n
+            });
+        for ino in held {
+            self.inner.forget(ctx, ino, 1);
+        }
+        note_fd_pressure(res)
     }
 
     /// Applies the owner <-> root swap and the reported-ownership override to attributes
@@ -615,8 +673,13 @@ impl FileSystem for Guard {
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
         self.reachable(inode)?;
-        self.inner
-            .readdir(&owner(ctx), inode, handle, size, offset, add_entry)
+        let ctx = owner(ctx);
+        match self.inner.as_any().downcast_ref::<PassthroughFs<()>>() {
+            Some(fs) => self.host_readdir(fs, &ctx, inode, handle, size, offset, add_entry),
+            None => self
+                .inner
+                .readdir(&ctx, inode, handle, size, offset, add_entry),
+        }
     }
 
     fn readdirplus(

@@ -11,6 +11,7 @@
 //! See the modules: each says what it does not do.
 
 pub mod guard;
+pub mod hostdir;
 pub mod intercept;
 pub mod memory;
 pub mod nested;

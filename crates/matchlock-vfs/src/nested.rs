@@ -68,10 +68,10 @@
 //!   guest holds it keeps the old node attached to the mount until the guest forgets it.
 //! - At most 254 mounts (8 bits of slot; slot 255 numbers synthesised directories in what
 //!   the guest sees), each with inode numbers below 2^56.
-//! - A plain READDIR of a host directory is served from the provider's READDIRPLUS (the
-//!   provider's READDIR gives its node ids, not the host's numbers, after the same
-//!   per-entry lookup), so `d_ino` and `st_ino` agree everywhere; the attributes it fetches
-//!   are dropped.
+//! - A plain READDIR of a host directory on the host device takes the host's numbers from
+//!   `getdents64` (see [`crate::hostdir`]; mount points in it are looked up); one on
+//!   another device is served from the provider's READDIRPLUS (own numbers need node ids),
+//!   whose attributes are dropped. Either way `d_ino` and `st_ino` agree everywhere.
 //! - `git` also compares uid/gid: see [`crate::guard`] (the owner/root swap).
 //! - A mount nested under a single-file mount is refused (a file has no children).
 

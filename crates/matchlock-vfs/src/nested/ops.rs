@@ -204,11 +204,22 @@ impl MountTree {
             });
         // Worked out before the listing, and references dropped after it: a provider holds
         // its locks while it calls back.
+        let mount = r.mount;
+        if !plus && self.mounts[mount].host_inodes && self.on_host_dev(ctx, r)? {
+            return self.list_host(
+                ctx,
+                r,
+                handle,
+                size,
+                offset,
+                &hidden_by(children, self),
+                add,
+            );
+        }
         let dot = self.shown_of(ctx, ino)?;
         let dotdot = root_parent.map(|p| self.shown_of(ctx, p)).transpose()?;
         let mut drop_later = Vec::new();
-        let hidden = |name: &[u8]| children.iter().any(|c| self.nodes[*c].name == name);
-        let mount = r.mount;
+        let hidden = hidden_by(children, self);
         let mut forward = |mut d: DirEntry, e: Option<Entry>| -> io::Result<usize> {
             let held = e.as_ref().map_or(0, |e| e.inode);
             if hidden(d.name) {
@@ -236,9 +247,9 @@ impl MountTree {
             }
             Ok(n)
         };
-        // A host provider's READDIR gives its own node ids as `d_ino` (it looks every entry
-        // up for them), not the host's numbers: its READDIRPLUS costs the same lookups and
-        // carries the attributes the shown number needs.
+        // A plain READDIR of a host directory on another device than the tree's host
+        // device shows own numbers, which need the provider's node ids: its READDIRPLUS
+        // has them (its READDIR gives host numbers, see `list_host`).
         let res = if plus || self.mounts[mount].host_inodes {
             r.fs.readdirplus(ctx, r.ino, handle, size, offset, &mut |d, e| {
                 forward(d, Some(e))
@@ -246,6 +257,59 @@ impl MountTree {
         } else {
             r.fs.readdir(ctx, r.ino, handle, size, offset, &mut |d| forward(d, None))
         };
+        for held in drop_later {
+            r.fs.forget(ctx, held, 1);
+        }
+        res
+    }
+}
+
+/// Whether a name is hidden by one of `children` (path-node children of the listed
+/// directory, listed first by the tree).
+fn hidden_by<'a>(children: &'a [usize], tree: &'a MountTree) -> impl Fn(&[u8]) -> bool + 'a {
+    move |name| children.iter().any(|c| tree.nodes[*c].name == name)
+}
+
+impl MountTree {
+    /// Whether host directory `r` is on the tree's host device (its entries there show the
+    /// host's numbers).
+    fn on_host_dev(&self, ctx: &Context, r: &Real<'_>) -> io::Result<bool> {
+        let (st, _) = r.fs.getattr(ctx, r.ino, None)?;
+        Ok(self.host_dev == Some(st.st_dev))
+    }
+
+    /// A plain READDIR of a host directory on the tree's host device: the provider's
+    /// READDIR gives the host's `st_ino` as `d_ino` without looking entries up (see
+    /// [`crate::hostdir`]), which is the number shown; an entry it cannot number (0: a
+    /// mount point, or a number at or above [`super::HOST_INO_LIMIT`]) is looked up
+    /// (and forgotten after the listing) for the number `stat` shows.
+    #[allow(clippy::too_many_arguments)]
+    fn list_host(
+        &self,
+        ctx: &Context,
+        r: &Real<'_>,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        hidden: &dyn Fn(&[u8]) -> bool,
+        add: &mut dyn FnMut(DirEntry, Option<Entry>) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut drop_later = Vec::new();
+        let res =
+            r.fs.readdir(ctx, r.ino, handle, size, offset, &mut |mut d| {
+                if hidden(d.name) {
+                    return Ok(1);
+                }
+                if d.ino == 0 || d.ino >= super::HOST_INO_LIMIT {
+                    let name = std::ffi::CString::new(d.name).map_err(|_| errno(libc::EIO))?;
+                    let e = r.fs.lookup(ctx, r.ino, &name)?;
+                    if e.inode != 0 {
+                        drop_later.push(e.inode);
+                    }
+                    d.ino = self.convert(r.mount, e)?.attr.st_ino;
+                }
+                add(d, None)
+            });
         for held in drop_later {
             r.fs.forget(ctx, held, 1);
         }
