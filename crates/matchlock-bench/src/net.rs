@@ -49,6 +49,14 @@ const TRANSFER: u64 = 64 * 1024 * 1024;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
 /// The host's static busybox, the binary the bench image is made of too.
 const BUSYBOX: &str = "/bin/busybox";
+/// The guest command printing its NIC's counters as one line `STATS <rx packets>
+/// <tx packets> <interrupts> <idle ticks> <all ticks>` (`eth0` in `/proc/net/dev`, its
+/// virtio device's line in `/proc/interrupts`, the `cpu` line of `/proc/stat`); the same in
+/// both guests, so the two sides' guest work per MiB can be compared.
+const GUEST_STATS: &str = "d=$(basename $(readlink /sys/class/net/eth0/device)); \
+    set -- $(tr : ' ' </proc/net/dev | grep ' eth0 '); r=$3; t=${11}; \
+    set -- $(grep \" $d\\$\" /proc/interrupts); i=$2; set -- $(head -n1 /proc/stat); \
+    echo STATS $r $t $i $5 $(($2+$3+$4+$5+$6+$7+$8))";
 
 /// The guest command sending [`TRANSFER`] bytes to the sink.
 fn upload_cmd() -> String {
@@ -280,6 +288,8 @@ impl Drop for Lab {
 /// the commands the receiver hands out; killed on drop.
 struct SlirpVm {
     qemu: Child,
+    /// Its console (the guest's commands print here).
+    log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -342,7 +352,11 @@ impl Bench {
             .stderr(std::fs::File::create(dir.path().join("qemu.log"))?)
             .spawn()
             .context("spawn QEMU with -netdev user")?;
-        let vm = SlirpVm { qemu, _dir: dir };
+        let vm = SlirpVm {
+            qemu,
+            log: log.clone(),
+            _dir: dir,
+        };
         let t = Instant::now();
         while !std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -460,13 +474,94 @@ pub(crate) fn output_within(
     }
 }
 
-/// Transfer rates in MiB/s, per run, and the host CPU the transfers took.
+/// Transfer rates in MiB/s, per run, and the host CPU and guest NIC work the transfers took.
 #[derive(Default)]
 struct Rates {
     up: Vec<f64>,
     down: Vec<f64>,
     cpu_up: CpuUse,
     cpu_down: CpuUse,
+    nic_up: NicUse,
+    nic_down: NicUse,
+}
+
+/// The guest NIC's counters (see [`GUEST_STATS`]), or their sums over transfers.
+#[derive(Default, Clone, Copy)]
+struct NicUse {
+    rx: u64,
+    tx: u64,
+    irq: u64,
+    /// The guest's idle and all CPU time (`/proc/stat`, ticks).
+    idle: u64,
+    total: u64,
+    mib: f64,
+}
+
+impl NicUse {
+    /// Parses the `STATS rx tx irq` line among `out`'s lines.
+    fn parse(out: &str) -> anyhow::Result<NicUse> {
+        let line = out
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("STATS "))
+            .with_context(|| format!("no STATS line in {out:?}"))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|w| w.parse::<u64>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad STATS line {line:?}"))?;
+        let [rx, tx, irq, idle, total] = v[..] else {
+            bail!("bad STATS line {line:?}");
+        };
+        Ok(NicUse {
+            rx,
+            tx,
+            irq,
+            idle,
+            total,
+            mib: 0.0,
+        })
+    }
+
+    /// Adds the counts between `before` and `after`, for `mib` moved.
+    fn add(&mut self, before: NicUse, after: NicUse, mib: f64) {
+        self.rx += after.rx.saturating_sub(before.rx);
+        self.tx += after.tx.saturating_sub(before.tx);
+        self.irq += after.irq.saturating_sub(before.irq);
+        self.idle += after.idle.saturating_sub(before.idle);
+        self.total += after.total.saturating_sub(before.total);
+        self.mib += mib;
+    }
+
+    /// `guest frames in / out / NIC interrupts` per MiB.
+    fn per_mib(&self) -> String {
+        let mib = self.mib.max(f64::MIN_POSITIVE);
+        format!(
+            "frames in {:6.0}, out {:6.0}, NIC interrupts {:6.0}; guest idle {:4.1}%",
+            self.rx as f64 / mib,
+            self.tx as f64 / mib,
+            self.irq as f64 / mib,
+            self.idle as f64 * 100.0 / (self.total.max(1) as f64)
+        )
+    }
+}
+
+type CpuSample<'a> = (&'a BTreeMap<String, f64>, &'a BTreeMap<String, f64>);
+
+impl Rates {
+    /// One transfer of `kind` (`recv`: guest -> host; `sent`: host -> guest): its rate, the
+    /// host CPU (before, after) and the guest NIC's counters (before, after).
+    fn record(&mut self, kind: &str, rate: f64, cpu: CpuSample, nic: (NicUse, NicUse), mib: f64) {
+        let (rates, c, n) = if kind == "recv" {
+            (&mut self.up, &mut self.cpu_up, &mut self.nic_up)
+        } else {
+            (&mut self.down, &mut self.cpu_down, &mut self.nic_down)
+        };
+        rates.push(rate);
+        c.add(cpu.0, cpu.1, mib);
+        n.add(nic.0, nic.1, mib);
+    }
 }
 
 fn median_f(mut v: Vec<f64>) -> f64 {
@@ -559,6 +654,13 @@ fn thread_cpu(procs: &[(u32, &str)]) -> BTreeMap<String, f64> {
         }
     }
     out
+}
+
+/// The host's load averages (the first three fields of `/proc/loadavg`).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Proportional set size of a process in KiB (`Pss:` of `smaps_rollup`).
@@ -672,6 +774,33 @@ impl Bench {
         })
     }
 
+    /// Our guest's NIC counters, through `matchlock exec`.
+    fn ours_nic(&self, id: &str) -> anyhow::Result<NicUse> {
+        let mut exec = self.matchlock();
+        exec.args(["exec", id, "sh", "-c", GUEST_STATS]);
+        let o = output_within(exec, Duration::from_secs(60))?;
+        NicUse::parse(&String::from_utf8_lossy(&o.stdout))
+            .with_context(|| String::from_utf8_lossy(&o.stderr).trim().to_string())
+    }
+
+    /// The slirp guest's NIC counters: the command's line on its console.
+    fn slirp_nic(&self, lab: &mut Lab, vm: &SlirpVm) -> anyhow::Result<NicUse> {
+        let count = |log: &str| log.lines().filter(|l| l.starts_with("STATS ")).count();
+        let seen = count(&std::fs::read_to_string(&vm.log).unwrap_or_default());
+        lab.command(GUEST_STATS)?;
+        let t = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
+            if count(&log) > seen {
+                return NicUse::parse(&log);
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("slirp guest printed no STATS line");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// One transfer through the slirp VM.
     fn slirp(&self, lab: &mut Lab, cmd: &str, kind: &str) -> anyhow::Result<f64> {
         lab.command(cmd)?;
@@ -680,34 +809,31 @@ impl Bench {
     }
 
     /// Interleaved transfers, a warm-up of each first, with the host CPU time of each
-    /// side's processes (`ours`: the owner and its QEMU; the slirp VM's QEMU, `slirp_pid`)
-    /// over each transfer; (ours, slirp).
-    fn throughput(
-        &self,
-        lab: &mut Lab,
-        id: &str,
-        slirp_pid: u32,
-    ) -> anyhow::Result<(Rates, Rates)> {
+    /// side's processes (`ours`: the owner and its QEMU; the slirp VM's QEMU) and the
+    /// guest NIC's counters over each transfer; (ours, slirp).
+    fn throughput(&self, lab: &mut Lab, id: &str, vm: &SlirpVm) -> anyhow::Result<(Rates, Rates)> {
         let (up, down) = (upload_cmd(), download_cmd());
         let mine = self.sandbox_procs(id)?;
-        let theirs = [(slirp_pid, "qemu")];
+        let theirs = [(vm.qemu.id(), "qemu")];
         let mib = (TRANSFER / (1024 * 1024)) as f64;
         self.ours(lab, id, &up, "recv")?;
         self.slirp(lab, &up, "recv")?;
         let (mut ours, mut slirp) = (Rates::default(), Rates::default());
         for _ in 0..self.runs {
-            let b = thread_cpu(&mine);
-            ours.up.push(self.ours(lab, id, &up, "recv")?);
-            ours.cpu_up.add(&b, &thread_cpu(&mine), mib);
-            let b = thread_cpu(&theirs);
-            slirp.up.push(self.slirp(lab, &up, "recv")?);
-            slirp.cpu_up.add(&b, &thread_cpu(&theirs), mib);
-            let b = thread_cpu(&mine);
-            ours.down.push(self.ours(lab, id, &down, "sent")?);
-            ours.cpu_down.add(&b, &thread_cpu(&mine), mib);
-            let b = thread_cpu(&theirs);
-            slirp.down.push(self.slirp(lab, &down, "sent")?);
-            slirp.cpu_down.add(&b, &thread_cpu(&theirs), mib);
+            for (cmd, kind) in [(&up, "recv"), (&down, "sent")] {
+                let n = self.ours_nic(id)?;
+                let b = thread_cpu(&mine);
+                let r = self.ours(lab, id, cmd, kind)?;
+                let a = thread_cpu(&mine);
+                let n2 = self.ours_nic(id)?;
+                ours.record(kind, r, (&b, &a), (n, n2), mib);
+                let n = self.slirp_nic(lab, vm)?;
+                let b = thread_cpu(&theirs);
+                let r = self.slirp(lab, cmd, kind)?;
+                let a = thread_cpu(&theirs);
+                let n2 = self.slirp_nic(lab, vm)?;
+                slirp.record(kind, r, (&b, &a), (n, n2), mib);
+            }
         }
         Ok((ours, slirp))
     }
@@ -727,6 +853,7 @@ impl Bench {
     }
 
     pub(crate) fn net(&self) -> anyhow::Result<()> {
+        let load_before = load_average();
         let mut lab = Lab::new()?;
         let id = self.start_sandbox(&lab, &[])?;
         let result = self.net_with(&mut lab, &id);
@@ -738,6 +865,10 @@ impl Bench {
         self.stop_sandbox(&id);
         let mem_none = mem_none?;
         drop(lab);
+        println!(
+            "load average (1, 5, 15 min) before: {load_before}, after: {}",
+            load_average()
+        );
         print_net(self.runs, ours, slirp, &mem_net, &mem_none);
         Ok(())
     }
@@ -748,7 +879,7 @@ impl Bench {
         std::thread::sleep(Duration::from_secs(2));
         let mut mem = self.idle_memory(id)?;
         let vm = self.slirp_vm(lab)?;
-        let (ours, slirp) = self.throughput(lab, id, vm.qemu.id())?;
+        let (ours, slirp) = self.throughput(lab, id, &vm)?;
         lab.command("quit")?;
         drop(vm);
         std::thread::sleep(Duration::from_secs(2));
@@ -796,6 +927,14 @@ fn print_net(runs: usize, ours: Rates, slirp: Rates, net: &IdleMemory, none: &Id
         for (k, v) in srows {
             println!("    slirp {k:<38} {v:6.1}");
         }
+    }
+    println!("guest NIC work per MiB moved (eth0 frames, its virtio interrupts; summed over the timed transfers):");
+    for (dir, o, sl) in [
+        ("guest -> host", &ours.nic_up, &slirp.nic_up),
+        ("host -> guest", &ours.nic_down, &slirp.nic_down),
+    ] {
+        println!("  {dir}: ours  {}", o.per_mib());
+        println!("  {dir}: slirp {}", sl.per_mib());
     }
     println!("idle sandbox host memory (PSS; QEMU shown apart, mostly guest RAM):");
     println!(
