@@ -96,6 +96,8 @@ impl Bench {
         c.env("HOME", self.home.path())
             .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
             .env("MATCHLOCK_QUIET_ACCEL", "1")
+            // Cold boots unless a mode asks for snapshot boot (`snapshot.rs`).
+            .env("MATCHLOCK_NO_SNAPSHOT", "1")
             .stdin(Stdio::null());
         c
     }

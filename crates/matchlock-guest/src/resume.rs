@@ -62,7 +62,8 @@ pub fn send_hello(conn: &mut impl std::io::Write) -> Result<(), ProtoError> {
     write_frame(conn, &Frame::json(FrameType::Hello, &hello)?)
 }
 
-fn read_config(conn: &mut impl std::io::Read) -> Result<BootConfig, ProtoError> {
+/// Reads the `BootConfig` frame of a boot stream.
+pub fn read_config(conn: &mut impl std::io::Read) -> Result<BootConfig, ProtoError> {
     read_frame_required(conn).and_then(|f| f.expect(FrameType::BootConfig, "boot config"))
 }
 

@@ -6,7 +6,8 @@
 //! the [`BootPlan`] (QEMU devices and the guest's boot configuration), let the services add
 //! to it, start the VM, and run the boot handshake. Every host file and process is recorded
 //! in the state DB before (files) or right after (processes) it is created. Any failure
-//! tears down what exists so far. With `MATCHLOCK_DEV_SNAPSHOT=1` the VM is restored from
+//! tears down what exists so far. By default (unless `--no-snapshot`,
+//! `MATCHLOCK_NO_SNAPSHOT=1` or `MATCHLOCK_DEV_SNAPSHOT=0`) an eligible VM is restored from
 //! a cached post-boot snapshot (made by the first eligible run, [`crate::snapshot`]) and
 //! the host opens the ready stream; any failure there falls back to a cold boot with a
 //! warning and a `matchlock:` line in the console log. Commands reach the guest through [`Sandbox::exec`] or
@@ -204,6 +205,8 @@ pub struct SandboxSpec {
     pub owner_pid: u32,
     /// Host services started with the VM.
     pub services: Services,
+    /// Always cold boot (`run --no-snapshot`); see [`crate::snapshot::enabled`].
+    pub no_snapshot: bool,
 }
 
 /// A booted VM owned by this process. [`crate::RunningSandbox`] wraps it with everything
@@ -224,6 +227,8 @@ pub struct Sandbox {
     pub boot_phases: BootPhases,
     /// Console lines about the snapshot path, written once the final VM runs.
     boot_notes: Vec<String>,
+    /// Host instants of the boot's steps (written to the console log when it is ready).
+    trace: crate::phases::BootTrace,
 }
 
 fn exec_defaults(spec: &SandboxSpec) -> ExecDefaults {
@@ -267,6 +272,7 @@ impl Sandbox {
                 id: id.clone(),
                 source: Box::new(source),
             })?;
+        let created = Instant::now();
         recorded(
             &id,
             "lifecycle",
@@ -287,7 +293,9 @@ impl Sandbox {
             boot_time: Duration::ZERO,
             boot_phases: BootPhases::default(),
             boot_notes: Vec::new(),
+            trace: crate::phases::BootTrace::new(),
         };
+        sb.trace.at("create", created);
         match sb.boot(paths, &spec) {
             Ok(()) => {
                 let _ = state.lifecycle_transition(&sb.id, Phase::Running, None);
@@ -314,15 +322,14 @@ impl Sandbox {
 
     fn boot(&mut self, paths: &Paths, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let started = Instant::now();
+        self.trace.at("registered", started);
         let (kernel, initramfs) = boot_assets(paths)?;
+        self.trace.mark("assets");
         self.lock_disks(paths, spec)?;
         let upper = self.create_upper_disk(paths, spec.config.resources.disk_size_mb)?;
+        self.trace.mark("upper_disk");
         let (ready, ready_path) = self.bind_ready_socket()?;
-        let channel = if crate::snapshot::enabled() {
-            matchlock_vm::Channel::Serial
-        } else {
-            matchlock_vm::Channel::from_env().map_err(SandboxError::Channel)?
-        };
+        let channel = matchlock_vm::Channel::from_env().map_err(SandboxError::Channel)?;
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper, channel);
         lock(&self.services)
             .events
@@ -335,8 +342,10 @@ impl Sandbox {
             .prepare(&mut plan, &self.dir)
             .map_err(SandboxError::Service)?;
         let spawn = Instant::now();
+        self.trace.at("services", spawn);
         let deadline = started + boot_timeout();
-        let launched = self.launch(paths, &mut plan, &ready, deadline);
+        let snapshot = crate::snapshot::enabled(spec.no_snapshot);
+        let launched = self.launch(paths, &mut plan, &ready, deadline, snapshot);
         self.flush_notes();
         let launched = launched?;
         let marks = BootMarks {
@@ -351,6 +360,10 @@ impl Sandbox {
         drop(ready);
         let _ = std::fs::remove_file(&ready_path);
         self.boot_time = started.elapsed();
+        self.trace.at("ready", marks.ready);
+        let line = self.trace.line();
+        self.console_note(&line);
+        self.flush_notes();
         tracing::info!(id = %self.id, boot_ms = ms(self.boot_time), "sandbox ready");
         Ok(())
     }
@@ -364,6 +377,7 @@ impl Sandbox {
         plan: &mut BootPlan,
         ready: &StdUnixListener,
         deadline: Instant,
+        snapshot: bool,
     ) -> Result<Launched, SandboxError> {
         plan.guest.random_seed = match crate::snapshot::seed() {
             Ok(s) => s,
@@ -372,7 +386,12 @@ impl Sandbox {
                 Vec::new()
             }
         };
-        if crate::snapshot::enabled() {
+        // A fresh machine id from the same host randomness (the seed's tail is not reused:
+        // a second read, so the guest cannot derive one from the other).
+        plan.guest.machine_id = crate::snapshot::seed()
+            .map(|b| hex::encode(b.get(..16).unwrap_or_default()))
+            .unwrap_or_default();
+        if snapshot {
             // Without a seed a restored guest would keep the snapshot's CRNG state.
             let ineligible = if plan.guest.random_seed.is_empty() {
                 Some("no host random seed")
@@ -421,10 +440,12 @@ impl Sandbox {
     ) -> Result<Launched, String> {
         let cache = crate::snapshot::SnapshotCache::new(paths.snapshots());
         let key = crate::snapshot::key(&plan.vm).map_err(|e| error_chain(&e))?;
+        self.trace.mark("key");
         let entry = match cache.lookup(&key, plan.vm.memory_mb) {
             Some(e) => e,
             None => self.make_snapshot(&cache, &key, plan, ready, deadline)?,
         };
+        self.trace.mark("lookup");
         let t = Instant::now();
         let mut vm = plan.vm.clone();
         vm.snapshot = Some(matchlock_vm::SnapshotMode::Restore {
@@ -436,8 +457,14 @@ impl Sandbox {
             return Err(error_chain(&e));
         }
         let spawned = Instant::now();
+        if let Some(m) = self.machine.restore_marks() {
+            self.trace.at("qemu_spawned", m.spawned);
+            self.trace.at("qmp", m.qmp);
+            self.trace.at("incoming", m.incoming);
+            self.trace.at("running", m.running);
+        }
         let resume_deadline = deadline.min(spawned + RESUME_TIMEOUT);
-        let (mut conn, hello) = match open_ready(self.machine.as_ref(), resume_deadline) {
+        let (mut conn, opened, hello) = match open_ready(self.machine.as_ref(), resume_deadline) {
             Ok(c) => c,
             Err(e) => {
                 // The guest never said Hello again: the snapshot is unusable.
@@ -445,7 +472,11 @@ impl Sandbox {
                 return Err(error_chain(&e));
             }
         };
-        let times = finish_handshake(&mut conn, &mut plan.guest).map_err(|e| error_chain(&e))?;
+        self.trace.at("stream_opened", opened);
+        self.trace.at("hello", hello);
+        send_config(&mut conn, &mut plan.guest).map_err(|e| error_chain(&e))?;
+        self.trace.mark("config_sent");
+        let times = await_ready(&mut conn).map_err(|e| error_chain(&e))?;
         let short = key.get(..12).unwrap_or(&key);
         self.console_note(&format!(
             "restored from snapshot {short} (VM start + state load {} ms)",
@@ -483,6 +514,7 @@ impl Sandbox {
         self.stop_machine();
         drop(conn);
         let entry = pending.commit().map_err(|e| error_chain(&e))?;
+        cache.evict(crate::snapshot::keep(), &entry.dir);
         self.console_note(&format!(
             "made snapshot {} ({} ms)",
             key.get(..12).unwrap_or(key),
@@ -624,6 +656,7 @@ impl Sandbox {
             ca_pem: None,
             workspace: None,
             random_seed: Vec::new(),
+            machine_id: String::new(),
         };
         BootPlan { vm, guest }
     }
@@ -925,13 +958,14 @@ fn read_hello(
 fn open_ready(
     machine: &dyn Machine,
     deadline: Instant,
-) -> Result<(std::os::unix::net::UnixStream, Instant), HandshakeError> {
+) -> Result<(std::os::unix::net::UnixStream, Instant, Instant), HandshakeError> {
     let left = deadline.saturating_duration_since(Instant::now());
     let mut conn = machine
         .connect(READY_PORT, left)
         .map_err(HandshakeError::Resume)?;
+    let opened = Instant::now();
     let hello = read_hello(&mut conn, deadline)?;
-    Ok((conn, hello))
+    Ok((conn, opened, hello))
 }
 
 /// Sends `BootConfig` (with the current time) and waits for `Ready` or `BootFailed`.
@@ -939,6 +973,15 @@ fn finish_handshake(
     conn: &mut std::os::unix::net::UnixStream,
     cfg: &mut BootConfig,
 ) -> Result<Option<ReadyTimes>, HandshakeError> {
+    send_config(conn, cfg)?;
+    await_ready(conn)
+}
+
+/// Sends `BootConfig` with the current time.
+fn send_config(
+    conn: &mut std::os::unix::net::UnixStream,
+    cfg: &mut BootConfig,
+) -> Result<(), HandshakeError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -947,7 +990,13 @@ fn finish_handshake(
         now.subsec_nanos(),
     );
     let frame = Frame::json(FrameType::BootConfig, &*cfg).map_err(HandshakeError::Proto)?;
-    write_frame(conn, &frame).map_err(HandshakeError::Proto)?;
+    write_frame(conn, &frame).map_err(HandshakeError::Proto)
+}
+
+/// Waits for `Ready` (with the guest's boot times) or `BootFailed`.
+fn await_ready(
+    conn: &mut std::os::unix::net::UnixStream,
+) -> Result<Option<ReadyTimes>, HandshakeError> {
     let reply = read_frame_required(conn).map_err(HandshakeError::Proto)?;
     match reply.kind {
         // Times are informational: an empty or malformed payload is no failure.

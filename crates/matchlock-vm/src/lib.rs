@@ -167,6 +167,10 @@ pub trait Machine: Send + Sync {
     fn console(&self) -> Option<std::sync::Arc<console::ConsoleLog>> {
         None
     }
+    /// When the steps of this VM's snapshot restore finished (`None`: not restored).
+    fn restore_marks(&self) -> Option<snapshot::LoadMarks> {
+        None
+    }
     /// Saves the paused guest's device state to `state` (its RAM stays in the file given
     /// by [`SnapshotMode::Make`]) and leaves the VM paused; see [`snapshot`].
     fn save_snapshot(&self, state: &Path, timeout: Duration) -> Result<(), VmError> {
