@@ -103,7 +103,9 @@ pub fn handshake(
                 Err(e) => dialed_failed = Some(e),
             },
             Ok(Event::Fresh(mut s)) => {
-                tracing::info!("new host session on the ready port (restored VM)");
+                // Not the word "ready" between spaces: the console's ` ready ` line is the
+                // boot's `Ready` (e2e_guest_timer orders the timer check before it).
+                tracing::info!("host opened a new boot stream (restored VM)");
                 send_hello(&mut s).map_err(ResumeError::Hello)?;
                 let cfg = read_config(&mut s).map_err(ResumeError::ReadConfig)?;
                 return Ok((cfg, s, true));

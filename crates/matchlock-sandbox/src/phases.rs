@@ -189,7 +189,10 @@ mod tests {
     #[test]
     fn trace_round_trips_through_its_line() {
         let mut t = BootTrace::default();
-        let start = Instant::now();
+        // Marks in the past, as a boot's are when the line is written.
+        let start = Instant::now()
+            .checked_sub(Duration::from_millis(20))
+            .expect("uptime above 20 ms");
         t.at("a", start);
         t.at("b", start + Duration::from_millis(7));
         let parsed = BootTrace::parse(&format!("noise\nmatchlock: {}\n", t.line()));

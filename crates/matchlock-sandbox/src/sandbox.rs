@@ -142,6 +142,34 @@ pub enum HandshakeError {
     Resume(#[source] matchlock_vm::VmError),
 }
 
+/// Why the snapshot path of a boot failed (the boot then cold boots, see
+/// [`Sandbox::launch`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotBootError {
+    #[error("compute the snapshot key")]
+    Key(#[source] crate::snapshot::SnapshotCacheError),
+    #[error("start writing the snapshot")]
+    Begin(#[source] crate::snapshot::SnapshotCacheError),
+    #[error("start the snapshot-making VM")]
+    StartMaker(#[source] Box<SandboxError>),
+    #[error("wait for the snapshot-making VM's guest")]
+    MakerAccept(#[source] HandshakeError),
+    #[error("read the snapshot-making VM's hello")]
+    MakerHello(#[source] HandshakeError),
+    #[error("save the snapshot")]
+    Save(#[source] matchlock_vm::VmError),
+    #[error("commit the snapshot")]
+    Commit(#[source] crate::snapshot::SnapshotCacheError),
+    #[error("start the restored VM")]
+    StartRestored(#[source] Box<SandboxError>),
+    #[error("the restored guest did not say hello again")]
+    Resume(#[source] HandshakeError),
+    #[error("send the boot config to the restored guest")]
+    SendConfig(#[source] HandshakeError),
+    #[error("wait for the restored guest to be ready")]
+    Ready(#[source] HandshakeError),
+}
+
 /// Why a clean guest shutdown did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
@@ -404,7 +432,8 @@ impl Sandbox {
                 }
                 None => match self.launch_from_snapshot(paths, plan, ready, deadline) {
                     Ok(l) => return Ok(l),
-                    Err(why) => {
+                    Err(e) => {
+                        let why = error_chain(&e);
                         tracing::warn!(id = %self.id, error = %why, "snapshot boot failed; cold boot");
                         self.console_note(&format!("snapshot boot failed, cold boot: {why}"));
                         self.stop_machine();
@@ -430,16 +459,16 @@ impl Sandbox {
         }
     }
 
-    /// The snapshot path of [`Sandbox::launch`]; errors are rendered for the warning.
+    /// The snapshot path of [`Sandbox::launch`].
     fn launch_from_snapshot(
         &mut self,
         paths: &Paths,
         plan: &mut BootPlan,
         ready: &StdUnixListener,
         deadline: Instant,
-    ) -> Result<Launched, String> {
+    ) -> Result<Launched, SnapshotBootError> {
         let cache = crate::snapshot::SnapshotCache::new(paths.snapshots());
-        let key = crate::snapshot::key(&plan.vm).map_err(|e| error_chain(&e))?;
+        let key = crate::snapshot::key(&plan.vm).map_err(SnapshotBootError::Key)?;
         self.trace.mark("key");
         let entry = match cache.lookup(&key, plan.vm.memory_mb) {
             Some(e) => e,
@@ -454,7 +483,7 @@ impl Sandbox {
         });
         if let Err(e) = self.start_vm(&vm) {
             cache.discard(&entry);
-            return Err(error_chain(&e));
+            return Err(SnapshotBootError::StartRestored(Box::new(e)));
         }
         let spawned = Instant::now();
         if let Some(m) = self.machine.restore_marks() {
@@ -469,14 +498,14 @@ impl Sandbox {
             Err(e) => {
                 // The guest never said Hello again: the snapshot is unusable.
                 cache.discard(&entry);
-                return Err(error_chain(&e));
+                return Err(SnapshotBootError::Resume(e));
             }
         };
         self.trace.at("stream_opened", opened);
         self.trace.at("hello", hello);
-        send_config(&mut conn, &mut plan.guest).map_err(|e| error_chain(&e))?;
+        send_config(&mut conn, &mut plan.guest).map_err(SnapshotBootError::SendConfig)?;
         self.trace.mark("config_sent");
-        let times = await_ready(&mut conn).map_err(|e| error_chain(&e))?;
+        let times = await_ready(&mut conn).map_err(SnapshotBootError::Ready)?;
         let short = key.get(..12).unwrap_or(&key);
         self.console_note(&format!(
             "restored from snapshot {short} (VM start + state load {} ms)",
@@ -499,21 +528,22 @@ impl Sandbox {
         plan: &BootPlan,
         ready: &StdUnixListener,
         deadline: Instant,
-    ) -> Result<crate::snapshot::Entry, String> {
-        let pending = cache.begin(key).map_err(|e| error_chain(&e))?;
+    ) -> Result<crate::snapshot::Entry, SnapshotBootError> {
+        let pending = cache.begin(key).map_err(SnapshotBootError::Begin)?;
         let mut vm = plan.vm.clone();
         vm.snapshot = Some(matchlock_vm::SnapshotMode::Make { ram: pending.ram() });
         let t = Instant::now();
-        self.start_vm(&vm).map_err(|e| error_chain(&e))?;
-        let mut conn =
-            accept_guest(ready, self.machine.as_ref(), deadline).map_err(|e| error_chain(&e))?;
-        read_hello(&mut conn, deadline).map_err(|e| error_chain(&e))?;
+        self.start_vm(&vm)
+            .map_err(|e| SnapshotBootError::StartMaker(Box::new(e)))?;
+        let mut conn = accept_guest(ready, self.machine.as_ref(), deadline)
+            .map_err(SnapshotBootError::MakerAccept)?;
+        read_hello(&mut conn, deadline).map_err(SnapshotBootError::MakerHello)?;
         self.machine
             .save_snapshot(&pending.state(), SAVE_TIMEOUT)
-            .map_err(|e| error_chain(&e))?;
+            .map_err(SnapshotBootError::Save)?;
         self.stop_machine();
         drop(conn);
-        let entry = pending.commit().map_err(|e| error_chain(&e))?;
+        let entry = pending.commit().map_err(SnapshotBootError::Commit)?;
         cache.evict(crate::snapshot::keep(), &entry.dir);
         self.console_note(&format!(
             "made snapshot {} ({} ms)",
@@ -607,25 +637,13 @@ impl Sandbox {
     ) -> BootPlan {
         let (disks, guest_disks) = disk_layout(spec, upper);
         let res = &spec.config.resources;
-        let vm = VmConfig {
-            id: self.id.clone(),
-            state_dir: self.dir.clone(),
-            kernel,
-            initramfs,
-            vcpus: res.vcpus(),
-            memory_mb: u32::try_from(res.memory_mb).unwrap_or(u32::MAX),
-            disks,
-            console_log: self.console_log(),
-            console_max_bytes: matchlock_vm::console::console_max_bytes(),
-            accel: spec.accel,
-            extra_cmdline: Vec::new(),
-            qemu_binary: None,
-            vsock_binary: None,
-            net: None,
-            fs: None,
-            channel,
-            snapshot: None,
-        };
+        let mut vm = VmConfig::new(self.id.clone(), self.dir.clone(), kernel, initramfs);
+        vm.vcpus = res.vcpus();
+        vm.memory_mb = u32::try_from(res.memory_mb).unwrap_or(u32::MAX);
+        vm.disks = disks;
+        vm.console_log = self.console_log();
+        vm.accel = spec.accel;
+        vm.channel = channel;
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -368,25 +368,11 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn vm(channel: matchlock_vm::Channel) -> VmConfig {
-        VmConfig {
-            id: "t".into(),
-            state_dir: "/nonexistent".into(),
-            kernel: "/k".into(),
-            initramfs: "/i".into(),
-            vcpus: 1,
-            memory_mb: 256,
-            disks: Vec::new(),
-            console_log: "/c".into(),
-            console_max_bytes: 1,
-            accel: matchlock_vm::Accel::Tcg,
-            extra_cmdline: Vec::new(),
-            qemu_binary: None,
-            vsock_binary: None,
-            net: None,
-            fs: None,
-            channel,
-            snapshot: None,
-        }
+        let mut v = VmConfig::new("t", "/nonexistent", "/k", "/i");
+        v.memory_mb = 256;
+        v.accel = matchlock_vm::Accel::Tcg;
+        v.channel = channel;
+        v
     }
 
     #[test]

@@ -214,7 +214,8 @@ mod tests {
 
     #[test]
     fn parses_the_knob() {
-        assert_eq!(Channel::parse("").expect("empty"), Channel::Vsock);
+        assert_eq!(Channel::parse("").expect("empty"), Channel::Serial);
+        assert_eq!(Channel::default(), Channel::Serial);
         assert_eq!(Channel::parse("vsock").expect("vsock"), Channel::Vsock);
         assert_eq!(Channel::parse("serial").expect("serial"), Channel::Serial);
         assert!(Channel::parse("virtio").is_err());
