@@ -54,6 +54,8 @@ impl Bench {
             accel: matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel,
             owner_pid: std::process::id(),
             services: Services::default(),
+            // The cold-start breakdown measures cold boots.
+            no_snapshot: true,
         })
     }
 

@@ -96,6 +96,8 @@ impl Bench {
         c.env("HOME", self.home.path())
             .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
             .env("MATCHLOCK_QUIET_ACCEL", "1")
+            // Cold boots unless a mode asks for snapshot boot (`snapshot.rs`).
+            .env("MATCHLOCK_NO_SNAPSHOT", "1")
             .stdin(Stdio::null());
         c
     }
@@ -147,25 +149,16 @@ impl Bench {
             matchlock_vm::assets::initramfs_for(&guest, &self.paths().initramfs_cache())?;
         let mut extra_cmdline = vec!["matchlock.poweroff=1".to_owned()];
         extra_cmdline.extend(extra.iter().map(|s| (*s).to_owned()));
-        let cfg = matchlock_vm::VmConfig {
-            id: "bench".into(),
-            state_dir: dir.path().to_path_buf(),
-            kernel: matchlock_vm::assets::kernel_path(),
+        let mut cfg = matchlock_vm::VmConfig::new(
+            "bench",
+            dir.path(),
+            matchlock_vm::assets::kernel_path(),
             initramfs,
-            vcpus: 1,
-            memory_mb: 512,
-            disks: Vec::new(),
-            console_log: dir.path().join("console.log"),
-            console_max_bytes: matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES,
-            accel: matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel,
-            extra_cmdline,
-            qemu_binary: None,
-            vsock_binary: None,
-            net: None,
-            fs: None,
-            channel,
-            snapshot: None,
-        };
+        );
+        cfg.console_max_bytes = matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES;
+        cfg.accel = matchlock_vm::detect_accel(matchlock_vm::Accel::Auto).accel;
+        cfg.extra_cmdline = extra_cmdline;
+        cfg.channel = channel;
         let t = Instant::now();
         let m = matchlock_vm::backend("qemu")?.start(&cfg)?;
         if !m.wait_exit(Duration::from_secs(60)) {

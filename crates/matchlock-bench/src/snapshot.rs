@@ -1,4 +1,4 @@
-//! `matchlock-bench snapshot`: snapshot boot (`MATCHLOCK_DEV_SNAPSHOT=1`) vs. a cold boot
+//! `matchlock-bench snapshot`: snapshot boot (the default) vs. a cold boot (`MATCHLOCK_NO_SNAPSHOT=1`)
 //! over the same (virtio-serial) channel vs. a bare QEMU boot, interleaved per round.
 //!
 //! # Design
@@ -15,7 +15,43 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use matchlock_sandbox::phases::{monotonic_us, BootTrace};
+
 use crate::{median, ms, Bench, IMAGE};
+
+/// Named instants of one restored `run -d` + first exec, as time since `run -d` started.
+type Steps = Vec<(String, Duration)>;
+
+/// Prints each step's median duration (from the previous step) over `runs`, skipping
+/// steps not present in every run.
+fn print_steps(runs: &[Steps]) {
+    let Some(first) = runs.first() else { return };
+    println!(
+        "  restored run -d + first exec, per step (median of each step; host monotonic clock):"
+    );
+    let mut prev: Option<&str> = None;
+    for (name, _) in first {
+        let at = |r: &Steps, n: &str| r.iter().find(|(m, _)| m == n).map(|(_, d)| *d);
+        let deltas: Option<Vec<Duration>> = runs
+            .iter()
+            .map(|r| {
+                let end = at(r, name)?;
+                let start = prev.map_or(Some(Duration::ZERO), |p| at(r, p))?;
+                Some(end.saturating_sub(start))
+            })
+            .collect();
+        let ats: Option<Vec<Duration>> = runs.iter().map(|r| at(r, name)).collect();
+        if let (Some(d), Some(a)) = (deltas, ats) {
+            let from = prev.unwrap_or("run -d start");
+            println!(
+                "    {from:>16} -> {name:<16} {:>10}   (at {})",
+                ms(median(d)),
+                ms(median(a))
+            );
+        }
+        prev = Some(name);
+    }
+}
 
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -26,11 +62,12 @@ fn loadavg() -> String {
 impl Bench {
     fn serial_cmd(&self, snapshot: bool) -> std::process::Command {
         let mut c = self.matchlock();
-        c.env("MATCHLOCK_DEV_CHANNEL", "serial");
+        c.env("MATCHLOCK_DEV_CHANNEL", "serial")
+            .env_remove("MATCHLOCK_DEV_SNAPSHOT");
         if snapshot {
-            c.env("MATCHLOCK_DEV_SNAPSHOT", "1");
+            c.env_remove("MATCHLOCK_NO_SNAPSHOT");
         } else {
-            c.env_remove("MATCHLOCK_DEV_SNAPSHOT");
+            c.env("MATCHLOCK_NO_SNAPSHOT", "1");
         }
         c
     }
@@ -47,8 +84,10 @@ impl Bench {
         Ok(t.elapsed())
     }
 
-    /// `run -d` until ready, then the first `exec true`: (ready, first exec done).
-    fn restored_first_exec(&self) -> anyhow::Result<(Duration, Duration)> {
+    /// `run -d` until ready, then the first `exec true`: (ready, first exec done, the
+    /// owner's boot trace as steps from the start of `run -d`).
+    fn restored_first_exec(&self) -> anyhow::Result<(Duration, Duration, Steps)> {
+        let t0 = monotonic_us();
         let t = Instant::now();
         let out = self
             .serial_cmd(true)
@@ -65,6 +104,20 @@ impl Bench {
             .status()
             .context("exec")?;
         let first = t.elapsed();
+        let log = matchlock_state::StateDb::open(&self.paths().state)?
+            .vm_dir(&id)
+            .join("logs/vm.log");
+        let mut steps: Steps = BootTrace::parse(&std::fs::read_to_string(log).unwrap_or_default())
+            .into_iter()
+            .map(|(name, us)| {
+                (
+                    name,
+                    Duration::from_micros(u64::try_from(us.saturating_sub(t0)).unwrap_or(0)),
+                )
+            })
+            .collect();
+        steps.push(("run -d returned".into(), ready));
+        steps.push(("first exec done".into(), first));
         let _ = self.serial_cmd(true).args(["kill", &id]).status();
         let gone = Instant::now() + Duration::from_secs(30);
         while Instant::now() < gone {
@@ -77,7 +130,7 @@ impl Bench {
         if !st.success() {
             bail!("exec true in the restored sandbox failed: {st}");
         }
-        Ok((ready, first))
+        Ok((ready, first, steps))
     }
 
     pub(crate) fn snapshot(&self) -> anyhow::Result<()> {
@@ -86,13 +139,15 @@ impl Bench {
         let first = self.timed_true(true)?;
         let (mut bare, mut cold, mut restored, mut ready, mut exec) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut steps = Vec::new();
         for _ in 0..self.runs {
             bare.push(self.bare_boot()?);
             cold.push(self.timed_true(false)?);
             restored.push(self.timed_true(true)?);
-            let (r, e) = self.restored_first_exec()?;
+            let (r, e, s) = self.restored_first_exec()?;
             ready.push(r);
             exec.push(e);
+            steps.push(s);
         }
         let (b, c, r) = (median(bare), median(cold), median(restored));
         println!(
@@ -115,6 +170,7 @@ impl Bench {
             "  run -d restored + first exec true:      {}",
             ms(median(exec))
         );
+        print_steps(&steps);
         println!(
             "  ratios: restored/cold {:.2}, restored/bare {:.2}",
             r.as_secs_f64() / c.as_secs_f64(),

@@ -93,6 +93,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    matchlock_sandbox::phases::note_process_start();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MATCHLOCK_LOG")

@@ -1,6 +1,8 @@
-//! Snapshot boot (`MATCHLOCK_DEV_SNAPSHOT=1`) end to end with real VMs: the first run makes
-//! the snapshot, later runs restore it with a fresh identity, a broken snapshot falls back
-//! to a cold boot and is replaced, and a workspace sandbox cold boots.
+//! Snapshot boot (the default) end to end with real VMs: the first run makes the snapshot,
+//! later runs restore it with a fresh identity (hostname, machine id, random state, clock),
+//! a broken snapshot falls back to a cold boot and is replaced, a workspace sandbox cold
+//! boots, and every off switch (`--no-snapshot`, `MATCHLOCK_NO_SNAPSHOT=1`,
+//! `MATCHLOCK_DEV_SNAPSHOT=0`, the vsock channel) cold boots.
 //!
 //! All tests share one HOME (one snapshot cache), so they run one after another under a
 //! lock: each asserts on the cache's state.
@@ -18,7 +20,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn snap_cmd(args: &[&str]) -> Command {
     let mut c = env().cmd();
-    c.env("MATCHLOCK_DEV_SNAPSHOT", "1").args(args);
+    c.env_remove("MATCHLOCK_DEV_SNAPSHOT")
+        .env_remove("MATCHLOCK_NO_SNAPSHOT")
+        .env_remove("MATCHLOCK_DEV_CHANNEL")
+        .args(args);
     c
 }
 
@@ -156,7 +161,7 @@ fn restored_sandboxes_get_fresh_identities() {
     let _gb = env().guard(&idb);
     assert!(loga.contains("restored from snapshot"), "{loga}");
     assert!(logb.contains("restored from snapshot"), "{logb}");
-    let probe = "hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    let probe = "hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; cat /etc/machine-id";
     let ra = exec(&ida, probe);
     let rb = exec(&idb, probe);
     let host_now = SystemTime::now()
@@ -169,6 +174,14 @@ fn restored_sandboxes_get_fresh_identities() {
     assert_eq!(lb[0], "beta");
     assert_eq!(la[1].len(), 64, "{ra}");
     assert_ne!(la[1], lb[1], "random bytes differ between restores");
+    for l in [&la, &lb] {
+        assert!(
+            l[3].len() == 32 && l[3].bytes().all(|b| b.is_ascii_hexdigit()),
+            "machine-id {:?}",
+            l[3]
+        );
+    }
+    assert_ne!(la[3], lb[3], "machine ids differ between restores");
     for l in [&la, &lb] {
         let t: u64 = l[2].trim().parse().expect("date");
         assert!(
@@ -246,6 +259,37 @@ fn broken_snapshot_falls_back_to_cold_boot_and_is_replaced() {
     );
     assert_eq!(exec(&id, "echo ok").trim(), "ok");
     env().kill_and_rm(&id);
+    assert_eq!(snapshots().len(), 1);
+}
+
+#[test]
+fn every_off_switch_cold_boots() {
+    let _l = lock();
+    ensure_snapshot();
+    /// Extra `run` flags and an environment variable.
+    type Case<'a> = (&'a [&'a str], Option<(&'a str, &'a str)>);
+    let cases: [Case; 4] = [
+        (&["--no-snapshot"], None),
+        (&[], Some(("MATCHLOCK_NO_SNAPSHOT", "1"))),
+        (&[], Some(("MATCHLOCK_DEV_SNAPSHOT", "0"))),
+        (&[], Some(("MATCHLOCK_DEV_CHANNEL", "vsock"))),
+    ];
+    for (flags, var) in cases {
+        let mut args = vec!["run", "--image", common::IMAGE, "-d"];
+        args.extend_from_slice(flags);
+        let mut c = snap_cmd(&args);
+        if let Some((k, v)) = var {
+            c.env(k, v);
+        }
+        let out = c.output().expect("spawn");
+        assert!(out.status.success(), "{flags:?} {var:?}: {}", stderr(&out));
+        let id = stdout(&out).trim().to_string();
+        let _g = env().guard(&id);
+        let log = vm_log(&id);
+        assert!(!log.contains("snapshot"), "{flags:?} {var:?}: {log}");
+        assert_eq!(exec(&id, "echo cold").trim(), "cold");
+        env().kill_and_rm(&id);
+    }
     assert_eq!(snapshots().len(), 1);
 }
 

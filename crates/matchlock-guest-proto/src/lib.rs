@@ -422,6 +422,10 @@ pub struct BootConfig {
     /// (empty: none sent; at most 256 bytes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub random_seed: Vec<u8>,
+    /// This sandbox's `/etc/machine-id`: 32 lowercase hex digits, fresh per sandbox (a
+    /// restored VM must not keep the snapshot's). Empty: the image's file is left alone.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub machine_id: String,
 }
 
 /// The virtio-fs mount tag of the workspace share.

@@ -1,5 +1,5 @@
-//! Rendering of `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf`, and validation of the
-//! host-supplied `add_hosts` entries.
+//! Rendering of `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf` and `/etc/machine-id`,
+//! and validation of the host-supplied `add_hosts` entries and machine id.
 //!
 //! # Design
 //! Pure string functions, so the exact file contents are unit tested; [`write_identity_files`]
@@ -22,6 +22,8 @@ pub const DEFAULT_HOSTNAME: &str = "matchlock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcError {
+    #[error("the host sent a machine id that is not 32 lowercase hex digits")]
+    BadMachineId,
     #[error("invalid add_host entry {host:?} -> {ip:?}")]
     BadHost { host: String, ip: String },
     #[error("creating {path}")]
@@ -89,6 +91,29 @@ pub fn render_resolv(servers: &[String]) -> String {
 
 fn write(path: PathBuf, contents: &str) -> Result<(), EtcError> {
     std::fs::write(&path, contents).map_err(|source| EtcError::Write { path, source })
+}
+
+/// Whether `id` is a machine id as `machine-id(5)` defines it: 32 lowercase hex digits.
+pub fn valid_machine_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Writes `etc/machine-id` under `root` (a symlink there is replaced, not followed).
+/// An invalid id is refused.
+pub fn write_machine_id(root: &Path, id: &str) -> Result<(), EtcError> {
+    if !valid_machine_id(id) {
+        return Err(EtcError::BadMachineId);
+    }
+    let path = root.join("etc/machine-id");
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(EtcError::Remove { path, source }),
+    }
+    write(path, &format!("{id}\n"))
 }
 
 /// Writes hostname, hosts and resolv.conf under `root` (the new root, normally `/`).
@@ -271,6 +296,20 @@ mod tests {
             std::fs::read_to_string(dir.join("etc/hostname")).expect("read"),
             "h\n"
         );
+        // machine-id: a symlink is replaced; invalid ids are refused.
+        std::os::unix::fs::symlink("/nonexistent/id", dir.join("etc/machine-id")).expect("ln");
+        let id = "0123456789abcdef0123456789abcdef";
+        write_machine_id(&dir, id).expect("machine-id");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/machine-id")).expect("read"),
+            format!("{id}\n")
+        );
+        for bad in ["", "0123456789ABCDEF0123456789ABCDEF", "../../x", &id[..31]] {
+            assert!(matches!(
+                write_machine_id(&dir, bad),
+                Err(EtcError::BadMachineId)
+            ));
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use matchlock_guest_proto::mux::Mux;
 use matchlock_guest_proto::{
-    read_frame_required, write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, ProtoError,
-    ReadyTimes, READY_PORT, SERVICE_PORT, WORKSPACE_TAG,
+    write_frame, BootConfig, DiskRole, DiskSpec, Frame, FrameType, ProtoError, ReadyTimes,
+    READY_PORT, SERVICE_PORT, WORKSPACE_TAG,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -223,17 +223,11 @@ fn transport() -> Result<Transport, BootError> {
     }
 }
 
-fn dial_host(transport: &Transport) -> Result<BootConn, BootError> {
+/// Calls `dial` until it succeeds or [`DIAL_TIMEOUT`] has passed, [`DIAL_RETRY`] apart.
+fn retry_dial<T>(mut dial: impl FnMut() -> std::io::Result<T>) -> Result<T, BootError> {
     let start = Instant::now();
     loop {
-        let dialed = match transport {
-            Transport::Vsock => VsockStream::connect_with_cid_port(HOST_CID, READY_PORT)
-                .map(|s| Box::new(s) as BootConn),
-            Transport::Serial(mux) => mux
-                .open(READY_PORT, DIAL_TIMEOUT)
-                .map(|s| Box::new(s) as BootConn),
-        };
-        match dialed {
+        match dial() {
             Ok(s) => return Ok(s),
             Err(e) if start.elapsed() >= DIAL_TIMEOUT => {
                 return Err(BootError::Dial {
@@ -244,6 +238,13 @@ fn dial_host(transport: &Transport) -> Result<BootConn, BootError> {
             Err(_) => std::thread::sleep(DIAL_RETRY),
         }
     }
+}
+
+/// Dials the host's ready port over vsock.
+fn dial_host() -> Result<BootConn, BootError> {
+    retry_dial(|| {
+        VsockStream::connect_with_cid_port(HOST_CID, READY_PORT).map(|s| Box::new(s) as BootConn)
+    })
 }
 
 /// serial -> `/dev/vdX` for every virtio disk, polling briefly until all `serials` exist.
@@ -358,7 +359,7 @@ fn boot(
     let transport = transport()?;
     let (cfg, hello_us) = match &transport {
         Transport::Vsock => {
-            let conn = boot_conn.insert(dial_host(&transport)?);
+            let conn = boot_conn.insert(dial_host()?);
             let hello_us = crate::sys::boottime_us();
             (handshake(conn)?, hello_us)
         }
@@ -389,6 +390,7 @@ fn boot(
     }
     etc::write_identity_files(Path::new("/"), &hostname, &cfg.add_hosts, &cfg.dns_servers)
         .map_err(BootError::EtcFiles)?;
+    write_machine_id(&cfg.machine_id)?;
     if let Some(pem) = &cfg.ca_pem {
         etc::install_ca(Path::new("/"), pem).map_err(BootError::EtcFiles)?;
     }
@@ -443,15 +445,19 @@ fn early_setup() {
     let _ = reaper::global();
 }
 
-/// Sends `Hello`, reads the `BootConfig`, sets the clock and validates the hosts entries.
+/// Sends `Hello`, reads the `BootConfig` and applies it ([`apply_config`]).
 fn handshake(conn: &mut BootConn) -> Result<BootConfig, BootError> {
     crate::resume::send_hello(conn).map_err(BootError::Hello)?;
-    let cfg: BootConfig = read_frame_required(conn)
-        .and_then(|f| f.expect(FrameType::BootConfig, "boot config"))
-        .map_err(BootError::ReadConfig)?;
-    set_clock(cfg.now_unix);
-    etc::validate_hosts(&cfg.add_hosts).map_err(BootError::Hosts)?;
+    let cfg = crate::resume::read_config(conn).map_err(BootError::ReadConfig)?;
+    apply_config(&cfg)?;
     Ok(cfg)
+}
+
+/// What every handshake does with its `BootConfig` first: set the clock, validate the
+/// hosts entries.
+fn apply_config(cfg: &BootConfig) -> Result<(), BootError> {
+    set_clock(cfg.now_unix);
+    etc::validate_hosts(&cfg.add_hosts).map_err(BootError::Hosts)
 }
 
 /// The handshake over the serial channel, which also accepts a restoring host's new ready
@@ -462,7 +468,9 @@ fn serial_handshake(
 ) -> Result<(BootConfig, u64), BootError> {
     // Listen before dialing: a snapshot is taken after `Hello`, with this listener in place.
     let fresh = mux.listen(READY_PORT);
-    let dialed = dial_serial(mux)?;
+    let dialed = retry_dial(|| mux.open(READY_PORT, DIAL_TIMEOUT))?;
+    // Until the handshake returns, the boot stream is the dialed one: a handshake failure
+    // is then reported (`BootFailed`) on it. Replaced by the stream the config came on.
     *boot_conn = dialed.try_clone().ok().map(|c| Box::new(c) as BootConn);
     let hello_us = crate::sys::boottime_us();
     let (cfg, conn, restored) =
@@ -471,25 +479,23 @@ fn serial_handshake(
     if restored {
         console("resumed from a snapshot");
     }
-    set_clock(cfg.now_unix);
-    etc::validate_hosts(&cfg.add_hosts).map_err(BootError::Hosts)?;
+    apply_config(&cfg)?;
     Ok((cfg, hello_us))
 }
 
-/// Opens the ready stream over the serial channel, retrying until [`DIAL_TIMEOUT`].
-fn dial_serial(mux: &Mux) -> Result<std::os::unix::net::UnixStream, BootError> {
-    let start = Instant::now();
-    loop {
-        match mux.open(READY_PORT, DIAL_TIMEOUT) {
-            Ok(s) => return Ok(s),
-            Err(e) if start.elapsed() >= DIAL_TIMEOUT => {
-                return Err(BootError::Dial {
-                    port: READY_PORT,
-                    source: e,
-                })
-            }
-            Err(_) => std::thread::sleep(DIAL_RETRY),
+/// Writes the host's fresh `/etc/machine-id` (none sent: the image's stays). An invalid id
+/// fails the boot; a root not writable at that path is skipped with a warning.
+fn write_machine_id(id: &str) -> Result<(), BootError> {
+    if id.is_empty() {
+        return Ok(());
+    }
+    match etc::write_machine_id(Path::new("/"), id) {
+        Err(etc::EtcError::BadMachineId) => Err(BootError::EtcFiles(etc::EtcError::BadMachineId)),
+        Err(e) => {
+            tracing::warn!(error = %e, "/etc/machine-id not written");
+            Ok(())
         }
+        Ok(()) => Ok(()),
     }
 }
 

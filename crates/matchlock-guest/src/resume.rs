@@ -62,7 +62,8 @@ pub fn send_hello(conn: &mut impl std::io::Write) -> Result<(), ProtoError> {
     write_frame(conn, &Frame::json(FrameType::Hello, &hello)?)
 }
 
-fn read_config(conn: &mut impl std::io::Read) -> Result<BootConfig, ProtoError> {
+/// Reads the `BootConfig` frame of a boot stream.
+pub fn read_config(conn: &mut impl std::io::Read) -> Result<BootConfig, ProtoError> {
     read_frame_required(conn).and_then(|f| f.expect(FrameType::BootConfig, "boot config"))
 }
 
@@ -102,7 +103,9 @@ pub fn handshake(
                 Err(e) => dialed_failed = Some(e),
             },
             Ok(Event::Fresh(mut s)) => {
-                tracing::info!("new host session on the ready port (restored VM)");
+                // Not the word "ready" between spaces: the console's ` ready ` line is the
+                // boot's `Ready` (e2e_guest_timer orders the timer check before it).
+                tracing::info!("host opened a new boot stream (restored VM)");
                 send_hello(&mut s).map_err(ResumeError::Hello)?;
                 let cfg = read_config(&mut s).map_err(ResumeError::ReadConfig)?;
                 return Ok((cfg, s, true));

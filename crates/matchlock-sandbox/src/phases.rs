@@ -72,6 +72,81 @@ impl BootPhases {
     }
 }
 
+/// `CLOCK_MONOTONIC` now, in microseconds (0 if unreadable).
+pub fn monotonic_us() -> u128 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| Duration::from(t).as_micros())
+        .unwrap_or(0)
+}
+
+/// The owner process's start, noted by the CLI's `main` ([`note_process_start`]).
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Notes "now" as the start of this process, for [`BootTrace`] (first call wins).
+pub fn note_process_start() {
+    let _ = PROCESS_START.set(Instant::now());
+}
+
+/// Named host instants of one boot in the order they happened, for the per-step breakdown
+/// of the restored path (`matchlock-bench snapshot`). Written to the console log as one
+/// `matchlock: boot trace` line of `CLOCK_MONOTONIC` microseconds, the clock
+/// [`Instant`] reads on Linux, so another process can set the marks against its own.
+#[derive(Debug, Clone, Default)]
+pub struct BootTrace {
+    marks: Vec<(&'static str, Instant)>,
+}
+
+/// The prefix of the console line [`BootTrace::line`] writes.
+pub const TRACE_PREFIX: &str = "boot trace (CLOCK_MONOTONIC us):";
+
+impl BootTrace {
+    /// A trace that starts with the process start, if the CLI noted it.
+    pub fn new() -> Self {
+        let mut t = BootTrace::default();
+        if let Some(p) = PROCESS_START.get() {
+            t.marks.push(("process", *p));
+        }
+        t
+    }
+
+    /// Notes `name` now.
+    pub fn mark(&mut self, name: &'static str) {
+        self.at(name, Instant::now());
+    }
+
+    /// Notes `name` at `t`.
+    pub fn at(&mut self, name: &'static str, t: Instant) {
+        self.marks.push((name, t));
+    }
+
+    /// `boot trace (CLOCK_MONOTONIC us): name=us name=us ...`.
+    pub fn line(&self) -> String {
+        let now = Instant::now();
+        let mono = monotonic_us();
+        let mut s = TRACE_PREFIX.to_owned();
+        for (name, t) in &self.marks {
+            let back = now.saturating_duration_since(*t).as_micros();
+            s.push_str(&format!(" {name}={}", mono.saturating_sub(back)));
+        }
+        s
+    }
+
+    /// Parses a [`BootTrace::line`] (anywhere in `text`, the last one wins) into
+    /// (name, CLOCK_MONOTONIC us) pairs.
+    pub fn parse(text: &str) -> Vec<(String, u128)> {
+        let Some(line) = text.lines().rev().find(|l| l.contains(TRACE_PREFIX)) else {
+            return Vec::new();
+        };
+        let rest = line.split(TRACE_PREFIX).nth(1).unwrap_or_default();
+        rest.split_whitespace()
+            .filter_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +184,22 @@ mod tests {
             ready_us: 6,
         };
         assert_eq!(BootPhases::new(&m, Some(bad)).init_to_ready, None);
+    }
+
+    #[test]
+    fn trace_round_trips_through_its_line() {
+        let mut t = BootTrace::default();
+        // Marks in the past, as a boot's are when the line is written.
+        let start = Instant::now()
+            .checked_sub(Duration::from_millis(20))
+            .expect("uptime above 20 ms");
+        t.at("a", start);
+        t.at("b", start + Duration::from_millis(7));
+        let parsed = BootTrace::parse(&format!("noise\nmatchlock: {}\n", t.line()));
+        let names: Vec<&str> = parsed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let gap = parsed[1].1 - parsed[0].1;
+        assert!((6_999..=7_001).contains(&gap), "{gap}");
+        assert!(BootTrace::parse("nothing here").is_empty());
     }
 }

@@ -6,7 +6,8 @@
 //! the [`BootPlan`] (QEMU devices and the guest's boot configuration), let the services add
 //! to it, start the VM, and run the boot handshake. Every host file and process is recorded
 //! in the state DB before (files) or right after (processes) it is created. Any failure
-//! tears down what exists so far. With `MATCHLOCK_DEV_SNAPSHOT=1` the VM is restored from
+//! tears down what exists so far. By default (unless `--no-snapshot`,
+//! `MATCHLOCK_NO_SNAPSHOT=1` or `MATCHLOCK_DEV_SNAPSHOT=0`) an eligible VM is restored from
 //! a cached post-boot snapshot (made by the first eligible run, [`crate::snapshot`]) and
 //! the host opens the ready stream; any failure there falls back to a cold boot with a
 //! warning and a `matchlock:` line in the console log. Commands reach the guest through [`Sandbox::exec`] or
@@ -141,6 +142,34 @@ pub enum HandshakeError {
     Resume(#[source] matchlock_vm::VmError),
 }
 
+/// Why the snapshot path of a boot failed (the boot then cold boots, see
+/// [`Sandbox::launch`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotBootError {
+    #[error("compute the snapshot key")]
+    Key(#[source] crate::snapshot::SnapshotCacheError),
+    #[error("start writing the snapshot")]
+    Begin(#[source] crate::snapshot::SnapshotCacheError),
+    #[error("start the snapshot-making VM")]
+    StartMaker(#[source] Box<SandboxError>),
+    #[error("wait for the snapshot-making VM's guest")]
+    MakerAccept(#[source] HandshakeError),
+    #[error("read the snapshot-making VM's hello")]
+    MakerHello(#[source] HandshakeError),
+    #[error("save the snapshot")]
+    Save(#[source] matchlock_vm::VmError),
+    #[error("commit the snapshot")]
+    Commit(#[source] crate::snapshot::SnapshotCacheError),
+    #[error("start the restored VM")]
+    StartRestored(#[source] Box<SandboxError>),
+    #[error("the restored guest did not say hello again")]
+    Resume(#[source] HandshakeError),
+    #[error("send the boot config to the restored guest")]
+    SendConfig(#[source] HandshakeError),
+    #[error("wait for the restored guest to be ready")]
+    Ready(#[source] HandshakeError),
+}
+
 /// Why a clean guest shutdown did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
@@ -204,6 +233,8 @@ pub struct SandboxSpec {
     pub owner_pid: u32,
     /// Host services started with the VM.
     pub services: Services,
+    /// Always cold boot (`run --no-snapshot`); see [`crate::snapshot::enabled`].
+    pub no_snapshot: bool,
 }
 
 /// A booted VM owned by this process. [`crate::RunningSandbox`] wraps it with everything
@@ -224,6 +255,8 @@ pub struct Sandbox {
     pub boot_phases: BootPhases,
     /// Console lines about the snapshot path, written once the final VM runs.
     boot_notes: Vec<String>,
+    /// Host instants of the boot's steps (written to the console log when it is ready).
+    trace: crate::phases::BootTrace,
 }
 
 fn exec_defaults(spec: &SandboxSpec) -> ExecDefaults {
@@ -267,6 +300,7 @@ impl Sandbox {
                 id: id.clone(),
                 source: Box::new(source),
             })?;
+        let created = Instant::now();
         recorded(
             &id,
             "lifecycle",
@@ -287,7 +321,9 @@ impl Sandbox {
             boot_time: Duration::ZERO,
             boot_phases: BootPhases::default(),
             boot_notes: Vec::new(),
+            trace: crate::phases::BootTrace::new(),
         };
+        sb.trace.at("create", created);
         match sb.boot(paths, &spec) {
             Ok(()) => {
                 let _ = state.lifecycle_transition(&sb.id, Phase::Running, None);
@@ -314,15 +350,14 @@ impl Sandbox {
 
     fn boot(&mut self, paths: &Paths, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let started = Instant::now();
+        self.trace.at("registered", started);
         let (kernel, initramfs) = boot_assets(paths)?;
+        self.trace.mark("assets");
         self.lock_disks(paths, spec)?;
         let upper = self.create_upper_disk(paths, spec.config.resources.disk_size_mb)?;
+        self.trace.mark("upper_disk");
         let (ready, ready_path) = self.bind_ready_socket()?;
-        let channel = if crate::snapshot::enabled() {
-            matchlock_vm::Channel::Serial
-        } else {
-            matchlock_vm::Channel::from_env().map_err(SandboxError::Channel)?
-        };
+        let channel = matchlock_vm::Channel::from_env().map_err(SandboxError::Channel)?;
         let mut plan = self.boot_plan(spec, kernel, initramfs, upper, channel);
         lock(&self.services)
             .events
@@ -335,8 +370,10 @@ impl Sandbox {
             .prepare(&mut plan, &self.dir)
             .map_err(SandboxError::Service)?;
         let spawn = Instant::now();
+        self.trace.at("services", spawn);
         let deadline = started + boot_timeout();
-        let launched = self.launch(paths, &mut plan, &ready, deadline);
+        let snapshot = crate::snapshot::enabled(spec.no_snapshot);
+        let launched = self.launch(paths, &mut plan, &ready, deadline, snapshot);
         self.flush_notes();
         let launched = launched?;
         let marks = BootMarks {
@@ -351,6 +388,10 @@ impl Sandbox {
         drop(ready);
         let _ = std::fs::remove_file(&ready_path);
         self.boot_time = started.elapsed();
+        self.trace.at("ready", marks.ready);
+        let line = self.trace.line();
+        self.console_note(&line);
+        self.flush_notes();
         tracing::info!(id = %self.id, boot_ms = ms(self.boot_time), "sandbox ready");
         Ok(())
     }
@@ -364,6 +405,7 @@ impl Sandbox {
         plan: &mut BootPlan,
         ready: &StdUnixListener,
         deadline: Instant,
+        snapshot: bool,
     ) -> Result<Launched, SandboxError> {
         plan.guest.random_seed = match crate::snapshot::seed() {
             Ok(s) => s,
@@ -372,7 +414,12 @@ impl Sandbox {
                 Vec::new()
             }
         };
-        if crate::snapshot::enabled() {
+        // A fresh machine id from the same host randomness (the seed's tail is not reused:
+        // a second read, so the guest cannot derive one from the other).
+        plan.guest.machine_id = crate::snapshot::seed()
+            .map(|b| hex::encode(b.get(..16).unwrap_or_default()))
+            .unwrap_or_default();
+        if snapshot {
             // Without a seed a restored guest would keep the snapshot's CRNG state.
             let ineligible = if plan.guest.random_seed.is_empty() {
                 Some("no host random seed")
@@ -385,7 +432,8 @@ impl Sandbox {
                 }
                 None => match self.launch_from_snapshot(paths, plan, ready, deadline) {
                     Ok(l) => return Ok(l),
-                    Err(why) => {
+                    Err(e) => {
+                        let why = error_chain(&e);
                         tracing::warn!(id = %self.id, error = %why, "snapshot boot failed; cold boot");
                         self.console_note(&format!("snapshot boot failed, cold boot: {why}"));
                         self.stop_machine();
@@ -411,20 +459,22 @@ impl Sandbox {
         }
     }
 
-    /// The snapshot path of [`Sandbox::launch`]; errors are rendered for the warning.
+    /// The snapshot path of [`Sandbox::launch`].
     fn launch_from_snapshot(
         &mut self,
         paths: &Paths,
         plan: &mut BootPlan,
         ready: &StdUnixListener,
         deadline: Instant,
-    ) -> Result<Launched, String> {
+    ) -> Result<Launched, SnapshotBootError> {
         let cache = crate::snapshot::SnapshotCache::new(paths.snapshots());
-        let key = crate::snapshot::key(&plan.vm).map_err(|e| error_chain(&e))?;
+        let key = crate::snapshot::key(&plan.vm).map_err(SnapshotBootError::Key)?;
+        self.trace.mark("key");
         let entry = match cache.lookup(&key, plan.vm.memory_mb) {
             Some(e) => e,
             None => self.make_snapshot(&cache, &key, plan, ready, deadline)?,
         };
+        self.trace.mark("lookup");
         let t = Instant::now();
         let mut vm = plan.vm.clone();
         vm.snapshot = Some(matchlock_vm::SnapshotMode::Restore {
@@ -433,19 +483,29 @@ impl Sandbox {
         });
         if let Err(e) = self.start_vm(&vm) {
             cache.discard(&entry);
-            return Err(error_chain(&e));
+            return Err(SnapshotBootError::StartRestored(Box::new(e)));
         }
         let spawned = Instant::now();
+        if let Some(m) = self.machine.restore_marks() {
+            self.trace.at("qemu_spawned", m.spawned);
+            self.trace.at("qmp", m.qmp);
+            self.trace.at("incoming", m.incoming);
+            self.trace.at("running", m.running);
+        }
         let resume_deadline = deadline.min(spawned + RESUME_TIMEOUT);
-        let (mut conn, hello) = match open_ready(self.machine.as_ref(), resume_deadline) {
+        let (mut conn, opened, hello) = match open_ready(self.machine.as_ref(), resume_deadline) {
             Ok(c) => c,
             Err(e) => {
                 // The guest never said Hello again: the snapshot is unusable.
                 cache.discard(&entry);
-                return Err(error_chain(&e));
+                return Err(SnapshotBootError::Resume(e));
             }
         };
-        let times = finish_handshake(&mut conn, &mut plan.guest).map_err(|e| error_chain(&e))?;
+        self.trace.at("stream_opened", opened);
+        self.trace.at("hello", hello);
+        send_config(&mut conn, &mut plan.guest).map_err(SnapshotBootError::SendConfig)?;
+        self.trace.mark("config_sent");
+        let times = await_ready(&mut conn).map_err(SnapshotBootError::Ready)?;
         let short = key.get(..12).unwrap_or(&key);
         self.console_note(&format!(
             "restored from snapshot {short} (VM start + state load {} ms)",
@@ -468,21 +528,23 @@ impl Sandbox {
         plan: &BootPlan,
         ready: &StdUnixListener,
         deadline: Instant,
-    ) -> Result<crate::snapshot::Entry, String> {
-        let pending = cache.begin(key).map_err(|e| error_chain(&e))?;
+    ) -> Result<crate::snapshot::Entry, SnapshotBootError> {
+        let pending = cache.begin(key).map_err(SnapshotBootError::Begin)?;
         let mut vm = plan.vm.clone();
         vm.snapshot = Some(matchlock_vm::SnapshotMode::Make { ram: pending.ram() });
         let t = Instant::now();
-        self.start_vm(&vm).map_err(|e| error_chain(&e))?;
-        let mut conn =
-            accept_guest(ready, self.machine.as_ref(), deadline).map_err(|e| error_chain(&e))?;
-        read_hello(&mut conn, deadline).map_err(|e| error_chain(&e))?;
+        self.start_vm(&vm)
+            .map_err(|e| SnapshotBootError::StartMaker(Box::new(e)))?;
+        let mut conn = accept_guest(ready, self.machine.as_ref(), deadline)
+            .map_err(SnapshotBootError::MakerAccept)?;
+        read_hello(&mut conn, deadline).map_err(SnapshotBootError::MakerHello)?;
         self.machine
             .save_snapshot(&pending.state(), SAVE_TIMEOUT)
-            .map_err(|e| error_chain(&e))?;
+            .map_err(SnapshotBootError::Save)?;
         self.stop_machine();
         drop(conn);
-        let entry = pending.commit().map_err(|e| error_chain(&e))?;
+        let entry = pending.commit().map_err(SnapshotBootError::Commit)?;
+        cache.evict(crate::snapshot::keep(), &entry.dir);
         self.console_note(&format!(
             "made snapshot {} ({} ms)",
             key.get(..12).unwrap_or(key),
@@ -575,25 +637,13 @@ impl Sandbox {
     ) -> BootPlan {
         let (disks, guest_disks) = disk_layout(spec, upper);
         let res = &spec.config.resources;
-        let vm = VmConfig {
-            id: self.id.clone(),
-            state_dir: self.dir.clone(),
-            kernel,
-            initramfs,
-            vcpus: res.vcpus(),
-            memory_mb: u32::try_from(res.memory_mb).unwrap_or(u32::MAX),
-            disks,
-            console_log: self.console_log(),
-            console_max_bytes: matchlock_vm::console::console_max_bytes(),
-            accel: spec.accel,
-            extra_cmdline: Vec::new(),
-            qemu_binary: None,
-            vsock_binary: None,
-            net: None,
-            fs: None,
-            channel,
-            snapshot: None,
-        };
+        let mut vm = VmConfig::new(self.id.clone(), self.dir.clone(), kernel, initramfs);
+        vm.vcpus = res.vcpus();
+        vm.memory_mb = u32::try_from(res.memory_mb).unwrap_or(u32::MAX);
+        vm.disks = disks;
+        vm.console_log = self.console_log();
+        vm.accel = spec.accel;
+        vm.channel = channel;
         let net = spec.config.network.clone().unwrap_or_default();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -624,6 +674,7 @@ impl Sandbox {
             ca_pem: None,
             workspace: None,
             random_seed: Vec::new(),
+            machine_id: String::new(),
         };
         BootPlan { vm, guest }
     }
@@ -925,13 +976,14 @@ fn read_hello(
 fn open_ready(
     machine: &dyn Machine,
     deadline: Instant,
-) -> Result<(std::os::unix::net::UnixStream, Instant), HandshakeError> {
+) -> Result<(std::os::unix::net::UnixStream, Instant, Instant), HandshakeError> {
     let left = deadline.saturating_duration_since(Instant::now());
     let mut conn = machine
         .connect(READY_PORT, left)
         .map_err(HandshakeError::Resume)?;
+    let opened = Instant::now();
     let hello = read_hello(&mut conn, deadline)?;
-    Ok((conn, hello))
+    Ok((conn, opened, hello))
 }
 
 /// Sends `BootConfig` (with the current time) and waits for `Ready` or `BootFailed`.
@@ -939,6 +991,15 @@ fn finish_handshake(
     conn: &mut std::os::unix::net::UnixStream,
     cfg: &mut BootConfig,
 ) -> Result<Option<ReadyTimes>, HandshakeError> {
+    send_config(conn, cfg)?;
+    await_ready(conn)
+}
+
+/// Sends `BootConfig` with the current time.
+fn send_config(
+    conn: &mut std::os::unix::net::UnixStream,
+    cfg: &mut BootConfig,
+) -> Result<(), HandshakeError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -947,7 +1008,13 @@ fn finish_handshake(
         now.subsec_nanos(),
     );
     let frame = Frame::json(FrameType::BootConfig, &*cfg).map_err(HandshakeError::Proto)?;
-    write_frame(conn, &frame).map_err(HandshakeError::Proto)?;
+    write_frame(conn, &frame).map_err(HandshakeError::Proto)
+}
+
+/// Waits for `Ready` (with the guest's boot times) or `BootFailed`.
+fn await_ready(
+    conn: &mut std::os::unix::net::UnixStream,
+) -> Result<Option<ReadyTimes>, HandshakeError> {
     let reply = read_frame_required(conn).map_err(HandshakeError::Proto)?;
     match reply.kind {
         // Times are informational: an empty or malformed payload is no failure.

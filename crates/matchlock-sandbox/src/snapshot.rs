@@ -1,6 +1,7 @@
 //! The snapshot cache: post-boot VM snapshots keyed by everything they depend on, so
-//! `run` can restore one instead of cold booting (developer switch
-//! `MATCHLOCK_DEV_SNAPSHOT=1`, which implies the virtio-serial channel; docs/snapshots.md).
+//! `run` can restore one instead of cold booting (the default for eligible VMs; off with
+//! `run --no-snapshot`, `MATCHLOCK_NO_SNAPSHOT=1` or `MATCHLOCK_DEV_SNAPSHOT=0`;
+//! docs/snapshots.md).
 //!
 //! # Design
 //! - **Snapshot point**: the guest has finished init, sent `Hello` and waits for
@@ -24,6 +25,11 @@
 //!   runs race, the first rename wins and the loser deletes its copy and uses the winner's.
 //!   A snapshot is removed by renaming it to `.dead-*` first, so a concurrent restore that
 //!   already opened its files is unaffected.
+//! - **Bounds** ([`SnapshotCache::evict`]): after each commit only the [`keep`] most
+//!   recently used snapshots remain (default [`DEFAULT_KEEP`], `MATCHLOCK_SNAPSHOT_KEEP`);
+//!   a lookup hit refreshes its directory's mtime. Evicting a snapshot a running VM was
+//!   restored from is safe (the unlinked RAM file stays open and mapped private in that
+//!   QEMU). To clear the cache: `rm -rf ~/.cache/matchlock/snapshots`.
 //! - **Validation** before a restore: the RAM file must be exactly the VM's memory size and
 //!   the state file 1 byte..[`MAX_STATE`]; anything else is discarded. A restore that fails
 //!   (QEMU refuses the stream, the guest does not answer within the bound) is discarded by
@@ -43,14 +49,23 @@ use sha2::{Digest, Sha256};
 
 use matchlock_vm::VmConfig;
 
-/// The developer switch.
+/// The developer switch of the first version: `0` still turns snapshot boot off.
 pub const SNAPSHOT_ENV: &str = "MATCHLOCK_DEV_SNAPSHOT";
+/// `MATCHLOCK_NO_SNAPSHOT=1`: cold boot every sandbox of this process (the equivalent of
+/// `run --no-snapshot` for RPC/SDK-created sandboxes, whose `create` has no such field).
+pub const NO_SNAPSHOT_ENV: &str = "MATCHLOCK_NO_SNAPSHOT";
 /// Version of the key material; bump when its meaning changes.
 const KEY_VERSION: &str = "matchlock-snapshot v1";
 /// Largest device-state file accepted (the measured one is ~200 KB).
 pub const MAX_STATE: u64 = 64 * 1024 * 1024;
 /// Bytes of host randomness sent to each guest.
 pub const SEED_BYTES: usize = 32;
+/// Snapshots kept by default: the most recently used; older ones are evicted when a new
+/// one is committed (each holds a sparse RAM file of the guest's touched memory, ~50-100
+/// MiB on disk for the default image).
+pub const DEFAULT_KEEP: usize = 4;
+/// Overrides [`DEFAULT_KEEP`] (at least 1).
+pub const KEEP_ENV: &str = "MATCHLOCK_SNAPSHOT_KEEP";
 /// Temporary and dead directories older than this are removed by the next writer.
 const STALE_AFTER: Duration = Duration::from_secs(600);
 
@@ -80,9 +95,19 @@ pub enum SnapshotCacheError {
     Seed(#[source] std::io::Error),
 }
 
-/// Whether the developer switch is on (`MATCHLOCK_DEV_SNAPSHOT=1`).
-pub fn enabled() -> bool {
-    std::env::var(SNAPSHOT_ENV).is_ok_and(|v| v == "1")
+/// Whether snapshot boot is wanted (the default): not when the caller opted out
+/// (`run --no-snapshot`), nor with `MATCHLOCK_NO_SNAPSHOT=1` or `MATCHLOCK_DEV_SNAPSHOT=0`.
+pub fn enabled(opted_out: bool) -> bool {
+    let env = |k: &str| std::env::var(k).ok();
+    wanted(
+        opted_out,
+        env(NO_SNAPSHOT_ENV).as_deref(),
+        env(SNAPSHOT_ENV).as_deref(),
+    )
+}
+
+fn wanted(opted_out: bool, no_snapshot: Option<&str>, dev: Option<&str>) -> bool {
+    !opted_out && no_snapshot != Some("1") && dev != Some("0")
 }
 
 /// Why a VM cannot be snapshotted or restored (`None`: it can).
@@ -166,6 +191,7 @@ impl SnapshotCache {
         let state_ok = std::fs::metadata(entry.state())
             .is_ok_and(|m| m.is_file() && m.len() > 0 && m.len() <= MAX_STATE);
         if ram_ok && state_ok {
+            touch(&entry.dir);
             return Some(entry);
         }
         tracing::warn!(dir = %entry.dir.display(), ram_ok, state_ok, "invalid snapshot discarded");
@@ -212,6 +238,30 @@ impl SnapshotCache {
         Ok(pending)
     }
 
+    /// Keeps the `keep` most recently used snapshots (by their directory's mtime, which
+    /// [`SnapshotCache::lookup`] refreshes) and `current`, and discards the rest. Discarding
+    /// one that a running VM was restored from is safe: QEMU has the RAM file open and
+    /// mapped private, so on Linux the unlinked file lives on until that VM exits, and the
+    /// state file was read to the end when the restore finished.
+    pub fn evict(&self, keep: usize, current: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return 0;
+        };
+        let mut keys: Vec<(SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| e.path() != current)
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        keys.sort_by_key(|k| std::cmp::Reverse(k.0));
+        let old = keys.split_off(keep.saturating_sub(1).min(keys.len()));
+        for (_, dir) in &old {
+            tracing::info!(dir = %dir.display(), "evicting least recently used snapshot");
+            self.discard(&Entry { dir: dir.clone() });
+        }
+        old.len()
+    }
+
     /// Removes temporary and dead directories left by crashed writers.
     fn remove_stale(&self) {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
@@ -230,6 +280,22 @@ impl SnapshotCache {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+}
+
+/// The number of snapshots to keep: [`KEEP_ENV`] or [`DEFAULT_KEEP`].
+pub fn keep() -> usize {
+    std::env::var(KEEP_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(DEFAULT_KEEP)
+}
+
+/// Marks a snapshot as just used (its directory's mtime).
+fn touch(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.set_modified(SystemTime::now());
     }
 }
 
@@ -302,25 +368,20 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn vm(channel: matchlock_vm::Channel) -> VmConfig {
-        VmConfig {
-            id: "t".into(),
-            state_dir: "/nonexistent".into(),
-            kernel: "/k".into(),
-            initramfs: "/i".into(),
-            vcpus: 1,
-            memory_mb: 256,
-            disks: Vec::new(),
-            console_log: "/c".into(),
-            console_max_bytes: 1,
-            accel: matchlock_vm::Accel::Tcg,
-            extra_cmdline: Vec::new(),
-            qemu_binary: None,
-            vsock_binary: None,
-            net: None,
-            fs: None,
-            channel,
-            snapshot: None,
-        }
+        let mut v = VmConfig::new("t", "/nonexistent", "/k", "/i");
+        v.memory_mb = 256;
+        v.accel = matchlock_vm::Accel::Tcg;
+        v.channel = channel;
+        v
+    }
+
+    #[test]
+    fn on_by_default_and_every_off_switch_works() {
+        assert!(wanted(false, None, None));
+        assert!(wanted(false, Some("0"), Some("1")));
+        assert!(!wanted(true, None, None));
+        assert!(!wanted(false, Some("1"), None));
+        assert!(!wanted(false, None, Some("0")));
     }
 
     #[test]
@@ -397,5 +458,35 @@ mod tests {
         // An abandoned writer leaves nothing.
         drop(cache.begin("z").expect("begin"));
         assert!(std::fs::read_dir(&cache.root).expect("ls").next().is_none());
+    }
+
+    #[test]
+    fn evicts_least_recently_used_beyond_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = SnapshotCache::new(dir.path().join("snapshots"));
+        let mut entries = Vec::new();
+        for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
+            let e = write_snapshot(&cache, k, 1024 * 1024);
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64);
+            std::fs::File::open(&e.dir)
+                .and_then(|f| f.set_modified(t))
+                .expect("mtime");
+            entries.push(e);
+        }
+        // "a" is the oldest by creation, but a lookup makes it the most recently used.
+        assert!(cache.lookup("a", 1).is_some());
+        // A restore running from "b" keeps its open RAM file after the eviction.
+        let open_ram = std::fs::File::open(entries[1].ram()).expect("open ram");
+        let current = cache.root.join("d");
+        assert_eq!(cache.evict(2, &current), 2);
+        let mut left: Vec<String> = std::fs::read_dir(&cache.root)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a", "d"]);
+        assert_eq!(open_ram.metadata().expect("fstat").len(), 1024 * 1024);
+        assert_eq!(cache.evict(2, &current), 0);
     }
 }

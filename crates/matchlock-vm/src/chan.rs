@@ -53,10 +53,12 @@ pub const CHANNEL_ENV: &str = "MATCHLOCK_DEV_CHANNEL";
 /// The transport of the host<->guest channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Channel {
-    /// vhost-user-vsock served by `vhost-device-vsock` (default).
-    #[default]
+    /// vhost-user-vsock served by `vhost-device-vsock` (`MATCHLOCK_DEV_CHANNEL=vsock`, kept
+    /// for comparison and tests; cannot be snapshotted).
     Vsock,
     /// A multiplexed virtio-serial port on a unix-socket chardev (migratable; no helper).
+    /// The default.
+    #[default]
     Serial,
 }
 
@@ -68,18 +70,18 @@ pub struct ParseChannelError {
 }
 
 impl Channel {
-    /// The channel chosen by the developer knob [`CHANNEL_ENV`] (unset or empty: vsock).
+    /// The channel chosen by the developer knob [`CHANNEL_ENV`] (unset or empty: serial).
     pub fn from_env() -> Result<Self, ParseChannelError> {
         match std::env::var(CHANNEL_ENV) {
             Ok(v) => Self::parse(&v),
-            Err(_) => Ok(Self::Vsock),
+            Err(_) => Ok(Self::Serial),
         }
     }
 
     fn parse(v: &str) -> Result<Self, ParseChannelError> {
         match v {
-            "" | "vsock" => Ok(Self::Vsock),
-            "serial" => Ok(Self::Serial),
+            "vsock" => Ok(Self::Vsock),
+            "" | "serial" => Ok(Self::Serial),
             other => Err(ParseChannelError {
                 value: other.to_owned(),
             }),
@@ -212,7 +214,8 @@ mod tests {
 
     #[test]
     fn parses_the_knob() {
-        assert_eq!(Channel::parse("").expect("empty"), Channel::Vsock);
+        assert_eq!(Channel::parse("").expect("empty"), Channel::Serial);
+        assert_eq!(Channel::default(), Channel::Serial);
         assert_eq!(Channel::parse("vsock").expect("vsock"), Channel::Vsock);
         assert_eq!(Channel::parse("serial").expect("serial"), Channel::Serial);
         assert!(Channel::parse("virtio").is_err());

@@ -101,6 +101,39 @@ pub struct VmConfig {
 
 pub use snapshot::SnapshotMode;
 
+impl VmConfig {
+    /// A VM with the defaults: 1 vCPU, 512 MiB, no disks, no network or workspace, the
+    /// default channel, automatic acceleration, the console log `<state_dir>/console.log`
+    /// with the configured cap, no snapshot. Callers change the fields they need.
+    pub fn new(
+        id: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+        kernel: impl Into<PathBuf>,
+        initramfs: impl Into<PathBuf>,
+    ) -> Self {
+        let state_dir = state_dir.into();
+        VmConfig {
+            id: id.into(),
+            console_log: state_dir.join("console.log"),
+            state_dir,
+            kernel: kernel.into(),
+            initramfs: initramfs.into(),
+            vcpus: 1,
+            memory_mb: 512,
+            disks: Vec::new(),
+            console_max_bytes: console::console_max_bytes(),
+            accel: Accel::Auto,
+            extra_cmdline: Vec::new(),
+            qemu_binary: None,
+            vsock_binary: None,
+            net: None,
+            fs: None,
+            channel: Channel::default(),
+            snapshot: None,
+        }
+    }
+}
+
 /// A virtio-fs device whose requests a vhost-user backend in the sandbox owner serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsDevice {
@@ -165,6 +198,10 @@ pub trait Machine: Send + Sync {
     /// The console log, for other writers that must share its cap (`None` if this machine
     /// has none).
     fn console(&self) -> Option<std::sync::Arc<console::ConsoleLog>> {
+        None
+    }
+    /// When the steps of this VM's snapshot restore finished (`None`: not restored).
+    fn restore_marks(&self) -> Option<snapshot::LoadMarks> {
         None
     }
     /// Saves the paused guest's device state to `state` (its RAM stays in the file given

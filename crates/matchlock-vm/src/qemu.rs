@@ -556,6 +556,8 @@ pub struct QemuMachine {
     chan: Option<HostChannel>,
     /// The QMP socket, when the VM was started with a snapshot mode.
     qmp: Option<PathBuf>,
+    /// The restore's step times, when the VM was restored.
+    restored: Option<crate::snapshot::LoadMarks>,
 }
 
 /// How long loading a snapshot may take (QEMU start to `running`).
@@ -668,6 +670,7 @@ impl QemuMachine {
                 source,
             }
         })?;
+        let spawned = Instant::now();
         let helper = vsock.clone();
         let qemu = Supervised::new(
             "qemu",
@@ -686,7 +689,7 @@ impl QemuMachine {
             }
         })?;
         tracing::info!(id = %cfg.id, qemu_pid = qemu.pid(), vsock_pid = vsock.as_ref().map(|v| v.pid()), channel = ?cfg.channel, %accel, "VM started");
-        let machine = QemuMachine {
+        let mut machine = QemuMachine {
             id: cfg.id.clone(),
             vsock_path,
             console_log: cfg.console_log.clone(),
@@ -698,18 +701,22 @@ impl QemuMachine {
                 .snapshot
                 .as_ref()
                 .map(|_| cfg.state_dir.join(crate::snapshot::QMP_SOCKET)),
+            restored: None,
         };
         if let (Some(crate::SnapshotMode::Restore { state, .. }), Some(qmp)) =
             (&cfg.snapshot, &machine.qmp)
         {
             let deadline = Instant::now() + RESTORE_TIMEOUT;
-            if let Err(source) = crate::snapshot::load(qmp, state, deadline) {
-                let _ = machine.kill();
-                machine.console.wait_drained(Duration::from_secs(1));
-                return Err(VmError::SnapshotRestore {
-                    console: tail_lines(&machine.console_log, 3),
-                    source,
-                });
+            match crate::snapshot::load(qmp, state, spawned, deadline) {
+                Ok(marks) => machine.restored = Some(marks),
+                Err(source) => {
+                    let _ = machine.kill();
+                    machine.console.wait_drained(Duration::from_secs(1));
+                    return Err(VmError::SnapshotRestore {
+                        console: tail_lines(&machine.console_log, 3),
+                        source,
+                    });
+                }
             }
         }
         Ok(machine)
@@ -851,6 +858,10 @@ impl Machine for QemuMachine {
 
     fn console(&self) -> Option<Arc<ConsoleLog>> {
         Some(self.console.clone())
+    }
+
+    fn restore_marks(&self) -> Option<crate::snapshot::LoadMarks> {
+        self.restored
     }
 
     fn save_snapshot(&self, state: &Path, timeout: Duration) -> Result<(), VmError> {

@@ -144,9 +144,28 @@ pub(crate) fn save(qmp_path: &Path, state: &Path, timeout: Duration) -> Result<(
     }
 }
 
+/// When each step of a restore finished (host monotonic clock), for the boot breakdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadMarks {
+    /// QEMU spawned (the process exists; nothing loaded yet).
+    pub spawned: Instant,
+    /// QMP answered (greeting and capabilities negotiated): QEMU's start-up is done.
+    pub qmp: Instant,
+    /// `migrate-incoming` accepted.
+    pub incoming: Instant,
+    /// `query-status` said `running`: the guest runs again.
+    pub running: Instant,
+}
+
 /// Loads `state` into a QEMU started with `-incoming defer` and waits until it runs.
-pub(crate) fn load(qmp_path: &Path, state: &Path, deadline: Instant) -> Result<(), SnapshotError> {
+pub(crate) fn load(
+    qmp_path: &Path,
+    state: &Path,
+    spawned: Instant,
+    deadline: Instant,
+) -> Result<LoadMarks, SnapshotError> {
     let mut qmp = Qmp::connect(qmp_path, deadline)?;
+    let qmp_at = Instant::now();
     ignore_shared(&mut qmp)?;
     let file = File::open(state).map_err(|source| SnapshotError::OpenState {
         path: state.to_owned(),
@@ -158,6 +177,7 @@ pub(crate) fn load(qmp_path: &Path, state: &Path, deadline: Instant) -> Result<(
         "migrate-incoming",
         Some(json!({ "uri": format!("fd:{FD_NAME}") })),
     )?;
+    let incoming = Instant::now();
     loop {
         let r = qmp.execute("query-status", None)?;
         let status = r
@@ -165,7 +185,14 @@ pub(crate) fn load(qmp_path: &Path, state: &Path, deadline: Instant) -> Result<(
             .and_then(|s| s.as_str())
             .ok_or(SnapshotError::NoStatus)?;
         match status {
-            "running" => return Ok(()),
+            "running" => {
+                return Ok(LoadMarks {
+                    spawned,
+                    qmp: qmp_at,
+                    incoming,
+                    running: Instant::now(),
+                })
+            }
             // A stream saved from a paused VM loads paused.
             "paused" => {
                 qmp.execute("cont", None)?;

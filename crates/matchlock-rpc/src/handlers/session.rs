@@ -113,6 +113,8 @@ async fn start(
         accel: s.opts.accel,
         owner_pid: s.opts.owner_pid,
         services,
+        // RPC `create` has no such field; MATCHLOCK_NO_SNAPSHOT=1 opts out.
+        no_snapshot: false,
     };
     let opts = StartOptions {
         spec,
