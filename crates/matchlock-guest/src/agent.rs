@@ -23,6 +23,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use std::time::Instant;
 
 use matchlock_guest_proto::{
     read_frame, write_frame, ExecRequest, Frame, FrameType, PathRequest, PortForwardRequest,
@@ -68,13 +69,28 @@ fn reply_error<C: Conn>(conn: &mut C, msg: String) -> Result<(), AgentError> {
 }
 
 /// Serves one connection: reads the first frame and runs the matching session.
-pub fn handle<C: Conn>(mut conn: C, agent: &Agent) -> Result<(), AgentError> {
+#[cfg(test)]
+pub fn handle<C: Conn>(conn: C, agent: &Agent) -> Result<(), AgentError> {
+    handle_accepted(conn, agent, Instant::now())
+}
+
+/// [`handle`] for a connection the agent took at `accepted` (the start of an exec's
+/// timeline, see [`exec::Timeline`]).
+fn handle_accepted<C: Conn>(
+    mut conn: C,
+    agent: &Agent,
+    accepted: Instant,
+) -> Result<(), AgentError> {
+    let mut timeline = exec::Timeline::new(accepted);
     let Some(first) = read_frame(&mut conn).map_err(AgentError::ReadRequest)? else {
         return Ok(());
     };
     match first.kind {
         FrameType::Exec => match first.parse::<ExecRequest>("exec") {
-            Ok(req) => exec::run(conn, req, &agent.exec).map_err(AgentError::Exec),
+            Ok(req) => {
+                timeline.requested();
+                exec::run(conn, req, &agent.exec, timeline).map_err(AgentError::Exec)
+            }
             Err(e) => reply_error(&mut conn, format!("bad exec request: {e}")),
         },
         FrameType::WriteFile => match first.parse::<WriteFileRequest>("write file") {
@@ -187,11 +203,12 @@ pub fn serve_streams(streams: Receiver<UnixStream>, agent: Arc<Agent>) {
 
 /// Runs one session on its own thread.
 fn spawn_session<C: Conn>(stream: C, agent: &Arc<Agent>) {
+    let accepted = Instant::now();
     let agent = Arc::clone(agent);
     let spawned = std::thread::Builder::new()
         .name("session".into())
         .spawn(move || {
-            if let Err(e) = handle(stream, &agent) {
+            if let Err(e) = handle_accepted(stream, &agent, accepted) {
                 tracing::debug!(error = %crate::chain(&e), "session ended with an error");
             }
         });
