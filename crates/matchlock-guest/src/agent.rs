@@ -205,13 +205,11 @@ pub fn serve_streams(streams: Receiver<UnixStream>, agent: Arc<Agent>) {
 fn spawn_session<C: Conn>(stream: C, agent: &Arc<Agent>) {
     let accepted = Instant::now();
     let agent = Arc::clone(agent);
-    let spawned = std::thread::Builder::new()
-        .name("session".into())
-        .spawn(move || {
-            if let Err(e) = handle_accepted(stream, &agent, accepted) {
-                tracing::debug!(error = %crate::chain(&e), "session ended with an error");
-            }
-        });
+    let spawned = crate::pool::global().run("session", move || {
+        if let Err(e) = handle_accepted(stream, &agent, accepted) {
+            tracing::debug!(error = %crate::chain(&e), "session ended with an error");
+        }
+    });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start a session thread");
     }

@@ -493,16 +493,15 @@ fn start_threads<C: Conn>(
     };
     let reader_done = Arc::clone(&done);
     let reader_master = wiring.master.clone();
-    std::thread::Builder::new()
-        .name("exec-reader".into())
-        .spawn(move || {
+    crate::pool::global()
+        .run("exec-reader", move || {
             read_host(
                 reader,
                 pid,
                 &reader_done,
                 stdin_tx,
                 reader_master.as_deref(),
-            )
+            );
         })
         .map_err(|source| ExecError::Thread {
             what: "reader",
