@@ -1,7 +1,8 @@
 //! The service agent: accepts host connections and dispatches each on its first frame.
 //!
 //! # Design
-//! One thread per connection, one request per connection (see the protocol crate). The
+//! One thread per connection (a parked one from [`crate::pool`] when free), one request per
+//! connection (see the protocol crate). The
 //! dispatcher is generic over [`Conn`] so tests drive it over `UnixStream::pair()`; only
 //! [`serve`] knows about vsock, and [`serve_streams`] takes the streams of the virtio-serial
 //! host channel (`hostchan`), whose only peer is the host by construction. Power-off is a callback supplied by `init`, so the agent

@@ -7,7 +7,8 @@
 //!   or the PTY master) to `Stdout` / `Stderr` frames with one `poll` over them and a pidfd
 //!   of the command, which wakes it at the exit; it drains what is left and sends `Exit`.
 //!   All frames go through one [`FrameWriter`], so frames never interleave;
-//! - a reader thread keeps reading host frames until the command ends, even after
+//! - a reader (a thread from the agent's [`crate::pool`], like the session's own, so a warm
+//!   agent starts no thread per exec) keeps reading host frames until the command ends, even after
 //!   `StdinEof`; host EOF or error before `Exit` cancels: SIGTERM to the process group, then
 //!   SIGKILL after [`KILL_GRACE_MS`], in every mode;
 //! - only when the command has a stdin, a stdin thread owns the write side, so a child that
