@@ -12,7 +12,8 @@
 //! # Limitations
 //! No upper bound on threads (as before: the host paces itself). A parked thread keeps its
 //! stack's touched pages until it retires. A job that panics ends its thread (the pool just
-//! starts a new one next time).
+//! starts a new one next time). A thread keeps the name of the job it started for (a
+//! `session` thread may later run an `exec-reader` job).
 
 #![forbid(unsafe_code)]
 
