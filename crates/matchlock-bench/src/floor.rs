@@ -16,9 +16,11 @@
 //! the agent's current cost (which is the point: the gap is ours to close).
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use matchlock_guest_proto::GuestTiming;
+use matchlock_sandbox::exec::ExecTimeline;
 
 /// Iterations of the guest-side spawn loop.
 pub const SPAWNS: u32 = 300;
@@ -106,6 +108,100 @@ pub fn print(r: &Rows) {
         };
         println!("  {name:<38}  {}  {:.2}x floor{verdict}", ms(d), ratio(d));
     }
+}
+
+/// Median of `f` over the timelines (zero when none had the marks).
+fn median_of(
+    timelines: &[ExecTimeline],
+    f: impl Fn(&ExecTimeline) -> Option<Duration>,
+) -> Duration {
+    let mut v: Vec<Duration> = timelines.iter().filter_map(f).collect();
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// A guest mark difference (`b - a` microseconds) as a duration.
+fn us(a: u64, b: u64) -> Duration {
+    Duration::from_micros(b.saturating_sub(a))
+}
+
+/// A host segment of the timeline: its name and how to take it from one exec's marks.
+type HostRow<'a> = (&'a str, &'a dyn Fn(&ExecTimeline) -> Option<Duration>);
+
+/// Prints where an in-process `exec true` spends its time (medians per segment; issue 11's
+/// "exec within its targets of the emulated floor"), host marks beside the guest's.
+pub fn print_timeline(timelines: &[ExecTimeline], fresh: Duration) {
+    let ms = |d: Duration| format!("{:>7.2} ms", d.as_secs_f64() * 1000.0);
+    let since = |a: Instant, b: Option<Instant>| b.map(|b| b.saturating_duration_since(a));
+    let host: [HostRow<'_>; 5] = [
+        ("host: open the guest connection", &|t| {
+            Some(t.connected - t.begin)
+        }),
+        ("host: write Exec", &|t| Some(t.sent - t.connected)),
+        ("host: Exec written -> Started read", &|t| {
+            since(t.sent, t.started)
+        }),
+        ("host: Started read -> Exit read", &|t| {
+            t.started.and_then(|s| since(s, t.exited))
+        }),
+        ("host: total", &|t| since(t.begin, t.exited)),
+    ];
+    type GuestRow<'a> = (&'a str, fn(&GuestTiming) -> Duration);
+    let guest: [GuestRow<'_>; 7] = [
+        ("guest: accepted -> session thread runs", |g| {
+            us(0, g.session_us)
+        }),
+        ("guest: session thread -> Exec read", |g| {
+            us(g.session_us, g.request_us)
+        }),
+        ("guest: Exec read -> command spawned", |g| {
+            us(g.request_us, g.spawned_us)
+        }),
+        ("guest: spawned -> Started written", |g| {
+            us(g.spawned_us, g.started_us)
+        }),
+        ("guest: Started -> exit seen", |g| {
+            us(g.started_us, g.exited_us)
+        }),
+        ("guest: exit seen -> Exit written", |g| {
+            us(g.exited_us, g.exit_us)
+        }),
+        ("guest: total (accepted -> Exit written)", |g| {
+            us(0, g.exit_us)
+        }),
+    ];
+    println!(
+        "exec timeline (in-process exec true, {} execs, medians per segment):",
+        timelines.len()
+    );
+    for (name, f) in host {
+        println!("  {name:<44} {}", ms(median_of(timelines, f)));
+    }
+    for (name, f) in guest {
+        println!(
+            "  {name:<44} {}",
+            ms(median_of(timelines, |t| t.guest.as_ref().map(f)))
+        );
+    }
+    let rest = median_of(timelines, |t| {
+        let total = since(t.begin, t.exited)?;
+        let guest = us(0, t.guest?.exit_us);
+        Some(
+            total
+                .saturating_sub(t.connected - t.begin)
+                .saturating_sub(guest),
+        )
+    });
+    println!(
+        "  {:<44} {}",
+        "neither side (channel both ways, wake-ups)",
+        ms(rest)
+    );
+    println!(
+        "  {:<44} {}",
+        "for comparison: new connection + Ping/Pong",
+        ms(fresh)
+    );
 }
 
 #[cfg(test)]

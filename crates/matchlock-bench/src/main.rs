@@ -35,17 +35,16 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use matchlock_guest_proto::{ExecRequest, Frame, FrameType, SERVICE_PORT};
+use matchlock_guest_proto::ExecRequest;
 use matchlock_sandbox::exec::ExecIo;
 use matchlock_sandbox::paths::Paths;
-use matchlock_sandbox::{RunningSandbox, StartOptions};
 
 mod breakdown;
 mod channels;
+mod exec;
 mod floor;
 mod https;
 mod https_vm;
@@ -57,9 +56,6 @@ mod snapshot;
 mod vfs;
 
 const IMAGE: &str = "busybox:bench";
-
-/// Warm-exec medians: raw, fresh connection, in-process, relay, CLI, guest spawn.
-type ExecRows = (Duration, Duration, Duration, Duration, Duration, Duration);
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -204,195 +200,6 @@ impl Bench {
         );
         breakdown::print(&parts, b, r);
         Ok(())
-    }
-
-    fn exec(&self) -> anyhow::Result<()> {
-        let paths = self.paths();
-        let state = Arc::new(matchlock_state::StateDb::open(&paths.state)?);
-        let spec = self.spec()?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let result = rt.block_on(async {
-            let opts = StartOptions {
-                spec,
-                lifetime: None,
-                remove_on_failure: true,
-            };
-            let never = tokio_util::sync::CancellationToken::new();
-            let sb = RunningSandbox::start(&paths, state, opts, &never).await?;
-            let r = self.exec_rows(&sb).await;
-            sb.close(Duration::from_secs(2), "benchmark done").await?;
-            let _ = sb.remove();
-            r
-        });
-        drop(rt);
-        let (raw, fresh, inproc, relay_exec, cli, spawn) = result?;
-        let rpc = self.rpc_exec_roundtrip(self.runs * 10)?;
-        println!("warm exec (medians; vsock port {SERVICE_PORT}):");
-        println!("  raw vsock round trip (Ping/Pong):       {}", ms(raw));
-        println!(
-            "  new connection + Ping/Pong:             {}  ratio {:.1}x",
-            ms(fresh),
-            fresh.as_secs_f64() / raw.as_secs_f64()
-        );
-        println!(
-            "  exec true, in-process (Sandbox::exec):  {}  ratio {:.1}x (target <= 3x)",
-            ms(inproc),
-            inproc.as_secs_f64() / raw.as_secs_f64()
-        );
-        println!(
-            "  exec true through the exec relay:       {}  ratio {:.1}x",
-            ms(relay_exec),
-            relay_exec.as_secs_f64() / raw.as_secs_f64()
-        );
-        println!(
-            "  exec(\"true\") through matchlock rpc:     {}  ratio {:.1}x (vs relay {:.2}x)",
-            ms(rpc),
-            rpc.as_secs_f64() / raw.as_secs_f64(),
-            rpc.as_secs_f64() / relay_exec.as_secs_f64()
-        );
-        println!(
-            "  matchlock exec true (CLI + exec relay): {}  ratio {:.1}x",
-            ms(cli),
-            cli.as_secs_f64() / raw.as_secs_f64()
-        );
-        floor::print(&floor::Rows {
-            fresh,
-            spawn,
-            inproc,
-            relay: relay_exec,
-            rpc,
-            cli,
-        });
-        Ok(())
-    }
-
-    /// The warm-exec rows measured on one running sandbox: raw round trip, new connection,
-    /// in-process exec, relay exec, CLI exec (medians).
-    async fn exec_rows(&self, sb: &RunningSandbox) -> anyhow::Result<ExecRows> {
-        let n = self.runs * 10;
-        // Raw vsock round trip: Ping/Pong on one open connection.
-        let mut conn = sb.link().connect().await?;
-        let ping = Frame::new(FrameType::Ping, vec![1]);
-        let mut raw = Vec::new();
-        for _ in 0..n * 4 {
-            let t = Instant::now();
-            matchlock_sandbox::codec::write_frame(&mut conn, &ping).await?;
-            let f = matchlock_sandbox::codec::read_frame(&mut conn)
-                .await?
-                .context("pong")?;
-            raw.push(t.elapsed());
-            if f.kind != FrameType::Pong {
-                bail!("expected Pong, got {:?}", f.kind);
-            }
-        }
-        drop(conn);
-        // A fresh connection per request (what every exec pays before the command runs).
-        let mut fresh = Vec::new();
-        for _ in 0..n {
-            let t = Instant::now();
-            let mut c = sb.link().connect().await?;
-            matchlock_sandbox::codec::write_frame(&mut c, &ping).await?;
-            matchlock_sandbox::codec::read_frame(&mut c)
-                .await?
-                .context("pong")?;
-            fresh.push(t.elapsed());
-        }
-        let mut inproc = Vec::new();
-        for _ in 0..n {
-            let (req, io) = exec_true();
-            let t = Instant::now();
-            let st = sb.exec(req, io).await?;
-            inproc.push(t.elapsed());
-            if st.code != 0 {
-                bail!("exec true exited {}", st.code);
-            }
-        }
-        // exec true through the exec relay socket (what other processes use), no
-        // process spawn: isolates the relay's cost.
-        let mut relay_exec = Vec::new();
-        for _ in 0..n {
-            let (req, io) = exec_true();
-            let t = Instant::now();
-            let c = matchlock_sandbox::relay::connect(sb.id(), sb.dir()).await?;
-            let st = matchlock_sandbox::exec::run_exec(c, &req, io).await?;
-            relay_exec.push(t.elapsed());
-            if st.code != 0 {
-                bail!("relay exec true exited {}", st.code);
-            }
-        }
-        let mut cli = Vec::new();
-        for _ in 0..self.runs * 2 {
-            let t = Instant::now();
-            let st = tokio::process::Command::new(&self.bin)
-                .env("HOME", self.home.path())
-                .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
-                .args(["exec", sb.id(), "true"])
-                .status()
-                .await?;
-            cli.push(t.elapsed());
-            if !st.success() {
-                bail!("matchlock exec failed: {st}");
-            }
-        }
-        let spawn = floor::guest_spawn(&self.bin, self.home.path(), sb.id()).await?;
-        Ok((
-            median(raw),
-            median(fresh),
-            median(inproc),
-            median(relay_exec),
-            median(cli),
-            spawn,
-        ))
-    }
-
-    /// Median round trip of `exec {"command":"true"}` through a `matchlock rpc` process
-    /// (JSON line out, response line back), on its own sandbox.
-    fn rpc_exec_roundtrip(&self, n: usize) -> anyhow::Result<Duration> {
-        use std::io::{BufRead, Write};
-        let mut child = self
-            .matchlock()
-            .arg("rpc")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("spawn matchlock rpc")?;
-        let mut input = child.stdin.take().context("rpc stdin")?;
-        let mut output = std::io::BufReader::new(child.stdout.take().context("rpc stdout")?);
-        let mut call = |id: usize, method: &str, params: &str| -> anyhow::Result<String> {
-            writeln!(
-                input,
-                r#"{{"jsonrpc":"2.0","method":"{method}","params":{params},"id":{id}}}"#
-            )?;
-            input.flush()?;
-            let mut line = String::new();
-            if output.read_line(&mut line)? == 0 {
-                bail!("matchlock rpc exited");
-            }
-            if line.contains(r#""error""#) {
-                bail!("rpc {method} failed: {line}");
-            }
-            Ok(line)
-        };
-        call(
-            1,
-            "create",
-            &format!(r#"{{"image":"{IMAGE}","resources":{{"disk_size_mb":256}}}}"#),
-        )?;
-        let mut times = Vec::new();
-        for i in 0..n {
-            let t = Instant::now();
-            let line = call(i + 2, "exec", r#"{"command":"true"}"#)?;
-            times.push(t.elapsed());
-            if !line.contains(r#""exit_code":0"#) {
-                bail!("rpc exec true: {line}");
-            }
-        }
-        call(n + 2, "close", r#"{"timeout_seconds":2}"#)?;
-        drop(input);
-        child.wait()?;
-        Ok(median(times))
     }
 }
 

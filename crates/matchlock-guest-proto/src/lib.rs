@@ -505,6 +505,40 @@ pub struct ExecRequest {
     /// Run under a PTY of this size (stdin implied; all output arrives as `Stdout`).
     #[serde(default)]
     pub tty: Option<WinSize>,
+    /// Ask for the guest's per-step timing in the `Exit` frame ([`TimedExit`]); for the
+    /// benchmark's exec timeline. Absent means false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timing: bool,
+}
+
+/// Where one exec session's time went inside the guest, in microseconds of the guest's
+/// `CLOCK_MONOTONIC` since the agent accepted the connection. Only sent when the request
+/// asked for it ([`ExecRequest::timing`]); the host's clock is not comparable, so the host
+/// relates these to its own marks by differences only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestTiming {
+    /// The session's thread runs.
+    pub session_us: u64,
+    /// The `Exec` frame is read and decoded.
+    pub request_us: u64,
+    /// The command's process exists (the spawn returned).
+    pub spawned_us: u64,
+    /// `Started` is written.
+    pub started_us: u64,
+    /// The command's exit is seen (pidfd readable, or the reaper's status).
+    pub exited_us: u64,
+    /// `Exit` is about to be written (output drained).
+    pub exit_us: u64,
+}
+
+/// The `Exit` payload when timing was asked for: [`ExitStatus`]'s fields plus `timing`
+/// (a host that parses it as `ExitStatus` ignores the extra field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimedExit {
+    #[serde(flatten)]
+    pub status: ExitStatus,
+    #[serde(default)]
+    pub timing: Option<GuestTiming>,
 }
 
 /// Sent once the command's process exists.
@@ -594,6 +628,29 @@ fn default_forward_host() -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// A timed `Exit` still parses as a plain [`ExitStatus`] (older hosts), and a request
+    /// without timing does not carry the field (older guests).
+    #[test]
+    fn timed_exit_is_compatible() {
+        let timed = TimedExit {
+            status: ExitStatus {
+                code: 3,
+                signal: None,
+            },
+            timing: Some(GuestTiming {
+                exit_us: 9,
+                ..Default::default()
+            }),
+        };
+        let f = Frame::json(FrameType::Exit, &timed).expect("json");
+        let plain: ExitStatus = f.parse("exit").expect("plain");
+        assert_eq!(plain.code, 3);
+        let back: TimedExit = f.parse("exit").expect("timed");
+        assert_eq!(back, timed);
+        let req = Frame::json(FrameType::Exec, &ExecRequest::default()).expect("json");
+        assert!(!String::from_utf8_lossy(&req.payload).contains("timing"));
+    }
     use super::*;
 
     #[test]

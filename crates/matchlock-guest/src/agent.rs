@@ -1,7 +1,8 @@
 //! The service agent: accepts host connections and dispatches each on its first frame.
 //!
 //! # Design
-//! One thread per connection, one request per connection (see the protocol crate). The
+//! One thread per connection (a parked one from [`crate::pool`] when free), one request per
+//! connection (see the protocol crate). The
 //! dispatcher is generic over [`Conn`] so tests drive it over `UnixStream::pair()`; only
 //! [`serve`] knows about vsock, and [`serve_streams`] takes the streams of the virtio-serial
 //! host channel (`hostchan`), whose only peer is the host by construction. Power-off is a callback supplied by `init`, so the agent
@@ -23,6 +24,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use std::time::Instant;
 
 use matchlock_guest_proto::{
     read_frame, write_frame, ExecRequest, Frame, FrameType, PathRequest, PortForwardRequest,
@@ -68,13 +70,28 @@ fn reply_error<C: Conn>(conn: &mut C, msg: String) -> Result<(), AgentError> {
 }
 
 /// Serves one connection: reads the first frame and runs the matching session.
-pub fn handle<C: Conn>(mut conn: C, agent: &Agent) -> Result<(), AgentError> {
+#[cfg(test)]
+pub fn handle<C: Conn>(conn: C, agent: &Agent) -> Result<(), AgentError> {
+    handle_accepted(conn, agent, Instant::now())
+}
+
+/// [`handle`] for a connection the agent took at `accepted` (the start of an exec's
+/// timeline, see [`exec::Timeline`]).
+fn handle_accepted<C: Conn>(
+    mut conn: C,
+    agent: &Agent,
+    accepted: Instant,
+) -> Result<(), AgentError> {
+    let mut timeline = exec::Timeline::new(accepted);
     let Some(first) = read_frame(&mut conn).map_err(AgentError::ReadRequest)? else {
         return Ok(());
     };
     match first.kind {
         FrameType::Exec => match first.parse::<ExecRequest>("exec") {
-            Ok(req) => exec::run(conn, req, &agent.exec).map_err(AgentError::Exec),
+            Ok(req) => {
+                timeline.requested();
+                exec::run(conn, req, &agent.exec, timeline).map_err(AgentError::Exec)
+            }
             Err(e) => reply_error(&mut conn, format!("bad exec request: {e}")),
         },
         FrameType::WriteFile => match first.parse::<WriteFileRequest>("write file") {
@@ -187,14 +204,13 @@ pub fn serve_streams(streams: Receiver<UnixStream>, agent: Arc<Agent>) {
 
 /// Runs one session on its own thread.
 fn spawn_session<C: Conn>(stream: C, agent: &Arc<Agent>) {
+    let accepted = Instant::now();
     let agent = Arc::clone(agent);
-    let spawned = std::thread::Builder::new()
-        .name("session".into())
-        .spawn(move || {
-            if let Err(e) = handle(stream, &agent) {
-                tracing::debug!(error = %crate::chain(&e), "session ended with an error");
-            }
-        });
+    let spawned = crate::pool::global().run("session", move || {
+        if let Err(e) = handle_accepted(stream, &agent, accepted) {
+            tracing::debug!(error = %crate::chain(&e), "session ended with an error");
+        }
+    });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start a session thread");
     }

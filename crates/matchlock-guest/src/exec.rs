@@ -7,7 +7,8 @@
 //!   or the PTY master) to `Stdout` / `Stderr` frames with one `poll` over them and a pidfd
 //!   of the command, which wakes it at the exit; it drains what is left and sends `Exit`.
 //!   All frames go through one [`FrameWriter`], so frames never interleave;
-//! - a reader thread keeps reading host frames until the command ends, even after
+//! - a reader (a thread from the agent's [`crate::pool`], like the session's own, so a warm
+//!   agent starts no thread per exec) keeps reading host frames until the command ends, even after
 //!   `StdinEof`; host EOF or error before `Exit` cancels: SIGTERM to the process group, then
 //!   SIGKILL after [`KILL_GRACE_MS`], in every mode;
 //! - only when the command has a stdin, a stdin thread owns the write side, so a child that
@@ -52,8 +53,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use matchlock_guest_proto::{
-    read_frame, ExecRequest, ExitStatus, Frame, FrameType, FrameWriter, ProtoError, Started,
-    WinSize, CHUNK, KILL_GRACE_MS,
+    read_frame, ExecRequest, ExitStatus, Frame, FrameType, FrameWriter, GuestTiming, ProtoError,
+    Started, TimedExit, WinSize, CHUNK, KILL_GRACE_MS,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
@@ -177,15 +178,49 @@ fn spawn_failure(argv0: &str, e: &io::Error) -> (String, i32) {
     }
 }
 
+/// The guest-side marks of one session ([`GuestTiming`]): a few clock reads, always taken,
+/// sent back only when the request asked for them.
+pub struct Timeline {
+    accepted: Instant,
+    timing: GuestTiming,
+}
+
+impl Timeline {
+    /// Marks start at `accepted` (when the agent took the connection); `session` is now.
+    pub fn new(accepted: Instant) -> Timeline {
+        let mut t = Timeline {
+            accepted,
+            timing: GuestTiming::default(),
+        };
+        t.timing.session_us = t.now();
+        t
+    }
+
+    /// Microseconds since the connection was accepted.
+    fn now(&self) -> u64 {
+        u64::try_from(self.accepted.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Records that the request was read and decoded.
+    pub fn requested(&mut self) {
+        self.timing.request_us = self.now();
+    }
+}
+
 /// Runs one exec session whose `Exec` frame (already read) carried `req`.
-pub fn run<C: Conn>(conn: C, req: ExecRequest, ctx: &ExecContext) -> Result<(), ExecError> {
+pub fn run<C: Conn>(
+    conn: C,
+    req: ExecRequest,
+    ctx: &ExecContext,
+    timeline: Timeline,
+) -> Result<(), ExecError> {
     let reader = conn.try_clone_conn().map_err(ExecError::CloneConn)?;
     let closer = conn.try_clone_conn().map_err(ExecError::CloneConn)?;
     let out = Arc::new(Output {
         writer: FrameWriter::new(conn),
         closed: Mutex::new(false),
     });
-    let result = run_inner(reader, &out, req, ctx);
+    let result = run_inner(reader, &out, req, ctx, timeline);
     // The host sees EOF after `Exit` (or the error frame); the reader thread unblocks.
     let _ = closer.shutdown_conn(Shutdown::Both);
     result
@@ -197,11 +232,26 @@ fn fail_early<C: Conn>(out: &Output<C>, msg: String, code: i32) -> Result<(), Ex
             what: "stderr",
             source,
         })?;
-    send_exit(out, ExitStatus { code, signal: None })
+    send_exit(out, ExitStatus { code, signal: None }, None)
 }
 
-fn send_exit<C: Conn>(out: &Output<C>, status: ExitStatus) -> Result<(), ExecError> {
-    let frame = Frame::json(FrameType::Exit, &status).map_err(|source| ExecError::Send {
+/// Sends `Exit` (with the session's timing when it was asked for).
+fn send_exit<C: Conn>(
+    out: &Output<C>,
+    status: ExitStatus,
+    timing: Option<GuestTiming>,
+) -> Result<(), ExecError> {
+    let frame = match timing {
+        None => Frame::json(FrameType::Exit, &status),
+        Some(timing) => Frame::json(
+            FrameType::Exit,
+            &TimedExit {
+                status,
+                timing: Some(timing),
+            },
+        ),
+    }
+    .map_err(|source| ExecError::Send {
         what: "exit",
         source,
     })?;
@@ -260,6 +310,7 @@ fn run_inner<C: Conn>(
     out: &Arc<Output<C>>,
     req: ExecRequest,
     ctx: &ExecContext,
+    mut timeline: Timeline,
 ) -> Result<(), ExecError> {
     let (env, cwd, ident) = match check_request(&req, ctx) {
         Ok(x) => x,
@@ -298,6 +349,7 @@ fn run_inner<C: Conn>(
             return fail_early(out, msg, code);
         }
     };
+    timeline.timing.spawned_us = timeline.now();
     tracing::debug!(pid, argv0 = %argv0, "command started");
     let started =
         Frame::json(FrameType::Started, &Started { pid }).map_err(|source| ExecError::Send {
@@ -306,8 +358,10 @@ fn run_inner<C: Conn>(
         })?;
     // If the host is already gone the reader notices and cancels; keep going.
     let _ = out.send(&started);
+    timeline.timing.started_us = timeline.now();
     let running = start_threads(reader, pid, wiring, req.tty.is_some())?;
-    finish(out, pid, &exit_rx, pidfd, running)
+    let timeline = req.timing.then_some(timeline);
+    finish(out, pid, &exit_rx, pidfd, running, timeline)
 }
 
 /// The command's environment (the request's, plus `HOME` of its user unless set), working
@@ -440,16 +494,15 @@ fn start_threads<C: Conn>(
     };
     let reader_done = Arc::clone(&done);
     let reader_master = wiring.master.clone();
-    std::thread::Builder::new()
-        .name("exec-reader".into())
-        .spawn(move || {
+    crate::pool::global()
+        .run("exec-reader", move || {
             read_host(
                 reader,
                 pid,
                 &reader_done,
                 stdin_tx,
                 reader_master.as_deref(),
-            )
+            );
         })
         .map_err(|source| ExecError::Thread {
             what: "reader",
@@ -470,6 +523,7 @@ fn finish<C: Conn>(
     exit_rx: &Receiver<reaper::Exit>,
     pidfd: Option<OwnedFd>,
     running: Running,
+    mut timeline: Option<Timeline>,
 ) -> Result<(), ExecError> {
     let mut pump = Pump {
         sources: running.sources,
@@ -479,6 +533,9 @@ fn finish<C: Conn>(
     let exit = pump
         .until_exit(out, pidfd.as_ref(), exit_rx)
         .ok_or(ExecError::LostExit { pid })?;
+    if let Some(t) = timeline.as_mut() {
+        t.timing.exited_us = t.now();
+    }
     running.done.set();
     // The reaper already SIGKILLed the rest of the group; drain what they wrote.
     if !pump.drain(out, Instant::now() + DRAIN_TIMEOUT) {
@@ -487,7 +544,11 @@ fn finish<C: Conn>(
     drop(pump);
     drop(running.master);
     tracing::debug!(pid, ?exit, "command exited");
-    if let Err(e) = send_exit(out, exit.to_status()) {
+    let timing = timeline.map(|mut t| {
+        t.timing.exit_us = t.now();
+        t.timing
+    });
+    if let Err(e) = send_exit(out, exit.to_status(), timing) {
         // Normal after a cancellation: the host closed the connection first.
         tracing::debug!(pid, error = %e, "exit not delivered");
     }
@@ -763,7 +824,7 @@ mod tests {
             root: PathBuf::from("/"),
             privileged,
         };
-        let h = std::thread::spawn(move || run(guest, r, &ctx));
+        let h = std::thread::spawn(move || run(guest, r, &ctx, Timeline::new(Instant::now())));
         (host, h)
     }
 
@@ -806,6 +867,49 @@ mod tests {
         let o = collect(&mut host);
         h.join().expect("join").expect("session");
         o
+    }
+
+    /// The raw `Exit` frame of a session (everything before it skipped).
+    fn exit_frame(r: ExecRequest) -> Frame {
+        let (mut host, h) = start(r);
+        host.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let exit = loop {
+            let f = read_frame_required(&mut host).expect("frame");
+            if f.kind == FrameType::Exit {
+                break f;
+            }
+        };
+        h.join().expect("join").expect("session");
+        exit
+    }
+
+    /// The guest's marks come back in `Exit` only when asked for, in the order the steps
+    /// happen (the benchmark's exec timeline).
+    #[test]
+    fn timing_is_sent_only_when_asked_and_in_order() {
+        let plain = exit_frame(req(&["true"]));
+        assert!(
+            !String::from_utf8_lossy(&plain.payload).contains("timing"),
+            "{:?}",
+            String::from_utf8_lossy(&plain.payload)
+        );
+        let mut r = req(&["sh", "-c", "sleep 0.05"]);
+        r.timing = true;
+        let timed: TimedExit = exit_frame(r).parse("exit").expect("timed exit");
+        assert_eq!(timed.status.code, 0);
+        let t = timed.timing.expect("timing requested");
+        let marks = [
+            t.session_us,
+            t.request_us,
+            t.spawned_us,
+            t.started_us,
+            t.exited_us,
+            t.exit_us,
+        ];
+        assert!(marks.windows(2).all(|w| w[0] <= w[1]), "{t:?}");
+        // The command slept 50 ms between its start and its exit.
+        assert!(t.exited_us - t.started_us >= 50_000, "{t:?}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod files;
 mod forward;
 mod hostchan;
 mod init;
+mod pool;
 mod reaper;
 mod resume;
 mod spawn;

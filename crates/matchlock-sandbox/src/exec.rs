@@ -17,11 +17,12 @@ use std::collections::BTreeMap;
 
 use matchlock_api::ImageConfig;
 use matchlock_guest_proto::{
-    ExecRequest, ExitStatus, Frame, FrameType, ProtoError, Started, WinSize, CHUNK,
+    ExecRequest, ExitStatus, Frame, FrameType, GuestTiming, ProtoError, Started, TimedExit,
+    WinSize, CHUNK,
 };
 
 use crate::codec::{read_frame, write_frame, REPLY_TIMEOUT};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -81,9 +82,71 @@ impl ExecIo {
     }
 }
 
+/// Where one exec's time went (the benchmark's exec timeline): host steps on the host's
+/// monotonic clock, guest steps as the guest measured them (its clock is not the host's,
+/// so only differences within each side are meaningful).
+#[derive(Debug, Clone, Copy)]
+pub struct ExecTimeline {
+    /// The caller asked for the exec.
+    pub begin: Instant,
+    /// The guest connection is open (vsock connect or mux stream open).
+    pub connected: Instant,
+    /// The `Exec` frame is written.
+    pub sent: Instant,
+    /// `Started` arrived.
+    pub started: Option<Instant>,
+    /// `Exit` arrived.
+    pub exited: Option<Instant>,
+    /// The guest's own marks (sent in `Exit` because the request asked for them).
+    pub guest: Option<GuestTiming>,
+}
+
+impl ExecTimeline {
+    /// A timeline whose connection opened between `begin` and `connected`.
+    pub fn new(begin: Instant, connected: Instant) -> Self {
+        ExecTimeline {
+            begin,
+            connected,
+            sent: connected,
+            started: None,
+            exited: None,
+            guest: None,
+        }
+    }
+}
+
 /// Runs one command over `stream` (a fresh connection to the guest's service port, or to
 /// the exec relay) and returns how it ended.
 pub async fn run_exec<S>(stream: S, req: &ExecRequest, io: ExecIo) -> Result<ExitStatus, ExecError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    run_exec_marked(stream, req, io, None).await
+}
+
+/// [`run_exec`] that also fills in `timeline` (and asks the guest for its marks).
+pub async fn run_exec_timed<S>(
+    stream: S,
+    req: &ExecRequest,
+    io: ExecIo,
+    timeline: &mut ExecTimeline,
+) -> Result<ExitStatus, ExecError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let req = ExecRequest {
+        timing: true,
+        ..req.clone()
+    };
+    run_exec_marked(stream, &req, io, Some(timeline)).await
+}
+
+async fn run_exec_marked<S>(
+    stream: S,
+    req: &ExecRequest,
+    io: ExecIo,
+    mut timeline: Option<&mut ExecTimeline>,
+) -> Result<ExitStatus, ExecError>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -95,6 +158,9 @@ where
             Err(_) => return Err(ExecError::SendTimeout(REPLY_TIMEOUT)),
         },
         () = io.cancel.cancelled() => return Err(ExecError::Cancelled),
+    }
+    if let Some(t) = timeline.as_deref_mut() {
+        t.sent = Instant::now();
     }
     let ExecIo {
         mut stdout,
@@ -122,15 +188,24 @@ where
             answered = true;
             match frame.kind {
                 FrameType::Started => {
+                    if let Some(t) = timeline.as_deref_mut() {
+                        t.started = Some(Instant::now());
+                    }
                     let s: Started = frame.parse("started").map_err(ExecError::Receive)?;
                     tracing::debug!(pid = s.pid, "guest command started");
                 }
                 FrameType::Stdout => deliver(&mut stdout, &frame.payload, &cancel).await?,
                 FrameType::Stderr => deliver(&mut stderr, &frame.payload, &cancel).await?,
                 FrameType::Exit => {
-                    return frame
-                        .parse::<ExitStatus>("exit")
-                        .map_err(ExecError::Receive);
+                    let Some(t) = timeline.as_deref_mut() else {
+                        return frame
+                            .parse::<ExitStatus>("exit")
+                            .map_err(ExecError::Receive);
+                    };
+                    t.exited = Some(Instant::now());
+                    let exit: TimedExit = frame.parse("exit").map_err(ExecError::Receive)?;
+                    t.guest = exit.timing;
+                    return Ok(exit.status);
                 }
                 FrameType::Error => {
                     return Err(ExecError::Guest(

@@ -199,6 +199,15 @@ impl RunningSandbox {
         self.sandbox.exec(req, io).await
     }
 
+    /// [`RunningSandbox::exec`] with its timeline (see [`crate::exec::ExecTimeline`]).
+    pub async fn exec_timed(
+        &self,
+        req: ExecRequest,
+        io: ExecIo,
+    ) -> Result<(ExitStatus, crate::exec::ExecTimeline), SandboxError> {
+        self.sandbox.exec_timed(req, io).await
+    }
+
     /// Starts `argv` in the background with stdout and stderr appended to the VM log (the
     /// RPC `launch_entrypoint`); it is killed when the sandbox closes.
     pub fn spawn_background(

@@ -741,6 +741,21 @@ impl Sandbox {
         run_exec(stream, &req, io).await.map_err(SandboxError::Exec)
     }
 
+    /// [`Sandbox::exec`] with the exec's timeline (host and guest marks; benchmarks).
+    pub async fn exec_timed(
+        &self,
+        req: ExecRequest,
+        io: ExecIo,
+    ) -> Result<(ExitStatus, crate::exec::ExecTimeline), SandboxError> {
+        let begin = Instant::now();
+        let (stream, req) = self.open_exec(req).await?;
+        let mut timeline = crate::exec::ExecTimeline::new(begin, Instant::now());
+        let st = crate::exec::run_exec_timed(stream, &req, io, &mut timeline)
+            .await
+            .map_err(SandboxError::Exec)?;
+        Ok((st, timeline))
+    }
+
     /// Run-time control of the sandbox's network policy (none: no network).
     pub fn network(&self) -> Option<Arc<crate::network::NetworkControl>> {
         self.network.clone()

@@ -75,11 +75,26 @@ impl Target<'_> {
         match self {
             Target::Owned(sb) => sb.exec(req, io).await.map_err(anyhow::Error::new),
             Target::Relay { id, dir } => {
-                let conn = matchlock_sandbox::relay::connect(&id, &dir).await?;
+                let conn = relay_conn(&id, &dir).await?;
                 run_exec(conn, &req, io)
                     .await
                     .map_err(|e| anyhow::Error::new(e).context("executing command"))
             }
+        }
+    }
+}
+
+/// A connection to the relay in `dir`, or why there is none: a sandbox whose relay takes
+/// the connection is running (only its owner listens there), so the state database is read
+/// only to explain a failure (not found, stopped, crashed, still starting).
+async fn relay_conn(id: &str, dir: &std::path::Path) -> anyhow::Result<tokio::net::UnixStream> {
+    match matchlock_sandbox::relay::connect(id, dir).await {
+        Ok(conn) => Ok(conn),
+        Err(e) => {
+            let paths = common::paths()?;
+            let state = common::state(&paths)?;
+            common::running_vm(&state, id)?;
+            Err(e.into())
         }
     }
 }
@@ -191,9 +206,10 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<()> {
             anyhow::bail!("command required (or use -it for interactive mode)");
         }
     }
-    let paths = common::paths()?;
-    let state = common::state(&paths)?;
-    let dir = common::running_vm(&state, &id)?;
+    // Straight to the relay socket (see `relay_conn`): opening the state database costs
+    // more than the rest of a warm exec's host side.
+    matchlock_state::validate_vm_id(&id).map_err(|e| anyhow::anyhow!("VM not found {id}: {e}"))?;
+    let dir = common::paths()?.state.join("vms").join(&id);
     let req = ExecRequest {
         argv,
         cwd: a.workdir.unwrap_or_default(),
