@@ -143,6 +143,39 @@ fn first_run_makes_the_snapshot_and_later_runs_restore_it() {
         .expect("QEMU of the restored sandbox");
     assert!(cmdline.contains("-incoming defer"), "{cmdline}");
     assert!(cmdline.contains("share=off"), "{cmdline}");
+    // Its guest RAM is its own copy (unlinked once mapped), never the cached file: QEMU
+    // 7.2 opens a RAM file read-write, and the cache must stay out of its reach.
+    let pid = qemu
+        .iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+        })
+        .expect("QEMU pid");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let own = format!("{} (deleted)", dir.join("ram").display());
+    assert!(
+        maps.lines().any(|l| l.ends_with(&own)),
+        "RAM copy mapped: {maps}"
+    );
+    let cache = snapshots_dir();
+    assert!(
+        !maps.contains(&*cache.to_string_lossy()),
+        "cache mapped: {maps}"
+    );
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            assert!(
+                !target.starts_with(&cache),
+                "QEMU holds {}",
+                target.display()
+            );
+        }
+    }
+    assert!(!dir.join("ram").exists(), "the copy's name is removed");
     assert_eq!(snapshots().len(), 1);
     env().kill_and_rm(&id2);
     env().kill_and_rm(&id);

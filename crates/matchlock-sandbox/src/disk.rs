@@ -149,10 +149,17 @@ fn make_template(template: &Path, size_mb: u64) -> Result<(), DiskError> {
     made
 }
 
-/// Copies `src` to the new file `dst` with the same length, writing only `src`'s data
-/// extents (holes stay holes).
-fn copy_sparse(src: &Path, dst: &Path) -> Result<(), DiskError> {
-    use std::os::unix::fs::FileExt;
+/// Copies `src` to the new file `dst` (mode 0600) with the same length, writing only
+/// `src`'s data extents (holes stay holes). Each extent goes through `copy_file_range`
+/// (no copy through user space; a reflink on filesystems that share extents), falling
+/// back to reads and writes where the kernel cannot (e.g. across filesystems).
+pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> Result<(), DiskError> {
+    copy_sparse_via(src, dst, true)
+}
+
+/// [`copy_sparse`], starting in the kernel (`in_kernel`) or in user space.
+fn copy_sparse_via(src: &Path, dst: &Path, mut in_kernel: bool) -> Result<(), DiskError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let copy_err = |source: std::io::Error| DiskError::Copy {
         from: src.to_path_buf(),
         to: dst.to_path_buf(),
@@ -163,28 +170,77 @@ fn copy_sparse(src: &Path, dst: &Path) -> Result<(), DiskError> {
     let to = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(dst)
         .map_err(|source| DiskError::Create {
             path: dst.to_path_buf(),
             source,
         })?;
     to.set_len(len).map_err(copy_err)?;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = Vec::new();
     let mut pos = 0u64;
     while let Some((start, end)) = next_extent(&from, pos, len).map_err(copy_err)? {
         let mut at = start;
         while at < end {
-            let want = usize::try_from((end - at).min(buf.len() as u64)).unwrap_or(buf.len());
-            let n = from.read_at(&mut buf[..want], at).map_err(copy_err)?;
+            let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(1 << 30);
+            let n = if in_kernel {
+                match copy_range(&from, &to, at, want) {
+                    Ok(n) => n,
+                    Err(e) if kernel_cannot_copy(e) => {
+                        in_kernel = false;
+                        continue;
+                    }
+                    Err(e) => return Err(copy_err(e.into())),
+                }
+            } else {
+                if buf.is_empty() {
+                    buf = vec![0u8; 1 << 20];
+                }
+                copy_through(&from, &to, at, &mut buf[..want.min(1 << 20)]).map_err(copy_err)?
+            };
             if n == 0 {
                 return Err(copy_err(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            to.write_all_at(&buf[..n], at).map_err(copy_err)?;
             at += n as u64;
         }
         pos = end;
     }
     Ok(())
+}
+
+/// One `copy_file_range` of up to `len` bytes at the same offset in both files.
+fn copy_range(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    at: u64,
+    len: usize,
+) -> Result<usize, nix::errno::Errno> {
+    let mut off_in = i64::try_from(at).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let mut off_out = off_in;
+    nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), len)
+}
+
+/// Whether `copy_file_range` failed because the kernel or filesystem cannot do it here
+/// (then the copy goes through user space), not because of an I/O error.
+fn kernel_cannot_copy(e: nix::errno::Errno) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e,
+        Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::EINVAL | Errno::EPERM
+    )
+}
+
+/// Reads up to `buf.len()` bytes at `at` and writes them at the same offset.
+fn copy_through(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    at: u64,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let n = from.read_at(buf, at)?;
+    to.write_all_at(&buf[..n], at)?;
+    Ok(n)
 }
 
 /// The next data extent `[start, end)` of `f` at or after `pos`, or `None` past the last.
@@ -296,5 +352,42 @@ mod tests {
         create_upper(&c, 64, &templates).expect("re-made");
         assert_eq!(std::fs::metadata(&c).expect("c").len(), 64 << 20);
         assert_eq!(&std::fs::read(&c).expect("c")[1080..1082], &[0x53, 0xEF]);
+    }
+    #[test]
+    fn sparse_copies_keep_data_holes_and_a_private_mode() {
+        use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().expect("tmp");
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        let f = std::fs::File::create(&src).expect("src");
+        f.set_len(32 << 20).expect("len");
+        // Data at the start, in the middle across a MiB boundary, and in the last page.
+        let pattern: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        f.write_all_at(b"head", 0).expect("head");
+        f.write_all_at(&pattern, (8 << 20) - 4096).expect("middle");
+        f.write_all_at(b"tail", (32 << 20) - 4).expect("tail");
+        drop(f);
+        let want = std::fs::read(&src).expect("src");
+        for in_kernel in [true, false] {
+            let dst = dst.with_extension(format!("{in_kernel}"));
+            copy_sparse_via(&src, &dst, in_kernel).expect("copy");
+            let meta = std::fs::metadata(&dst).expect("meta");
+            assert_eq!(meta.len(), 32 << 20);
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+            assert!(
+                meta.blocks() * 512 < 8 << 20,
+                "not sparse: {}",
+                meta.blocks()
+            );
+            assert!(
+                std::fs::read(&dst).expect("dst") == want,
+                "in_kernel {in_kernel}"
+            );
+            assert!(copy_sparse(&src, &dst).is_err(), "never overwrites");
+        }
+        // An empty source gives an empty copy.
+        let (e, e2) = (dir.path().join("empty"), dir.path().join("empty2"));
+        std::fs::File::create(&e).expect("empty");
+        copy_sparse(&e, &e2).expect("copy empty");
+        assert_eq!(std::fs::metadata(&e2).expect("e2").len(), 0);
     }
 }

@@ -35,6 +35,9 @@ use crate::services::{BootPlan, SandboxEvent, ServiceError, Services};
 /// How long a restored guest may take to say `Hello` again before the snapshot counts as
 /// broken.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(15);
+/// The restored VM's private copy of the snapshot's RAM, in its state directory (removed
+/// once QEMU has mapped it).
+const RESTORE_RAM: &str = "ram";
 /// How long saving a snapshot may take.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -160,6 +163,8 @@ pub enum SnapshotBootError {
     Save(#[source] matchlock_vm::VmError),
     #[error("commit the snapshot")]
     Commit(#[source] crate::snapshot::SnapshotCacheError),
+    #[error("copy the snapshot's RAM for this VM")]
+    PrivateRam(#[source] crate::disk::DiskError),
     #[error("start the restored VM")]
     StartRestored(#[source] Box<SandboxError>),
     #[error("the restored guest did not say hello again")]
@@ -476,12 +481,23 @@ impl Sandbox {
         };
         self.trace.mark("lookup");
         let t = Instant::now();
+        // QEMU 7.2 opens a RAM file read-write even to map it private, so the VM gets its
+        // own copy in its state directory: a compromised QEMU can write only that, never
+        // the cached RAM later restores map (matchlock_vm::snapshot, Limitations).
+        let ram = plan.vm.state_dir.join(RESTORE_RAM);
+        crate::disk::copy_sparse(&entry.ram(), &ram).map_err(SnapshotBootError::PrivateRam)?;
+        self.trace.mark("ram_copied");
         let mut vm = plan.vm.clone();
         vm.snapshot = Some(matchlock_vm::SnapshotMode::Restore {
-            ram: entry.ram(),
+            ram: ram.clone(),
             state: entry.state(),
         });
-        if let Err(e) = self.start_vm(&vm) {
+        let started = self.start_vm(&vm);
+        // QEMU has the copy mapped (or failed): its name is not needed any more.
+        if let Err(e) = std::fs::remove_file(&ram) {
+            tracing::warn!(id = %self.id, path = %ram.display(), error = %e, "remove the restored VM's RAM copy");
+        }
+        if let Err(e) = started {
             cache.discard(&entry);
             return Err(SnapshotBootError::StartRestored(Box::new(e)));
         }

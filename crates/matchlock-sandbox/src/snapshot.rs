@@ -28,8 +28,11 @@
 //! - **Bounds** ([`SnapshotCache::evict`]): after each commit only the [`keep`] most
 //!   recently used snapshots remain (default [`DEFAULT_KEEP`], `MATCHLOCK_SNAPSHOT_KEEP`);
 //!   a lookup hit refreshes its directory's mtime. Evicting a snapshot a running VM was
-//!   restored from is safe (the unlinked RAM file stays open and mapped private in that
-//!   QEMU). To clear the cache: `rm -rf ~/.cache/matchlock/snapshots`.
+//!   restored from is safe (each restored VM maps its own copy, and a copy in progress
+//!   holds the file open). To clear the cache: `rm -rf ~/.cache/matchlock/snapshots`.
+//! - **Restore**: QEMU 7.2 opens a RAM file read-write even to map it private, so each
+//!   restore maps a sparse copy in its VM directory (`crate::disk::copy_sparse`, unlinked
+//!   once QEMU has it) and no restored QEMU can write the cache.
 //! - **Validation** before a restore: the RAM file must be exactly the VM's memory size and
 //!   the state file 1 byte..[`MAX_STATE`]; anything else is discarded. A restore that fails
 //!   (QEMU refuses the stream, the guest does not answer within the bound) is discarded by

@@ -107,7 +107,7 @@ impl Rules {
         }
         if let Some(snap) = &cfg.snapshot {
             // QEMU 7.2 opens a file RAM backend read-write even when mapped private
-            // (crate::snapshot, Limitations).
+            // (crate::snapshot, Limitations); a restore's is the VM's own copy.
             r.read_write.push(snap.ram().to_owned());
         }
         r

@@ -9,9 +9,9 @@
 //!   copied into the stream: it already is the file) and `migrate` to a descriptor passed
 //!   with `getfd` (`fd:` URI; QEMU runs with `spawn=deny`, so `exec:` is out), then polls
 //!   `query-migrate` until `completed`. The VM stays paused and is killed by the caller.
-//! - [`SnapshotMode::Restore`]: the same command line with `-incoming defer` and the cached
-//!   RAM file mapped `share=off` (private, copy-on-write: a restored VM never writes the
-//!   cache, and unmodified pages are shared between restored VMs through the page cache);
+//! - [`SnapshotMode::Restore`]: the same command line with `-incoming defer` and a RAM file
+//!   mapped `share=off` (private, copy-on-write); the caller passes a per-VM copy of the
+//!   cached one (see Limitations);
 //!   [`load`] sets the capability, passes the state file's descriptor and runs
 //!   `migrate-incoming`, then waits for `running` (`cont` if the stream came from a paused
 //!   VM, which otherwise stays paused).
@@ -20,8 +20,9 @@
 //! # Limitations
 //! QEMU 7.2 opens a `memory-backend-file` read-write even with `share=off` (its `readonly`
 //! option would also map the guest's RAM read-only), so a restored VM's Landlock ruleset
-//! must allow writing the cached RAM file: a compromised QEMU could write into it and
-//! affect later restores (docs/threat-model.md). The mapping itself is private.
+//! must allow writing its RAM file. Restoring from the cached file itself would let a
+//! compromised QEMU poison later restores; `matchlock-sandbox` therefore gives each
+//! restore a sparse copy in the VM's own state directory (tens of ms; docs/snapshots.md).
 
 use std::fs::File;
 use std::os::fd::AsFd;
