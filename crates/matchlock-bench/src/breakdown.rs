@@ -12,13 +12,12 @@
 //! Guest phases come from the guest's clock (see `phases.rs`); a guest runtime that sends no
 //! times prints "n/a".
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use matchlock_sandbox::phases::BootPhases;
 use matchlock_sandbox::services::Services;
-use matchlock_sandbox::{RunningSandbox, SandboxSpec, StartOptions};
+use matchlock_sandbox::SandboxSpec;
 
 use crate::{exec_true, median, ms, Bench, IMAGE};
 
@@ -61,8 +60,6 @@ impl Bench {
 
     /// Boots a sandbox in-process, runs `true` once, closes it; times each step.
     pub(crate) fn cold_in_process(&self) -> anyhow::Result<Sample> {
-        let paths = self.paths();
-        let state = Arc::new(matchlock_state::StateDb::open(&paths.state)?);
         let mut spec = self.spec()?;
         // The CLI's default disk size, as `matchlock run` would create it.
         spec.config.resources.disk_size_mb = matchlock_api::Resources::default().disk_size_mb;
@@ -71,13 +68,7 @@ impl Bench {
             .build()?;
         rt.block_on(async {
             let t = Instant::now();
-            let opts = StartOptions {
-                spec,
-                lifetime: None,
-                remove_on_failure: true,
-            };
-            let never = tokio_util::sync::CancellationToken::new();
-            let sb = RunningSandbox::start(&paths, state, opts, &never).await?;
+            let sb = self.start_in_process(spec).await?;
             let (req, io) = exec_true();
             let e = Instant::now();
             let st = sb.exec(req, io).await?;

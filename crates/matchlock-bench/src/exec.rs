@@ -18,13 +18,12 @@
 //! median total.
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use matchlock_guest_proto::{Frame, FrameType};
 use matchlock_sandbox::exec::ExecTimeline;
-use matchlock_sandbox::{RunningSandbox, StartOptions};
+use matchlock_sandbox::RunningSandbox;
 
 use crate::{exec_true, floor, median, ms, Bench, IMAGE};
 
@@ -101,20 +100,12 @@ fn channel_name() -> &'static str {
 
 impl Bench {
     pub(crate) fn exec(&self) -> anyhow::Result<()> {
-        let paths = self.paths();
-        let state = Arc::new(matchlock_state::StateDb::open(&paths.state)?);
         let spec = self.spec()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let result = rt.block_on(async {
-            let opts = StartOptions {
-                spec,
-                lifetime: None,
-                remove_on_failure: true,
-            };
-            let never = tokio_util::sync::CancellationToken::new();
-            let sb = RunningSandbox::start(&paths, state, opts, &never).await?;
+            let sb = self.start_in_process(spec).await?;
             let r = self.exec_rows(&sb).await;
             sb.close(Duration::from_secs(2), "benchmark done").await?;
             let _ = sb.remove();

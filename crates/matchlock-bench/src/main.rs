@@ -105,6 +105,23 @@ impl Bench {
         }
     }
 
+    /// Starts `spec` in this process, as `matchlock run` does (`RunningSandbox::start`,
+    /// removed again if the start fails).
+    async fn start_in_process(
+        &self,
+        spec: matchlock_sandbox::SandboxSpec,
+    ) -> anyhow::Result<std::sync::Arc<matchlock_sandbox::RunningSandbox>> {
+        let paths = self.paths();
+        let state = std::sync::Arc::new(matchlock_state::StateDb::open(&paths.state)?);
+        let opts = matchlock_sandbox::StartOptions {
+            spec,
+            lifetime: None,
+            remove_on_failure: true,
+        };
+        let never = tokio_util::sync::CancellationToken::new();
+        Ok(matchlock_sandbox::RunningSandbox::start(&paths, state, opts, &never).await?)
+    }
+
     fn setup(&self) -> anyhow::Result<()> {
         let mut archive = Vec::new();
         matchlock_test_support::busybox_image(&mut archive)?;

@@ -54,25 +54,12 @@ fn config(dir: &Path, script: &str) -> VmConfig {
 }
 
 fn config_with(dir: &Path, initramfs: PathBuf) -> VmConfig {
-    VmConfig {
-        id: "boot-test".into(),
-        state_dir: dir.join("state"),
-        kernel: kernel(),
-        initramfs,
-        vcpus: 1,
-        memory_mb: 256,
-        disks: Vec::new(),
-        console_log: dir.join("console.log"),
-        console_max_bytes: matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES,
-        accel: Accel::Auto,
-        extra_cmdline: Vec::new(),
-        qemu_binary: None,
-        vsock_binary: None,
-        net: None,
-        fs: None,
-        channel: matchlock_vm::Channel::Vsock,
-        snapshot: None,
-    }
+    let mut c = VmConfig::new("boot-test", dir.join("state"), kernel(), initramfs);
+    c.memory_mb = 256;
+    c.console_log = dir.join("console.log");
+    c.console_max_bytes = matchlock_vm::console::DEFAULT_CONSOLE_MAX_BYTES;
+    c.channel = matchlock_vm::Channel::Vsock;
+    c
 }
 
 fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
