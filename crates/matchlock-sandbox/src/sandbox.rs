@@ -485,7 +485,12 @@ impl Sandbox {
         // own copy in its state directory: a compromised QEMU can write only that, never
         // the cached RAM later restores map (matchlock_vm::snapshot, Limitations).
         let ram = plan.vm.state_dir.join(RESTORE_RAM);
-        crate::disk::copy_sparse(&entry.ram(), &ram).map_err(SnapshotBootError::PrivateRam)?;
+        if let Err(e) = crate::disk::copy_sparse(&entry.ram(), &ram) {
+            // A partial copy (e.g. the disk filled up) must not hold space during the
+            // cold boot that follows.
+            let _ = std::fs::remove_file(&ram);
+            return Err(SnapshotBootError::PrivateRam(e));
+        }
         self.trace.mark("ram_copied");
         let mut vm = plan.vm.clone();
         vm.snapshot = Some(matchlock_vm::SnapshotMode::Restore {
