@@ -19,9 +19,11 @@
 //!   its credit, returns more credit than it was owed, or opens more than
 //!   [`MUX_MAX_PEER_STREAMS`] streams gets that stream reset and a logged warning; memory per
 //!   stream is bounded by the window.
-//! - Threads: one reader per channel session; per stream one thread pumping the local end
-//!   into `Data` frames and one writing queued data into the local end. Frames are written
-//!   whole under one lock.
+//! - Threads: one reader per channel session; per stream one job pumping the local end
+//!   into `Data` frames and one writing queued data into the local end, each on its own
+//!   thread: a new one by default, or one the caller's [`Spawner`] provides (the guest
+//!   agent reuses parked threads, since under TCG every thread start is emulated work).
+//!   Frames are written whole under one lock.
 //! - Sessions: [`Mux::run_session`] serves one connection of the channel until it ends; a
 //!   [`Mux`] outlives it (the guest keeps its port open and serves the next host connection:
 //!   a restored VM's host reconnects).
@@ -203,6 +205,11 @@ impl MuxRole {
 /// stream to connect it to, or `None` to refuse.
 pub type Connector = Box<dyn Fn(u32) -> Option<UnixStream> + Send + Sync>;
 
+/// Runs a stream's pump job (`name` for a new thread) on a thread of its own: a new one or
+/// a reused one, but never queued behind another job (pumps block until their stream ends).
+pub type Spawner =
+    Box<dyn Fn(&'static str, Box<dyn FnOnce() + Send + 'static>) -> io::Result<()> + Send + Sync>;
+
 type Writer = Box<dyn Write + Send>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -265,6 +272,7 @@ struct Inner {
     table: Mutex<Table>,
     listeners: Mutex<HashMap<u32, SyncSender<UnixStream>>>,
     connector: Option<Connector>,
+    spawner: Option<Spawner>,
 }
 
 /// A multiplexer over one channel; cheap to clone (shared).
@@ -276,6 +284,25 @@ pub struct Mux {
 impl Mux {
     /// A mux for `role`; `connector` handles peer opens of ports nobody listens on.
     pub fn new(role: MuxRole, label: &'static str, connector: Option<Connector>) -> Self {
+        Self::build(role, label, connector, None)
+    }
+
+    /// [`Mux::new`] whose per-stream pump jobs run through `spawner`.
+    pub fn with_spawner(
+        role: MuxRole,
+        label: &'static str,
+        connector: Option<Connector>,
+        spawner: Spawner,
+    ) -> Self {
+        Self::build(role, label, connector, Some(spawner))
+    }
+
+    fn build(
+        role: MuxRole,
+        label: &'static str,
+        connector: Option<Connector>,
+        spawner: Option<Spawner>,
+    ) -> Self {
         let table = Table {
             next_id: role.first_id(),
             ..Table::default()
@@ -289,6 +316,7 @@ impl Mux {
                 table: Mutex::new(table),
                 listeners: Mutex::new(HashMap::new()),
                 connector,
+                spawner,
             }),
         }
     }
@@ -627,16 +655,22 @@ impl Mux {
         for outbound in [true, false] {
             let mux = self.clone();
             let s = Arc::clone(stream);
-            let spawned = std::thread::Builder::new()
-                .name(if outbound { "mux-out" } else { "mux-in" }.into())
-                .spawn(move || {
-                    if outbound {
-                        mux.pump_out(&s);
-                    } else {
-                        mux.pump_in(&s);
-                    }
-                    mux.pump_done(&s);
-                });
+            let name = if outbound { "mux-out" } else { "mux-in" };
+            let job = move || {
+                if outbound {
+                    mux.pump_out(&s);
+                } else {
+                    mux.pump_in(&s);
+                }
+                mux.pump_done(&s);
+            };
+            let spawned = match &self.inner.spawner {
+                Some(spawn) => spawn(name, Box::new(job)),
+                None => std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(job)
+                    .map(drop),
+            };
             if let Err(e) = spawned {
                 tracing::warn!(channel = self.inner.label, error = %e, "mux pump thread");
                 let _ = self.send(&MuxFrame::control(stream.id, MuxKind::Close));
@@ -804,6 +838,54 @@ mod tests {
         writer.join().expect("writer");
         assert_eq!(back.len(), data.len());
         assert!(back == data, "echoed bytes differ");
+    }
+
+    /// Pump jobs go through the caller's spawner (two per stream, named), and a spawner
+    /// that fails resets just that stream.
+    #[test]
+    fn pumps_run_through_the_spawner() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, f) = (Arc::clone(&calls), Arc::clone(&fail));
+        let (h, g) = UnixStream::pair().expect("pair");
+        let host = Mux::new(MuxRole::Host, "test-host", None);
+        let guest = Mux::with_spawner(
+            MuxRole::Guest,
+            "test-guest",
+            None,
+            Box::new(move |name, job| {
+                assert!(name == "mux-out" || name == "mux-in", "{name}");
+                c.fetch_add(1, Ordering::SeqCst);
+                if f.load(Ordering::SeqCst) {
+                    return Err(io::Error::other("no thread"));
+                }
+                thread::spawn(job);
+                Ok(())
+            }),
+        );
+        let rx = guest.listen(PORT);
+        for (m, s) in [(host.clone(), h), (guest.clone(), g)] {
+            let w = s.try_clone().expect("clone");
+            thread::spawn(move || m.run_session(s, Box::new(w)));
+        }
+        echo_server(rx);
+        let mut s = host.open(PORT, T).expect("open");
+        s.write_all(b"ping").expect("write");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).expect("read");
+        assert_eq!(back, b"ping");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        fail.store(true, Ordering::SeqCst);
+        let mut s = host.open(PORT, T).expect("open is answered");
+        s.set_read_timeout(Some(T)).expect("timeout");
+        let mut buf = [0u8; 1];
+        let _ = s.write_all(b"x");
+        assert!(
+            matches!(s.read(&mut buf), Ok(0) | Err(_)),
+            "a stream without pumps ends"
+        );
     }
 
     #[test]

@@ -95,7 +95,13 @@ fn open_port() -> Result<File, HostChanError> {
 /// Opens the port and serves the channel on a thread for the life of the VM.
 pub fn start() -> Result<Mux, HostChanError> {
     let port = open_port()?;
-    let mux = Mux::new(MuxRole::Guest, "guest", None);
+    // Stream pumps on the agent's reused threads (two per exec otherwise: issue 11).
+    let mux = Mux::with_spawner(
+        MuxRole::Guest,
+        "guest",
+        None,
+        Box::new(|name, job| crate::pool::global().run(name, job)),
+    );
     let m = mux.clone();
     std::thread::Builder::new()
         .name("host-chan".into())

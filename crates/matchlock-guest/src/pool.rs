@@ -1,9 +1,10 @@
-//! Reused threads for the agent's per-connection work (sessions, exec host readers).
+//! Reused threads for the agent's per-connection work (sessions, exec host readers, and
+//! the host channel's per-stream pumps, `hostchan.rs`).
 //!
 //! # Design
 //! Under TCG a thread start is emulated work (a 2 MiB stack mapping and its guard page,
-//! `clone`, the first-touch faults of the new stack), and every exec paid it twice: its
-//! session thread and its host-reader thread (issue 11). A finished job parks its thread for
+//! `clone`, the first-touch faults of the new stack), and every exec paid it four times: its
+//! session thread, its host-reader thread and the two pumps of its mux stream (issue 11). A finished job parks its thread for
 //! [`IDLE_KEEP`]; a new job goes to a parked thread if one is free, else a new thread starts
 //! for it. So a burst of N concurrent connections still gets N threads, as before (no queueing
 //! behind a busy worker, no deadlock between a session and its own reader), and a warm
