@@ -115,9 +115,7 @@ fn median_of(
     timelines: &[ExecTimeline],
     f: impl Fn(&ExecTimeline) -> Option<Duration>,
 ) -> Duration {
-    let mut v: Vec<Duration> = timelines.iter().filter_map(f).collect();
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
+    crate::median(timelines.iter().filter_map(f).collect())
 }
 
 /// A guest mark difference (`b - a` microseconds) as a duration.

@@ -57,6 +57,13 @@ mod vfs;
 
 const IMAGE: &str = "busybox:bench";
 
+/// The 1, 5 and 15 minute load averages, for the context of a run's figures.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()

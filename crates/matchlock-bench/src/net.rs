@@ -657,12 +657,6 @@ fn thread_cpu(procs: &[(u32, &str)]) -> BTreeMap<String, f64> {
 }
 
 /// The host's load averages (the first three fields of `/proc/loadavg`).
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// Proportional set size of a process in KiB (`Pss:` of `smaps_rollup`).
 pub(crate) fn pss_kib(pid: u32) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
@@ -853,7 +847,7 @@ impl Bench {
     }
 
     pub(crate) fn net(&self) -> anyhow::Result<()> {
-        let load_before = load_average();
+        let load_before = crate::loadavg();
         let mut lab = Lab::new()?;
         let id = self.start_sandbox(&lab, &[])?;
         let result = self.net_with(&mut lab, &id);
@@ -867,7 +861,7 @@ impl Bench {
         drop(lab);
         println!(
             "load average (1, 5, 15 min) before: {load_before}, after: {}",
-            load_average()
+            crate::loadavg()
         );
         print_net(self.runs, ours, slirp, &mem_net, &mem_none);
         Ok(())

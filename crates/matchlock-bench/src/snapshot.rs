@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 
 use matchlock_sandbox::phases::{monotonic_us, BootTrace};
 
-use crate::{median, ms, Bench, IMAGE};
+use crate::{loadavg, median, ms, Bench, IMAGE};
 
 /// Named instants of one restored `run -d` + first exec, as time since `run -d` started.
 type Steps = Vec<(String, Duration)>;
@@ -51,12 +51,6 @@ fn print_steps(runs: &[Steps]) {
         }
         prev = Some(name);
     }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 impl Bench {

@@ -796,9 +796,13 @@ mod tests {
 
     /// A host mux and a guest mux joined by a socket pair; the guest listens on [`PORT`].
     fn joined() -> (Mux, Mux, Receiver<UnixStream>) {
+        joined_to(Mux::new(MuxRole::Guest, "test-guest", None))
+    }
+
+    /// [`joined`] with the given guest mux.
+    fn joined_to(guest: Mux) -> (Mux, Mux, Receiver<UnixStream>) {
         let (h, g) = UnixStream::pair().expect("pair");
         let host = Mux::new(MuxRole::Host, "test-host", None);
-        let guest = Mux::new(MuxRole::Guest, "test-guest", None);
         let rx = guest.listen(PORT);
         for (m, s) in [(host.clone(), h), (guest.clone(), g)] {
             let w = s.try_clone().expect("clone");
@@ -848,8 +852,6 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (c, f) = (Arc::clone(&calls), Arc::clone(&fail));
-        let (h, g) = UnixStream::pair().expect("pair");
-        let host = Mux::new(MuxRole::Host, "test-host", None);
         let guest = Mux::with_spawner(
             MuxRole::Guest,
             "test-guest",
@@ -864,11 +866,7 @@ mod tests {
                 Ok(())
             }),
         );
-        let rx = guest.listen(PORT);
-        for (m, s) in [(host.clone(), h), (guest.clone(), g)] {
-            let w = s.try_clone().expect("clone");
-            thread::spawn(move || m.run_session(s, Box::new(w)));
-        }
+        let (host, _guest, rx) = joined_to(guest);
         echo_server(rx);
         let mut s = host.open(PORT, T).expect("open");
         s.write_all(b"ping").expect("write");

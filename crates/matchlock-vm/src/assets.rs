@@ -282,7 +282,7 @@ pub fn initramfs_for(guest_binary: &Path, cache_root: &Path) -> Result<PathBuf, 
     Ok(path)
 }
 
-/// `dev ino size mtime ctime` of `p`, `None` if it cannot be stat'ed.
+/// `path dev ino size mtime ctime` of `p`, `None` if it cannot be stat'ed.
 fn binary_identity(p: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = fs::metadata(p).ok()?;
