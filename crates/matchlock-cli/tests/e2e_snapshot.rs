@@ -341,30 +341,70 @@ fn workspace_sandbox_cold_boots() {
     env().kill_and_rm(&id);
 }
 
+/// Pids of the processes recorded for `id` (its lifecycle record, through `inspect`).
+fn recorded_pids(id: &str) -> Vec<u64> {
+    let out = ok(&run(&["inspect", id]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect json");
+    v["lifecycle"]["resources"]["processes"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["pid"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
 #[test]
-fn two_first_runs_at_once_leave_one_snapshot() {
+fn first_runs_at_once_make_one_snapshot() {
     let _l = lock();
     for s in snapshots() {
         std::fs::remove_dir_all(s).expect("clear cache");
     }
-    let a = std::thread::spawn(|| detached(&[]));
-    let b = std::thread::spawn(|| detached(&[]));
-    let (ida, loga) = a.join().expect("a");
-    let (idb, logb) = b.join().expect("b");
-    let _ga = env().guard(&ida);
-    let _gb = env().guard(&idb);
-    for (id, log) in [(&ida, &loga), (&idb, &logb)] {
-        assert!(log.contains("restored from snapshot"), "{log}");
+    // Without one maker per key each would cold boot and save its own snapshot (measured:
+    // 48 at once all failed to start); now one makes it, the others cold boot (or restore
+    // if it is already there).
+    let handles: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(|| detached(&[])))
+        .collect();
+    let started: Vec<(String, String)> = handles
+        .into_iter()
+        .map(|h| h.join().expect("run -d"))
+        .collect();
+    let _guards: Vec<_> = started.iter().map(|(id, _)| env().guard(id)).collect();
+    let makers = started
+        .iter()
+        .filter(|(_, log)| log.contains("made snapshot"))
+        .count();
+    assert_eq!(makers, 1, "exactly one maker: {started:#?}");
+    for (id, log) in &started {
+        assert!(
+            log.contains("restored from snapshot")
+                || log.contains("snapshot being made by another sandbox, cold boot"),
+            "{log}"
+        );
+        assert!(!log.contains("snapshot boot failed"), "{log}");
         assert_eq!(exec(id, "echo up").trim(), "up");
+        // The maker's own VM was killed after the save: only live processes stay recorded.
+        let pids = recorded_pids(id);
+        assert!(!pids.is_empty(), "no process recorded for {id}");
+        for pid in pids {
+            assert!(
+                std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "{id} records exited process {pid}"
+            );
+        }
     }
     assert_eq!(snapshots().len(), 1, "{:?}", snapshots());
     let leftovers: Vec<_> = std::fs::read_dir(snapshots_dir())
         .expect("ls")
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| e.file_name())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && !n.starts_with(".lock-"))
         .collect();
     assert!(leftovers.is_empty(), "temporaries left: {leftovers:?}");
-    env().kill_and_rm(&ida);
-    env().kill_and_rm(&idb);
+    // A later run restores it.
+    let (id, log) = detached(&[]);
+    let _g = env().guard(&id);
+    assert!(log.contains("restored from snapshot"), "{log}");
+    for (id, _) in &started {
+        env().kill_and_rm(id);
+    }
+    env().kill_and_rm(&id);
 }

@@ -437,6 +437,11 @@ impl Sandbox {
                 }
                 None => match self.launch_from_snapshot(paths, plan, ready, deadline) {
                     Ok(l) => return Ok(l),
+                    Err(SnapshotBootError::Begin(crate::snapshot::SnapshotCacheError::Busy)) => {
+                        // Nothing was started; the maker's snapshot serves later starts.
+                        tracing::info!(id = %self.id, "snapshot being made by another sandbox; cold boot");
+                        self.console_note("snapshot being made by another sandbox, cold boot");
+                    }
                     Err(e) => {
                         let why = error_chain(&e);
                         tracing::warn!(id = %self.id, error = %why, "snapshot boot failed; cold boot");
@@ -513,12 +518,22 @@ impl Sandbox {
             self.trace.at("incoming", m.incoming);
             self.trace.at("running", m.running);
         }
-        let resume_deadline = deadline.min(spawned + RESUME_TIMEOUT);
-        let (mut conn, opened, hello) = match open_ready(self.machine.as_ref(), resume_deadline) {
+        let full_window = spawned + RESUME_TIMEOUT;
+        let (mut conn, opened, hello) = match open_ready(
+            self.machine.as_ref(),
+            deadline.min(full_window),
+        ) {
             Ok(c) => c,
             Err(e) => {
-                // The guest never said Hello again: the snapshot is unusable.
-                cache.discard(&entry);
+                if full_window <= deadline {
+                    // The guest had the whole window and never said Hello again: the
+                    // snapshot is unusable.
+                    cache.discard(&entry);
+                } else {
+                    // This sandbox's own deadline cut the wait short (an overloaded host,
+                    // or a long snapshot making): nothing says the snapshot is bad.
+                    tracing::info!(id = %self.id, "boot deadline reached before the restored guest answered; snapshot kept");
+                }
                 return Err(SnapshotBootError::Resume(e));
             }
         };
@@ -551,6 +566,10 @@ impl Sandbox {
         deadline: Instant,
     ) -> Result<crate::snapshot::Entry, SnapshotBootError> {
         let pending = cache.begin(key).map_err(SnapshotBootError::Begin)?;
+        // A maker that held the lock until just now may have committed it.
+        if let Some(entry) = cache.lookup(key, plan.vm.memory_mb) {
+            return Ok(entry);
+        }
         let mut vm = plan.vm.clone();
         vm.snapshot = Some(matchlock_vm::SnapshotMode::Make { ram: pending.ram() });
         let t = Instant::now();
@@ -578,6 +597,11 @@ impl Sandbox {
     /// Kills the current VM (a snapshot maker, or a failed restore) before the next start.
     fn stop_machine(&mut self) {
         let _ = self.machine.kill();
+        // Its processes are gone: keep the record to the VM that stays (cleanup, `inspect`
+        // and the memory figures read it).
+        if let Err(e) = self.state.forget_exited_processes(&self.id) {
+            tracing::warn!(id = %self.id, error = %e, "forget the stopped VM's processes");
+        }
         let none: Arc<dyn Machine> = Arc::new(NoMachine);
         self.machine = none.clone();
         self.link = Arc::new(GuestLink { machine: none });

@@ -21,8 +21,16 @@
 //!   is the same for every sandbox and in the key with the device, the stack's socket is
 //!   reconnected by the new QEMU, and `eth0` is configured only from `BootConfig`.
 //! - **Cache layout**: `<cache>/snapshots/<key>/{ram,state}`, directories 0700, files 0600.
-//!   A snapshot is written into `.tmp-<pid>-<nanos>/` and renamed into place; when two first
-//!   runs race, the first rename wins and the loser deletes its copy and uses the winner's.
+//!   A snapshot is written into `.tmp-<pid>-<nanos>/` and renamed into place.
+//! - **One maker per key**: making a snapshot is a cold boot plus a save, so when many
+//!   sandboxes start at once with no snapshot (a fleet's first start, a new image, a new
+//!   memory size) each making its own would multiply the machine's load by the save's cost
+//!   and push every boot past its deadline (measured: 48 concurrent first `run -d`, all 48
+//!   failed). The maker holds an exclusive `flock` on `.lock-<key>` for the whole making
+//!   ([`SnapshotCache::begin`] fails with [`SnapshotCacheError::Busy`] without waiting);
+//!   the others cold boot at once and restore once the snapshot exists. Should two writers
+//!   still race (a lock file removed as stale between open and lock), the first rename wins
+//!   and the loser deletes its copy and uses the winner's.
 //!   A snapshot is removed by renaming it to `.dead-*` first, so a concurrent restore that
 //!   already opened its files is unaffected.
 //! - **Bounds** ([`SnapshotCache::evict`]): after each commit only the [`keep`] most
@@ -96,6 +104,21 @@ pub enum SnapshotCacheError {
     },
     #[error("read host randomness")]
     Seed(#[source] std::io::Error),
+    #[error("open the snapshot's lock file {path}")]
+    OpenLock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lock the snapshot's lock file {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another sandbox holds the key's lock: it is making this snapshot right now.
+    #[error("another sandbox is making this snapshot")]
+    Busy,
 }
 
 /// Whether snapshot boot is wanted (the default): not when the caller opted out
@@ -210,7 +233,9 @@ impl SnapshotCache {
         }
     }
 
-    /// Starts writing a snapshot: a private temporary directory with an empty RAM file.
+    /// Starts writing a snapshot: takes the key's maker lock ([`SnapshotCacheError::Busy`]
+    /// if another sandbox holds it) and creates a private temporary directory with an empty
+    /// RAM file. The lock is held until the [`Pending`] is committed or dropped.
     pub fn begin(&self, key: &str) -> Result<Pending, SnapshotCacheError> {
         matchlock_vm::assets::private_dir(&self.root).map_err(|source| {
             SnapshotCacheError::CreateDir {
@@ -218,6 +243,7 @@ impl SnapshotCache {
                 source,
             }
         })?;
+        let lock = self.lock(key)?;
         self.remove_stale();
         let tmp = self.root.join(format!(".tmp-{}", unique()));
         std::fs::DirBuilder::new()
@@ -230,6 +256,7 @@ impl SnapshotCache {
         let pending = Pending {
             tmp: Some(tmp),
             target: self.root.join(key),
+            _lock: lock,
         };
         let ram = pending.ram();
         std::fs::OpenOptions::new()
@@ -265,7 +292,30 @@ impl SnapshotCache {
         old.len()
     }
 
-    /// Removes temporary and dead directories left by crashed writers.
+    /// The key's maker lock, taken without waiting.
+    fn lock(&self, key: &str) -> Result<std::fs::File, SnapshotCacheError> {
+        let path = self.root.join(format!(".lock-{key}"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| SnapshotCacheError::OpenLock {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => Err(SnapshotCacheError::Busy),
+            Err(std::fs::TryLockError::Error(source)) => {
+                Err(SnapshotCacheError::Lock { path, source })
+            }
+        }
+    }
+
+    /// Removes temporary and dead directories left by crashed writers, and lock files
+    /// nobody holds that are as old (one per key ever made).
     fn remove_stale(&self) {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
@@ -281,6 +331,14 @@ impl SnapshotCache {
                 .is_some_and(|age| age > STALE_AFTER);
             if old && (name.starts_with(".tmp-") || name.starts_with(".dead-")) {
                 let _ = std::fs::remove_dir_all(e.path());
+            } else if old && name.starts_with(".lock-") {
+                // Unlinked while we hold it, so no maker holds it now; one that opened it
+                // just before is the race the commit already resolves.
+                if let Ok(f) = std::fs::File::open(e.path()) {
+                    if f.try_lock().is_ok() {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
             }
         }
     }
@@ -302,10 +360,11 @@ fn touch(dir: &Path) {
     }
 }
 
-/// A snapshot being written; removed on drop unless committed.
+/// A snapshot being written; removed on drop unless committed. Holds the key's maker lock.
 pub struct Pending {
     tmp: Option<PathBuf>,
     target: PathBuf,
+    _lock: std::fs::File,
 }
 
 impl Pending {
@@ -445,12 +504,11 @@ mod tests {
         // A second writer for the same key loses the rename and uses the first snapshot.
         let again = write_snapshot(&cache, "k", 1024 * 1024);
         assert_eq!(again.dir, e.dir);
-        let names: Vec<String> = std::fs::read_dir(&cache.root)
-            .expect("ls")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, vec!["k".to_string()], "no temporary left behind");
+        assert_eq!(
+            entries(&cache),
+            vec!["k".to_string()],
+            "no temporary left behind"
+        );
         // Wrong memory size: discarded.
         assert!(cache.lookup("k", 2).is_none());
         assert!(!e.dir.exists());
@@ -458,37 +516,69 @@ mod tests {
         let e = write_snapshot(&cache, "t", 1024 * 1024);
         std::fs::write(e.state(), b"").expect("truncate");
         assert!(cache.lookup("t", 1).is_none());
-        // An abandoned writer leaves nothing.
+        // An abandoned writer leaves nothing but its (released) lock file.
         drop(cache.begin("z").expect("begin"));
-        assert!(std::fs::read_dir(&cache.root).expect("ls").next().is_none());
+        assert!(entries(&cache).is_empty());
+    }
+
+    /// Names in the cache other than lock files.
+    fn entries(cache: &SnapshotCache) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&cache.root)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".lock-"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn one_maker_per_key_and_stale_locks_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = SnapshotCache::new(dir.path().join("snapshots"));
+        let held = cache.begin("k").expect("first maker");
+        assert!(matches!(cache.begin("k"), Err(SnapshotCacheError::Busy)));
+        // Other keys are not held up.
+        drop(cache.begin("other").expect("other key"));
+        drop(held);
+        let again = cache.begin("k").expect("free again once dropped");
+        // Old lock files nobody holds are removed by the next writer; a held one stays.
+        let old = SystemTime::now() - STALE_AFTER - Duration::from_secs(60);
+        for key in ["k", "other"] {
+            std::fs::File::open(cache.root.join(format!(".lock-{key}")))
+                .and_then(|f| f.set_modified(old))
+                .expect("age lock");
+        }
+        drop(cache.begin("new").expect("writer"));
+        assert!(cache.root.join(".lock-k").exists(), "held lock kept");
+        assert!(
+            !cache.root.join(".lock-other").exists(),
+            "stale lock removed"
+        );
+        drop(again);
     }
 
     #[test]
     fn evicts_least_recently_used_beyond_the_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = SnapshotCache::new(dir.path().join("snapshots"));
-        let mut entries = Vec::new();
+        let mut made = Vec::new();
         for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
             let e = write_snapshot(&cache, k, 1024 * 1024);
             let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64);
             std::fs::File::open(&e.dir)
                 .and_then(|f| f.set_modified(t))
                 .expect("mtime");
-            entries.push(e);
+            made.push(e);
         }
         // "a" is the oldest by creation, but a lookup makes it the most recently used.
         assert!(cache.lookup("a", 1).is_some());
         // A restore running from "b" keeps its open RAM file after the eviction.
-        let open_ram = std::fs::File::open(entries[1].ram()).expect("open ram");
+        let open_ram = std::fs::File::open(made[1].ram()).expect("open ram");
         let current = cache.root.join("d");
         assert_eq!(cache.evict(2, &current), 2);
-        let mut left: Vec<String> = std::fs::read_dir(&cache.root)
-            .expect("ls")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["a", "d"]);
+        assert_eq!(entries(&cache), ["a", "d"]);
         assert_eq!(open_ram.metadata().expect("fstat").len(), 1024 * 1024);
         assert_eq!(cache.evict(2, &current), 0);
     }

@@ -313,6 +313,24 @@ impl StateDb {
         .map(|_| ())
     }
 
+    /// Drops every recorded process of `id` that has exited (or whose pid now names a
+    /// process started at another time), e.g. a snapshot-making VM that was killed before
+    /// the sandbox's own VM started. Returns how many were dropped; processes that may
+    /// still run stay recorded, so cleanup can still reach them.
+    pub fn forget_exited_processes(&self, id: &str) -> Result<usize, StateError> {
+        let mut dropped = 0;
+        self.append(id, &mut |prev| {
+            let mut rec = prev.ok_or_else(|| StateError::LifecycleMissing { id: id.to_owned() })?;
+            let before = rec.resources.processes.len();
+            rec.resources
+                .processes
+                .retain(|p| crate::process::is_alive(p.pid, p.start_time));
+            dropped = before - rec.resources.processes.len();
+            Ok(rec)
+        })?;
+        Ok(dropped)
+    }
+
     /// Records the outcome of cleanup step `step` of `id`.
     pub fn record_cleanup(
         &self,
@@ -599,6 +617,41 @@ mod tests {
                 Some(from)
             );
         }
+    }
+
+    #[test]
+    fn exited_processes_are_forgotten_and_live_ones_kept() {
+        let (_tmp, db) = open();
+        db.lifecycle_init("vm-1", "qemu").expect("init");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let gone = child.id();
+        let gone_start = crate::process_start_time(gone).unwrap_or(1);
+        child.wait().expect("wait");
+        let me = std::process::id();
+        let my_start = crate::process_start_time(me).expect("own start time");
+        for (pid, start_time) in [(gone, gone_start), (me, my_start), (me, my_start + 1)] {
+            db.record_resource(
+                "vm-1",
+                Resource::Process {
+                    pid,
+                    start_time,
+                    name: "vm".into(),
+                },
+            )
+            .expect("record");
+        }
+        assert_eq!(db.forget_exited_processes("vm-1").expect("forget"), 2);
+        let rec = db
+            .lifecycle_latest("vm-1")
+            .expect("latest")
+            .expect("record");
+        let left: Vec<(u32, u64)> = rec
+            .resources
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.start_time))
+            .collect();
+        assert_eq!(left, vec![(me, my_start)]);
     }
 
     #[test]
