@@ -1,4 +1,6 @@
 //! `cargo run --release -p matchlock-bench -- [cold|exec|net|https|vfs|all|pull|scale|channels|snapshot] [--runs N]`
+//! (`all`, the default, runs every row except pull and channels, so that every issue-11 row
+//! and its target come from one run)
 //!
 //! Prints the performance ratios of DESIGN §11 from one run (these machines are noisy, so
 //! both sides of each ratio are measured back to back, interleaved):
@@ -18,10 +20,10 @@
 //! - vfs (needs root): sequential I/O, 2,000-file create/stat/unlink and `git status` on a
 //!   10,000-file tree through our workspace server vs. upstream `virtiofsd` on the same host
 //!   directory vs. the guest's root disk (see `vfs.rs`);
-//! - snapshot (only when asked for): `run -- true` restored from a snapshot vs. cold vs.
-//!   bare boot, and restored `run -d` + first exec (see `snapshot.rs`);
-//! - scale (only when asked for: takes minutes): 1, 4, 16 and 64 concurrent `run -- true`
-//!   and the host memory per idle sandbox with 1, 16 and 64 running (see `scale.rs`);
+//! - snapshot: `run -- true` restored from the cached snapshot (the default boot path) vs.
+//!   cold vs. bare boot, and restored `run -d` + first exec (see `snapshot.rs`);
+//! - scale (takes minutes): 1, 4, 16 and 64 concurrent `run -- true` and the host memory
+//!   per idle sandbox with 1, 16 and 64 running, on both boot paths (see `scale.rs`);
 //! - pull (only when asked for: needs `skopeo`, `docker-registry` and squashfs-tools-ng):
 //!   `matchlock pull` of a ~100 MB image from a local registry vs. an independent baseline,
 //!   `skopeo copy` to an OCI layout plus a `tar` unpack (whiteouts applied) and `tar2sqfs`;
@@ -83,6 +85,15 @@ fn exec_true() -> (ExecRequest, ExecIo) {
     (req, io)
 }
 
+/// How a row compares with its target, as the rows print it.
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -102,6 +113,17 @@ impl Bench {
             // Cold boots unless a mode asks for snapshot boot (`snapshot.rs`).
             .env("MATCHLOCK_NO_SNAPSHOT", "1")
             .stdin(Stdio::null());
+        c
+    }
+
+    /// [`Bench::matchlock`] on a chosen boot path: with `snapshot`, `run` restores from the
+    /// cached post-boot snapshot (making it on first use), as it does for users by default;
+    /// without, it cold boots (`MATCHLOCK_NO_SNAPSHOT=1`).
+    fn matchlock_boot(&self, snapshot: bool) -> Command {
+        let mut c = self.matchlock();
+        if snapshot {
+            c.env_remove("MATCHLOCK_NO_SNAPSHOT");
+        }
         c
     }
 
@@ -232,17 +254,18 @@ const HELP: &str = "\
 usage: matchlock-bench [cold|exec|net|https [--vm]|vfs|all|pull|scale|channels|snapshot] [--runs N]
 
 Prints each DESIGN section 11 ratio from one run, both sides measured back to back.
-  cold    `matchlock run -- true` vs. a bare QEMU boot, with a per-phase breakdown
+  cold    `matchlock run -- true` cold booted (no snapshot) vs. a bare QEMU boot, per phase
   exec    warm `exec true` (in-process, relay, rpc, CLI) vs. the emulated floor
   net     bulk TCP through the sandbox stack vs. QEMU -netdev user (needs root)
   https   HTTPS through the interceptor vs. direct; --vm: from curl in a sandbox (root)
   vfs     workspace I/O and git status vs. virtiofsd vs. the root disk (needs root)
-  all     cold, exec, net and vfs (the default)
+  all     every row below but pull and channels, one run (the default; tens of minutes)
   pull    `matchlock pull` vs. skopeo + tar + tar2sqfs (local registry)
-  scale   1/4/16/64 concurrent sandboxes and host memory per idle sandbox (minutes)
+  scale   1/4/16/64 concurrent sandboxes and host memory per idle sandbox, restored
+          and cold booted (minutes)
   channels  boot phases and initcall times, vsock vs. virtio-serial host channel
-  snapshot  `run -- true` restored from a snapshot (MATCHLOCK_DEV_SNAPSHOT=1) vs. cold
-          (serial channel) vs. bare boot, and restored `run -d` + first exec
+  snapshot  `run -- true` restored from the cached snapshot (the default boot path) vs.
+          cold vs. bare boot, and restored `run -d` + first exec
   --runs N  rounds per row (default 5); medians are printed
 
 Needs the guest kernel and runtime (MATCHLOCK_KERNEL, MATCHLOCK_GUEST_INIT or the standard
@@ -326,11 +349,11 @@ fn main() -> anyhow::Result<()> {
     if what == "all" {
         https::run(runs)?;
     }
-    if what == "scale" {
-        bench.scale()?;
-    }
-    if what == "snapshot" {
+    if what == "snapshot" || what == "all" {
         bench.snapshot()?;
+    }
+    if what == "scale" || what == "all" {
+        bench.scale()?;
     }
     Ok(())
 }

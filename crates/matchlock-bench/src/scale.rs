@@ -1,6 +1,8 @@
 //! `matchlock-bench scale`: many sandboxes at once (issue 11 item 3).
 //!
-//! Two measurements, one run each (the machine is shared and noisy):
+//! Two measurements, one run each (the machine is shared and noisy), on each boot path:
+//! restored from the cached post-boot snapshot (what `run` does by default) and cold booted
+//! (`MATCHLOCK_NO_SNAPSHOT=1`, what the first run and `--no-snapshot` do).
 //! - **Concurrent starts**: for 1, 4, 16 and 64 sandboxes, that many `matchlock run --rm
 //!   --memory 256 -- true` are launched at the same instant; the row is the wall time until
 //!   the last one exits and the number that failed (the first failure's stderr is shown).
@@ -57,19 +59,25 @@ struct IdleStep {
 
 impl Bench {
     pub(crate) fn scale(&self) -> anyhow::Result<()> {
-        // One start first so caches (initramfs, page cache) are warm for every level.
-        self.wait_all(vec![self.spawn_run()?])?;
-        let mut levels = Vec::new();
-        for n in LEVELS {
-            levels.push(self.level(n)?);
+        for snapshot in [true, false] {
+            // One start first so caches (initramfs, page cache, the snapshot) are warm for
+            // every level.
+            let (failed, first) = self.wait_all(vec![self.spawn_run(snapshot)?])?;
+            if failed > 0 {
+                bail!("warm-up run failed: {}", first.unwrap_or_default());
+            }
+            let mut levels = Vec::new();
+            for n in LEVELS {
+                levels.push(self.level(n, snapshot)?);
+            }
+            let idle = self.idle_curve(snapshot)?;
+            print_scale(snapshot, &levels, &idle);
         }
-        let idle = self.idle_curve()?;
-        print_scale(&levels, &idle);
         Ok(())
     }
 
-    fn spawn_run(&self) -> anyhow::Result<Child> {
-        self.matchlock()
+    fn spawn_run(&self, snapshot: bool) -> anyhow::Result<Child> {
+        self.matchlock_boot(snapshot)
             .args([
                 "run", "--rm", "--memory", MEMORY_MB, "--image", IMAGE, "--", "true",
             ])
@@ -114,10 +122,10 @@ impl Bench {
         Ok((failed, first))
     }
 
-    fn level(&self, n: usize) -> anyhow::Result<Level> {
+    fn level(&self, n: usize, snapshot: bool) -> anyhow::Result<Level> {
         let t = Instant::now();
         let children = (0..n)
-            .map(|_| self.spawn_run())
+            .map(|_| self.spawn_run(snapshot))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let (failed, first_error) = self.wait_all(children)?;
         Ok(Level {
@@ -129,13 +137,13 @@ impl Bench {
     }
 
     /// Starts `count` detached sandboxes in batches; returns their ids.
-    fn start_idle(&self, count: usize) -> anyhow::Result<Vec<String>> {
+    fn start_idle(&self, count: usize, snapshot: bool) -> anyhow::Result<Vec<String>> {
         let mut ids = Vec::new();
         while ids.len() < count {
             let batch = START_BATCH.min(count - ids.len());
             let children = (0..batch)
                 .map(|_| {
-                    self.matchlock()
+                    self.matchlock_boot(snapshot)
                         .args(["run", "-d", "--memory", MEMORY_MB, "--image", IMAGE])
                         .stdout(Stdio::piped())
                         .stderr(Stdio::piped())
@@ -170,13 +178,13 @@ impl Bench {
         Ok(total)
     }
 
-    fn idle_curve(&self) -> anyhow::Result<Vec<IdleStep>> {
+    fn idle_curve(&self, snapshot: bool) -> anyhow::Result<Vec<IdleStep>> {
         let before = mem_available_kib()?;
         let mut ids: Vec<String> = Vec::new();
         let mut steps = Vec::new();
         let result = (|| {
             for count in IDLE_STEPS {
-                ids.extend(self.start_idle(count - ids.len())?);
+                ids.extend(self.start_idle(count - ids.len(), snapshot)?);
                 // Let the guests settle (init done, agents idle) before sampling.
                 std::thread::sleep(Duration::from_secs(3));
                 let state = matchlock_state::StateDb::open(&self.paths().state)?;
@@ -208,7 +216,15 @@ fn mem_available_kib() -> anyhow::Result<u64> {
         .context("no MemAvailable in /proc/meminfo")
 }
 
-fn print_scale(levels: &[Level], idle: &[IdleStep]) {
+fn print_scale(snapshot: bool, levels: &[Level], idle: &[IdleStep]) {
+    println!(
+        "boot path: {}",
+        if snapshot {
+            "restored from the cached snapshot (the default)"
+        } else {
+            "cold boot (MATCHLOCK_NO_SNAPSHOT=1)"
+        }
+    );
     println!("concurrent starts (`run --rm --memory {MEMORY_MB} -- true`, one run each):");
     for l in levels {
         println!(

@@ -590,7 +590,7 @@ fn print_vfs(runs: usize, t: &Times, virtiofsd: Option<&str>) {
                 let x = v.as_secs_f64() / o.as_secs_f64();
                 format!(
                     "{x:.2}x virtiofsd (target >= 0.8x: {})",
-                    if x >= 0.8 { "met" } else { "NOT met" }
+                    crate::met(x >= 0.8)
                 )
             }
             None => "virtiofsd not found: scripts/install-deps.sh --bench".into(),
@@ -599,7 +599,7 @@ fn print_vfs(runs: usize, t: &Times, virtiofsd: Option<&str>) {
         let root = if *metadata {
             format!(
                 "{slow:.2}x the root disk's time (target <= 2x: {})",
-                if slow <= 2.0 { "met" } else { "NOT met" }
+                crate::met(slow <= 2.0)
             )
         } else {
             format!("{slow:.2}x the root disk's time (no target)")
