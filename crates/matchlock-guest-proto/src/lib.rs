@@ -65,6 +65,10 @@ pub const MAX_READ_FILE: u64 = 16 << 20;
 
 /// Size of the frame header.
 pub const HEADER_LEN: usize = 5;
+/// How a `BootFailed` reason starts when the guest's timer check failed (its timer
+/// interrupts never fired; seen only on heavily overloaded TCG hosts). The host boots such a
+/// VM again once instead of failing the sandbox.
+pub const TIMER_DEAD_REASON: &str = "checking the guest timer";
 
 /// Errors of the frame codec.
 #[derive(Debug, thiserror::Error)]

@@ -124,7 +124,7 @@ pub enum BootError {
     AgentThread(#[source] io::Error),
     #[error("sending ready")]
     Ready(#[source] ProtoError),
-    #[error("checking the guest timer")]
+    #[error("{}", matchlock_guest_proto::TIMER_DEAD_REASON)]
     Timer(#[source] crate::timer::TimerError),
     #[error("boot handshake over the host channel")]
     Resume(#[source] crate::resume::ResumeError),

@@ -35,12 +35,16 @@ pub enum TimerError {
     Spawn(#[source] std::io::Error),
     #[error(
         "a {sleep:?} sleep did not return within {waited:?}: the guest's timer interrupts do not \
-         fire (local timer interrupts so far: {loc}), so every sleep would hang"
+         fire (local timer interrupts so far: {loc}; {clockevent}), so every sleep would hang"
     )]
     Dead {
         sleep: Duration,
         waited: Duration,
         loc: String,
+        /// CPU 0's clock event device as `/proc/timer_list` shows it (cause not known yet:
+        /// the device, its mode and its next event tell a timer never programmed from one
+        /// programmed but never delivered).
+        clockevent: String,
     },
     #[error("the timer probe thread ended without reporting")]
     Lost,
@@ -88,6 +92,9 @@ impl Probe {
                     sleep: PROBE_SLEEP,
                     waited,
                     loc: local_timer_count().unwrap_or_else(|| "unknown".into()),
+                    clockevent: read_bounded("/proc/timer_list", 256 * 1024)
+                        .and_then(|t| cpu0_clockevent(&t))
+                        .unwrap_or_else(|| "clock event device unknown".into()),
                 });
             }
             std::thread::yield_now();
@@ -110,6 +117,36 @@ fn read_bounded(path: &str, limit: u64) -> Option<String> {
         .read_to_string(&mut s)
         .ok()?;
     Some(s)
+}
+
+/// `now`, and CPU 0's clock event device with its mode and next event, from
+/// `/proc/timer_list` text.
+fn cpu0_clockevent(text: &str) -> Option<String> {
+    let now = text
+        .lines()
+        .find_map(|l| l.strip_prefix("now at "))
+        .map(str::trim);
+    let mut lines = text
+        .lines()
+        .skip_while(|l| l.trim() != "Per CPU device: 0")
+        .skip(1);
+    let device = lines
+        .next()?
+        .trim()
+        .strip_prefix("Clock Event Device:")?
+        .trim();
+    let field = |name: &str| {
+        text.lines()
+            .skip_while(|l| l.trim() != "Per CPU device: 0")
+            .take(40)
+            .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    Some(format!(
+        "clock event device {device}, mode {}, next event {}, now {}",
+        field("mode:").unwrap_or_else(|| "?".into()),
+        field("next_event:").unwrap_or_else(|| "?".into()),
+        now.unwrap_or("?")
+    ))
 }
 
 /// Sums the per-CPU counts of the `LOC:` row of `/proc/interrupts` text.
@@ -165,6 +202,24 @@ mod tests {
             probe.finish(Duration::from_secs(10)),
             Err(TimerError::Lost)
         ));
+    }
+
+    #[test]
+    fn cpu0_clock_event_device_is_summarised() {
+        let text =
+            "Timer List Version: v0.9\nHRTIMER_MAX_CLOCK_BASES: 8\nnow at 2070398866 nsecs\n\n\
+                    cpu: 0\n clock 0:\n  .base: 0\n\n\
+                    Tick Device: mode:     1\nBroadcast device\nClock Event Device: <NULL>\n\n\
+                    Tick Device: mode:     1\nPer CPU device: 0\nClock Event Device: lapic\n\
+                     max_delta_ns:   137438953451\n min_delta_ns:   1000\n mode:           3\n\
+                     next_event:     2071000000 nsecs\n set_next_event: lapic_next_event\n";
+        assert_eq!(
+            cpu0_clockevent(text).as_deref(),
+            Some(
+                "clock event device lapic, mode 3, next event 2071000000 nsecs, now 2070398866 nsecs"
+            )
+        );
+        assert_eq!(cpu0_clockevent("Tick Device: mode: 1\n"), None);
     }
 
     #[test]
