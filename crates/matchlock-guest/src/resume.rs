@@ -30,8 +30,12 @@ use matchlock_guest_proto::{
     PROTOCOL_VERSION,
 };
 
-/// How long to wait for a host-opened ready stream once the dialed one has failed.
-pub const RESUME_WAIT: Duration = Duration::from_secs(10);
+/// How long to wait for a host-opened ready stream once the dialed one has failed. Longer
+/// than the host gives a restored guest to answer (15 s once the restored VM runs), so the
+/// host, which can fall back to a cold boot, always decides:
+/// with 10 s, a restored guest on an overloaded host (64 restores at once on 2 cores) gave up
+/// and powered off while its owner was still opening the stream.
+pub const RESUME_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResumeError {
