@@ -825,6 +825,16 @@ mod tests {
         });
     }
 
+    /// Opens a stream to the echo server, sends `msg`, half-closes, and checks it comes back.
+    fn assert_echoed(host: &Mux, msg: &[u8]) {
+        let mut s = host.open(PORT, T).expect("open");
+        s.write_all(msg).expect("write");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).expect("read");
+        assert_eq!(back, msg);
+    }
+
     #[test]
     fn streams_echo_with_half_close() {
         let (host, _guest, rx) = joined();
@@ -868,12 +878,7 @@ mod tests {
         );
         let (host, _guest, rx) = joined_to(guest);
         echo_server(rx);
-        let mut s = host.open(PORT, T).expect("open");
-        s.write_all(b"ping").expect("write");
-        s.shutdown(Shutdown::Write).expect("half-close");
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).expect("read");
-        assert_eq!(back, b"ping");
+        assert_echoed(&host, b"ping");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // The guest answers OpenOk and then, its pumps failing, Close: the host's open may
         // see both before it wakes (refused) or only the first (a stream that ends).
@@ -892,12 +897,7 @@ mod tests {
         }
         // Only that stream was lost: the channel serves the next one.
         fail.store(false, Ordering::SeqCst);
-        let mut s = host.open(PORT, T).expect("open after the failure");
-        s.write_all(b"again").expect("write");
-        s.shutdown(Shutdown::Write).expect("half-close");
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).expect("read");
-        assert_eq!(back, b"again");
+        assert_echoed(&host, b"again");
     }
 
     #[test]
