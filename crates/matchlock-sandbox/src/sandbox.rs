@@ -1092,12 +1092,7 @@ fn send_config(
 /// Not for a VM with an owner-served vhost-user device (workspace, vhost-user-net): those
 /// services take one QEMU connection, which the killed VM used.
 fn worth_another_boot(e: &HandshakeError, vm: &VmConfig) -> bool {
-    let one_connection = vm.fs.is_some()
-        || vm
-            .net
-            .as_ref()
-            .is_some_and(|n| n.transport == matchlock_vm::NetTransport::VhostUser);
-    !one_connection
+    vm.owner_vhost_user().is_none()
         && matches!(e, HandshakeError::GuestFailed(reason)
             if reason.starts_with(matchlock_guest_proto::TIMER_DEAD_REASON))
 }

@@ -141,17 +141,10 @@ pub fn ineligible(vm: &VmConfig) -> Option<&'static str> {
     if vm.channel != matchlock_vm::Channel::Serial {
         return Some("the vsock channel cannot migrate");
     }
-    if vm.fs.is_some() {
-        return Some("vhost-user-fs (workspace) cannot migrate");
+    match vm.owner_vhost_user()? {
+        matchlock_vm::OwnerVhostUser::Fs => Some("vhost-user-fs (workspace) cannot migrate"),
+        matchlock_vm::OwnerVhostUser::Net => Some("vhost-user-net cannot migrate"),
     }
-    if vm
-        .net
-        .as_ref()
-        .is_some_and(|n| n.transport == matchlock_vm::NetTransport::VhostUser)
-    {
-        return Some("vhost-user-net cannot migrate");
-    }
-    None
 }
 
 /// The cache key of `vm`'s snapshot (hex SHA-256).

@@ -101,7 +101,28 @@ pub struct VmConfig {
 
 pub use snapshot::SnapshotMode;
 
+/// A device whose vhost-user backend the sandbox's owner serves (not QEMU): QEMU 7.2 cannot
+/// migrate it, and the backend takes one QEMU connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerVhostUser {
+    /// The workspace's vhost-user-fs.
+    Fs,
+    /// The network on [`NetTransport::VhostUser`].
+    Net,
+}
+
 impl VmConfig {
+    /// The first device of this VM whose vhost-user backend the owner serves, if any.
+    pub fn owner_vhost_user(&self) -> Option<OwnerVhostUser> {
+        if self.fs.is_some() {
+            return Some(OwnerVhostUser::Fs);
+        }
+        self.net
+            .as_ref()
+            .is_some_and(|n| n.transport == NetTransport::VhostUser)
+            .then_some(OwnerVhostUser::Net)
+    }
+
     /// A VM with the defaults: 1 vCPU, 512 MiB, no disks, no network or workspace, the
     /// default channel, automatic acceleration, the console log `<state_dir>/console.log`
     /// with the configured cap, no snapshot. Callers change the fields they need.
