@@ -126,25 +126,25 @@ fn cpu0_clockevent(text: &str) -> Option<String> {
         .lines()
         .find_map(|l| l.strip_prefix("now at "))
         .map(str::trim);
-    let mut lines = text
+    // CPU 0's block: the device line right after its header, then its fields.
+    let block: Vec<&str> = text
         .lines()
         .skip_while(|l| l.trim() != "Per CPU device: 0")
-        .skip(1);
-    let device = lines
-        .next()?
-        .trim()
-        .strip_prefix("Clock Event Device:")?
-        .trim();
+        .skip(1)
+        .take(40)
+        .map(str::trim)
+        .collect();
+    let device = block.first()?.strip_prefix("Clock Event Device:")?.trim();
     let field = |name: &str| {
-        text.lines()
-            .skip_while(|l| l.trim() != "Per CPU device: 0")
-            .take(40)
-            .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+        block
+            .iter()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?", str::trim)
     };
     Some(format!(
         "clock event device {device}, mode {}, next event {}, now {}",
-        field("mode:").unwrap_or_else(|| "?".into()),
-        field("next_event:").unwrap_or_else(|| "?".into()),
+        field("mode:"),
+        field("next_event:"),
         now.unwrap_or("?")
     ))
 }
