@@ -656,7 +656,6 @@ fn thread_cpu(procs: &[(u32, &str)]) -> BTreeMap<String, f64> {
     out
 }
 
-/// The host's load averages (the first three fields of `/proc/loadavg`).
 /// Proportional set size of a process in KiB (`Pss:` of `smaps_rollup`).
 pub(crate) fn pss_kib(pid: u32) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
