@@ -11,7 +11,8 @@
 //!   last body byte; throughput is the large bodies' bytes over the large GETs' time. Bodies
 //!   are counted frame by frame, never copied.
 //! - **direct**: TCP + TLS to the upstream. **interception**: the client's TLS over a
-//!   `tokio::io::duplex` pipe (the size the network stack uses) into
+//!   `tokio::io::duplex` pipe (as much as the network stack buffers toward a guest: its
+//!   pipe plus the guest socket's window) into
 //!   [`Interceptor::serve_tls`], which runs on its own current-thread runtime as on the
 //!   stack's network thread, and dials the upstream itself (policy: `localhost` allowed,
 //!   private addresses not blocked). **mitmproxy**: `mitmdump` as an explicit proxy
@@ -50,6 +51,7 @@ use hyper_util::rt::TokioIo;
 use matchlock_net::intercept::{InterceptConfig, Interceptor};
 use matchlock_net::policy::Policy;
 use matchlock_net::secrets::Secrets;
+use matchlock_net::stack::{INTERCEPT_PIPE, SOCKET_BUFFER};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::RootCertStore;
@@ -67,8 +69,12 @@ const LARGE_PER_ROUND: usize = 4;
 /// Small and large requests per connection before measuring.
 const WARMUP_SMALL: usize = 20;
 const WARMUP_LARGE: usize = 2;
-/// Buffer each way of the pipe into the interceptor (the network stack's `INTERCEPT_PIPE`).
-const PIPE: usize = 32 * 1024;
+/// Buffer each way of the pipe into the interceptor: what the network stack holds between
+/// the interceptor and a guest that keeps up, its in-memory pipe plus the guest-side TCP
+/// socket's buffer (the guest's window). A pipe of `INTERCEPT_PIPE` alone under-modelled
+/// the real path: the client here runs on another thread, so every 32 KiB became a
+/// cross-thread wake-up, which on the network thread is a task switch.
+const PIPE: usize = INTERCEPT_PIPE + SOCKET_BUFFER;
 /// Longest wait for `mitmdump` to listen.
 const MITM_START: Duration = Duration::from_secs(60);
 /// Largest error response body shown.

@@ -121,7 +121,7 @@ use crate::tlssniff;
 /// Guest TCP ports served by the interceptor when there is one: HTTP and HTTPS.
 pub const INTERCEPTED_PORTS: [u16; 2] = [80, 443];
 /// Bytes buffered each way in the in-memory pipe between a flow and the interceptor.
-const INTERCEPT_PIPE: usize = 2 * CHUNK;
+pub const INTERCEPT_PIPE: usize = 2 * CHUNK;
 
 /// Most TCP flows (open and pending) per sandbox; more SYNs are refused with an RST.
 pub const MAX_FLOWS: usize = 256;
