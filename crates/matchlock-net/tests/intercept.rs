@@ -611,6 +611,71 @@ async fn secret_is_substituted_toward_its_host_only_in_header_and_query() {
     assert!(!ev.contains("real-secret-value"), "{ev}");
 }
 
+/// Reference §13.2 #116: two secrets in one request, each toward its own host list (both
+/// include this upstream), are both substituted; a third secret scoped to another host in
+/// the same request refuses the whole request before anything is sent.
+#[tokio::test]
+async fn two_secrets_in_one_request_are_both_substituted() {
+    let ca = TestCa::new();
+    let up = Upstream::start(Some(ca.server_config(&[b"h2", b"http/1.1"]))).await;
+    let a = Secret::new("KEY_A", "value-a-1111", &["localhost".into()], "");
+    let b = Secret::new(
+        "KEY_B",
+        "value-b-2222",
+        &["api.example".into(), "localhost".into()],
+        "",
+    );
+    let c = Secret::new("KEY_C", "value-c-3333", &["api.example".into()], "");
+    let (pa, pb, pc) = (
+        a.placeholder.clone(),
+        b.placeholder.clone(),
+        c.placeholder.clone(),
+    );
+    let s = Setup::new(&ca, vec![a, b, c], false);
+    let mut g = s.guest(up.port, Some(("localhost", &[b"http/1.1"]))).await;
+    let mut req = g.request(
+        Method::GET,
+        &local(up.port),
+        &format!("/two?a={pa}&b={pb}"),
+        full(Bytes::new()),
+    );
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {pa}").parse().expect("value"),
+    );
+    req.headers_mut()
+        .insert("x-api-key", pb.parse().expect("value"));
+    let (status, _) = text(g.send(req).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].headers[header::AUTHORIZATION],
+        "Bearer value-a-1111"
+    );
+    assert_eq!(seen[0].headers["x-api-key"], "value-b-2222");
+    assert_eq!(seen[0].target, "/two?a=value-a-1111&b=value-b-2222");
+    // KEY_C may not go to localhost: the request carrying it with the others is refused.
+    let mut req = g.request(
+        Method::GET,
+        &local(up.port),
+        &format!("/three?a={pa}&c={pc}"),
+        full(Bytes::new()),
+    );
+    req.headers_mut()
+        .insert("x-api-key", pb.parse().expect("value"));
+    assert_eq!(
+        text(g.send(req).await).await,
+        (StatusCode::FORBIDDEN, "Blocked by policy".into())
+    );
+    assert_eq!(up.seen().len(), 1, "the refused request never arrived");
+    let ev = format!("{:?}", s.events());
+    for real in ["value-a-1111", "value-b-2222", "value-c-3333"] {
+        assert!(!ev.contains(real), "{ev}");
+    }
+    assert!(ev.contains("KEY_C"), "{ev}");
+}
+
 #[tokio::test]
 async fn placeholder_toward_another_host_is_refused_and_never_sent() {
     let ca = TestCa::new();
