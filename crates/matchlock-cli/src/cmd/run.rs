@@ -740,6 +740,42 @@ fn detach() -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// `--secret NAME=VALUE@h1,h2` stays one value with two hosts through clap (no value
+    /// delimiter, unlike `--allow-host a,b`, which splits), reference §15 #34.
+    #[test]
+    fn secret_with_several_hosts_is_one_value() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "run",
+            "--image",
+            "x",
+            "--secret",
+            "KEY=v,with,commas@api.test, other.test",
+            "--secret",
+            "ENV_ONLY@web.test",
+            "--allow-host",
+            "a.test,b.test",
+        ])
+        .expect("parses");
+        assert_eq!(
+            cli.run.secret,
+            [
+                "KEY=v,with,commas@api.test, other.test",
+                "ENV_ONLY@web.test"
+            ]
+        );
+        assert_eq!(cli.run.allow_host, ["a.test", "b.test"]);
+        let spec = matchlock_sandbox::network::parse_secret_spec(&cli.run.secret[0], &|_| None)
+            .expect("spec");
+        assert_eq!(spec.name, "KEY");
+        assert_eq!(spec.value, "v,with,commas");
+        assert_eq!(spec.hosts, ["api.test", "other.test"]);
+    }
+
     #[test]
     fn durations() {
         assert_eq!(
