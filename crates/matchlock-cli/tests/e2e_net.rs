@@ -369,7 +369,20 @@ fn open_egress_with_real_clients() {
 #[test]
 fn no_network_means_no_nic() {
     let e = env();
-    let out = e.sandbox(&["--no-network", "--", "sh", "-c", "ls /sys/class/net"]);
+    // Loopback only, and a connection fails at once for want of a route. The address is
+    // the gateway's, which the default policy refuses, so a NIC that should not be there
+    // would answer "refused" (from the sandbox's own stack, never off the machine).
+    // (No `-T`: Debian's busybox 1.35 wget segfaults on an unreachable host with it.)
+    let out = e.sandbox(&[
+        "--no-network",
+        "--",
+        "sh",
+        "-c",
+        "ls /sys/class/net; wget -q -O- http://10.0.2.2/ 2>&1; echo rc=$?",
+    ]);
     let text = ok(&out);
     assert!(!text.contains("eth0"), "{text}");
+    assert!(text.lines().any(|l| l == "lo"), "{text}");
+    assert!(text.contains("unreachable"), "{text}");
+    assert!(!text.contains("rc=0"), "{text}");
 }
