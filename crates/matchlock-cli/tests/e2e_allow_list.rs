@@ -111,6 +111,33 @@ fn allow_list_changes_through_rpc_and_cli() {
         "{ev}"
     );
 
+    // Changes steer the next request. Once allowed, the proxy tries the address (502: this
+    // namespace has no route, so nothing leaves); once deleted, 403 again without a try.
+    let out = ok(&e.run(&["allow-list", "add", &id, "192.0.2.1"]));
+    assert!(
+        out.starts_with(&format!("Added to {id}: 192.0.2.1\n")),
+        "{out}"
+    );
+    let wget = json!({"command": "wget -qO- http://192.0.2.1/steer 2>&1; true"});
+    let allowed = unb64(&r.call("exec", wget.clone(), 9)["stdout"]);
+    assert!(
+        allowed.contains("502") && !allowed.contains("403"),
+        "{allowed}"
+    );
+    let out = ok(&e.run(&["allow-list", "delete", &id, "192.0.2.1,b.test"]));
+    assert_eq!(
+        out,
+        format!("Removed from {id}: b.test,192.0.2.1\nCurrent allow-list: api.test\n")
+    );
+    let deleted = unb64(&r.call("exec", wget, 10)["stdout"]);
+    assert!(deleted.contains("403"), "{deleted}");
+    // Deleting the last host leaves an empty list, which allows every host (reference).
+    let out = ok(&e.run(&["allow-list", "delete", &id, "api.test"]));
+    assert_eq!(
+        out,
+        format!("Removed from {id}: api.test\nCurrent allow-list: (empty: all hosts allowed)\n")
+    );
+
     // Neither the state, `get`/`inspect`, nor the logs hold the value.
     let inspect = ok(&e.run(&["inspect", &id]));
     assert!(inspect.contains("API_TOKEN"), "{inspect}");
