@@ -12,6 +12,8 @@ mod common;
 #[path = "common/nethost.rs"]
 mod nethost;
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 // Note: busybox 1.35 `wget -T` segfaults (on the host too); the guest uses `timeout`.
@@ -304,6 +306,40 @@ fn open_egress_with_real_clients() {
               except OSError as e:\n print('errno', e.errno)\n";
     let (_, text, _) = guest(e, &id, &format!("python3 -c \"{py}\""));
     assert_eq!(text.trim(), "errno 111", "not ECONNREFUSED");
+    // The gateway address is not the host: a service on the owner's own loopback is never
+    // reached through it (slirp's 10.0.2.2 is the host's 127.0.0.1). The listener reports
+    // the first connection it accepts; the test's own probe comes after the guest's try.
+    let listen = "import socket\n\
+                  s=socket.socket(); s.bind(('127.0.0.1',7077)); s.listen(8)\n\
+                  print('listening',flush=True); s.settimeout(60)\n\
+                  c,_=s.accept(); c.settimeout(10)\n\
+                  print('first:',c.recv(64).decode(errors='replace'),flush=True)\n";
+    let mut py = Command::new("python3");
+    py.args(["-c", listen]);
+    let mut listener = net
+        .wrap(py)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("listener");
+    let mut lines = BufReader::new(listener.stdout.take().expect("stdout")).lines();
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("listening")
+    );
+    let py = "import socket\n\
+              try:\n socket.create_connection(('10.0.2.2',7077),10).sendall(b'leak')\n\
+              except OSError as e:\n print('errno', e.errno)\n";
+    let (_, text, _) = guest(e, &id, &format!("python3 -c \"{py}\""));
+    assert_eq!(text.trim(), "errno 111", "gateway: not refused");
+    let probe = "import socket; socket.create_connection(('127.0.0.1',7077),5).sendall(b'probe')";
+    ok(&net.run_in_sandbox_ns(&["python3", "-c", probe]));
+    let first = lines.next().and_then(Result::ok);
+    let _ = listener.wait();
+    assert_eq!(
+        first.as_deref(),
+        Some("first: probe"),
+        "the guest reached the owner's loopback"
+    );
     // By a name whose DNS answer is a blocked address (checked on the connected address).
     let (okk, text, _) = guest(
         e,
