@@ -35,12 +35,13 @@ fn owner_log() -> String {
         .collect()
 }
 
-/// `matchlock run -d --image <image>` in the owner's namespace, with the allow-list
-/// `allow` (open egress when `None`).
-fn start(net: &NetHost, image: &str, allow: Option<&str>) -> String {
+/// `matchlock run -d --image <image> <extra>` in the owner's namespace, with the
+/// allow-list `allow` (open egress when `None`).
+fn start(net: &NetHost, image: &str, allow: Option<&str>, extra: &[&str]) -> String {
     let e = env();
     let mut run = e.cmd();
     run.args(["run", "--image", image, "-d"])
+        .args(extra)
         .env("MATCHLOCK_LOG", "warn,matchlock_net=debug");
     if let Some(a) = allow {
         run.args(["--allow-host", a]);
@@ -151,7 +152,7 @@ print(h.split(b'\r\n')[0].decode(), want in h, s.recv(r[1]).decode())
 fn allow_list_through_the_owner_stack() {
     let e = env();
     let net = NetHost::new();
-    let id = start(&net, common::IMAGE, Some(ALLOW));
+    let id = start(&net, common::IMAGE, Some(ALLOW), &[]);
     let _guard = e.guard(&id);
 
     // The NIC came up from the boot config, and resolv.conf names the gateway.
@@ -244,7 +245,7 @@ fn open_egress_with_real_clients() {
     let e = env();
     let image = nethost::nettest_image(e);
     let net = NetHost::new();
-    let id = start(&net, image, None);
+    let id = start(&net, image, None, &[]);
     let _guard = e.guard(&id);
 
     // The image: real clients and a system trust bundle.
@@ -399,6 +400,39 @@ fn open_egress_with_real_clients() {
     assert!(okk, "{text}");
     let (okk, text, _) = guest(e, &id, "busybox ping -c 1 -W 2 198.51.100.2");
     assert!(!okk, "{text}");
+    e.kill_and_rm(&id);
+}
+
+/// `--dns-servers`: the guest's resolv.conf lists them, and the owner forwards every guest
+/// query to them, whatever address the guest sends it to (reference 13.2 #118/#120).
+#[test]
+fn custom_dns_servers_resolve_through_the_owner() {
+    let e = env();
+    let image = nethost::nettest_image(e);
+    let net = NetHost::new();
+    let id = start(&net, image, None, &["--dns-servers", HOST_IP]);
+    let _guard = e.guard(&id);
+    let (okk, text, _) = guest(e, &id, "cat /etc/resolv.conf");
+    assert!(
+        okk && text.contains(&format!("nameserver {HOST_IP}")),
+        "{text}"
+    );
+    assert!(!text.contains("nameserver 10.0.2.2"), "{text}");
+    // Forwarded, not resolved by the owner's system resolver: `web.test` is in the owner's
+    // hosts file, which the system resolver would answer from without a query, yet the
+    // test host's DNS server logs it.
+    let (okk, text, _) = guest(e, &id, "getent hosts web.test; getent hosts api.test");
+    assert!(okk && text.matches(HOST_IP).count() == 2, "{text}");
+    net.wait_log("dns", Duration::from_secs(10), |r| r["name"] == "web.test");
+    net.wait_log("dns", Duration::from_secs(10), |r| r["name"] == "api.test");
+    let (okk, text, _) = guest(
+        e,
+        &id,
+        "busybox nslookup evil.test 10.0.2.2 && curl -sS --max-time 20 http://api.test/custom-dns",
+    );
+    assert!(okk && text.contains("\"host\":\"api.test\""), "{text}");
+    net.wait_log("dns", Duration::from_secs(10), |r| r["name"] == "evil.test");
+    assert_eq!(requests_to(&net, "http", "/custom-dns").len(), 1);
     e.kill_and_rm(&id);
 }
 
