@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use matchlock_net::events::{EventSink, NetworkEvent};
+use matchlock_net::hooks::HookRules;
 use matchlock_net::intercept::{InterceptConfig, Interceptor};
 use matchlock_net::policy::Policy;
 use matchlock_net::secrets::{Secret, Secrets};
@@ -674,6 +675,37 @@ async fn two_secrets_in_one_request_are_both_substituted() {
         assert!(!ev.contains(real), "{ev}");
     }
     assert!(ev.contains("KEY_C"), "{ev}");
+}
+
+/// Reference §15 #30: before-hooks run first, then secrets. A placeholder a hook puts in a
+/// header is substituted toward the secret's host like one the guest sent, and one a hook
+/// puts in toward a host the secret is not for refuses the request.
+#[tokio::test]
+async fn a_placeholder_set_by_a_before_hook_is_substituted_then_checked() {
+    let ca = TestCa::new();
+    let up = Upstream::start(Some(ca.server_config(&[b"http/1.1"]))).await;
+    let ours = Secret::new("KEY_A", "value-a-1111", &["localhost".into()], "");
+    let other = Secret::new("KEY_C", "value-c-3333", &["api.example".into()], "");
+    let hooks = HookRules::compile(&serde_json::json!({"rules": [
+        {"phase": "before", "action": "mutate", "path": "/ours",
+         "set_headers": {"X-Injected": ours.placeholder.clone()}},
+        {"phase": "before", "action": "mutate", "path": "/other",
+         "set_headers": {"X-Injected": other.placeholder.clone()}}
+    ]}))
+    .expect("rules");
+    let s = Setup::build(&ca, vec![ours, other], false, |i| {
+        i.with_hooks(Arc::new(hooks))
+    });
+    let mut g = s.guest(up.port, Some(("localhost", &[b"http/1.1"]))).await;
+    let req = g.request(Method::GET, &local(up.port), "/ours", full(Bytes::new()));
+    assert_eq!(text(g.send(req).await).await.0, StatusCode::OK);
+    assert_eq!(up.seen()[0].headers["x-injected"], "value-a-1111");
+    let req = g.request(Method::GET, &local(up.port), "/other", full(Bytes::new()));
+    assert_eq!(
+        text(g.send(req).await).await,
+        (StatusCode::FORBIDDEN, "Blocked by policy".into())
+    );
+    assert_eq!(up.seen().len(), 1, "the refused request never arrived");
 }
 
 #[tokio::test]
