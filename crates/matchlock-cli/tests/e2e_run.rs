@@ -110,14 +110,37 @@ fn users_and_workdir() {
 #[test]
 fn hostname_hosts_and_resolv_conf() {
     let e = env();
-    let out = ok(&e.sandbox(&[
-        "--",
-        "sh",
-        "-c",
-        "hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf",
-    ]));
-    assert!(out.starts_with("vm-"), "{out}");
-    assert!(out.contains("localhost localhost.localdomain vm-"), "{out}");
+    // The default hostname is the sandbox id, which the owner logs at info ("sandbox ready
+    // id=vm-…"); the image's own /etc/hostname says "matchlock".
+    let o = e
+        .cmd()
+        .env("MATCHLOCK_LOG", "warn,matchlock_sandbox=info")
+        .args(["run", "--image", common::IMAGE, "--", "sh", "-c"])
+        .arg("hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf")
+        .output()
+        .expect("run");
+    let out = ok(&o);
+    let log = stderr(&o);
+    let id = log
+        .lines()
+        .find(|l| l.contains("sandbox ready"))
+        .and_then(|l| l.split_once("vm-"))
+        .map(|(_, rest)| {
+            let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+            format!("vm-{hex}")
+        })
+        .unwrap_or_else(|| panic!("no sandbox id logged: {log}"));
+    assert!(id.len() > 3, "{log}");
+    // `hostname`, then /etc/hostname.
+    assert_eq!(
+        out.lines().take(2).collect::<Vec<_>>(),
+        [id.as_str(), id.as_str()],
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("localhost localhost.localdomain {id}\n")),
+        "{out}"
+    );
     // The owner answers DNS at the gateway (nothing is sent to public resolvers unasked).
     assert!(out.contains("nameserver 10.0.2.2"), "{out}");
     assert!(!out.contains("8.8.8.8"), "{out}");
@@ -133,9 +156,13 @@ fn hostname_hosts_and_resolv_conf() {
         "--",
         "sh",
         "-c",
-        "hostname; cat /etc/hosts /etc/resolv.conf",
+        "hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf",
     ]));
-    assert!(out.starts_with("override.internal"), "{out}");
+    assert_eq!(
+        out.lines().take(2).collect::<Vec<_>>(),
+        ["override.internal", "override.internal"],
+        "{out}"
+    );
     assert!(
         out.contains("localhost localhost.localdomain override.internal"),
         "{out}"
