@@ -14,10 +14,16 @@ mod common;
 #[path = "common/nethost.rs"]
 mod nethost;
 
-use common::{env, ok};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use common::{env, ok, stderr, stdout};
 use nethost::NetHost;
 
 const SECRET: &str = "s3cr3t-value-for-api";
+/// The sandbox CA alone, and the image's system bundle plus the CA (in the guest).
+const CA_FILE: &str = "/etc/ssl/certs/matchlock-ca.crt";
+const CA_BUNDLE: &str = "/etc/ssl/certs/matchlock-bundle.crt";
 
 fn start(net: &NetHost, image: &str, args: &[&str], secret: &str) -> String {
     let e = env();
@@ -83,6 +89,38 @@ fn interception_secrets_and_adversarial_cases() {
         "busybox cmp /etc/ssl/certs/matchlock-bundle.crt /etc/ssl/certs/ca-certificates.crt",
         true,
     );
+    // The variables common TLS clients read name files holding the sandbox CA: the bundle
+    // (OpenSSL, requests, curl), the CA alone for Node (which adds it to its own roots).
+    let ca = sh(&id, &format!("cat {CA_FILE}"), true);
+    assert!(
+        ca.starts_with("-----BEGIN CERTIFICATE-----\n")
+            && ca.ends_with("-----END CERTIFICATE-----\n"),
+        "{ca}"
+    );
+    let out = sh(
+        &id,
+        "for v in SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE NODE_EXTRA_CA_CERTS; do \
+         f=$(printenv $v); echo \"@@$v=$f\"; cat \"$f\"; done",
+        true,
+    );
+    let seen: Vec<(String, bool)> = out
+        .split("@@")
+        .skip(1)
+        .map(|c| {
+            let (head, body) = c.split_once('\n').unwrap_or((c, ""));
+            (head.to_string(), body.contains(&ca))
+        })
+        .collect();
+    let want: Vec<(String, bool)> = [
+        ("SSL_CERT_FILE", CA_BUNDLE),
+        ("REQUESTS_CA_BUNDLE", CA_BUNDLE),
+        ("CURL_CA_BUNDLE", CA_BUNDLE),
+        ("NODE_EXTRA_CA_CERTS", CA_FILE),
+    ]
+    .iter()
+    .map(|(k, v)| (format!("{k}={v}"), true))
+    .collect();
+    assert_eq!(seen, want, "(variable=file, file holds the CA)");
     // Plain HTTP, HTTP/1.1 keep-alive: two requests on one connection.
     let out = sh(
         &id,
@@ -307,7 +345,64 @@ fn interception_secrets_and_adversarial_cases() {
     );
     assert!(events.contains(r#""blocked":true"#), "{events}");
     assert!(!events.contains(SECRET), "{events}");
+
+    // The CA's key lives in the owner's memory only; its certificate is the observable
+    // proxy: no host file under HOME (state, logs, image and snapshot caches) holds it but
+    // the guest's own writable disk, where the guest wrote it into /etc/ssl/certs. After a
+    // guest `sync` that disk is the control: the search must find the certificate there.
+    let marker = ca.lines().nth(1).expect("PEM body");
+    assert_eq!(marker.len(), 64, "{ca}");
+    sh(&id, "sync", true);
+    let upper = e.state_dir().join("vms").join(&id).join("upper.ext4");
+    assert_eq!(files_containing(e.home.path(), marker), [upper]);
+    // The owner listens on no TCP or UDP port of its network namespace (the guest's link
+    // is a unix socket).
+    let rec: serde_json::Value =
+        serde_json::from_str(&ok(&e.run(&["get", &id]))).expect("get json");
+    let owner = rec["pid"].as_u64().expect("owner pid");
+    assert_eq!(inet_listeners(owner), Vec::<String>::new(), "owner {owner}");
     e.kill_and_rm(&id);
+}
+
+/// Regular files under `dir` (symlinks not followed, special files skipped; GNU grep skips
+/// the holes of sparse disks) that contain `needle`.
+fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let o = std::process::Command::new("grep")
+        .args(["-rlF", "-D", "skip", "-s", "-e", needle])
+        .arg(dir)
+        .output()
+        .expect("run grep");
+    assert!(o.status.code().is_some(), "grep: {}", stderr(&o));
+    stdout(&o).lines().map(PathBuf::from).collect()
+}
+
+/// The lines of `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` (the process's network namespace)
+/// that are the process's own TCP listeners (state 0A) or bound UDP sockets.
+fn inet_listeners(pid: u64) -> Vec<String> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let inodes: HashSet<String> = std::fs::read_dir(proc.join("fd"))
+        .expect("the owner's fds")
+        .flatten()
+        .filter_map(|f| {
+            let link = std::fs::read_link(f.path()).ok()?;
+            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_string())
+        })
+        .collect();
+    assert!(!inodes.is_empty(), "pid {pid} holds no socket at all");
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = std::fs::read_to_string(proc.join("net").join(table)).expect(table);
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:tm retrnsmt uid timeout inode …
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let bound = table.starts_with("udp") || f.get(3) == Some(&"0A");
+            if bound && f.get(9).is_some_and(|i| inodes.contains(*i)) {
+                found.push(format!("{table}: {line}"));
+            }
+        }
+    }
+    found
 }
 
 #[test]
