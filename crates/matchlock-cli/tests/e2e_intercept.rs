@@ -410,34 +410,51 @@ fn same_secret_name_two_sandboxes_and_add_host_steering() {
     let e = env();
     let image = nethost::nettest_image(e);
     let net = NetHost::new();
-    let a = start(
-        &net,
-        image,
-        &["--secret", "API_TOKEN@api.test"],
-        "value-of-a",
-    );
-    let _ga = e.guard(&a);
+    // Both start at once and make their requests at once, each with its own proxy, CA and
+    // secret value (reference 13.2 #127/#128).
     // b maps api.test to a forbidden address in its own /etc/hosts: the owner re-resolves
     // the name itself, so the request still goes to the real api.test.
-    let b = start(
-        &net,
-        image,
-        &[
-            "--secret",
-            "API_TOKEN@api.test",
-            "--add-host",
-            "api.test:10.11.12.13",
-        ],
-        "value-of-b",
-    );
+    let b_args = [
+        "--secret",
+        "API_TOKEN@api.test",
+        "--add-host",
+        "api.test:10.11.12.13",
+    ];
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            start(
+                &net,
+                image,
+                &["--secret", "API_TOKEN@api.test"],
+                "value-of-a",
+            )
+        });
+        let b = s.spawn(|| start(&net, image, &b_args, "value-of-b"));
+        (a.join().expect("start a"), b.join().expect("start b"))
+    });
+    let _ga = e.guard(&a);
     let _gb = e.guard(&b);
-    for (id, path) in [(&a, "/from-a"), (&b, "/from-b")] {
-        sh(
-            id,
-            &format!("curl -sS --max-time 30 -H \"X-Token: $API_TOKEN\" https://api.test{path}"),
-            true,
-        );
-    }
+    let (ca_a, ca_b) = (
+        sh(&a, &format!("cat {CA_FILE}"), true),
+        sh(&b, &format!("cat {CA_FILE}"), true),
+    );
+    assert!(
+        ca_a.contains("BEGIN CERTIFICATE") && ca_a != ca_b,
+        "one CA per sandbox"
+    );
+    std::thread::scope(|s| {
+        for (id, path) in [(&a, "/from-a"), (&b, "/from-b")] {
+            s.spawn(move || {
+                sh(
+                    id,
+                    &format!(
+                        "curl -sS --max-time 30 -H \"X-Token: $API_TOKEN\" https://api.test{path}"
+                    ),
+                    true,
+                )
+            });
+        }
+    });
     assert_eq!(
         net.requests("https", "/from-a")[0]["headers"]["x-token"],
         "value-of-a"
