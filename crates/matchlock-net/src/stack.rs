@@ -75,7 +75,9 @@
 //! each way plus the link's 64 KiB read and 256 KiB write buffers, and 64 DNS queries in
 //! flight; at most [`MAX_UDP_FLOWS`] UDP flows (closed
 //! after [`UDP_IDLE_TIMEOUT`] without traffic), 256 host replies queued for all of them,
-//! and no datagram larger than one IP packet on the guest link.
+//! and no datagram larger than one IP packet on the guest link. A flow whose handshake the
+//! guest never completes is reset after [`HANDSHAKE_TIMEOUT`], so a half-open SYN flood
+//! cannot hold the flow slots (and the host connections behind them) for good.
 //!
 //! # Limitations
 //! IPv6 extension headers (other than smoltcp's own handling) are not parsed: a TCP SYN or
@@ -133,6 +135,14 @@ const CHUNK: usize = 16 * 1024;
 const CHANNEL_CHUNKS: usize = 4;
 /// How long the host may take to connect upstream before the guest gets an RST.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A guest connection accepted (SYN-ACK sent) but never completed by the guest's ACK is
+/// reset after this long. Without it a half-open SYN flood would hold every one of the
+/// [`MAX_FLOWS`] slots, and the host connections behind them, for good: smoltcp retries
+/// the SYN-ACK forever. (Shorter in unit tests, which wait it out.)
+#[cfg(not(test))]
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+#[cfg(test)]
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// DNS queries being resolved at once; more are dropped (the guest retries).
 const MAX_DNS_IN_FLIGHT: usize = 64;
 /// Frames waiting for smoltcp or for QEMU; more are dropped (TCP retransmits).
@@ -578,6 +588,8 @@ struct Flow {
     fin_sent: bool,
     write_failed: Arc<AtomicBool>,
     tasks: Vec<AbortHandle>,
+    /// When the guest's SYN was accepted (for [`HANDSHAKE_TIMEOUT`]).
+    accepted: std::time::Instant,
 }
 
 impl Drop for Flow {
@@ -1061,6 +1073,7 @@ impl Engine {
                 fin_sent: false,
                 write_failed,
                 tasks,
+                accepted: std::time::Instant::now(),
             },
         );
         self.by_key.insert(key, h);
@@ -1388,6 +1401,11 @@ fn lock(
 /// Moves data both ways for one flow without blocking; true when the flow is finished.
 fn service_flow(s: &mut tcp::Socket<'_>, f: &mut Flow) -> bool {
     use tcp::State;
+    if s.state() == State::SynReceived && f.accepted.elapsed() >= HANDSHAKE_TIMEOUT {
+        tracing::debug!(dst = %SocketAddr::from(f.key.dst), "guest never completed the handshake: reset");
+        s.abort();
+        return true;
+    }
     // Guest -> host, only into reserved channel capacity.
     if let Some(tx) = &f.to_host {
         while s.can_recv() {

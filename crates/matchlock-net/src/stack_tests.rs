@@ -377,6 +377,92 @@ fn blocked_destination_gets_rst_and_never_connects() {
     assert!(l.accept().is_err(), "a refused flow reached the upstream");
 }
 
+/// A TCP SYN from the guest's `src_port` to `dst:port`, checksummed, as a guest with a raw
+/// socket could send it.
+fn tcp_syn_frame(src_port: u16, dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    let tcp = TcpRepr {
+        src_port,
+        dst_port: port,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let caps = ChecksumCapabilities::default();
+    let mut frame = vec![0u8; 14 + 20 + tcp.buffer_len()];
+    EthernetRepr {
+        src_addr: EthernetAddress(GUEST_MAC),
+        dst_addr: EthernetAddress(GW_MAC),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    Ipv4Repr {
+        src_addr: GUEST,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    }
+    .emit(&mut Ipv4Packet::new_unchecked(&mut frame[14..]), &caps);
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(&mut frame[34..]),
+        &IpAddress::Ipv4(GUEST),
+        &IpAddress::Ipv4(dst),
+        &caps,
+    );
+    frame
+}
+
+#[test]
+fn a_handshake_the_guest_never_completes_is_reset_and_frees_the_flow() {
+    let mut g = Guest::new(Policy::new(std::iter::empty(), false));
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    l.set_nonblocking(true).expect("nonblocking");
+    let port = l.local_addr().expect("addr").port();
+    // A SYN and nothing more: the stack connects upstream and answers SYN-ACK, which this
+    // guest reads and ignores.
+    g.send_raw(&tcp_syn_frame(45000, Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut upstream = loop {
+        while g.recv_raw().is_some() {}
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("the stack never connected upstream: {e}"),
+        }
+    };
+    let t = Instant::now();
+    upstream.set_nonblocking(false).expect("blocking");
+    upstream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT + Duration::from_secs(10)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    let n = upstream.read(&mut b);
+    assert!(
+        matches!(n, Ok(0)),
+        "upstream side still open after {:?}: {n:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        "closed early: {:?}",
+        t.elapsed()
+    );
+    // The stack still serves the guest: a real connection completes.
+    let (port, echo) = upstream_echo();
+    let h = g.connect(port, 45001);
+    assert_eq!(exchange(&mut g, h, b"after"), b"got:after");
+    assert_eq!(echo.join().expect("upstream"), b"after");
+}
+
 #[test]
 fn closed_upstream_port_gets_rst() {
     let mut g = Guest::new(Policy::new(std::iter::empty(), false));
