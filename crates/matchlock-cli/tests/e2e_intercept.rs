@@ -357,9 +357,7 @@ fn interception_secrets_and_adversarial_cases() {
     assert_eq!(files_containing(e.home.path(), marker), [upper]);
     // The owner listens on no TCP or UDP port of its network namespace (the guest's link
     // is a unix socket).
-    let rec: serde_json::Value =
-        serde_json::from_str(&ok(&e.run(&["get", &id]))).expect("get json");
-    let owner = rec["pid"].as_u64().expect("owner pid");
+    let owner = e.owner_pid(&id);
     assert_eq!(inet_listeners(owner), Vec::<String>::new(), "owner {owner}");
     e.kill_and_rm(&id);
 }
@@ -378,7 +376,7 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
 
 /// The lines of `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` (the process's network namespace)
 /// that are the process's own TCP listeners (state 0A) or bound UDP sockets.
-fn inet_listeners(pid: u64) -> Vec<String> {
+fn inet_listeners(pid: u32) -> Vec<String> {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let inodes: HashSet<String> = std::fs::read_dir(proc.join("fd"))
         .expect("the owner's fds")

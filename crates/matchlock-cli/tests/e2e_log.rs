@@ -41,10 +41,7 @@ fn console_and_output_floods_stay_within_the_cap() {
     let _guard = e.guard(&id);
     let logs = e.state_dir().join("vms").join(&id).join("logs");
     let (log, rotated) = (logs.join("vm.log"), logs.join("vm.log.1"));
-    let owner: u32 = {
-        let v: serde_json::Value = serde_json::from_str(&ok(&e.run(&["get", &id]))).expect("json");
-        u32::try_from(v["pid"].as_u64().expect("pid")).expect("pid")
-    };
+    let owner = e.owner_pid(&id);
     let rss_before = rss_kib(owner);
 
     // 4 MiB through the guest's serial console (16x the cap), as root in the guest.

@@ -155,9 +155,7 @@ fn read_only_attach_after_the_read_write_owner_crashed() {
          sleep 2; test -s /data/log && echo writing",
     ]));
     assert_eq!(out.trim(), "writing", "{out}");
-    let rec: serde_json::Value =
-        serde_json::from_str(&ok(&e.run(&["get", &rw]))).expect("get json");
-    let pid = i32::try_from(rec["pid"].as_u64().expect("pid")).expect("pid");
+    let pid = i32::try_from(e.owner_pid(&rw)).expect("pid");
     let vm_dir = e.state_dir().join("vms").join(&rw);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),

@@ -259,9 +259,7 @@ fn data_persists_and_attach_is_exclusive() {
     );
 
     // The owner crashes: the kernel drops its lock with it.
-    let rec: serde_json::Value =
-        serde_json::from_str(&ok(&e.run(&["get", &rw]))).expect("get json");
-    let pid = i32::try_from(rec["pid"].as_u64().expect("pid")).expect("pid");
+    let pid = i32::try_from(e.owner_pid(&rw)).expect("pid");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,

@@ -213,6 +213,14 @@ impl TestEnv {
         id
     }
 
+    /// The pid of sandbox `id`'s owner process, from `matchlock get`.
+    pub fn owner_pid(&self, id: &str) -> u32 {
+        let rec: serde_json::Value =
+            serde_json::from_str(&ok(&self.run(&["get", id]))).expect("get json");
+        let pid = rec["pid"].as_u64().expect("owner pid");
+        u32::try_from(pid).expect("pid fits u32")
+    }
+
     /// Kills the sandbox when dropped, so a failing test does not leave a VM running.
     pub fn guard(&self, id: &str) -> KillOnDrop<'_> {
         KillOnDrop {
