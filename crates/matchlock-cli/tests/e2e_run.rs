@@ -110,27 +110,18 @@ fn users_and_workdir() {
 #[test]
 fn hostname_hosts_and_resolv_conf() {
     let e = env();
-    // The default hostname is the sandbox id, which the owner logs at info ("sandbox ready
-    // id=vm-…"); the image's own /etc/hostname says "matchlock".
-    let o = e
-        .cmd()
-        .env("MATCHLOCK_LOG", "warn,matchlock_sandbox=info")
-        .args(["run", "--image", common::IMAGE, "--", "sh", "-c"])
-        .arg("hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf")
-        .output()
-        .expect("run");
-    let out = ok(&o);
-    let log = stderr(&o);
-    let id = log
-        .lines()
-        .find(|l| l.contains("sandbox ready"))
-        .and_then(|l| l.split_once("vm-"))
-        .map(|(_, rest)| {
-            let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
-            format!("vm-{hex}")
-        })
-        .unwrap_or_else(|| panic!("no sandbox id logged: {log}"));
-    assert!(id.len() > 3, "{log}");
+    // The default hostname is the sandbox id; the image's own /etc/hostname says
+    // "matchlock".
+    let id = e.detached(&[]);
+    let _guard = e.guard(&id);
+    let out = ok(&e.run(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf",
+    ]));
+    e.kill_and_rm(&id);
     // `hostname`, then /etc/hostname.
     assert_eq!(
         out.lines().take(2).collect::<Vec<_>>(),
