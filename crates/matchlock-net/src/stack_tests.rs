@@ -315,6 +315,19 @@ fn oversized_frame_length_closes_the_link() {
     );
 }
 
+/// A zeroed frame from the guest to `dst_mac` with its Ethernet header written and `len`
+/// bytes of payload after it.
+fn guest_frame(dst_mac: EthernetAddress, ethertype: EthernetProtocol, len: usize) -> Vec<u8> {
+    let mut frame = vec![0u8; 14 + len];
+    EthernetRepr {
+        src_addr: EthernetAddress(GUEST_MAC),
+        dst_addr: dst_mac,
+        ethertype,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    frame
+}
+
 /// An ARP request from the guest for the gateway's address.
 fn arp_request() -> Vec<u8> {
     use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr};
@@ -325,13 +338,11 @@ fn arp_request() -> Vec<u8> {
         target_hardware_addr: EthernetAddress([0; 6]),
         target_protocol_addr: GW,
     };
-    let mut f = vec![0u8; 14 + repr.buffer_len()];
-    EthernetRepr {
-        src_addr: EthernetAddress(GUEST_MAC),
-        dst_addr: EthernetAddress::BROADCAST,
-        ethertype: EthernetProtocol::Arp,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
+    let mut f = guest_frame(
+        EthernetAddress::BROADCAST,
+        EthernetProtocol::Arp,
+        repr.buffer_len(),
+    );
     repr.emit(&mut ArpPacket::new_unchecked(&mut f[14..]));
     f
 }
@@ -397,13 +408,11 @@ fn tcp_syn_frame(src_port: u16, dst: Ipv4Addr, port: u16) -> Vec<u8> {
         payload: &[],
     };
     let caps = ChecksumCapabilities::default();
-    let mut frame = vec![0u8; 14 + 20 + tcp.buffer_len()];
-    EthernetRepr {
-        src_addr: EthernetAddress(GUEST_MAC),
-        dst_addr: EthernetAddress(GW_MAC),
-        ethertype: EthernetProtocol::Ipv4,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    let mut frame = guest_frame(
+        EthernetAddress(GW_MAC),
+        EthernetProtocol::Ipv4,
+        20 + tcp.buffer_len(),
+    );
     Ipv4Repr {
         src_addr: GUEST,
         dst_addr: dst,
@@ -721,13 +730,7 @@ fn icmpv6_frame(
 ) -> Vec<u8> {
     use smoltcp::wire::Icmpv6Packet;
     let len = icmp.buffer_len();
-    let mut frame = vec![0u8; 14 + 40 + len];
-    EthernetRepr {
-        src_addr: EthernetAddress(GUEST_MAC),
-        dst_addr: EthernetAddress(dst_mac),
-        ethertype: EthernetProtocol::Ipv6,
-    }
-    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+    let mut frame = guest_frame(EthernetAddress(dst_mac), EthernetProtocol::Ipv6, 40 + len);
     Ipv6Repr {
         src_addr: src,
         dst_addr: dst,
