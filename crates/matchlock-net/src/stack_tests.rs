@@ -366,12 +366,19 @@ fn answers_arp(g: &mut Guest) -> bool {
     false
 }
 
-#[test]
-fn blocked_destination_gets_rst_and_never_connects() {
-    let mut g = Guest::new(Policy::new(std::iter::empty(), true));
+/// A non-blocking listener on 127.0.0.1 and its port: `accept` tells at once whether a
+/// flow reached it.
+fn polled_listener() -> (TcpListener, u16) {
     let l = TcpListener::bind("127.0.0.1:0").expect("listen");
     l.set_nonblocking(true).expect("nonblocking");
     let port = l.local_addr().expect("addr").port();
+    (l, port)
+}
+
+#[test]
+fn blocked_destination_gets_rst_and_never_connects() {
+    let mut g = Guest::new(Policy::new(std::iter::empty(), true));
+    let (l, port) = polled_listener();
     let h = g.connect(port, 40002);
     let t = Instant::now();
     assert!(
@@ -433,9 +440,7 @@ fn tcp_syn_frame(src_port: u16, dst: Ipv4Addr, port: u16) -> Vec<u8> {
 #[test]
 fn a_handshake_the_guest_never_completes_is_reset_and_frees_the_flow() {
     let mut g = Guest::new(Policy::new(std::iter::empty(), false));
-    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
-    l.set_nonblocking(true).expect("nonblocking");
-    let port = l.local_addr().expect("addr").port();
+    let (l, port) = polled_listener();
     // A SYN and nothing more: the stack connects upstream and answers SYN-ACK, which this
     // guest reads and ignores.
     g.send_raw(&tcp_syn_frame(45000, Ipv4Addr::LOCALHOST, port));
@@ -833,9 +838,7 @@ fn tcp_over_ipv6_follows_the_policy() {
         None,
         Some(sink),
     );
-    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
-    l.set_nonblocking(true).expect("nonblocking");
-    let port = l.local_addr().expect("addr").port();
+    let (l, port) = polled_listener();
     let ula = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
     let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
     let mapped = Ipv4Addr::LOCALHOST.to_ipv6_mapped();
