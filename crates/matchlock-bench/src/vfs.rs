@@ -11,7 +11,13 @@
 //!   tag and guest mount: only the server differs. The bench checks that the knob took
 //!   (that sandbox has no `vfs.sock` of its own) so it never compares ours with ours;
 //! - "root disk": the same commands in a directory on `/` of the first sandbox (its ext4
-//!   upper disk on virtio-blk).
+//!   upper disk on virtio-blk);
+//! - "memory": the same commands in a `memory` mount (`/workspace/floor`) of a third sandbox,
+//!   which the bench starts through `matchlock rpc` because the CLI has no memory mounts. The
+//!   provider keeps everything in the owner's memory, so this side pays the virtio-fs round
+//!   trips and no host I/O: the floor any server reaches on this machine. The metadata rows'
+//!   root-disk target is read against it (a row whose floor is already past 2x the root disk
+//!   cannot meet the target with any server here).
 //!
 //! Each side works in its own subdirectory of `DIR` (`ours/`, `virtiofsd/`), so the two
 //! guests never see each other's files. One guest script per side and run measures every
@@ -84,8 +90,10 @@ const ROWS: &[(&str, &str, bool)] = &[
 /// Directories and files per directory of the `git status` tree (10,000 files).
 const TREE_DIRS: usize = 100;
 const TREE_FILES: usize = 100;
-/// The tree's archive in the share, for the root-disk side.
+/// The tree's archive in the share, for the root-disk and memory sides.
 const TREE_TAR: &str = "repo.tar";
+/// The memory side's mount (and working directory) in its guest.
+const FLOOR_DIR: &str = "/workspace/floor";
 
 /// Readies the host-built tree in `$1/repo` (unpacked from the archive `$2` first when
 /// given) and warms it: the first `git status` fills the caches (and refreshes the index where the
@@ -176,6 +184,33 @@ impl Drop for Daemon {
 struct Started {
     _sandboxes: Sandboxes,
     daemon: Option<Daemon>,
+    rpc: Option<RpcSandbox>,
+}
+
+/// The `matchlock rpc` process holding the memory side's sandbox. Dropping it closes its
+/// stdin (the server closes the sandbox on EOF), then kills it if it has not exited within
+/// [`RPC_EXIT`]; the [`Sandboxes`] guard stops the sandbox itself in any case.
+struct RpcSandbox {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+/// How long a `matchlock rpc` may take to close its sandbox after stdin EOF.
+const RPC_EXIT: Duration = Duration::from_secs(20);
+
+impl Drop for RpcSandbox {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let t = Instant::now();
+        while t.elapsed() < RPC_EXIT {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The virtiofsd to compare with and whether it takes the Rust daemon's options.
@@ -339,8 +374,9 @@ fn has_own_server(root: &Path, id: &str) -> bool {
     walk(root, id, 3).unwrap_or(false)
 }
 
-/// A check run once every side is up: the sides and the virtiofsd's pid.
-type AfterStart<'a> = dyn Fn(&[(&'static str, Side)], Option<u32>) -> anyhow::Result<()> + 'a;
+/// A check run once every side is up: the sides and the pids of the helper processes the
+/// bench started (virtiofsd, the memory side's `matchlock rpc`).
+type AfterStart<'a> = dyn Fn(&[(&'static str, Side)], &[u32]) -> anyhow::Result<()> + 'a;
 
 /// Per-side, per-row durations.
 type Times = BTreeMap<&'static str, BTreeMap<&'static str, Vec<Duration>>>;
@@ -395,6 +431,60 @@ impl Bench {
         Ok(side)
     }
 
+    /// The memory side: a sandbox created through `matchlock rpc` (the CLI has no memory
+    /// mounts) with the share at `/workspace`, for the tree's archive, and the `memory`
+    /// provider at [`FLOOR_DIR`]. The `matchlock rpc` process stays open in `started` for as
+    /// long as the sandbox is measured. Call with a [`Sandboxes`] guard alive.
+    fn start_floor(&self, share: &Path, started: &mut Started) -> anyhow::Result<Side> {
+        use std::io::{BufRead, Write};
+        let mut child = self
+            .matchlock()
+            .arg("rpc")
+            .env_remove(KNOB)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn matchlock rpc")?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let rpc = started.rpc.insert(RpcSandbox { child, stdin });
+        let params = serde_json::json!({
+            "image": IMAGE,
+            "privileged": true,
+            "resources": {"disk_size_mb": 2048},
+            "vfs": {"workspace": "/workspace", "mounts": {
+                "/workspace": {"type": "host_fs", "host_path": share},
+                FLOOR_DIR: {"type": "memory"},
+            }},
+        });
+        let request =
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "create", "params": params});
+        let input = rpc.stdin.as_mut().context("rpc stdin")?;
+        writeln!(input, "{request}").context("write to matchlock rpc")?;
+        input.flush().context("write to matchlock rpc")?;
+        let mut output = std::io::BufReader::new(stdout.context("rpc stdout")?);
+        // The create response is the first line with our id (events carry none).
+        let mut line = String::new();
+        let response = loop {
+            line.clear();
+            if output.read_line(&mut line).context("read matchlock rpc")? == 0 {
+                bail!("matchlock rpc exited before answering create");
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&line).with_context(|| format!("rpc line {line:?}"))?;
+            if v["id"] == 1 {
+                break v;
+            }
+        };
+        let id = response["result"]["id"]
+            .as_str()
+            .with_context(|| format!("rpc create (memory side) failed: {response}"))?;
+        Ok(Side {
+            id: id.to_string(),
+            dir: FLOOR_DIR.into(),
+        })
+    }
+
     /// Runs `script` with `args` as `$1...` in sandbox `id`; returns its stdout.
     fn guest_script(&self, id: &str, script: &str, args: &[&str]) -> anyhow::Result<String> {
         let o = self
@@ -445,7 +535,8 @@ impl Bench {
         }
     }
 
-    /// Starts ours and (when found) the virtiofsd side on `share`; `started` owns what ran.
+    /// Starts ours, (when found) the virtiofsd side on `share` and the memory side; `started`
+    /// owns what ran.
     fn start_sides(
         &self,
         share: &Path,
@@ -462,6 +553,7 @@ impl Bench {
                 self.start_side("virtiofsd", share, Some(&socket))?,
             ));
         }
+        sides.push(("memory", self.start_floor(share, started)?));
         Ok(sides)
     }
 
@@ -469,7 +561,7 @@ impl Bench {
         self.vfs_with(&|_, _| Ok(()))
     }
 
-    /// The vfs bench; `after_start` sees the sides and the daemon's pid once all are up (the
+    /// The vfs bench; `after_start` sees the sides and the helpers' pids once all are up (the
     /// cleanup test fails there).
     fn vfs_with(&self, after_start: &AfterStart<'_>) -> anyhow::Result<()> {
         self.import_nettest()?;
@@ -487,21 +579,29 @@ impl Bench {
         let mut started = Started {
             _sandboxes: self.sandboxes(),
             daemon: None,
+            rpc: None,
         };
         let on_share =
             self.start_sides(share.path(), sockdir.path(), daemon.as_ref(), &mut started)?;
-        after_start(&on_share, started.daemon.as_ref().map(|d| d.0.id()))?;
+        let helpers: Vec<u32> = (started.daemon.iter().map(|d| d.0.id()))
+            .chain(started.rpc.iter().map(|r| r.child.id()))
+            .collect();
+        after_start(&on_share, &helpers)?;
         // Before any guest looks into its directory.
         let t = Instant::now();
         host_trees(share.path(), &names)?;
         eprintln!("vfs: host trees committed in {:.1?}", t.elapsed());
         // (side, sandbox, directory, archive to unpack): the root disk is a directory on
         // `/` of ours.
+        let tar = format!("/workspace/{TREE_TAR}");
+        // The memory side unpacks the tree from the share into its memory mount.
         let mut sides: Vec<(&'static str, &str, String, &str)> = on_share
             .iter()
-            .map(|(n, s)| (*n, s.id.as_str(), s.dir.clone(), ""))
+            .map(|(n, s)| {
+                let unpack = if *n == "memory" { tar.as_str() } else { "" };
+                (*n, s.id.as_str(), s.dir.clone(), unpack)
+            })
             .collect();
-        let tar = format!("/workspace/{TREE_TAR}");
         sides.push((
             "root disk",
             &on_share[0].1.id,
@@ -571,6 +671,7 @@ fn print_vfs(runs: usize, t: &Times, virtiofsd: Option<&str>) {
             continue;
         };
         let v = row_of("virtiofsd", row);
+        let floor = row_of("memory", row);
         let show = |d: Duration| -> String {
             if *metadata {
                 crate::ms(d)
@@ -580,9 +681,10 @@ fn print_vfs(runs: usize, t: &Times, virtiofsd: Option<&str>) {
         };
         println!("  {label}:");
         println!(
-            "    ours {} | virtiofsd {} | root disk {}",
+            "    ours {} | virtiofsd {} | memory {} | root disk {}",
             show(o),
             v.map(show).unwrap_or_else(|| "not measured".into()),
+            floor.map(show).unwrap_or_else(|| "not measured".into()),
             show(r)
         );
         let vs = match v {
@@ -597,8 +699,17 @@ fn print_vfs(runs: usize, t: &Times, virtiofsd: Option<&str>) {
         };
         let slow = o.as_secs_f64() / r.as_secs_f64();
         let root = if *metadata {
+            // The memory provider does no host I/O: what virtio-fs itself costs here.
+            let floor = floor
+                .map(|f| {
+                    format!(
+                        "; no host I/O (memory) {:.2}x",
+                        f.as_secs_f64() / r.as_secs_f64()
+                    )
+                })
+                .unwrap_or_default();
             format!(
-                "{slow:.2}x the root disk's time (target <= 2x: {})",
+                "{slow:.2}x the root disk's time (target <= 2x: {}{floor})",
                 crate::met(slow <= 2.0)
             )
         } else {
@@ -639,11 +750,11 @@ mod tests {
         false
     }
 
-    /// A bench that fails once its sandboxes and virtiofsd are up stops all of them and
-    /// removes the sandboxes (run as root, like the bench, with the VM assets the e2e tests
-    /// use).
+    /// A bench that fails once its sandboxes, virtiofsd and the memory side's `matchlock rpc`
+    /// are up stops all of them and removes the sandboxes (run as root, like the bench, with
+    /// the VM assets the e2e tests use).
     #[test]
-    fn a_failure_after_start_stops_every_sandbox_and_the_daemon() {
+    fn a_failure_after_start_stops_every_sandbox_and_helper() {
         let exe = std::env::current_exe().expect("current exe");
         let bin = std::env::var_os("MATCHLOCK_BIN")
             .map(PathBuf::from)
@@ -665,19 +776,20 @@ mod tests {
             bin,
             runs: 1,
         };
-        let seen = std::sync::Mutex::new((Vec::new(), None));
+        let seen = std::sync::Mutex::new((Vec::new(), Vec::new()));
         let err = bench
-            .vfs_with(&|sides, daemon| {
+            .vfs_with(&|sides, helpers| {
                 let pids = listed_pids(&bench);
                 assert_eq!(pids.len(), sides.len(), "every side is listed with a pid");
-                *seen.lock().expect("lock") = (pids, daemon);
+                *seen.lock().expect("lock") = (pids, helpers.to_vec());
                 bail!("forced failure after start")
             })
             .expect_err("the forced failure");
         assert!(format!("{err:#}").contains("forced failure"), "{err:#}");
-        let (pids, daemon) = seen.into_inner().expect("lock");
+        let (pids, helpers) = seen.into_inner().expect("lock");
         assert!(!pids.is_empty(), "the check ran");
-        for pid in pids.iter().chain(daemon.iter()) {
+        assert_eq!(helpers.len(), 2, "virtiofsd and matchlock rpc: {helpers:?}");
+        for pid in pids.iter().chain(helpers.iter()) {
             assert!(
                 !still_alive(*pid),
                 "process {pid} still running after the failure"
