@@ -53,10 +53,13 @@
 //! # Limitations
 //! Needs root (virtiofsd's sandboxing). A signal that kills the bench (SIGKILL, or SIGINT
 //! and SIGTERM, which it does not catch) skips the guards: `matchlock gc` with the bench's
-//! `HOME` (`/tmp/ml-bench-*`) reclaims what it left. The sandboxes run `--privileged` (both alike) so the
-//! guest may write `drop_caches`. Both VMs are up during
-//! every run, so the idle one costs a little host CPU. The in-guest loop of `date` forks adds
-//! a few milliseconds to every row on every side.
+//! `HOME` (`/tmp/ml-bench-*`) reclaims what it left. The sandboxes run `--privileged` (all
+//! alike) so the guest may write `drop_caches`. All three VMs are up during every run, so the
+//! idle ones cost a little host CPU. The in-guest loop of `date` forks adds a few
+//! milliseconds to every row on every side. The memory side's sandbox also has the share at
+//! `/workspace` (for the tree's archive) and so a two-mount tree; its rows stay in the memory
+//! mount. Its unlink row has come out slower than ours on the host directory (one run), with
+//! the same requests per file: it is a floor for the transport, not a tight one per row.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
