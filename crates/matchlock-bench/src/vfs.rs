@@ -172,7 +172,8 @@ impl Drop for Sandboxes {
     }
 }
 
-/// A `virtiofsd` this bench started: killed and reaped on drop.
+/// A helper process this bench started (virtiofsd, the memory side's `matchlock rpc`):
+/// killed and reaped on drop.
 struct Daemon(Child);
 
 impl Drop for Daemon {
@@ -187,33 +188,9 @@ impl Drop for Daemon {
 struct Started {
     _sandboxes: Sandboxes,
     daemon: Option<Daemon>,
-    rpc: Option<RpcSandbox>,
-}
-
-/// The `matchlock rpc` process holding the memory side's sandbox. Dropping it closes its
-/// stdin (the server closes the sandbox on EOF), then kills it if it has not exited within
-/// [`RPC_EXIT`]; the [`Sandboxes`] guard stops the sandbox itself in any case.
-struct RpcSandbox {
-    child: Child,
-    stdin: Option<std::process::ChildStdin>,
-}
-
-/// How long a `matchlock rpc` may take to close its sandbox after stdin EOF.
-const RPC_EXIT: Duration = Duration::from_secs(20);
-
-impl Drop for RpcSandbox {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let t = Instant::now();
-        while t.elapsed() < RPC_EXIT {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    /// The `matchlock rpc` holding the memory side's sandbox (its stdin stays open: EOF
+    /// would close the sandbox); the guard above has stopped that sandbox when this drops.
+    rpc: Option<Daemon>,
 }
 
 /// The virtiofsd to compare with and whether it takes the Rust daemon's options.
@@ -440,7 +417,7 @@ impl Bench {
     /// long as the sandbox is measured. Call with a [`Sandboxes`] guard alive.
     fn start_floor(&self, share: &Path, started: &mut Started) -> anyhow::Result<Side> {
         use std::io::{BufRead, Write};
-        let mut child = self
+        let child = self
             .matchlock()
             .arg("rpc")
             .env_remove(KNOB)
@@ -448,9 +425,8 @@ impl Bench {
             .stdout(Stdio::piped())
             .spawn()
             .context("spawn matchlock rpc")?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let rpc = started.rpc.insert(RpcSandbox { child, stdin });
+        let rpc = &mut started.rpc.insert(Daemon(child)).0;
+        let stdout = rpc.stdout.take();
         let params = serde_json::json!({
             "image": IMAGE,
             "privileged": true,
@@ -587,7 +563,7 @@ impl Bench {
         let on_share =
             self.start_sides(share.path(), sockdir.path(), daemon.as_ref(), &mut started)?;
         let helpers: Vec<u32> = (started.daemon.iter().map(|d| d.0.id()))
-            .chain(started.rpc.iter().map(|r| r.child.id()))
+            .chain(started.rpc.iter().map(|r| r.0.id()))
             .collect();
         after_start(&on_share, &helpers)?;
         // Before any guest looks into its directory.
